@@ -1,0 +1,28 @@
+# isopool: `make serve` runs the daemon on the built-in model; `make test` runs the suite.
+# Both create .venv first. torch 2.13.0 (CPU) is installed only when torch is missing,
+# so a CUDA build you installed yourself is kept.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.isopool-installed
+
+.PHONY: venv serve test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+serve: $(STAMP)
+	$(VENV)/bin/isopool serve
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,176 @@
+"""What the sync and asyncio clients share: ids, the pending table, replies and deadlines.
+
+    caller ──request_frames()──► transport (I/O thread | asyncio task) ──DEALER──► supervisor
+    caller ◄──Call.resolve/reject/chunk── Session.on_reply() ◄──────────────────── replies
+
+A transport owns the socket and calls Session.on_reply, Session.expire and Session.fail_all.
+Every pending call has a deadline; nothing waits forever, even if the supervisor is gone.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from typing import Any, Callable
+
+import zmq
+
+from isopool.protocol import (
+    IsopoolError,
+    RequestTimeout,
+    Unavailable,
+    decode_error,
+    decode_payload,
+    encode,
+    ops,
+    pack_header,
+    unpack_header,
+)
+from isopool.protocol.endpoints import default_endpoint
+
+# How long past its timeout a request may go unanswered before the client gives up on
+# its own: the supervisor answers at the deadline; this covers a supervisor that is gone.
+LOCAL_GRACE_S = 0.25
+END = object()  # end-of-stream marker passed to Call.chunk
+
+
+class Call:
+    """One pending request. Transports subclass it to resolve their kind of future."""
+
+    __slots__ = ("cid", "deadline", "stream")
+
+    def __init__(self, cid: Any, deadline: float, stream: bool = False):
+        self.cid, self.deadline, self.stream = cid, deadline, stream
+
+    def resolve(self, value: Any) -> None:
+        raise NotImplementedError
+
+    def reject(self, exc: BaseException) -> None:
+        raise NotImplementedError
+
+    def chunk(self, item: Any) -> None:
+        raise NotImplementedError
+
+
+class Session:
+    def __init__(self, arrays: str = "auto", default_timeout: float = 30.0):
+        self.arrays = arrays
+        self.default_timeout = default_timeout
+        self.ids = itertools.count(1)  # next() is atomic under the GIL: safe from many threads
+        self.pending: dict[Any, Call] = {}
+        self.timers: list[tuple[float, Any]] = []
+
+    def infer_frames(self, value: Any, cid: Any, timeout: float, retry: bool, stream: bool,
+                     tenant: str | None) -> list:
+        fields: dict[str, Any] = {"timeout": timeout}
+        if not retry:
+            fields["retry"] = False
+        if stream:
+            fields["stream"] = True
+        if tenant is not None:
+            fields["tenant"] = tenant
+        return encode(ops.INFER, cid, value, **fields)
+
+    def op_frames(self, op: str, cid: Any, **fields: Any) -> list:
+        return [pack_header(op, cid, **fields), b"\xc0"]  # payload: msgpack nil
+
+    def timeout_of(self, timeout: float | None) -> float:
+        t = self.default_timeout if timeout is None else float(timeout)
+        if not t > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        return t
+
+    # ---- called by the transport, on its own thread or task
+
+    def add(self, call: Call) -> None:
+        self.pending[call.cid] = call
+        heapq.heappush(self.timers, (call.deadline, call.cid))
+
+    def on_reply(self, frames: list) -> None:
+        try:
+            header = unpack_header(frames[0].bytes)
+        except IsopoolError:
+            return  # not for us to fix; the caller's deadline still holds
+        call = self.pending.get(header["id"])
+        if call is None:
+            return  # already timed out or cancelled
+        op, body = header["op"], frames[1:]
+        if op == ops.CHUNK:
+            call.chunk(self._decode(call, body))
+            return
+        del self.pending[call.cid]
+        if op == ops.ERROR:
+            call.reject(decode_error(body))
+            return
+        value = self._decode(call, body)
+        if call.stream:
+            call.chunk(END)
+        if value is not _FAILED:
+            call.resolve(value)
+
+    def _decode(self, call: Call, body: list) -> Any:
+        try:
+            return decode_payload(body, arrays=self.arrays)
+        except IsopoolError as err:
+            self.pending.pop(call.cid, None)
+            call.reject(err)
+            return _FAILED
+
+    def next_deadline(self) -> float | None:
+        while self.timers and self.timers[0][1] not in self.pending:
+            heapq.heappop(self.timers)
+        return self.timers[0][0] if self.timers else None
+
+    def expire(self, now: float) -> list[Any]:
+        """Reject calls past deadline + grace; returns their ids so the transport can cancel them."""
+        expired = []
+        while self.timers and self.timers[0][0] <= now:
+            _, cid = heapq.heappop(self.timers)
+            call = self.pending.pop(cid, None)
+            if call is not None:
+                call.reject(RequestTimeout(
+                    "no reply from the supervisor in time; it may be overloaded or gone. "
+                    "Check `isopool status`, or raise timeout=", setting="timeout", started=None))
+                expired.append(cid)
+        return expired
+
+    def fail_all(self, err: IsopoolError) -> None:
+        calls, self.pending = self.pending, {}
+        self.timers.clear()
+        for call in calls.values():
+            call.reject(err)
+
+    @staticmethod
+    def deadline(timeout: float) -> float:
+        return time.monotonic() + timeout + LOCAL_GRACE_S
+
+
+_FAILED = object()
+
+
+def resolve_endpoint(endpoint: str | None) -> str:
+    return endpoint or default_endpoint()
+
+
+def configure_socket(sock: zmq.Socket, curve: dict | None) -> None:
+    """Options every client socket gets: never block, never linger, CURVE when given keys."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    if curve:
+        sock.curve_secretkey = curve["secret"]
+        sock.curve_publickey = curve["public"]
+        sock.curve_serverkey = curve["server"]
+
+
+def lost(endpoint: str) -> Unavailable:
+    return Unavailable(f"lost the connection to the supervisor at {endpoint}; in-flight requests were not "
+                       "answered. Is `isopool serve` running?", endpoint=endpoint)
+
+
+def watch_disconnects(sock: zmq.Socket) -> zmq.Socket:
+    return sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+
+
+Sink = Callable[[Any], None]

@@ -1,0 +1,276 @@
+"""Client: synchronous, thread-safe, futures and streams.
+
+One background I/O thread owns the DEALER socket (ZeroMQ sockets are not thread-safe).
+Callers encode on their own thread, hand the frames over through a deque and wake the
+I/O thread with an eventfd; replies resolve concurrent.futures.Future objects.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+import weakref
+from collections import deque
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeout
+from typing import Any, Iterator
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from isopool.protocol import Cancelled, IsopoolError, Unavailable, ops
+
+from .core import END, LOCAL_GRACE_S, Call, Session, configure_socket, lost, resolve_endpoint, watch_disconnects
+
+
+class _FutureCall(Call):
+    __slots__ = ("future", "sink")
+
+    def __init__(self, cid: Any, deadline: float, stream: bool, future: Future, sink=None):
+        super().__init__(cid, deadline, stream)
+        self.future, self.sink = future, sink
+
+    def resolve(self, value: Any) -> None:
+        if not self.future.done():
+            try:
+                self.future.set_result(value)
+            except Exception:  # cancelled by the caller meanwhile
+                pass
+
+    def reject(self, exc: BaseException) -> None:
+        if self.sink is not None:
+            self.sink(exc)
+        if not self.future.done():
+            try:
+                self.future.set_exception(exc)
+            except Exception:
+                pass
+
+    def chunk(self, item: Any) -> None:
+        if self.sink is not None:
+            self.sink(item)
+
+
+class _IOThread:
+    """The resources of one Client: context, socket, wake-up fd, I/O thread. close() releases all."""
+
+    def __init__(self, endpoint: str, session: Session, curve: dict | None):
+        self.endpoint = endpoint
+        self.session = session
+        self.outbox: deque = deque()
+        self.ctx = zmq.Context(1)
+        self.wake = -1
+        try:
+            self.sock = self.ctx.socket(zmq.DEALER)
+            configure_socket(self.sock, curve)
+            self.monitor = watch_disconnects(self.sock)
+            self.sock.connect(endpoint)
+            self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except BaseException:
+            self._release()
+            raise
+        self.closing = False
+        self.thread = threading.Thread(target=self._run, name="isopool-client-io", daemon=True)
+        self.thread.start()
+
+    def send(self, frames: list, call: Call | None) -> None:
+        if self.closing:
+            raise Unavailable("the client is closed")
+        self.outbox.append((frames, call))
+        os.eventfd_write(self.wake, 1)
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        poller.register(self.wake, zmq.POLLIN)
+        session = self.session
+        while not self.closing:
+            due = session.next_deadline()
+            timeout = None if due is None else max(0, int((due - time.monotonic()) * 1000) + 1)
+            events = dict(poller.poll(timeout if timeout is not None else 1000))
+            if self.wake in events:
+                try:
+                    os.eventfd_read(self.wake)
+                except BlockingIOError:
+                    pass
+            self._flush()
+            if self.sock in events:
+                self._read()
+            if self.monitor in events:
+                self._on_monitor()
+            for cid in session.expire(time.monotonic()):
+                self._send_now(session.op_frames(ops.CANCEL, cid))
+        session.fail_all(Unavailable("the client was closed before the reply arrived"))
+        self._release()
+
+    def _flush(self) -> None:
+        while self.outbox:
+            frames, call = self.outbox.popleft()
+            if call is not None:
+                self.session.add(call)
+            self._send_now(frames, call)
+
+    def _send_now(self, frames: list, call: Call | None = None) -> None:
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            if call is not None:
+                self.session.pending.pop(call.cid, None)
+                call.reject(Unavailable(f"could not send to {self.endpoint}: {exc}"))
+
+    def _read(self) -> None:
+        for _ in range(4096):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.session.on_reply(frames)
+
+    def _on_monitor(self) -> None:
+        try:
+            while True:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    self.session.fail_all(lost(self.endpoint))
+        except zmq.Again:
+            pass
+
+    def close(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        if self.wake >= 0 and self.thread.is_alive() and threading.current_thread() is not self.thread:
+            os.eventfd_write(self.wake, 1)
+            self.thread.join(5)
+        elif not self.thread.is_alive():
+            self._release()
+
+    def _release(self) -> None:
+        for name in ("monitor", "sock"):
+            sock = getattr(self, name, None)
+            if sock is not None and not sock.closed:
+                if name == "sock":
+                    try:
+                        sock.disable_monitor()
+                    except zmq.ZMQError:
+                        pass
+                sock.close(linger=0)
+        if self.wake >= 0:
+            os.close(self.wake)
+            self.wake = -1
+        self.ctx.term()
+
+
+BACKSTOP_S = 5.0  # the I/O thread answers every call by its deadline; this only guards against its death
+
+
+def _wait(future: Future, timeout: float) -> Any:
+    try:
+        return future.result(timeout=timeout + LOCAL_GRACE_S + BACKSTOP_S)
+    except FuturesTimeout:
+        raise Unavailable("the client's I/O thread did not answer; the client is broken, create a new one") from None
+
+
+class Client:
+    """A thread-safe client of one isopool supervisor.
+
+        with Client() as c:
+            y = c.infer(x, timeout=5.0)
+            f = c.submit(x)            # concurrent.futures.Future
+            for part in c.stream(x): ...
+    """
+
+    def __init__(self, endpoint: str | None = None, *, timeout: float = 30.0, arrays: str = "auto",
+                 retry: bool = True, tenant: str | None = None, curve: dict | None = None):
+        self.endpoint = resolve_endpoint(endpoint)
+        self.retry = retry
+        self.tenant = tenant
+        self._session = Session(arrays=arrays, default_timeout=timeout)
+        self._io = _IOThread(self.endpoint, self._session, curve)
+        self._finalizer = weakref.finalize(self, self._io.close)
+
+    def submit(self, x: Any, *, timeout: float | None = None, retry: bool | None = None,
+               tenant: str | None = None) -> Future:
+        return self._submit(x, timeout, retry, tenant, sink=None)
+
+    def infer(self, x: Any, *, timeout: float | None = None, retry: bool | None = None,
+              tenant: str | None = None) -> Any:
+        """Run the model on x and return its output. Raises an isopool.errors type on failure."""
+        future = self._submit(x, timeout, retry, tenant, sink=None)
+        return _wait(future, self._session.timeout_of(timeout))
+
+    def stream(self, x: Any, *, timeout: float | None = None, tenant: str | None = None) -> Iterator[Any]:
+        """Yield the parts a generator handler produces, in order. Closing early cancels it."""
+        parts: queue.SimpleQueue = queue.SimpleQueue()
+        future = self._submit(x, timeout, False, tenant, sink=parts.put, stream=True)
+        return self._iterate(future, parts)
+
+    def _iterate(self, future: Future, parts: queue.SimpleQueue) -> Iterator[Any]:
+        finished = False
+        try:
+            while True:
+                item = parts.get(timeout=BACKSTOP_S + self._session.default_timeout)
+                if item is END:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+        finally:
+            if not finished:
+                future.cancel()
+
+    def _submit(self, x: Any, timeout: float | None, retry: bool | None, tenant: str | None,
+                sink=None, stream: bool = False) -> Future:
+        session = self._session
+        t = session.timeout_of(timeout)
+        cid = next(session.ids)
+        frames = session.infer_frames(x, cid, t, self.retry if retry is None else retry, stream,
+                                      tenant if tenant is not None else self.tenant)
+        future: Future = Future()
+        self._io.send(frames, _FutureCall(cid, session.deadline(t), stream, future, sink))
+        future.add_done_callback(lambda f, cid=cid: self._cancelled(f, cid))
+        return future
+
+    def _cancelled(self, future: Future, cid: Any) -> None:
+        if future.cancelled() and not self._io.closing:
+            self._io.send(self._session.op_frames(ops.CANCEL, cid), None)
+
+    def _call(self, op: str, timeout: float, **fields: Any) -> Any:
+        cid = next(self._session.ids)
+        future: Future = Future()
+        self._io.send(self._session.op_frames(op, cid, **fields),
+                      _FutureCall(cid, self._session.deadline(timeout), False, future))
+        return _wait(future, timeout)
+
+    def status(self, timeout: float = 5.0) -> dict:
+        """The pool's status: the same map as `isopool status --json`."""
+        return self._call(ops.STATUS, timeout)
+
+    def control(self, action: str, timeout: float = 10.0, **args: Any) -> dict:
+        return self._call(ops.CONTROL, timeout, action=action, args=args)
+
+    def scale(self, workers: int) -> dict:
+        return self.control(ops.SCALE, workers=workers)
+
+    def reload(self) -> dict:
+        return self.control(ops.RELOAD)
+
+    def stop(self) -> dict:
+        return self.control(ops.SHUTDOWN)
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+__all__ = ["Client", "Cancelled", "IsopoolError"]

@@ -1,0 +1,22 @@
+"""The errors a caller can catch. Defined with the wire in isopool.protocol.errors."""
+
+from isopool.protocol.errors import (  # noqa: F401
+    BadRequest,
+    Cancelled,
+    IsopoolError,
+    NotAllowed,
+    Overloaded,
+    PoisonRequest,
+    RemoteError,
+    RemoteTraceback,
+    RequestTimeout,
+    ShuttingDown,
+    Unavailable,
+    WorkerCrashed,
+)
+
+__all__ = [
+    "IsopoolError", "RemoteError", "RemoteTraceback", "WorkerCrashed", "PoisonRequest",
+    "RequestTimeout", "Overloaded", "ShuttingDown", "BadRequest", "Unavailable", "Cancelled",
+    "NotAllowed",
+]

@@ -1,0 +1,309 @@
+"""The msgpack codec: headers, payloads and array frames.
+
+    frames = [header, payload, *buffers]
+
+    header   msgpack map {v, op, id, ...}. Small; every hop decodes it.
+    payload  one msgpack value. An array inside it is an ext value
+             [dtype, shape, buffer index, origin] and its bytes are buffers[index].
+    buffers  raw array bytes, one frame each: sent with copy=False, received as
+             views of the ZeroMQ frame (numpy arrays are read-only views).
+
+The supervisor decodes headers and *validates* payloads (validate_payload checks
+every limit without building an array); it forwards the payload and buffer frames
+untouched. Workers and clients decode payloads (decode_payload).
+
+Every decode is strict: any violation raises BadRequest naming the limit.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any, Iterable, Sequence
+
+import msgpack
+import numpy as np
+
+from .errors import BadRequest
+from .limits import DEFAULT_LIMITS, Limits
+from .ops import ALL_OPS, VERSION
+
+EXT_ARRAY = 1
+ORIGIN_NUMPY = 0
+ORIGIN_TORCH = 1
+
+# The dtype allow-list: name -> numpy dtype (None: torch only).
+DTYPES: dict[str, np.dtype | None] = {
+    name: np.dtype(name)
+    for name in (
+        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+        "float16", "float32", "float64", "complex64", "complex128",
+    )
+}
+DTYPES["bfloat16"] = None
+ITEMSIZE = {name: (dt.itemsize if dt is not None else 2) for name, dt in DTYPES.items()}
+
+ARRAY_MODES = ("auto", "numpy", "torch")
+
+Frame = Any  # bytes, memoryview or zmq.Frame
+
+
+# ---------------------------------------------------------------- headers
+
+def pack_header(op: str, rid: Any, **fields: Any) -> bytes:
+    fields["v"] = VERSION
+    fields["op"] = op
+    fields["id"] = rid
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def unpack_header(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """Decode and check a header: a map with the current version and a known op."""
+    if len(data) > limits.max_header_bytes:
+        raise BadRequest(
+            f"header is {len(data)} bytes, over max_header_bytes={limits.max_header_bytes}",
+            setting="max_header_bytes",
+        )
+    try:
+        header = msgpack.unpackb(data, raw=False, max_ext_len=0)
+    except Exception as exc:
+        raise BadRequest(f"header is not valid msgpack ({exc}); is the sender an isopool client?") from None
+    if not isinstance(header, dict):
+        raise BadRequest("header must be a msgpack map with keys v, op, id")
+    version = header.get("v")
+    if version != VERSION:
+        raise BadRequest(
+            f"protocol version {version!r} is not supported (this supervisor speaks v{VERSION}); "
+            "upgrade the client and the server to the same isopool release",
+            version=VERSION,
+        )
+    op = header.get("op")
+    if op not in ALL_OPS:
+        raise BadRequest(f"unknown op {op!r}; known ops: {', '.join(sorted(ALL_OPS))}")
+    return header
+
+
+def peek_id(data: bytes) -> Any:
+    """Best-effort request id from an undecodable header, so an error can still be routed."""
+    try:
+        header = msgpack.unpackb(data, raw=False, max_bin_len=0, max_ext_len=0, max_str_len=1024,
+                                 max_array_len=0, max_map_len=64)
+        rid = header.get("id") if isinstance(header, dict) else None
+        return rid if isinstance(rid, (int, str, bytes)) else None
+    except Exception:
+        return None
+
+
+# ---------------------------------------------------------------- payloads
+
+def encode_payload(value: Any) -> list[Frame]:
+    """[payload, *buffers]; array buffers are zero-copy views of the arrays."""
+    buffers: list[memoryview] = []
+
+    def default(obj: Any) -> Any:
+        if isinstance(obj, np.ndarray):
+            return _array_ext(obj, ORIGIN_NUMPY, buffers)
+        torch = sys.modules.get("torch")  # a tensor can only exist if torch is imported
+        if torch is not None and isinstance(obj, torch.Tensor):
+            return _tensor_ext(obj, torch, buffers)
+        if isinstance(obj, np.generic):
+            return obj.item()
+        raise TypeError(
+            f"cannot send a {type(obj).__module__}.{type(obj).__qualname__}: payloads are "
+            "None, bool, int, float, str, bytes, lists, maps, numpy arrays and CPU torch tensors"
+        )
+
+    payload = msgpack.packb(value, default=default, use_bin_type=True)
+    return [payload, *buffers]
+
+
+def _array_ext(arr: np.ndarray, origin: int, buffers: list[memoryview]) -> msgpack.ExtType:
+    name = arr.dtype.name
+    if name not in DTYPES or arr.dtype.hasobject:
+        raise TypeError(f"dtype {arr.dtype} is not allowed; allowed: {', '.join(DTYPES)}")
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    return _ext(name, arr.shape, origin, memoryview(flat), buffers)
+
+
+def _tensor_ext(t: Any, torch: Any, buffers: list[memoryview]) -> msgpack.ExtType:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.resolve_conj().resolve_neg().contiguous()
+    if t.dtype == torch.bfloat16:
+        raw = t.view(torch.int16).numpy()
+        return _ext("bfloat16", tuple(t.shape), ORIGIN_TORCH, memoryview(raw.reshape(-1).view(np.uint8)), buffers)
+    return _array_ext(t.numpy(), ORIGIN_TORCH, buffers)
+
+
+def _ext(name: str, shape: Sequence[int], origin: int, data: memoryview, buffers: list) -> msgpack.ExtType:
+    meta = msgpack.packb([name, list(shape), len(buffers), origin])
+    buffers.append(data)
+    return msgpack.ExtType(EXT_ARRAY, meta)
+
+
+def decode_payload(frames: Sequence[Frame], arrays: str = "auto", limits: Limits = DEFAULT_LIMITS,
+                   readonly: bool = True) -> Any:
+    """Decode [payload, *buffers]. arrays: 'auto' (numpy or torch as sent), 'numpy' or 'torch'."""
+    return _Decoder(frames, limits, build=True, arrays=arrays, readonly=readonly).run()
+
+
+def validate_payload(frames: Sequence[Frame], limits: Limits = DEFAULT_LIMITS) -> None:
+    """Check [payload, *buffers] against every limit without building arrays (supervisor side)."""
+    _Decoder(frames, limits, build=False).run()
+
+
+def frame_view(frame: Frame) -> memoryview:
+    buf = getattr(frame, "buffer", None)
+    return buf if buf is not None else memoryview(frame)
+
+
+class _Decoder:
+    def __init__(self, frames: Sequence[Frame], limits: Limits, build: bool, arrays: str = "auto",
+                 readonly: bool = True):
+        if not frames:
+            raise BadRequest("message has no payload frame")
+        if arrays not in ARRAY_MODES:
+            raise ValueError(f"arrays must be one of {ARRAY_MODES}, not {arrays!r}")
+        self.limits = limits
+        self.build = build
+        self.arrays = arrays
+        self.readonly = readonly
+        self.payload = frame_view(frames[0])
+        self.buffers = [frame_view(f) for f in frames[1:]]
+        self.used = [False] * len(self.buffers)
+        self.elements = 0
+
+    def run(self) -> Any:
+        lim = self.limits
+        if len(self.buffers) > lim.max_buffers:
+            raise BadRequest(f"{len(self.buffers)} array frames, over max_buffers={lim.max_buffers}",
+                             setting="max_buffers")
+        total = len(self.payload) + sum(len(b) for b in self.buffers)
+        if total > lim.max_message_bytes:
+            raise BadRequest(
+                f"message is {total} bytes, over max_message_bytes={lim.max_message_bytes} "
+                f"(raise {lim.flag('max_message_bytes')} on the server)", setting="max_message_bytes")
+        cap = min(len(self.payload), 2**31 - 1)
+        try:
+            value = msgpack.unpackb(
+                self.payload, raw=False, ext_hook=self._ext_hook, strict_map_key=False,
+                max_str_len=cap, max_bin_len=cap, max_array_len=cap, max_map_len=cap, max_ext_len=cap,
+            )
+        except BadRequest:
+            raise
+        except Exception as exc:
+            raise BadRequest(f"payload is not valid msgpack: {type(exc).__name__}: {exc}") from None
+        self._check_shape(value)
+        if not all(self.used):
+            raise BadRequest(f"{self.used.count(False)} array frame(s) are not referenced by the payload")
+        return value
+
+    def _check_shape(self, value: Any) -> None:
+        """Depth and element caps over the decoded containers (iterative: no recursion limit)."""
+        lim = self.limits
+        stack = [(value, 1)]
+        while stack:
+            obj, depth = stack.pop()
+            if isinstance(obj, (list, dict)):
+                if depth > lim.max_depth:
+                    raise BadRequest(f"payload nests deeper than max_depth={lim.max_depth} "
+                                     f"(raise {lim.flag('max_depth')})", setting="max_depth")
+                items = obj.values() if isinstance(obj, dict) else obj
+                self._count(len(obj))
+                stack.extend((item, depth + 1) for item in items)
+
+    def _count(self, n: int) -> None:
+        self.elements += n
+        if self.elements > self.limits.max_elements:
+            raise BadRequest(f"payload holds more than max_elements={self.limits.max_elements} elements "
+                             f"(raise {self.limits.flag('max_elements')})", setting="max_elements")
+
+    def _ext_hook(self, code: int, data: bytes) -> Any:
+        if code != EXT_ARRAY:
+            raise BadRequest(f"unknown msgpack ext code {code}; only arrays (code {EXT_ARRAY}) are accepted")
+        try:
+            name, shape, index, origin = msgpack.unpackb(data, raw=False, max_bin_len=0, max_ext_len=0,
+                                                         max_str_len=16, max_array_len=64)
+        except Exception:
+            raise BadRequest("array descriptor is malformed; expected [dtype, shape, index, origin]") from None
+        if name not in DTYPES:
+            raise BadRequest(f"dtype {name!r} is not allowed; allowed: {', '.join(DTYPES)}")
+        if (not isinstance(shape, list) or len(shape) > 32
+                or not all(type(d) is int and 0 <= d < 2**62 for d in shape)):
+            raise BadRequest(f"array shape {shape!r} is invalid: a list of at most 32 non-negative ints")
+        if type(index) is not int or not 0 <= index < len(self.buffers) or self.used[index]:
+            raise BadRequest(f"array refers to buffer frame {index!r}, which is missing or already used")
+        if origin not in (ORIGIN_NUMPY, ORIGIN_TORCH):
+            raise BadRequest(f"array origin {origin!r} is unknown")
+        count = math.prod(shape)
+        self._count(count)
+        buf = self.buffers[index]
+        if count * ITEMSIZE[name] != len(buf):
+            raise BadRequest(f"array of shape {tuple(shape)} and dtype {name} needs {count * ITEMSIZE[name]} "
+                             f"bytes but its frame holds {len(buf)}")
+        self.used[index] = True
+        return self._build(name, tuple(shape), origin, buf) if self.build else None
+
+    def _build(self, name: str, shape: tuple, origin: int, buf: memoryview) -> Any:
+        want_torch = self.arrays == "torch" or (self.arrays == "auto" and origin == ORIGIN_TORCH)
+        if want_torch or DTYPES[name] is None:
+            return _torch_array(name, shape, buf)
+        if self.readonly:
+            buf = buf.toreadonly()
+        return np.frombuffer(buf, dtype=DTYPES[name]).reshape(shape)
+
+
+def _torch_array(name: str, shape: tuple, buf: memoryview) -> Any:
+    import torch
+
+    dtype = getattr(torch, name) if name != "bool" else torch.bool
+    if len(buf) == 0:
+        return torch.empty(shape, dtype=dtype)
+    # torch has no read-only tensors; the buffer is this process's private copy of the frame.
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def encode(op: str, rid: Any, value: Any = None, **fields: Any) -> list[Frame]:
+    """A whole message: [header, payload, *buffers]."""
+    return [pack_header(op, rid, **fields), *encode_payload(value)]
+
+
+def encode_error(rid: Any, err: Exception, **fields: Any) -> list[Frame]:
+    return [pack_header("error", rid, **fields), msgpack.packb(_error_dict(err), use_bin_type=True)]
+
+
+def _error_dict(err: Exception) -> dict:
+    to_dict = getattr(err, "to_dict", None)
+    if to_dict is not None:
+        return _plain(to_dict())
+    return {"type": "IsopoolError", "message": f"{type(err).__name__}: {err}"}
+
+
+def _plain(value: Any) -> Any:
+    """Error details are plain data; anything exotic becomes its repr."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return repr(value)
+
+
+def decode_error(frames: Sequence[Frame]) -> Exception:
+    from .errors import IsopoolError
+
+    try:
+        data = msgpack.unpackb(frame_view(frames[0]), raw=False, strict_map_key=False)
+        if not isinstance(data, dict):
+            raise ValueError("error payload is not a map")
+        return IsopoolError.from_dict(data)
+    except Exception as exc:
+        return IsopoolError(f"undecodable error reply: {exc}")
+
+
+def total_bytes(frames: Iterable[Frame]) -> int:
+    return sum(len(frame_view(f)) for f in frames)

@@ -1,0 +1,32 @@
+"""Op names and the protocol version: the only place they are spelled."""
+
+VERSION = 1
+
+# client -> supervisor
+INFER = "infer"
+CANCEL = "cancel"
+STATUS = "status"
+CONTROL = "control"
+
+# supervisor -> client, and worker -> supervisor
+RESULT = "result"
+CHUNK = "chunk"
+ERROR = "error"
+
+# supervisor <-> worker
+READY = "ready"
+HEARTBEAT = "heartbeat"
+RUN = "run"
+STOP = "stop"
+
+CLIENT_OPS = frozenset({INFER, CANCEL, STATUS, CONTROL})
+REPLY_OPS = frozenset({RESULT, CHUNK, ERROR})
+WORKER_OPS = frozenset({READY, HEARTBEAT, RESULT, CHUNK, ERROR})
+ALL_OPS = CLIENT_OPS | REPLY_OPS | WORKER_OPS | {RUN, STOP}
+
+# control actions carried by CONTROL
+SCALE = "scale"
+RELOAD = "reload"
+DRAIN = "drain"
+SHUTDOWN = "stop"
+CONTROL_ACTIONS = frozenset({SCALE, RELOAD, DRAIN, SHUTDOWN})

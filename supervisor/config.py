@@ -1,0 +1,85 @@
+"""Every setting of a pool, in one dataclass. CLI flags and config files both land here."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from isopool.protocol.limits import Limits
+from isopool.worker.handler import DEFAULT_MODEL
+
+
+@dataclass
+class PoolConfig:
+    model: str = DEFAULT_MODEL
+    workers: int = 2
+    endpoint: str | None = None  # default: ipc:// in the per-user runtime directory
+    insecure: bool = False  # allow tcp:// without authentication
+    devices: str = "cpu"
+    threads: int = 0  # torch intra-op threads per worker; 0 = cores / workers
+    max_queue: int = 1024  # queued requests beyond which new ones get Overloaded
+    prefetch: int = 1  # requests a worker may hold at once (credit-based flow)
+    request_timeout: float = 300.0  # cap on any request, and the default deadline
+    max_attempts: int = 2  # tries of a request whose worker crashed (1 = no retry)
+    poison_threshold: int = 3  # worker deaths after which an input is refused for good
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 10.0  # an idle worker silent this long is replaced
+    start_timeout: float = 120.0  # a worker not READY by then is killed
+    kill_grace: float = 3.0  # TERM, then KILL after this many seconds
+    drain_timeout: float = 30.0  # SIGTERM: finish work for at most this long
+    max_restarts: int = 10  # restarts within restart_window before the pool is degraded
+    restart_window: float = 60.0
+    backoff_base: float = 0.1
+    backoff_max: float = 10.0
+    max_requests: int = 0  # recycle a worker after this many requests (0: never)
+    max_requests_jitter: int = 0  # + random 0..jitter, so workers don't recycle together
+    max_rss: int = 0  # bytes; recycle a worker whose RSS grows past it (0: never)
+    stats_interval: float = 1.0  # how often worker RSS/CPU are sampled
+    max_message_bytes: int = Limits.max_message_bytes
+    max_depth: int = Limits.max_depth
+    max_elements: int = Limits.max_elements
+    arrays: str = "auto"  # how handlers receive arrays: auto | numpy | torch
+    user_config: dict = field(default_factory=dict)  # passed to the model factory's context
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        problems = []
+        positive = ("workers", "max_queue", "prefetch", "max_attempts", "poison_threshold", "max_restarts",
+                    "max_message_bytes", "max_depth", "max_elements")
+        for name in positive:
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("request_timeout", "heartbeat_interval", "heartbeat_timeout", "start_timeout",
+                     "restart_window", "stats_interval"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("threads", "max_requests", "max_requests_jitter", "max_rss", "kill_grace",
+                     "drain_timeout", "backoff_base", "backoff_max"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.arrays not in ("auto", "numpy", "torch"):
+            problems.append(f"arrays must be auto, numpy or torch, got {self.arrays!r}")
+        if ":" not in self.model:
+            problems.append(f"model must look like MODULE:ATTR, got {self.model!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_message_bytes=self.max_message_bytes, max_depth=self.max_depth,
+                      max_elements=self.max_elements)
+
+    def worker_threads(self) -> int:
+        if self.threads:
+            return self.threads
+        return max(1, (os.cpu_count() or 1) // self.workers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

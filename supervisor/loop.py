@@ -1,0 +1,791 @@
+"""The supervisor: one thread, one poll loop, all pool state. No locks.
+
+    clients ─DEALER─► frontend ROUTER ─┐                    ┌─ a pidfd per worker: exits seen at once
+                                       ├─ poll ─► steps ────┤─ signal wake-up fd: handlers only record
+    workers ─DEALER─► backend ROUTER ──┘                    └─ timers: deadlines, heartbeats, backoff
+                      events PUB ──► `isopool events`
+
+Each pass runs short steps that are safe to repeat:
+    read_frontend  accept / refuse requests, answer status and control ops
+    read_backend   worker READY, HEARTBEAT, RESULT, CHUNK, ERROR
+    reap           settle the in-flight work of exited workers, schedule restarts
+    handle_signals SIGTERM/SIGINT drain and stop, SIGHUP reload (same path as control ops)
+    expire         requests past their deadline: never started, or their worker is killed
+    check_workers  start timeouts, silent idle workers, kill escalation, RSS sampling
+    reconcile      start / retire workers until the pool matches its target
+    dispatch       queued requests to workers with free credit, oldest first
+    advance_phase  serving -> draining -> stopping -> stopped
+
+Requests are keyed (client routing id, client's request id) in one table; the same key
+travels to the worker and back, so a late reply from a replaced worker is recognised
+(wrong slot or attempt) and dropped.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections import OrderedDict, deque
+from typing import Any
+
+import zmq
+
+from isopool.protocol import (
+    BadRequest,
+    IsopoolError,
+    Overloaded,
+    PoisonRequest,
+    RequestTimeout,
+    ShuttingDown,
+    WorkerCrashed,
+    decode_error,
+    encode,
+    encode_error,
+    ops,
+    pack_header,
+    peek_id,
+    unpack_header,
+    validate_payload,
+)
+from isopool.protocol.endpoints import default_endpoint, ensure_private_dir, ipc_path, is_tcp, runtime_dir
+from isopool.protocol.exits import EXIT_LOAD_FAILED, exit_fields
+from isopool.worker.process import WorkerConfig
+
+from . import spawner
+from .config import PoolConfig
+from .events import EventLog
+from .notify import sd_notify
+from .policy import PoisonRegistry, RestartPolicy
+from .requests import Request
+from .stats import Stats
+from .status import build_status
+from .workers import ALIVE, SERVING, State, Worker, parse_ident
+
+log = logging.getLogger("isopool.supervisor")
+
+SURGE = 1  # extra workers allowed while replacing (recycle, reload): capacity never dips
+MAX_BATCH = 512  # messages read from one socket per pass, so no source starves another
+EXIT_OK = 0
+
+
+class StartupError(RuntimeError):
+    """The pool could not start (a model that will not load, an endpoint in use)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Supervisor:
+    def __init__(self, config: PoolConfig):
+        self.config = config
+        self.limits = config.limits
+        self.endpoint = config.endpoint or default_endpoint()
+        self.target = config.workers
+        self.devices = [d.strip() for d in config.devices.split(",") if d.strip()] or ["cpu"]
+        self.workers: dict[int, Worker] = {}
+        self.requests: dict[tuple, Request] = {}
+        self.queue: OrderedDict[tuple, Request] = OrderedDict()
+        self.credits: deque[tuple[int, int]] = deque()  # (slot, generation), one per free credit
+        self.deadlines: list[tuple[float, int, tuple]] = []  # heap; stale entries skipped
+        self.seq = itertools.count()
+        self.slots = itertools.count()
+        self.rng = random.Random()
+        self.restarts = RestartPolicy(config.backoff_base, config.backoff_max, config.max_restarts,
+                                      config.restart_window, self.rng)
+        self.poison = PoisonRegistry(config.poison_threshold)
+        self.stats = Stats()
+        self.phase = "starting"
+        self.exit_code = EXIT_OK
+        self.startup_error: str | None = None
+        self.drain_deadline = 0.0
+        self.pending_signals: list[int] = []
+        self.next_stats = 0.0
+        self.was_degraded = False
+        self.restarts_total = 0
+        self.started_at = time.monotonic()
+        self.started_wall = time.time()
+        self.private_dir: str | None = None
+        self.events: EventLog | None = None
+
+    # ------------------------------------------------------------ setup
+
+    def open(self) -> None:
+        self.ctx = zmq.Context(1)
+        self.frontend = self._bind_frontend()
+        self.private_dir = tempfile.mkdtemp(prefix="isopool-", dir=self._private_parent())
+        self.backend_endpoint = f"ipc://{self.private_dir}/backend.sock"
+        self.backend = self.ctx.socket(zmq.ROUTER)
+        for opt, val in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 0)):
+            self.backend.setsockopt(opt, val)
+        self.backend.bind(self.backend_endpoint)
+        self.events = EventLog(self.ctx, self.events_endpoint())
+        self.wake_r, self.wake_w = socket.socketpair()
+        for s in (self.wake_r, self.wake_w):
+            s.setblocking(False)
+        signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        self.poller = zmq.Poller()
+        self.poller.register(self.frontend, zmq.POLLIN)
+        self.poller.register(self.backend, zmq.POLLIN)
+        self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
+
+    def _private_parent(self) -> str:
+        path = ipc_path(self.endpoint)
+        if path is not None:
+            return str(path.parent)
+        return str(ensure_private_dir(runtime_dir()))
+
+    def _bind_frontend(self) -> zmq.Socket:
+        if is_tcp(self.endpoint) and not self.config.insecure:
+            raise StartupError(
+                f"refusing to serve {self.endpoint} without authentication: anyone who can reach the port "
+                "could send requests. Use an ipc:// endpoint, or pass --insecure on a trusted network")
+        path = ipc_path(self.endpoint)
+        if path is not None:
+            if self.config.endpoint is None:
+                ensure_private_dir(path.parent)
+            if _ipc_in_use(path):
+                raise StartupError(f"another process is already serving {self.endpoint}; stop it first "
+                                   "or choose another --endpoint")
+        sock = self.ctx.socket(zmq.ROUTER)
+        for opt, val in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 0),
+                         (zmq.MAXMSGSIZE, self.limits.max_message_bytes)):
+            sock.setsockopt(opt, val)
+        try:
+            sock.bind(self.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close()
+            raise StartupError(f"cannot bind {self.endpoint}: {exc}") from None
+        if path is not None:
+            os.chmod(path, 0o600)
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or self.endpoint
+        return sock
+
+    def events_endpoint(self) -> str | None:
+        path = ipc_path(self.endpoint)
+        return f"ipc://{path}.events" if path is not None else None
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for w in self.workers.values():
+            if w.proc is not None and w.proc.poll() is None:
+                spawner.kill_now(w.proc)
+                w.proc.popen.wait(5)
+        if self.events is not None:
+            self.events.close()
+        self.frontend.close(linger=0)
+        self.backend.close(linger=0)
+        self.wake_r.close()
+        self.wake_w.close()
+        self.ctx.term()
+        path = ipc_path(self.endpoint)
+        for p in (path, path and path.with_name(path.name + ".events")):
+            if p is not None and p.exists():
+                p.unlink()
+        if self.private_dir:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> int:
+        self.open()
+        try:
+            log.info("isopool %s: %d worker(s) of %s, frontend %s", os.getpid(), self.target,
+                     self.config.model, self.endpoint)
+            self.reconcile(time.monotonic())
+            while self.phase != "stopped":
+                self.step(self.poll_timeout())
+        finally:
+            self.close()
+        if self.startup_error:
+            raise StartupError(self.startup_error, self.exit_code)
+        return self.exit_code
+
+    def step(self, timeout_ms: int) -> None:
+        ready = dict(self.poller.poll(timeout_ms))
+        now = time.monotonic()
+        if self.frontend in ready:
+            self.read_frontend(now)
+        if self.backend in ready:
+            self.read_backend(now)
+        if len(ready) > (self.frontend in ready) + (self.backend in ready) + (self.wake_r.fileno() in ready):
+            self.reap(now)  # a pidfd fired
+        self.handle_signals()
+        self.expire(now)
+        self.check_workers(now)
+        self.reconcile(now)
+        self.dispatch(now)
+        self.advance_phase(now)
+
+    def poll_timeout(self) -> int:
+        """Sleep until the next timer is due, never longer than the heartbeat interval."""
+        now = time.monotonic()
+        due = now + self.config.heartbeat_interval
+        if self.deadlines:
+            due = min(due, self.deadlines[0][0])
+        for w in self.workers.values():
+            if w.state is State.BACKOFF:
+                due = min(due, w.spawn_at)
+            elif w.kill_at is not None:
+                due = min(due, w.kill_at)
+        return max(0, int((due - now) * 1000) + 1)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.pending_signals.append(signum)  # the loop acts; a handler only records
+
+    # ------------------------------------------------------------ frontend
+
+    def read_frontend(self, now: float) -> None:
+        for _ in range(MAX_BATCH):
+            try:
+                frames = self.frontend.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.on_client(frames, now)
+
+    def on_client(self, frames: list, now: float) -> None:
+        ident = frames[0].bytes
+        if len(frames) < 2:
+            return  # an empty message carries no id to answer
+        raw = frames[1].bytes
+        try:
+            header = unpack_header(raw, self.limits)
+            op = header["op"]
+            if op == ops.INFER:
+                self.accept(ident, header, frames[2:], now)
+            elif op == ops.STATUS:
+                self.reply(ident, encode(ops.RESULT, header["id"], build_status(self, now)))
+            elif op == ops.CONTROL:
+                result = self.control(header.get("action"), header.get("args") or {})
+                self.reply(ident, encode(ops.RESULT, header["id"], result))
+            elif op == ops.CANCEL:
+                self.cancel((ident, header["id"]))
+            else:
+                raise BadRequest(f"op {op!r} is not a client op; clients send infer, cancel, status or control")
+        except IsopoolError as err:
+            outcome = "bad_request" if isinstance(err, BadRequest) else type(err).__name__.lower()
+            self.stats.count(outcome)
+            self.reply(ident, encode_error(peek_id(raw), err))
+
+    def accept(self, ident: bytes, header: dict, body: list, now: float) -> None:
+        cid = header["id"]
+        if not isinstance(cid, (int, str, bytes)) or isinstance(cid, bool):
+            raise BadRequest("request id must be an int, str or bytes")
+        key = (ident, cid)
+        if self.phase in ("draining", "stopping", "stopped"):
+            raise ShuttingDown("the pool is shutting down and accepts no new requests; retry on another instance")
+        if key in self.requests:
+            raise BadRequest(f"request id {cid!r} is already in flight on this connection; ids must be unique")
+        validate_payload(body, self.limits)
+        timeout, setting = self._timeout_of(header)
+        if len(self.queue) >= self.config.max_queue:
+            self.stats.count("overloaded")
+            raise Overloaded(f"the queue is full ({len(self.queue)} waiting, --max-queue {self.config.max_queue}); "
+                             "retry later, add workers or raise --max-queue",
+                             queue_depth=len(self.queue), max_queue=self.config.max_queue)
+        if self.poison.is_poison(body):
+            self.stats.count("poison")
+            raise PoisonRequest(f"this input has killed {self.config.poison_threshold} workers and is refused; "
+                                "fix the input or the handler", threshold=self.config.poison_threshold)
+        req = Request(key=key, body=body, deadline=now + timeout, timeout=timeout, timeout_setting=setting,
+                      accepted_at=now, retry=bool(header.get("retry", True)), stream=bool(header.get("stream")))
+        self.requests[key] = req
+        self.queue[key] = req
+        heapq.heappush(self.deadlines, (req.deadline, next(self.seq), key))
+
+    def _timeout_of(self, header: dict) -> tuple[float, str]:
+        cap = self.config.request_timeout
+        timeout = header.get("timeout")
+        if timeout is None:
+            return cap, "request_timeout"
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise BadRequest(f"timeout must be a positive number of seconds, got {timeout!r}")
+        return (float(timeout), "timeout") if timeout < cap else (cap, "request_timeout")
+
+    def reply(self, ident: bytes, frames: list) -> None:
+        try:
+            self.frontend.send_multipart([ident, *frames], copy=False)
+        except zmq.ZMQError as exc:  # the client is gone; nothing to tell it
+            log.debug("reply to a departed client dropped: %s", exc)
+
+    def cancel(self, key: tuple) -> None:
+        req = self.requests.get(key)
+        if req is None:
+            return
+        from isopool.protocol import Cancelled
+
+        self.queue.pop(key, None)
+        # a dispatched request stays in its worker's inflight until the worker answers
+        self.fail(req, Cancelled("cancelled by the client"), count_as="cancelled")
+
+    # ------------------------------------------------------------ answers
+
+    def finish(self, req: Request, op: str, body: list, outcome: str, now: float) -> None:
+        del self.requests[req.key]
+        self.reply(req.client, [pack_header(op, req.client_id), *body])
+        self.stats.done(outcome, now - req.accepted_at, now)
+
+    def fail(self, req: Request, err: IsopoolError, count_as: str | None = None) -> None:
+        self.requests.pop(req.key, None)
+        self.queue.pop(req.key, None)
+        self.reply(req.client, encode_error(req.client_id, err))
+        self.stats.count(count_as or type(err).__name__.lower())
+        log.info("request %r: %s: %s", req.client_id, type(err).__name__, err)
+
+    # ------------------------------------------------------------ backend
+
+    def read_backend(self, now: float) -> None:
+        for _ in range(MAX_BATCH):
+            try:
+                frames = self.backend.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.on_worker(frames, now)
+
+    def on_worker(self, frames: list, now: float) -> None:
+        parsed = parse_ident(frames[0].bytes)
+        w = self.workers.get(parsed[0]) if parsed else None
+        if w is None or w.generation != parsed[1] or w.proc is None:
+            return  # a stale message from a process already given up on
+        w.last_seen = now
+        try:
+            header = unpack_header(frames[1].bytes, self.limits)
+        except BadRequest as err:
+            log.warning("worker %d sent an undecodable header (%s); replacing it", w.slot, err)
+            self.kill(w, "protocol", now)
+            return
+        op = header["op"]
+        if op == ops.READY:
+            self.on_ready(w, header, now)
+        elif op in (ops.RESULT, ops.ERROR, ops.CHUNK):
+            if header.get("stage") == "load":
+                self.on_load_failure(w, frames[2:])
+            else:
+                self.on_reply(w, op, header, frames[2:], now)
+
+    def on_ready(self, w: Worker, header: dict, now: float) -> None:
+        if w.state is not State.STARTING:
+            return
+        w.transition(State.IDLE, "ready")
+        w.ready_at = now
+        self.credits.extend([(w.slot, w.generation)] * self.config.prefetch)
+        self.emit("ready", w, startup_s=round(now - w.started_at, 4))
+        if self.phase == "starting" and self._all_ready():
+            self.phase = "serving"
+            log.info("serving on %s with %d worker(s)", self.endpoint, self.target)
+            sd_notify("READY=1\nSTATUS=serving")
+
+    def _all_ready(self) -> bool:
+        ready = sum(1 for w in self.workers.values() if w.state in SERVING)
+        return ready >= self.target
+
+    def on_load_failure(self, w: Worker, body: list) -> None:
+        err = decode_error(body)
+        tb = getattr(err, "details", {}).get("traceback", "")
+        w.last_error = str(err)
+        log.error("worker %d: %s\n%s", w.slot, err, tb)
+        if self.phase == "starting":
+            self.startup_error = f"{err}\n\n{tb}".rstrip()
+            self.exit_code = EXIT_LOAD_FAILED
+            self.begin_stop("the model failed to load")
+
+    def on_reply(self, w: Worker, op: str, header: dict, body: list, now: float) -> None:
+        rid = header.get("id")
+        key = (rid[0], rid[1]) if isinstance(rid, list) and len(rid) == 2 else None
+        req = self.requests.get(key) if key is not None else None
+        current = req is not None and req.worker == w.slot and req.attempt == header.get("attempt")
+        if op == ops.CHUNK:
+            if current:
+                req.chunks_sent += 1
+                self.reply(req.client, [pack_header(op, req.client_id), *body])
+            return
+        self.release(w, key, now)
+        if current:
+            self.count_request(w, op, body)
+            outcome = "ok" if op == ops.RESULT else "error"
+            self.finish(req, op, body, outcome, now)
+        self.after_request(w, now)
+
+    def count_request(self, w: Worker, op: str, body: list) -> None:
+        w.requests += 1
+        w.requests_this_process += 1
+        if op == ops.ERROR:
+            w.errors += 1
+        else:
+            w.crashes_in_row = 0
+
+    def release(self, w: Worker, key: tuple | None, now: float) -> None:
+        """A worker answered: take the request off its books and give back the credit."""
+        try:
+            w.inflight.remove(key)
+        except ValueError:
+            return
+        if w.state in SERVING:
+            self.credits.append((w.slot, w.generation))
+            if not w.inflight:
+                w.transition(State.IDLE, "all answered")
+
+    def after_request(self, w: Worker, now: float) -> None:
+        if w.max_requests and w.requests_this_process >= w.max_requests and w.retire is None:
+            self.retire(w, "max_requests")
+        if w.state is State.DRAINING and not w.inflight:
+            self.stop_worker(w, now)
+
+    # ------------------------------------------------------------ exits
+
+    def reap(self, now: float) -> None:
+        for w in list(self.workers.values()):
+            if w.proc is not None and w.proc.returncode is None:
+                pidfd = w.proc.pidfd
+                if w.proc.poll() is not None:
+                    self.poller.unregister(pidfd)
+                    self.on_exit(w, now)
+
+    def on_exit(self, w: Worker, now: float) -> None:
+        info = {"pid": w.pid, "worker": w.slot, **exit_fields(w.proc.returncode), "at": time.time()}
+        w.last_exit = info
+        expected = w.stop_reason is not None
+        for position, key in enumerate(w.inflight):
+            req = self.requests.get(key)
+            if req is None or req.worker != w.slot:
+                continue
+            if expected or position > 0:  # it was not running this one, or we stopped it on purpose
+                self.requeue(req)
+            else:
+                self.on_crash(req, info)
+        was_ready = w.state is not State.STARTING
+        w.transition(State.EXITED, info["reason"])
+        if expected:
+            self.emit("exited", w, stopped_for=w.stop_reason, **_exit_event(info))
+        else:
+            self.emit("crashed", w, during="start" if not was_ready else "serve", **_exit_event(info))
+            log.warning("worker %d (pid %s) died: %s", w.slot, info["pid"], info["reason"])
+        self.after_exit(w, expected, now)
+
+    def after_exit(self, w: Worker, expected: bool, now: float) -> None:
+        if w.retire is not None or self.phase in ("stopping", "stopped"):
+            del self.workers[w.slot]
+            return
+        if not expected:
+            w.crashes_in_row += 1
+            if self.phase == "starting" and w.crashes_in_row >= 2 and not self.startup_error:
+                self.startup_error = f"worker {w.slot} died twice before it was ready: {w.last_exit['reason']}"
+                self.exit_code = EXIT_LOAD_FAILED
+                self.begin_stop("workers die during start-up")
+                del self.workers[w.slot]
+                return
+        delay = self.restarts.delay(w.crashes_in_row) if not expected else 0.0
+        w.reset_process(now)
+        w.transition(State.BACKOFF, f"restart in {delay:.2f}s")
+        w.spawn_at = now + delay
+        w.restarts += 1
+        self.restarts_total += 1
+        self.restarts.record(now)
+        if delay:
+            self.emit("backoff", w, delay_s=round(delay, 3))
+
+    def on_crash(self, req: Request, info: dict) -> None:
+        req.crashes.append({k: info[k] for k in ("worker", "pid", "exit_code", "signal", "reason")})
+        kills = self.poison.add_kill(req.body)
+        if kills >= self.config.poison_threshold:
+            self.fail(req, PoisonRequest(
+                f"this input has killed {kills} workers (--poison-threshold {self.config.poison_threshold}); "
+                "it is refused from now on. Last death: " + info["reason"], attempts=req.crashes), "poison")
+        elif req.retry and not req.chunks_sent and len(req.crashes) < self.config.max_attempts:
+            self.requeue(req)
+        else:
+            why = ("retry=False" if not req.retry else "streamed parts cannot be retried" if req.chunks_sent
+                   else f"--max-attempts {self.config.max_attempts} reached")
+            self.fail(req, WorkerCrashed(
+                f"worker {info['worker']} (pid {info['pid']}) died running this request: {info['reason']} "
+                f"[attempt {len(req.crashes)}; not retried: {why}]",
+                attempts=req.crashes, exit_code=info["exit_code"], signal=info["signal"]), "crashed")
+
+    def requeue(self, req: Request) -> None:
+        """Back to the head of the queue: it has waited longest."""
+        req.worker = None
+        self.queue[req.key] = req
+        self.queue.move_to_end(req.key, last=False)
+
+    # ------------------------------------------------------------ timers
+
+    def expire(self, now: float) -> None:
+        while self.deadlines and self.deadlines[0][0] <= now:
+            deadline, _, key = heapq.heappop(self.deadlines)
+            req = self.requests.get(key)
+            if req is None or req.deadline != deadline:
+                continue
+            if req.worker is None:
+                self.fail(req, RequestTimeout(
+                    f"no worker was free within {req.timeout:g}s, so the request was never started; "
+                    f"{_raise_hint(req.timeout_setting)} or add workers", setting=req.timeout_setting, started=False),
+                    "timeout")
+                continue
+            w = self.workers[req.worker]
+            self.fail(req, RequestTimeout(
+                f"the handler was still running after {req.timeout:g}s; its worker {w.slot} (pid {w.pid}) was "
+                f"killed and replaced. {_raise_hint(req.timeout_setting)} if it needs longer",
+                setting=req.timeout_setting, started=True), "timeout")
+            self.kill(w, "timeout", now)
+
+    def check_workers(self, now: float) -> None:
+        sample = now >= self.next_stats
+        if sample:
+            self.next_stats = now + self.config.stats_interval
+        for w in list(self.workers.values()):
+            if w.kill_at is not None and now >= w.kill_at and w.proc is not None:
+                log.warning("worker %d (pid %s) did not exit within %gs; sending SIGKILL", w.slot, w.pid,
+                            self.config.kill_grace)
+                w.proc.signal(signal.SIGKILL)
+                w.kill_at = None
+            elif w.state is State.STARTING and now - w.started_at > self.config.start_timeout:
+                self.kill(w, "start_timeout", now)
+            elif w.state is State.IDLE and now - w.last_seen > self.config.heartbeat_timeout:
+                log.warning("worker %d (pid %s) sent no heartbeat for %.1fs; replacing it", w.slot, w.pid,
+                            now - w.last_seen)
+                self.kill(w, "heartbeat", now)
+            elif sample and w.state in SERVING:
+                self.sample(w)
+        if sample:
+            self.check_degraded(now)
+
+    def sample(self, w: Worker) -> None:
+        w.rss, w.uss, w.cpu_percent = w.proc.resources()
+        if self.config.max_rss and w.rss > self.config.max_rss and w.retire is None:
+            log.warning("worker %d (pid %s) RSS %d MiB is over --max-rss %d MiB; recycling it", w.slot, w.pid,
+                        w.rss >> 20, self.config.max_rss >> 20)
+            self.retire(w, "max_rss")
+
+    def check_degraded(self, now: float) -> None:
+        degraded = self.restarts.degraded(now)
+        if degraded != self.was_degraded:
+            self.was_degraded = degraded
+            self.emit("degraded" if degraded else "recovered", None,
+                      restarts_in_window=len(self.restarts.recent), window_s=self.config.restart_window)
+
+    # ------------------------------------------------------------ worker lifecycle
+
+    def reconcile(self, now: float) -> None:
+        """Start workers until `target` are kept; retire the surplus once replacements serve."""
+        if self.phase in ("stopping", "stopped"):
+            return
+        kept = [w for w in self.workers.values() if w.retire is None and w.state not in (State.DRAINING, State.STOPPING)]
+        for w in sorted(kept, key=_retire_order)[: max(0, len(kept) - self.target)]:
+            self.retire(w, "scale")
+        short = self.target - len(kept)
+        room = self.target + SURGE - len(self.workers)
+        for _ in range(max(0, min(short, room))):
+            slot = next(self.slots)
+            self.workers[slot] = Worker(slot=slot, device=self.devices[slot % len(self.devices)], spawn_at=now)
+        for w in list(self.workers.values()):
+            if w.state is State.BACKOFF and now >= w.spawn_at:
+                if w.retire is not None:
+                    w.transition(State.EXITED, "retired before start")
+                    del self.workers[w.slot]
+                else:
+                    self.start(w, now)
+        self.drain_surplus(now)
+
+    def drain_surplus(self, now: float) -> None:
+        """Retiring workers keep serving until enough replacements are ready, then drain."""
+        retiring = [w for w in self.workers.values() if w.retire is not None and w.state in SERVING]
+        if not retiring:
+            return
+        ready_kept = sum(1 for w in self.workers.values() if w.retire is None and w.state in SERVING)
+        surplus = ready_kept + len(retiring) - self.target
+        for w in sorted(retiring, key=_retire_order)[: max(0, surplus)]:
+            self.drain(w, now)
+
+    def start(self, w: Worker, now: float) -> None:
+        w.generation += 1
+        cfg = WorkerConfig(
+            backend=self.backend_endpoint, slot=w.slot, generation=w.generation, model=self.config.model,
+            parent_pid=os.getpid(), device=w.device, threads=self.config.worker_threads(),
+            heartbeat_interval=self.config.heartbeat_interval, arrays=self.config.arrays,
+            user_config=self.config.user_config, limits=self.limits.__dict__,
+        )
+        w.proc = spawner.spawn(cfg)
+        w.transition(State.STARTING, f"pid {w.pid}")
+        w.started_at = w.last_seen = now
+        jitter = self.config.max_requests_jitter
+        w.max_requests = self.config.max_requests + (self.rng.randint(0, jitter) if jitter else 0) \
+            if self.config.max_requests else 0
+        self.poller.register(w.proc.pidfd, zmq.POLLIN)
+        self.emit("started", w)
+
+    def retire(self, w: Worker, reason: str) -> None:
+        """Mark for replacement; reconcile starts the replacement first, then drains this one."""
+        w.retire = reason
+        self.emit("recycling", w, reason=reason)
+
+    def drain(self, w: Worker, now: float) -> None:
+        w.transition(State.DRAINING, w.retire or "drain")
+        if not w.inflight:
+            self.stop_worker(w, now)
+
+    def stop_worker(self, w: Worker, now: float) -> None:
+        """Ask politely (STOP); KILL if it has not exited after the grace period."""
+        if w.state is State.STARTING:  # not listening yet
+            self.kill(w, w.retire or "stop", now)
+            return
+        w.stop_reason = w.retire or "stop"
+        w.transition(State.STOPPING, w.stop_reason)
+        self.backend.send_multipart([w.ident, pack_header(ops.STOP, None)])
+        w.kill_at = now + self.config.kill_grace
+
+    def kill(self, w: Worker, reason: str, now: float) -> None:
+        """TERM the worker's process group now; KILL after the grace period."""
+        if w.state is not State.STOPPING:
+            w.transition(State.STOPPING, reason)
+        w.stop_reason = reason
+        w.proc.signal(signal.SIGTERM)
+        if w.kill_at is None or w.kill_at > now + self.config.kill_grace:
+            w.kill_at = now + self.config.kill_grace
+        self.emit("killed", w, reason=reason)
+
+    # ------------------------------------------------------------ dispatch
+
+    def dispatch(self, now: float) -> None:
+        queue, credits, workers = self.queue, self.credits, self.workers
+        while queue and credits:
+            slot, generation = credits.popleft()
+            w = workers.get(slot)
+            if w is None or w.generation != generation or w.state not in SERVING:
+                continue  # a credit of a worker that died or is draining
+            key, req = queue.popitem(last=False)
+            self.send_run(w, req, now)
+
+    def send_run(self, w: Worker, req: Request, now: float) -> None:
+        req.attempt += 1
+        req.worker = w.slot
+        req.started_at = now
+        header = pack_header(ops.RUN, list(req.key), attempt=req.attempt, ttl=req.deadline - now)
+        self.backend.send_multipart([w.ident, header, *req.body], copy=False)
+        w.inflight.append(req.key)
+        if w.state is State.IDLE:
+            w.transition(State.BUSY, "dispatch")
+
+    # ------------------------------------------------------------ control and phases
+
+    def control(self, action: Any, args: dict) -> dict:
+        if action == ops.SCALE:
+            n = args.get("workers")
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise BadRequest(f"scale needs a worker count of at least 1, got {n!r}")
+            old, self.target = self.target, n
+            self.emit("scaled", None, old=old, new=n)
+            return {"workers_target": n, "previous": old}
+        if action == ops.RELOAD:
+            return {"reloading": self.reload()}
+        if action in (ops.SHUTDOWN, ops.DRAIN):
+            self.begin_drain("stop requested by a client")
+            return {"stopping": True, "drain_timeout_s": self.config.drain_timeout}
+        raise BadRequest(f"unknown control action {action!r}; use scale, reload or stop")
+
+    def reload(self) -> int:
+        """Replace every worker, one at a time, with no failed request (new code and weights load)."""
+        count = 0
+        for w in self.workers.values():
+            if w.retire is None and w.state not in (State.DRAINING, State.STOPPING):
+                self.retire(w, "reload")
+                count += 1
+        self.emit("reload", None, workers=count)
+        return count
+
+    def handle_signals(self) -> None:
+        try:
+            while self.wake_r.recv(512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        while self.pending_signals:
+            sig = self.pending_signals.pop(0)
+            name = signal.Signals(sig).name
+            if sig == signal.SIGHUP:
+                log.info("%s: reloading workers", name)
+                self.reload()
+            elif self.phase == "draining":
+                log.info("%s again: stopping now", name)
+                self.begin_stop(f"second {name}")
+            else:
+                self.begin_drain(name)
+
+    def begin_drain(self, why: str) -> None:
+        if self.phase in ("draining", "stopping", "stopped"):
+            return
+        if self.phase == "starting":
+            self.begin_stop(why)
+            return
+        log.info("draining (%s): finishing %d request(s), at most %gs", why, len(self.requests),
+                 self.config.drain_timeout)
+        self.phase = "draining"
+        self.drain_deadline = time.monotonic() + self.config.drain_timeout
+        sd_notify("STOPPING=1")
+        self.emit("draining", None, reason=why, requests=len(self.requests))
+
+    def begin_stop(self, why: str) -> None:
+        if self.phase in ("stopping", "stopped"):
+            return
+        self.phase = "stopping"
+        now = time.monotonic()
+        for req in list(self.requests.values()):
+            self.fail(req, ShuttingDown(f"the pool stopped before this request finished ({why})"), "shutting_down")
+        for w in list(self.workers.values()):
+            if w.state is State.BACKOFF:
+                w.transition(State.EXITED, "stopping")
+                del self.workers[w.slot]
+            elif w.state in (State.STARTING, State.IDLE, State.BUSY, State.DRAINING):
+                w.retire = w.retire or "shutdown"
+                self.stop_worker(w, now)
+
+    def advance_phase(self, now: float) -> None:
+        if self.phase == "draining" and (not self.requests or now >= self.drain_deadline):
+            self.begin_stop("drained" if not self.requests else "--drain-timeout passed")
+        if self.phase == "stopping" and not any(w.state in ALIVE for w in self.workers.values()):
+            self.phase = "stopped"
+            log.info("stopped")
+
+    # ------------------------------------------------------------ events
+
+    def emit(self, kind: str, w: Worker | None, **fields: Any) -> None:
+        if w is not None:
+            fields = {"worker": w.slot, "pid": w.pid, "generation": w.generation, **fields}
+        if self.events is not None:
+            self.events.emit(kind, fields)
+
+
+def _retire_order(w: Worker) -> tuple:
+    """Which worker to give up first: not yet serving, then idle, then the least loaded."""
+    rank = {State.BACKOFF: 0, State.STARTING: 1, State.IDLE: 2, State.BUSY: 3}
+    return rank.get(w.state, 4), len(w.inflight), -w.slot
+
+
+def _raise_hint(setting: str) -> str:
+    return "raise the client's timeout=" if setting == "timeout" else "raise --request-timeout"
+
+
+def _exit_event(info: dict) -> dict:
+    return {k: info[k] for k in ("exit_code", "signal", "reason")}
+
+
+def _ipc_in_use(path) -> bool:
+    """True if something accepts connections on the unix socket at `path`."""
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        try:
+            probe.connect(str(path))
+            return True
+        except OSError:
+            return False

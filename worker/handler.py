@@ -1,0 +1,64 @@
+"""Loading the user's model: `MODULE:ATTR`, called once per worker to build the model."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+DEFAULT_MODEL = "isopool.models.default:DefaultModel"
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What a model factory may ask for: which worker it is, its device and the user config."""
+
+    worker_id: int
+    generation: int
+    device: str = "cpu"
+    threads: int = 1
+    config: dict = field(default_factory=dict)
+
+
+def resolve(spec: str) -> Callable[..., Any]:
+    """Import `MODULE:ATTR` (ATTR may be dotted). The current directory is importable, as in gunicorn."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--model must look like MODULE:ATTR (e.g. mypkg.models:Embedder), not {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ValueError(f"module {module_name!r} has no attribute {attr!r} (from --model {spec})") from None
+    if not callable(obj):
+        raise ValueError(f"--model {spec} names a {type(obj).__name__}, not a class or factory")
+    return obj
+
+
+def wants_context(factory: Callable[..., Any]) -> bool:
+    """A factory gets the WorkerContext if it has a `context` parameter or any required one."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    for p in params:
+        if p.name == "context":
+            return True
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            return True
+    return False
+
+
+def build_model(spec: str, context: WorkerContext) -> Any:
+    factory = resolve(spec)
+    model = factory(context) if wants_context(factory) else factory()
+    if not callable(model):
+        raise TypeError(f"{spec} built a {type(model).__name__}, which is not callable; "
+                        "the model must be called once per request")
+    return model

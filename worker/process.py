@@ -1,0 +1,180 @@
+"""The worker process: build the model once, then answer RUN messages one at a time.
+
+    supervisor --RUN [header, payload, *buffers]--> worker
+    worker --RESULT | CHUNK* RESULT | ERROR--> supervisor
+    worker --READY once, HEARTBEAT when idle--> supervisor
+
+A handler exception is an ERROR reply (RemoteError) and the worker keeps serving.
+Anything that kills the process is the supervisor's business: it sees the exit at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from isopool.protocol import decode_payload, encode_payload, ops, pack_header, unpack_header
+from isopool.protocol.codec import encode_error
+from isopool.protocol.errors import BadRequest, RemoteError, RequestTimeout
+from isopool.protocol.exits import EXIT_LOAD_FAILED, EXIT_ORPHANED
+from isopool.protocol.limits import Limits
+
+from .handler import WorkerContext, build_model
+
+log = logging.getLogger("isopool.worker")
+
+PR_SET_PDEATHSIG = 1
+ENV_CONFIG = "ISOPOOL_WORKER"
+
+
+@dataclass
+class WorkerConfig:
+    backend: str
+    slot: int
+    generation: int
+    model: str
+    parent_pid: int
+    device: str = "cpu"
+    threads: int = 1
+    heartbeat_interval: float = 1.0
+    arrays: str = "auto"
+    user_config: dict = field(default_factory=dict)
+    limits: dict = field(default_factory=dict)
+
+    def to_env(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_env(cls) -> "WorkerConfig":
+        return cls(**json.loads(os.environ[ENV_CONFIG]))
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL us when the supervisor dies; no orphans, ever."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # it died before prctl took effect
+        os._exit(EXIT_ORPHANED)
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, model: Any):
+        self.config = config
+        self.model = model
+        self.limits = Limits(**config.limits)
+        self.ident = f"{config.slot}.{config.generation}".encode()
+        self.ctx = zmq.Context(1)
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, self.ident)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.connect(config.backend)
+        self.last_sent = 0.0
+        self.running = True
+        import torch
+
+        self.inference_mode = torch.inference_mode
+
+    def send(self, frames: list) -> None:
+        self.sock.send_multipart(frames, copy=False)
+        self.last_sent = time.monotonic()
+
+    def serve(self) -> None:
+        self.send([pack_header(ops.READY, None, pid=os.getpid(), device=self.config.device)])
+        interval_ms = int(self.config.heartbeat_interval * 1000)
+        while self.running:
+            if self.sock.poll(interval_ms, zmq.POLLIN):
+                self.handle(self.sock.recv_multipart(copy=False))
+            if time.monotonic() - self.last_sent >= self.config.heartbeat_interval:
+                self.send([pack_header(ops.HEARTBEAT, None)])
+        self.sock.close(linger=2000)
+        self.ctx.term()
+
+    def handle(self, frames: list) -> None:
+        try:
+            header = unpack_header(frames[0].bytes, self.limits)
+        except BadRequest as err:  # only the supervisor talks to us; never die of its mistakes
+            log.error("ignoring an undecodable message from the supervisor: %s", err)
+            return
+        op = header["op"]
+        if op == ops.STOP:
+            self.running = False
+        elif op == ops.RUN:
+            self.run(header, frames[1:])
+
+    def run(self, header: dict, body: list) -> None:
+        rid, attempt = header["id"], header.get("attempt", 0)
+        ttl = header.get("ttl")
+        if ttl is not None and ttl <= 0:
+            self.send(encode_error(rid, RequestTimeout(
+                "the request's deadline passed before a worker could start it",
+                setting="timeout"), attempt=attempt))
+            return
+        try:
+            inputs = decode_payload(body, arrays=self.config.arrays, limits=self.limits)
+        except BadRequest as err:
+            self.send(encode_error(rid, err, attempt=attempt))
+            return
+        try:
+            with self.inference_mode():
+                output = self.model(inputs)
+            frames = encode_payload(output)
+        except Exception as exc:
+            self.send(encode_error(rid, self.remote_error(exc), attempt=attempt))
+            return
+        self.send([pack_header(ops.RESULT, rid, attempt=attempt), *frames])
+
+    def remote_error(self, exc: BaseException) -> RemoteError:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return RemoteError(f"{type(exc).__name__}: {exc}", remote_type=type(exc).__name__, traceback=tb,
+                           worker=self.config.slot, pid=os.getpid())
+
+
+def report_load_failure(config: WorkerConfig, exc: BaseException) -> None:
+    """Tell the supervisor why the model would not load, so `serve` can show it plainly."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    err = RemoteError(f"model {config.model} failed to load: {type(exc).__name__}: {exc}",
+                      remote_type=type(exc).__name__, traceback=tb, worker=config.slot, pid=os.getpid())
+    ctx = zmq.Context(1)
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, f"{config.slot}.{config.generation}".encode())
+    sock.connect(config.backend)
+    sock.send_multipart(encode_error(None, err, stage="load"))
+    sock.close(linger=2000)
+    ctx.term()
+
+
+def main() -> None:
+    config = WorkerConfig.from_env()
+    die_with_parent(config.parent_pid)
+    # Ctrl-C in the supervisor's terminal is the supervisor's to handle; it stops us cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format=f"worker {config.slot} [%(process)d] %(levelname)s %(message)s")
+    set_threads(config.threads)
+    context = WorkerContext(worker_id=config.slot, generation=config.generation, device=config.device,
+                            threads=config.threads, config=config.user_config)
+    try:
+        model = build_model(config.model, context)
+    except BaseException as exc:  # noqa: BLE001 - anything here means "failed to load"
+        traceback.print_exc()
+        report_load_failure(config, exc)
+        sys.stderr.flush()
+        os._exit(EXIT_LOAD_FAILED)
+    Worker(config, model).serve()
