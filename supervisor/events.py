@@ -1,6 +1,8 @@
-"""The event stream: one JSON object per event on a PUB socket, and a log line.
+"""The event stream: one JSON object per event on an XPUB socket, and a log line.
 
-PUB never blocks: a slow or absent subscriber loses events, the supervisor never waits.
+Publishing never blocks: a slow or absent subscriber loses events, the supervisor never
+waits. XPUB (rather than PUB) lets the supervisor count subscribers, so a watcher can
+tell when its subscription is live and no event it cares about can be missed.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ class EventLog:
         self.endpoint = endpoint
         self.recent: deque[dict] = deque(maxlen=keep)
         self.pub = None
+        self.subscribers = 0
         if endpoint:
-            self.pub = ctx.socket(zmq.PUB)
+            self.pub = ctx.socket(zmq.XPUB)
             self.pub.setsockopt(zmq.LINGER, 0)
             self.pub.setsockopt(zmq.SNDHWM, 10_000)
+            self.pub.setsockopt(zmq.XPUB_VERBOSER, 1)  # every subscribe and unsubscribe reaches us
             self.pub.bind(endpoint)
             path = ipc_path(endpoint)
             if path is not None:
@@ -43,6 +47,18 @@ class EventLog:
             except zmq.ZMQError:
                 pass
         return event
+
+    def read_subscriptions(self) -> None:
+        """Count subscribers from XPUB's subscribe (1) / unsubscribe (0) messages."""
+        while True:
+            try:
+                msg = self.pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if msg[:1] == b"\x01":
+                self.subscribers += 1
+            elif msg[:1] == b"\x00":
+                self.subscribers = max(0, self.subscribers - 1)
 
     def close(self) -> None:
         if self.pub is not None:

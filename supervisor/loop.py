@@ -138,6 +138,8 @@ class Supervisor:
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.backend, zmq.POLLIN)
         self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
+        if self.events.pub is not None:
+            self.poller.register(self.events.pub, zmq.POLLIN)
 
     def _private_parent(self) -> str:
         path = ipc_path(self.endpoint)
@@ -218,7 +220,11 @@ class Supervisor:
             self.read_frontend(now)
         if self.backend in ready:
             self.read_backend(now)
-        if len(ready) > (self.frontend in ready) + (self.backend in ready) + (self.wake_r.fileno() in ready):
+        known = (self.frontend in ready) + (self.backend in ready) + (self.wake_r.fileno() in ready)
+        if self.events.pub in ready:
+            self.events.read_subscriptions()
+            known += 1
+        if len(ready) > known:
             self.reap(now)  # a pidfd fired
         self.handle_signals()
         self.expire(now)

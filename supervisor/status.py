@@ -33,6 +33,7 @@ def build_status(sup: "Supervisor", now: float) -> dict[str, Any]:
         "model": sup.config.model,
         "endpoint": sup.endpoint,
         "events_endpoint": sup.events.endpoint if sup.events else None,
+        "event_subscribers": sup.events.subscribers if sup.events else 0,
         "max_queue": sup.config.max_queue,
         "restarts_in_window": len(sup.restarts.recent),
         "restart_window_s": sup.config.restart_window,

@@ -1,0 +1,67 @@
+"""Real faulty handlers, for tests and for seeing what isopool does when a model misbehaves.
+
+    isopool serve --model isopool.examples.faulty:Faulty
+
+A request is a map {"do": ACTION, ...}; the reply echoes the input with the worker's pid:
+    ok                      {"pid", "echo"}
+    raise                   ValueError from the handler
+    exit   code=N           os._exit(N)
+    segv                    a real SIGSEGV (ctypes null-pointer read)
+    hang                    an infinite Python loop
+    sleep  s=SECONDS        time.sleep
+    grow   mib=N            keep N more MiB alive in this worker, touched so RSS grows
+Any other input is echoed back as {"pid", "echo"}.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from typing import Any
+
+_HOARD: list[bytearray] = []
+
+
+class Faulty:
+    def __call__(self, x: Any) -> Any:
+        action = x.get("do") if isinstance(x, dict) else None
+        if action == "raise":
+            raise ValueError(f"bad input {x.get('tag')!r}")
+        if action == "exit":
+            os._exit(int(x.get("code", 3)))
+        if action == "segv":
+            ctypes.string_at(0)
+        if action == "hang":
+            while True:
+                pass
+        if action == "sleep":
+            time.sleep(float(x.get("s", 1.0)))
+        if action == "grow":
+            _HOARD.append(bytearray(b"\x01" * (int(x.get("mib", 64)) << 20)))
+        return {"pid": os.getpid(), "echo": x}
+
+
+def echo(x: Any) -> Any:
+    """A plain function model would be called per request; this factory returns an echo."""
+    return x
+
+
+def make_echo():
+    return echo
+
+
+class FailsToLoad:
+    def __init__(self) -> None:
+        raise RuntimeError("weights file /models/missing.pt not found")
+
+
+class SlowToLoad:
+    """Takes context.config['load_s'] seconds (default 2) to build, like a large model."""
+
+    def __init__(self, context) -> None:
+        time.sleep(float(context.config.get("load_s", 2.0)))
+        self.worker = context.worker_id
+
+    def __call__(self, x: Any) -> Any:
+        return {"pid": os.getpid(), "worker": self.worker, "echo": x}

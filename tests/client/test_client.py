@@ -1,0 +1,109 @@
+"""Clients against a live pool: right answers, no crossed replies, typed errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+import torch
+
+from isopool import AsyncClient, Client
+from isopool.errors import RemoteError, RequestTimeout, Unavailable
+from isopool.models.default import DefaultModel
+
+
+def test_results_equal_the_model_in_process(pool):
+    model = DefaultModel()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 16)).astype(np.float32)
+    with pool.client() as c:
+        np.testing.assert_allclose(c.infer(x), model(x), rtol=1e-6)
+        t = torch.from_numpy(x.copy())
+        out = c.infer(t)
+        np.testing.assert_allclose(out, model(t), rtol=1e-6)
+        assert c.infer(x[0].tolist()).shape == (4,)
+
+
+def test_sixteen_threads_share_one_client_without_crossed_replies(start_pool):
+    pool = start_pool("--workers", "2", "--model", "isopool.examples.faulty:make_echo")
+    errors: list[str] = []
+    done = [0] * 16
+    with pool.client() as c:
+        def worker(t: int) -> None:
+            for i in range(500):
+                key = f"{t}:{i}"
+                reply = c.infer({"k": key, "v": t * 1000 + i})
+                if reply != {"k": key, "v": t * 1000 + i}:
+                    errors.append(f"{key} got {reply}")
+                done[t] += 1
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(16)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+        assert not any(th.is_alive() for th in threads)
+    assert errors == []
+    assert done == [500] * 16
+    assert pool.status()["pool"]["outcomes"]["ok"] == 8000
+
+
+def test_futures_resolve_each_to_its_own_input(pool):
+    with pool.client() as c:
+        xs = [np.full(16, i, dtype=np.float32) for i in range(200)]
+        futures = [c.submit(x) for x in xs]
+        assert all(isinstance(f, Future) for f in futures)
+        model = DefaultModel()
+        for x, f in zip(xs, futures):
+            np.testing.assert_allclose(f.result(timeout=30), model(x), rtol=1e-6)
+
+
+def test_async_client_thousand_concurrent(start_pool):
+    pool = start_pool("--workers", "2", "--model", "isopool.examples.faulty:make_echo")
+
+    async def main() -> list:
+        async with AsyncClient(pool.endpoint) as c:
+            replies = await asyncio.gather(*(c.infer({"i": i, "a": np.arange(i % 7)}) for i in range(1000)))
+            status = await c.status()
+            return replies, status
+
+    replies, status = asyncio.run(main())
+    for i, r in enumerate(replies):
+        assert r["i"] == i and r["a"].tolist() == list(range(i % 7))
+    assert status["pool"]["workers_ready"] == 2
+
+
+def test_handler_exception_is_a_remote_error_and_the_worker_keeps_serving(faulty):
+    with faulty.client() as c:
+        pid = c.infer({"do": "ok"})["pid"]
+        # pin the next requests to that worker: with one worker left busy the other serves
+        with pytest.raises(RemoteError) as info:
+            c.infer({"do": "raise", "tag": "t1"})
+        err = info.value
+        assert err.remote_type == "ValueError" and "bad input 't1'" in str(err)
+        assert "Traceback" in err.traceback and "faulty.py" in err.traceback
+        assert "faulty.py" in str(err.__cause__)
+        pids_after = {c.infer({"do": "ok"})["pid"] for _ in range(20)}
+    workers = faulty.workers()
+    assert {w["pid"] for w in workers} >= pids_after and pid in {w["pid"] for w in workers}
+    assert sum(w["errors"] for w in workers) == 1
+    assert all(w["restarts"] == 0 for w in workers)
+
+
+def test_client_timeout_when_no_supervisor(short_tmp):
+    endpoint = f"ipc://{short_tmp}/nobody.sock"
+    with Client(endpoint) as c:
+        with pytest.raises(RequestTimeout):
+            c.infer([0.0] * 16, timeout=0.3)
+        with pytest.raises(RequestTimeout):
+            c.status(timeout=0.3)
+
+
+def test_closed_client_refuses_work(pool):
+    c = pool.client(timeout=5)
+    c.close()
+    with pytest.raises(Unavailable):
+        c.infer([0.0] * 16)

@@ -1,0 +1,169 @@
+"""Driving a real `isopool serve` from tests.
+
+A pool is started as `python -m isopool.cli serve` and is ready when it says READY=1 on
+a NOTIFY_SOCKET (the sd_notify protocol), never after a sleep. Tests wait for pool changes
+on its event stream (PoolProc.wait_event), again never on a sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import zmq
+
+from isopool import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 60.0
+
+
+class PoolProc:
+    """One `isopool serve` process under test."""
+
+    def __init__(self, tmp: Path, args: list[str], env: dict | None = None):
+        self.tmp = tmp
+        self.endpoint = f"ipc://{tmp}/pool.sock"
+        self.log_path = tmp / "serve.log"
+        notify_path = str(tmp / "notify.sock")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(notify_path)
+        full_env = {**os.environ, "NOTIFY_SOCKET": notify_path, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env.pop("ISOPOOL_ENDPOINT", None)
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "isopool.cli", "serve", "--endpoint", self.endpoint, *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, stdin=subprocess.DEVNULL,
+        )
+        self.ctx = zmq.Context.instance()
+        self.sub: zmq.Socket | None = None
+        self._client: Client | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"isopool serve exited with {self.proc.returncode}:\n{self.output()}")
+            r, _, _ = select.select([self.notify], [], [], 0.2)
+            if r and b"READY=1" in self.notify.recv(4096):
+                self.subscribe()
+                return
+        raise AssertionError(f"pool not ready within {timeout}s:\n{self.output()}")
+
+    def subscribe(self) -> None:
+        """Follow the event stream from now on (connect before acting, read after)."""
+        ev = self.endpoint + ".events"
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.connect(ev)
+        # Events published before the subscription reaches the supervisor are lost; its
+        # XPUB sees the subscription arrive, and status reports it. Bounded: 200 round trips.
+        for _ in range(200):
+            if self.status()["pool"]["event_subscribers"] > 0:
+                return
+        raise AssertionError("the event subscription never reached the supervisor")
+
+    def client(self, **kw: Any) -> Client:
+        """A new client; use it in a `with` block."""
+        return Client(self.endpoint, **{"timeout": 30.0, **kw})
+
+    def status(self) -> dict:
+        if self._client is None:
+            self._client = Client(self.endpoint, timeout=30)
+        return self._client.status()
+
+    def workers(self) -> list[dict]:
+        return self.status()["workers"]
+
+    def worker_pids(self) -> list[int]:
+        return [w["pid"] for w in self.workers() if w["pid"]]
+
+    def wait_event(self, kind: str, timeout: float = 30.0, **match: Any) -> dict:
+        """Block until an event of `kind` whose fields include `match` arrives."""
+        assert self.sub is not None, "call subscribe() first"
+        end = time.monotonic() + timeout
+        seen = []
+        while time.monotonic() < end:
+            if self.sub.poll(int(max(0.0, end - time.monotonic()) * 1000) + 1):
+                _, data = self.sub.recv_multipart()
+                event = json.loads(data)
+                seen.append(event)
+                if event["kind"] == kind and all(event.get(k) == v for k, v in match.items()):
+                    return event
+        raise AssertionError(f"no {kind} event {match} within {timeout}s; saw {seen}\n{self.output()[-3000:]}")
+
+    def wait_until(self, predicate: Callable[[dict], bool], kind: str, timeout: float = 30.0) -> dict:
+        """Wait on events of `kind` until predicate(status) holds."""
+        end = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if predicate(status):
+                return status
+            self.wait_event(kind, timeout=max(0.1, end - time.monotonic()))
+
+    def all_ready(self, n: int | None = None) -> dict:
+        return self.wait_until(lambda s: s["pool"]["workers_ready"] >= (n or s["pool"]["workers_target"])
+                               and all(w["state"] in ("idle", "busy") for w in s["workers"]), "ready")
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(f"isopool serve ignored SIGTERM for {timeout}s:\n{self.output()[-3000:]}")
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self.sub is not None:
+            self.sub.close(linger=0)
+            self.sub = None
+        try:
+            if self.proc.poll() is None:
+                self.terminate()
+        finally:
+            self.notify.close()
+            self.log.close()
+
+
+def pid_exists(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait (on the processes, via psutil) until none of pids exists; return those still alive."""
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return [p.pid for p in alive if pid_exists(p.pid)]

@@ -1,0 +1,180 @@
+"""The codec: round trips of every allowed dtype and shape, and strict refusal of bad input."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from isopool.protocol import (
+    DTYPES,
+    BadRequest,
+    Limits,
+    decode_payload,
+    encode,
+    encode_payload,
+    ops,
+    pack_header,
+    unpack_header,
+    validate_payload,
+)
+from isopool.protocol.codec import EXT_ARRAY
+
+NUMPY_DTYPES = [d for d in DTYPES.values() if d is not None]
+
+
+def arrays_of(dtype: np.dtype):
+    """Arrays of `dtype` including 0-d, empty, and non-contiguous (strided / transposed) ones."""
+    base = hnp.arrays(dtype, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5))
+    return st.one_of(
+        base,
+        base.filter(lambda a: a.ndim >= 1).map(lambda a: a[::2]),
+        base.filter(lambda a: a.ndim >= 2).map(lambda a: a.T),
+    )
+
+
+any_array = st.sampled_from(NUMPY_DTYPES).flatmap(arrays_of)
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=False),
+                    st.text(max_size=20), st.binary(max_size=20))
+payloads = st.recursive(scalars | any_array,
+                        lambda children: st.lists(children, max_size=4)
+                        | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12)
+
+
+def assert_same(a, b) -> None:
+    if isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, list) and len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    else:
+        assert a == b and type(a) is type(b)
+
+
+@settings(max_examples=300, deadline=None)
+@given(payloads)
+def test_round_trip_nested_payloads(value):
+    frames = encode_payload(value)
+    validate_payload(frames)
+    assert_same(value, decode_payload(frames))
+
+
+@settings(max_examples=100, deadline=None)
+@given(any_array)
+def test_arrays_arrive_read_only_and_zero_copy(arr):
+    frames = encode_payload(arr)
+    out = decode_payload([bytes(f) for f in frames])
+    assert not out.flags.writeable
+    with pytest.raises(ValueError):
+        out.flags.writeable = True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool,
+                                   torch.uint8, torch.complex64])
+@pytest.mark.parametrize("shape", [(), (0,), (3,), (2, 3, 4)])
+def test_torch_round_trip_preserves_type(dtype, shape):
+    t = (torch.rand(shape) * 10).to(dtype)
+    nc = t.transpose(0, -1) if t.dim() >= 2 else t
+    out = decode_payload(encode_payload({"t": t, "nc": nc}))
+    assert isinstance(out["t"], torch.Tensor) and out["t"].dtype == dtype and out["t"].shape == t.shape
+    assert torch.equal(out["t"], t)
+    assert torch.equal(out["nc"], nc)
+
+
+def test_receiver_chooses_the_array_type():
+    arr = np.arange(6, dtype=np.float32).reshape(2, 3)
+    as_torch = decode_payload(encode_payload(arr), arrays="torch")
+    assert isinstance(as_torch, torch.Tensor) and as_torch.tolist() == arr.tolist()
+    as_numpy = decode_payload(encode_payload(torch.from_numpy(arr.copy())), arrays="numpy")
+    assert isinstance(as_numpy, np.ndarray) and as_numpy.tolist() == arr.tolist()
+
+
+def test_large_buffers_travel_as_their_own_frames_without_copy():
+    arr = np.ones(1 << 20, dtype=np.float32)
+    payload, buf = encode_payload(arr)
+    assert len(payload) < 64
+    assert np.shares_memory(np.frombuffer(buf, dtype=np.uint8), arr)  # a view, not a copy
+
+
+def test_non_native_byte_order_is_normalised():
+    arr = np.arange(5, dtype=">i4")
+    out = decode_payload(encode_payload(arr))
+    assert out.dtype == np.dtype("int32") and out.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_unsendable_values_are_refused_at_encode():
+    with pytest.raises(TypeError, match="cannot send"):
+        encode_payload({"f": object()})
+    with pytest.raises(TypeError, match="not allowed"):
+        encode_payload(np.array(["a", "b"], dtype=object))
+
+
+# ------------------------------------------------------------------ strict decoding
+
+def ext(name, shape, index, origin=0):
+    return msgpack.ExtType(EXT_ARRAY, msgpack.packb([name, shape, index, origin]))
+
+
+@pytest.mark.parametrize("frames, match", [
+    ([msgpack.packb(ext("float32", [4], 0)), b"\0" * 8], "needs 16 bytes"),
+    ([msgpack.packb(ext("float32", [4], 0)), b"\0" * 20], "needs 16 bytes"),
+    ([msgpack.packb(ext("object", [1], 0)), b"\0" * 8], "not allowed"),
+    ([msgpack.packb(ext("float32", [1], 3)), b"\0" * 4], "missing"),
+    ([msgpack.packb([ext("uint8", [1], 0), ext("uint8", [1], 0)]), b"\0"], "already used"),
+    ([msgpack.packb(ext("uint8", [-1], 0)), b""], "shape"),
+    ([msgpack.packb(ext("uint8", [2**40, 2**40], 0)), b""], "max_elements|needs"),
+    ([msgpack.packb(msgpack.ExtType(9, b"x"))], "ext code 9"),
+    ([msgpack.packb(msgpack.ExtType(EXT_ARRAY, b"\xc1"))], "malformed"),
+    ([msgpack.packb(1), b"extra"], "not referenced"),
+    ([b"\xc1"], "not valid msgpack"),
+    ([msgpack.packb([1, 2, 3])[:-1]], "not valid msgpack"),
+    ([], "no payload"),
+])
+def test_bad_payloads_are_refused(frames, match):
+    with pytest.raises(BadRequest, match=match):
+        validate_payload(frames)
+    with pytest.raises(BadRequest, match=match):
+        decode_payload(frames)
+
+
+def test_depth_and_size_limits_name_their_setting():
+    deep = []
+    for _ in range(40):
+        deep = [deep]
+    with pytest.raises(BadRequest, match="max_depth=32") as info:
+        validate_payload(encode_payload(deep))
+    assert info.value.setting == "max_depth"
+    with pytest.raises(BadRequest, match="max-message-bytes") as info:
+        validate_payload(encode_payload(np.zeros(100)), Limits(max_message_bytes=100))
+    assert info.value.setting == "max_message_bytes"
+    with pytest.raises(BadRequest, match="max_elements"):
+        validate_payload(encode_payload(list(range(100))), Limits(max_elements=50))
+
+
+def test_headers_are_checked():
+    assert unpack_header(pack_header(ops.INFER, 7, timeout=1.0))["timeout"] == 1.0
+    with pytest.raises(BadRequest, match="version"):
+        unpack_header(msgpack.packb({"v": 99, "op": "infer", "id": 1}))
+    with pytest.raises(BadRequest, match="unknown op"):
+        unpack_header(msgpack.packb({"v": 1, "op": "exec", "id": 1}))
+    with pytest.raises(BadRequest, match="map"):
+        unpack_header(msgpack.packb([1, 2]))
+    with pytest.raises(BadRequest, match="max_header_bytes"):
+        unpack_header(b"\0" * 70000)
+
+
+def test_whole_message_layout():
+    frames = encode(ops.RESULT, 5, {"a": np.arange(3)})
+    header = unpack_header(frames[0])
+    assert header["op"] == "result" and header["id"] == 5
+    assert decode_payload(frames[1:])["a"].tolist() == [0, 1, 2]
