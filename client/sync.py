@@ -79,7 +79,13 @@ class _IOThread:
         if self.closing:
             raise Unavailable("the client is closed")
         self.outbox.append((frames, call))
-        os.eventfd_write(self.wake, 1)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.eventfd_write(self.wake, 1)
+        except OSError:  # closed meanwhile: the loop is gone and has failed every pending call
+            pass
 
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -143,7 +149,7 @@ class _IOThread:
             return
         self.closing = True
         if self.wake >= 0 and self.thread.is_alive() and threading.current_thread() is not self.thread:
-            os.eventfd_write(self.wake, 1)
+            self._wake()
             self.thread.join(5)
         elif not self.thread.is_alive():
             self._release()

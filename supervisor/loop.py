@@ -585,7 +585,8 @@ class Supervisor:
         """Start workers until `target` are kept; retire the surplus once replacements serve."""
         if self.phase in ("stopping", "stopped"):
             return
-        kept = [w for w in self.workers.values() if w.retire is None and w.state not in (State.DRAINING, State.STOPPING)]
+        # a worker being killed or in backoff comes back in its own slot: it is kept
+        kept = [w for w in self.workers.values() if w.retire is None]
         for w in sorted(kept, key=_retire_order)[: max(0, len(kept) - self.target)]:
             self.retire(w, "scale")
         short = self.target - len(kept)

@@ -1,0 +1,301 @@
+"""The crash-case table and the recovery policy, against live pools with real faulty handlers.
+
+Each case: what the client sees, that the other workers served throughout, and that the
+pool is back to full strength afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from isopool.errors import (
+    PoisonRequest,
+    RemoteError,
+    RequestTimeout,
+    ShuttingDown,
+    Unavailable,
+    WorkerCrashed,
+)
+from tests.helpers import ROOT, wait_gone
+
+FAULTY = "isopool.examples.faulty:Faulty"
+
+
+class Background:
+    """Honest requests from another thread while a fault happens; all must succeed."""
+
+    def __init__(self, client, limit: int = 5000):
+        self.client, self.limit = client, limit
+        self.ok, self.failed = 0, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run)
+
+    def run(self) -> None:
+        while not self.stop.is_set() and self.ok + len(self.failed) < self.limit:
+            try:
+                reply = self.client.infer({"do": "ok", "n": self.ok}, timeout=30)
+                assert reply["echo"]["n"] == self.ok
+                self.ok += 1
+            except Exception as exc:  # noqa: BLE001 - recorded and asserted on
+                self.failed.append(repr(exc))
+
+    def __enter__(self) -> "Background":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+
+
+def back_to_full_strength(pool) -> dict:
+    status = pool.all_ready()
+    assert status["pool"]["workers_ready"] == status["pool"]["workers_target"]
+    assert status["pool"]["queue_depth"] == 0 and status["pool"]["in_flight"] == 0
+    return status
+
+
+def fault_exception(pool, c):
+    with pytest.raises(RemoteError, match="ValueError"):
+        c.infer({"do": "raise"})
+    return 0  # no worker replaced
+
+
+def fault_os_exit(pool, c):
+    with pytest.raises(WorkerCrashed) as info:
+        c.infer({"do": "exit", "code": 7}, retry=False)
+    assert info.value.exit_code == 7
+    return 1
+
+
+def fault_segv(pool, c):
+    with pytest.raises(WorkerCrashed) as info:
+        c.infer({"do": "segv"}, retry=False)
+    assert info.value.signal == "SIGSEGV" and "segmentation fault" in str(info.value)
+    return 1
+
+
+def fault_sigkill_from_outside(pool, c):
+    future = c.submit({"do": "sleep", "s": 2.0, "tag": "killed"})
+    victim = _worker_running(pool, lambda w: w["current_request_age_s"] is not None)
+    os.kill(victim, signal.SIGKILL)
+    reply = future.result(timeout=30)  # retried on another worker: the client sees success
+    assert reply["echo"]["tag"] == "killed" and reply["pid"] != victim
+    return 1
+
+
+def fault_hang(pool, c):
+    with pytest.raises(RequestTimeout) as info:
+        c.infer({"do": "hang"}, timeout=1.0)
+    assert info.value.setting == "timeout" and info.value.started
+    return 1
+
+
+def _worker_running(pool, pred, tries: int = 500) -> int:
+    """The pid of a worker that holds a request (status polled, bounded)."""
+    for _ in range(tries):
+        for w in pool.workers():
+            if w["in_flight"] and w["pid"] and pred(w):
+                return w["pid"]
+    raise AssertionError("no worker picked up the request")
+
+
+@pytest.mark.parametrize("fault", [fault_exception, fault_os_exit, fault_segv, fault_sigkill_from_outside, fault_hang],
+                         ids=["exception", "os_exit", "sigsegv", "sigkill", "hang"])
+def test_crash_case(start_pool, fault):
+    pool = start_pool("--workers", "3", "--model", FAULTY, "--kill-grace", "1")
+    with pool.client() as c, pool.client() as bg_client, Background(bg_client) as bg:
+        replaced = fault(pool, c)
+    status = back_to_full_strength(pool)
+    assert bg.failed == [] and bg.ok > 0
+    assert status["pool"]["restarts_total"] == replaced
+
+
+def test_memory_growth_past_max_rss_recycles_without_losing_capacity(start_pool):
+    pool = start_pool("--workers", "2", "--model", FAULTY, "--max-rss", "600MiB", "--stats-interval", "0.1")
+    with pool.client() as c, pool.client() as bg_client, Background(bg_client) as bg:
+        grown = c.infer({"do": "grow", "mib": 400})["pid"]
+        event = pool.wait_event("recycling", reason="max_rss", pid=grown)
+        pool.wait_event("exited", pid=grown, stopped_for="max_rss")
+    status = back_to_full_strength(pool)
+    assert bg.failed == [] and bg.ok > 0
+    assert grown not in [w["pid"] for w in status["workers"]]
+    assert status["pool"]["restarts_total"] == 0  # a recycle is not a crash
+    assert event["worker"] not in [w["id"] for w in status["workers"]]
+
+
+def test_exception_in_model_construction_fails_serve_plainly(start_pool):
+    pool = start_pool("--workers", "2", "--model", "isopool.examples.faulty:FailsToLoad", wait=False)
+    code = pool.proc.wait(60)
+    out = pool.output()
+    assert code == 78, out
+    assert "weights file /models/missing.pt not found" in out
+    assert "RuntimeError" in out and out.count("isopool serve:") == 1
+
+
+def test_unimportable_model_fails_serve_plainly(start_pool):
+    pool = start_pool("--workers", "1", "--model", "no_such_module:Model", wait=False)
+    assert pool.proc.wait(60) == 78
+    assert "No module named 'no_such_module'" in pool.output()
+
+
+def test_slow_model_construction_queues_requests_until_ready(start_pool):
+    pool = start_pool("--workers", "2", "--model", "isopool.examples.faulty:SlowToLoad", wait=False)
+    with pool.client() as c:
+        futures = [c.submit(i, timeout=60) for i in range(10)]  # sent before any worker is ready
+        assert [f.result(timeout=60)["echo"] for f in futures] == list(range(10))
+    pool.wait_ready()
+    back_to_full_strength(pool)
+
+
+def test_poison_input_kills_at_most_threshold_workers_then_is_refused(start_pool):
+    pool = start_pool("--workers", "3", "--model", FAULTY, "--max-attempts", "5", "--poison-threshold", "2")
+    poison = {"do": "exit", "code": 9, "id": "poison-1"}
+    with pool.client() as c, pool.client() as bg_client, Background(bg_client) as bg:
+        with pytest.raises(PoisonRequest) as info:
+            c.infer(poison)
+        assert len(info.value.attempts) == 2
+        for _ in range(3):  # the same input again: refused at once, no worker dies
+            with pytest.raises(PoisonRequest):
+                c.infer(poison)
+        assert c.infer({"do": "ok"})["echo"] == {"do": "ok"}
+    status = back_to_full_strength(pool)
+    assert bg.failed == []
+    assert status["pool"]["restarts_total"] == 2
+
+
+def test_retries_stop_at_max_attempts_with_each_death_reported(faulty):
+    with faulty.client() as c:
+        with pytest.raises(WorkerCrashed) as info:
+            c.infer({"do": "exit", "code": 5})
+    attempts = info.value.attempts
+    assert [a["exit_code"] for a in attempts] == [5, 5]
+    assert len({a["pid"] for a in attempts}) == 2
+    back_to_full_strength(faulty)
+
+
+def test_expired_request_is_never_started(start_pool):
+    pool = start_pool("--workers", "1", "--model", FAULTY)
+    with pool.client() as c:
+        blocker = c.submit({"do": "sleep", "s": 1.5})
+        with pytest.raises(RequestTimeout) as info:
+            c.infer({"do": "exit", "code": 4}, timeout=0.5)  # would kill the worker if started
+        assert info.value.started is False
+        assert blocker.result(timeout=10)["echo"]["do"] == "sleep"
+    assert pool.status()["pool"]["restarts_total"] == 0
+
+
+def test_silent_idle_worker_is_replaced(start_pool):
+    pool = start_pool("--workers", "1", "--model", FAULTY, "--heartbeat-interval", "0.2",
+                      "--heartbeat-timeout", "1", "--kill-grace", "1")
+    pid = pool.worker_pids()[0]
+    os.kill(pid, signal.SIGSTOP)  # alive but silent
+    pool.wait_event("killed", pid=pid, reason="heartbeat")
+    pool.wait_event("ready", generation=2)
+    with pool.client() as c:
+        assert c.infer({"do": "ok"})["pid"] != pid
+    assert wait_gone([pid], 10) == []
+
+
+def test_restart_budget_marks_the_pool_degraded_instead_of_spinning(start_pool):
+    pool = start_pool("--workers", "2", "--model", FAULTY, "--max-restarts", "2", "--restart-window", "60",
+                      "--stats-interval", "0.1")
+    with pool.client() as c:
+        for code in (11, 12, 13):
+            with pytest.raises(WorkerCrashed):
+                c.infer({"do": "exit", "code": code}, retry=False)
+    pool.wait_event("degraded")
+    status = pool.status()["pool"]
+    assert status["healthy"] is False and "degraded" in status["health_reason"]
+    health = subprocess.run([sys.executable, "-m", "isopool.cli", "health", "--endpoint", pool.endpoint],
+                            capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert health.returncode == 1 and "degraded" in health.stdout
+
+
+def test_backoff_grows_for_a_slot_that_keeps_dying(start_pool):
+    pool = start_pool("--workers", "1", "--model", FAULTY, "--backoff-base", "0.2")
+    with pool.client() as c:
+        with pytest.raises(WorkerCrashed):
+            c.infer({"do": "exit", "code": 21}, retry=False)
+        first = pool.wait_event("ready")  # the first restart is immediate: no backoff event before it
+        with pytest.raises(WorkerCrashed):
+            c.infer({"do": "exit", "code": 22}, retry=False)
+        backoff = pool.wait_event("backoff")
+        pool.wait_event("ready", generation=first["generation"] + 1)
+    assert 0.1 <= backoff["delay_s"] <= 0.3
+    assert pool.workers()[0]["restarts"] == 2
+
+
+def test_rolling_reload_under_steady_load_fails_nothing(start_pool):
+    pool = start_pool("--workers", "2", "--model", FAULTY)
+    before = set(pool.worker_pids())
+    with pool.client() as c, pool.client() as bg_client, Background(bg_client) as bg:
+        assert c.reload()["reloading"] == 2
+        pool.wait_until(lambda s: not (before & {w["pid"] for w in s["workers"]})
+                        and s["pool"]["workers_ready"] == 2, "exited", timeout=60)
+    assert bg.failed == [] and bg.ok > 0
+    assert wait_gone(list(before), 10) == []
+
+
+def test_sighup_reloads(start_pool):
+    pool = start_pool("--workers", "1", "--model", FAULTY)
+    (old,) = pool.worker_pids()
+    pool.proc.send_signal(signal.SIGHUP)
+    pool.wait_event("exited", pid=old, stopped_for="reload")
+    with pool.client() as c:
+        assert c.infer({"do": "ok"})["pid"] != old
+
+
+def test_scale_up_and_down_at_runtime(start_pool):
+    pool = start_pool("--workers", "1", "--model", FAULTY)
+    with pool.client() as c:
+        c.scale(3)
+        pool.wait_until(lambda s: s["pool"]["workers_ready"] == 3, "ready")
+        c.scale(1)
+        status = pool.wait_until(lambda s: len(s["workers"]) == 1, "exited")
+    assert status["pool"]["workers_target"] == 1 and status["workers"][0]["state"] == "idle"
+
+
+def test_sigterm_answers_every_queued_request_and_exits_zero(start_pool):
+    pool = start_pool("--workers", "1", "--model", FAULTY, "--drain-timeout", "2")
+    pids = pool.worker_pids()
+    with pool.client() as c:
+        futures = [c.submit({"do": "sleep", "s": 0.3, "i": i}, timeout=30) for i in range(12)]
+        pool_now = c.status()["pool"]  # same connection: answered after all 12 were accepted
+        assert pool_now["queue_depth"] + pool_now["in_flight"] == 12
+        pool.proc.send_signal(signal.SIGTERM)
+        outcomes = []
+        for f in futures:
+            try:
+                outcomes.append(f.result(timeout=30)["echo"]["i"])
+            except ShuttingDown:
+                outcomes.append("shutdown")
+        with pytest.raises((ShuttingDown, Unavailable, RequestTimeout)):
+            c.infer({"do": "ok"}, timeout=2)
+    assert pool.proc.wait(30) == 0
+    finished = [o for o in outcomes if o != "shutdown"]
+    assert finished == list(range(len(finished))) and len(finished) >= 1
+    assert len(outcomes) == 12
+    assert wait_gone(pids, 10) == []
+
+
+def test_supervisor_sigkill_takes_every_worker_down_and_clients_get_an_error(faulty):
+    pids = faulty.worker_pids()
+    with faulty.client() as c:
+        pending = c.submit({"do": "sleep", "s": 10}, timeout=5)
+        _worker_running(faulty, lambda w: True)
+        faulty.proc.kill()
+        t0 = time.monotonic()
+        with pytest.raises((Unavailable, RequestTimeout)):
+            pending.result(timeout=10)
+        assert time.monotonic() - t0 < 5.5
+    assert wait_gone(pids, 2.0) == []
+    faulty.proc.wait(5)
