@@ -77,6 +77,10 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
     ("max-depth", int, "Deepest accepted nesting of lists and maps in a payload."),
     ("max-elements", int, "Most array elements plus container items accepted in one payload."),
     ("arrays", click.Choice(["auto", "numpy", "torch"]), "How the model receives arrays."),
+    ("preload", click.Choice(["none", "imports", "model"]),
+     "Start workers by fork from a template that has imported torch and the handler (imports, the "
+     "default: a restart takes milliseconds), that has also built the model so workers share its weights "
+     "(model, CPU only), or as fresh interpreters (none)."),
 ]
 SIZE_FIELDS = {"max_rss", "max_message_bytes"}
 BOOL_FLAGS = [("insecure", "Allow a tcp:// endpoint without authentication (trusted networks only).")]

@@ -40,6 +40,7 @@ class PoolConfig:
     max_depth: int = Limits.max_depth
     max_elements: int = Limits.max_elements
     arrays: str = "auto"  # how handlers receive arrays: auto | numpy | torch
+    preload: str = "imports"  # none (fresh interpreter per worker) | imports | model (CPU: share weights)
     user_config: dict = field(default_factory=dict)  # passed to the model factory's context
 
     def __post_init__(self) -> None:
@@ -62,6 +63,11 @@ class PoolConfig:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if self.arrays not in ("auto", "numpy", "torch"):
             problems.append(f"arrays must be auto, numpy or torch, got {self.arrays!r}")
+        if self.preload not in ("none", "imports", "model"):
+            problems.append(f"preload must be none, imports or model, got {self.preload!r}")
+        elif self.preload == "model" and "cuda" in self.devices:
+            problems.append("preload=model builds the model before fork, and CUDA cannot survive fork; "
+                            "use --preload imports with CUDA devices")
         if ":" not in self.model:
             problems.append(f"model must look like MODULE:ATTR, got {self.model!r}")
         if problems:

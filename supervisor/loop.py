@@ -115,6 +115,9 @@ class Supervisor:
         self.started_wall = time.time()
         self.private_dir: str | None = None
         self.events: EventLog | None = None
+        self.template: spawner.Template | None = None
+        self.template_due = 0.0  # when to (re)start the template
+        self.template_started = 0.0
 
     # ------------------------------------------------------------ setup
 
@@ -138,6 +141,9 @@ class Supervisor:
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.backend, zmq.POLLIN)
         self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
+        if self.config.preload != "none":
+            spawner.become_subreaper()
+            self.start_template(time.monotonic())
         if self.events.pub is not None:
             self.poller.register(self.events.pub, zmq.POLLIN)
 
@@ -182,7 +188,9 @@ class Supervisor:
         for w in self.workers.values():
             if w.proc is not None and w.proc.poll() is None:
                 spawner.kill_now(w.proc)
-                w.proc.popen.wait(5)
+                w.proc.wait(5)
+        if self.template is not None:
+            self.template.close()
         if self.events is not None:
             self.events.close()
         self.frontend.close(linger=0)
@@ -225,7 +233,9 @@ class Supervisor:
             self.events.read_subscriptions()
             known += 1
         if len(ready) > known:
-            self.reap(now)  # a pidfd fired
+            self.reap(now)  # a pidfd or the template's socket fired
+        elif self.template is None and self.config.preload != "none":
+            self.check_template(now)  # restart it when due
         self.handle_signals()
         self.expire(now)
         self.check_workers(now)
@@ -239,8 +249,11 @@ class Supervisor:
         due = now + self.config.heartbeat_interval
         if self.deadlines:
             due = min(due, self.deadlines[0][0])
+        if self.template is None and self.config.preload != "none":
+            due = min(due, self.template_due)
+        can_spawn = self.template is None or self.template.ready
         for w in self.workers.values():
-            if w.state is State.BACKOFF:
+            if w.state is State.BACKOFF and can_spawn:
                 due = min(due, w.spawn_at)
             elif w.kill_at is not None:
                 due = min(due, w.kill_at)
@@ -450,6 +463,7 @@ class Supervisor:
     # ------------------------------------------------------------ exits
 
     def reap(self, now: float) -> None:
+        self.check_template(now)
         for w in list(self.workers.values()):
             if w.proc is not None and w.proc.returncode is None:
                 pidfd = w.proc.pidfd
@@ -564,6 +578,10 @@ class Supervisor:
                 self.sample(w)
         if sample:
             self.check_degraded(now)
+            known = {w.pid for w in self.workers.values() if w.pid}
+            if self.template is not None:
+                known.add(self.template.proc.pid)
+            spawner.reap_strays(known)
 
     def sample(self, w: Worker) -> None:
         w.rss, w.uss, w.cpu_percent = w.proc.resources()
@@ -614,14 +632,25 @@ class Supervisor:
             self.drain(w, now)
 
     def start(self, w: Worker, now: float) -> None:
-        w.generation += 1
         cfg = WorkerConfig(
             backend=self.backend_endpoint, slot=w.slot, generation=w.generation, model=self.config.model,
             parent_pid=os.getpid(), device=w.device, threads=self.config.worker_threads(),
             heartbeat_interval=self.config.heartbeat_interval, arrays=self.config.arrays,
             user_config=self.config.user_config, limits=self.limits.__dict__,
         )
-        w.proc = spawner.spawn(cfg)
+        cfg.generation += 1
+        if self.config.preload == "none":
+            w.proc = spawner.spawn_fresh(cfg)
+        elif self.template is None or not self.template.ready:
+            return  # stays in BACKOFF; the template's "ready" wakes the loop
+        else:
+            try:
+                w.proc = self.template.spawn(cfg)
+            except spawner.TemplateError as exc:
+                log.error("the template failed to fork worker %d: %s; restarting the template", w.slot, exc)
+                self.stop_template(now, delay=0.0)
+                return
+        w.generation = cfg.generation
         w.transition(State.STARTING, f"pid {w.pid}")
         w.started_at = w.last_seen = now
         jitter = self.config.max_requests_jitter
@@ -659,6 +688,56 @@ class Supervisor:
         if w.kill_at is None or w.kill_at > now + self.config.kill_grace:
             w.kill_at = now + self.config.kill_grace
         self.emit("killed", w, reason=reason)
+
+    # ------------------------------------------------------------ the template
+
+    def start_template(self, now: float) -> None:
+        self.template = spawner.Template(self.config.model, self.config.preload, self.config.user_config)
+        self.template_started = now
+        self.poller.register(self.template.fileno(), zmq.POLLIN)
+        self.poller.register(self.template.proc.pidfd, zmq.POLLIN)
+
+    def stop_template(self, now: float, delay: float) -> None:
+        t, self.template = self.template, None
+        if t is None:
+            return
+        self.poller.unregister(t.fileno())
+        if t.proc.returncode is None:
+            self.poller.unregister(t.proc.pidfd)
+        t.close()
+        self.template_due = now + delay
+
+    def check_template(self, now: float) -> None:
+        t = self.template
+        if t is None:
+            if self.config.preload != "none" and now >= self.template_due and self.phase not in ("stopping", "stopped"):
+                self.start_template(now)
+            return
+        for msg in t.read():
+            if msg.get("ready"):
+                log.info("template (pid %d) ready in %.2fs: workers now start by fork", t.proc.pid,
+                         now - self.template_started)
+            elif "error" in msg:
+                self.on_template_error(msg, now)
+                return
+        pidfd = t.proc.pidfd
+        if t.proc.poll() is not None:
+            self.poller.unregister(pidfd)
+            if self.phase not in ("stopping", "stopped"):
+                log.warning("the template (pid %d) died: %s; restarting it", t.proc.pid,
+                            exit_fields(t.proc.returncode)["reason"])
+                self.emit("template_restarted", None, pid=t.proc.pid, **_exit_event(exit_fields(t.proc.returncode)))
+            self.stop_template(now, delay=self.config.backoff_base)
+
+    def on_template_error(self, msg: dict, now: float) -> None:
+        log.error("%s\n%s", msg["error"], msg.get("traceback", ""))
+        if self.phase == "starting":
+            self.startup_error = f"{msg['error']}\n\n{msg.get('traceback', '')}".rstrip()
+            self.exit_code = EXIT_LOAD_FAILED
+            self.begin_stop("the model failed to load")
+        else:  # e.g. a reload picked up broken code: keep serving with the workers we have
+            self.restarts.record(now)
+        self.stop_template(now, delay=self.config.backoff_max)
 
     # ------------------------------------------------------------ dispatch
 
@@ -701,6 +780,8 @@ class Supervisor:
 
     def reload(self) -> int:
         """Replace every worker, one at a time, with no failed request (new code and weights load)."""
+        if self.template is not None:  # a new template imports the new code
+            self.stop_template(time.monotonic(), delay=0.0)
         count = 0
         for w in self.workers.values():
             if w.retire is None and w.state not in (State.DRAINING, State.STOPPING):

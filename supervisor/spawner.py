@@ -1,58 +1,66 @@
-"""Starting worker processes from a clean interpreter, and ending them.
+"""Starting worker processes and ending them.
 
-Workers are never forked from the supervisor: its sockets and state must not leak into
-a child. Each worker gets its own session (process group) so a kill reaches anything
-the handler started, and a pidfd so its exit wakes the supervisor's poll at once.
+Workers are never forked from the supervisor: its sockets and state must not leak into a
+child. With `--preload none` each worker is a fresh interpreter (subprocess). Otherwise a
+template process (worker/template.py), itself a fresh interpreter, imports torch and the
+handler once and forks workers on request; the supervisor is a child subreaper, so those
+workers become its children and are reaped and watched (pidfd) like any other.
+Each worker leads its own session, so a kill reaches anything the handler started.
 """
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 
 import psutil
 
 from isopool.worker.process import ENV_CONFIG, WorkerConfig
+from isopool.worker.template import ENV_TEMPLATE, ENV_TEMPLATE_FD
+
+PR_SET_CHILD_SUBREAPER = 36
+SPAWN_TIMEOUT_S = 5.0
 
 
 class Process:
-    """A started worker: pid, pidfd for the poll loop, and reaping."""
+    """A started process: pid, pidfd for the poll loop, reaping and signals."""
 
-    def __init__(self, popen: subprocess.Popen):
+    def __init__(self, pid: int, popen: subprocess.Popen | None = None):
         self.popen = popen
-        self.pid = popen.pid
-        self.pidfd = os.pidfd_open(self.pid)
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
         self.returncode: int | None = None
         self._ps: psutil.Process | None = None
-
-    def resources(self) -> tuple[int, int, float]:
-        """(RSS bytes, USS bytes, CPU %) of the worker and its children; zeros once it is gone."""
-        try:
-            if self._ps is None:
-                self._ps = psutil.Process(self.pid)
-                self._ps.cpu_percent()
-            procs = [self._ps, *self._ps.children(recursive=True)]
-            rss = uss = 0
-            for p in procs:
-                mem = p.memory_full_info()
-                rss += mem.rss
-                uss += mem.uss
-            return rss, uss, self._ps.cpu_percent()
-        except (psutil.Error, OSError):
-            return 0, 0, 0.0
 
     def poll(self) -> int | None:
         """Reap if exited. Returns the returncode (negative = killed by that signal)."""
         if self.returncode is None:
-            self.returncode = self.popen.poll()
+            if self.popen is not None:
+                self.returncode = self.popen.poll()
+            else:
+                try:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:  # not ours to reap (should not happen as a subreaper)
+                    pid, status = self.pid, 255 << 8
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
             if self.returncode is not None:
                 os.close(self.pidfd)
         return self.returncode
 
+    def wait(self, timeout: float) -> int | None:
+        if self.returncode is None:
+            select.select([self.pidfd], [], [], timeout)
+        return self.poll()
+
     def signal(self, sig: int) -> None:
-        """Signal the worker's whole process group (it leads its own session)."""
+        """Signal the process's whole group (it leads its own session)."""
         if self.returncode is not None:
             return
         try:
@@ -62,21 +70,121 @@ class Process:
         except PermissionError:
             os.kill(self.pid, sig)
 
+    def resources(self) -> tuple[int, int, float]:
+        """(RSS bytes, USS bytes, CPU %) of the process and its children; zeros once it is gone."""
+        try:
+            if self._ps is None:
+                self._ps = psutil.Process(self.pid)
+                self._ps.cpu_percent()
+            rss = uss = 0
+            for p in (self._ps, *self._ps.children(recursive=True)):
+                mem = p.memory_full_info()
+                rss += mem.rss
+                uss += mem.uss
+            return rss, uss, self._ps.cpu_percent()
+        except (psutil.Error, OSError):
+            return 0, 0, 0.0
 
-def spawn(config: WorkerConfig, log_file=None) -> Process:
-    env = dict(os.environ)
-    env[ENV_CONFIG] = config.to_env()
+
+def spawn_fresh(config: WorkerConfig) -> Process:
+    """A worker in a fresh interpreter (`--preload none`): seconds to start, nothing shared."""
+    env = {**os.environ, ENV_CONFIG: config.to_env()}
     env.setdefault("PYTHONUNBUFFERED", "1")
-    popen = subprocess.Popen(
-        [sys.executable, "-m", "isopool.worker"],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log_file,
-        stderr=log_file,
-        close_fds=True,
-        start_new_session=True,
-    )
-    return Process(popen)
+    popen = subprocess.Popen([sys.executable, "-m", "isopool.worker"], env=env, stdin=subprocess.DEVNULL,
+                             close_fds=True, start_new_session=True)
+    return Process(popen.pid, popen)
+
+
+class TemplateError(RuntimeError):
+    pass
+
+
+class Template:
+    """The zygote: a fresh interpreter that has imported torch and the handler, forking workers."""
+
+    def __init__(self, model: str, preload: str, user_config: dict):
+        self.ready = False
+        self.error: dict | None = None
+        self._buf = b""
+        self.sock, theirs = socket.socketpair()
+        spec = {"model": model, "preload": preload, "user_config": user_config, "parent_pid": os.getpid()}
+        env = {**os.environ, ENV_TEMPLATE: json.dumps(spec), ENV_TEMPLATE_FD: str(theirs.fileno())}
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        try:
+            popen = subprocess.Popen([sys.executable, "-m", "isopool.worker.template"], env=env,
+                                     stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), start_new_session=True)
+        finally:
+            theirs.close()
+        self.proc = Process(popen.pid, popen)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read(self) -> list[dict]:
+        """Messages that have arrived (non-blocking): {"ready"} or {"error", "traceback"}."""
+        self.sock.setblocking(False)
+        try:
+            while chunk := self.sock.recv(65536):
+                self._buf += chunk
+        except BlockingIOError:
+            pass
+        messages = []
+        while b"\n" in self._buf:
+            line, self._buf = self._buf.split(b"\n", 1)
+            msg = json.loads(line)
+            if msg.get("ready"):
+                self.ready = True
+            if "error" in msg:
+                self.error = msg
+            messages.append(msg)
+        return messages
+
+    def spawn(self, config: WorkerConfig) -> Process:
+        """Fork a worker (milliseconds); it is our child by the time its pid arrives."""
+        if not self.ready:
+            raise TemplateError("the template is not ready")
+        self.sock.setblocking(True)
+        self.sock.settimeout(SPAWN_TIMEOUT_S)
+        try:
+            self.sock.sendall(json.dumps({"config": config.__dict__}).encode() + b"\n")
+            while b"\n" not in self._buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise TemplateError("the template closed its socket")
+                self._buf += chunk
+        except OSError as exc:
+            raise TemplateError(f"the template did not answer: {exc}") from None
+        line, self._buf = self._buf.split(b"\n", 1)
+        reply = json.loads(line)
+        if "pid" not in reply:
+            raise TemplateError(reply.get("error", "the template could not fork"))
+        return Process(reply["pid"])
+
+    def close(self) -> None:
+        self.proc.signal(signal.SIGKILL)
+        self.proc.wait(5)
+        self.sock.close()
+
+
+def become_subreaper() -> None:
+    """Orphans below us (the template's forked workers) become our children."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+def reap_strays(known: set[int]) -> list[int]:
+    """Reap exited children we do not track (a handler's orphans reparented to us): no zombies."""
+    reaped = []
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return reaped
+        if info is None or info.si_pid in known:
+            return reaped
+        os.waitpid(info.si_pid, 0)
+        reaped.append(info.si_pid)
 
 
 def kill_now(proc: Process) -> None:

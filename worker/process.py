@@ -161,20 +161,29 @@ def report_load_failure(config: WorkerConfig, exc: BaseException) -> None:
     ctx.term()
 
 
-def main() -> None:
-    config = WorkerConfig.from_env()
-    die_with_parent(config.parent_pid)
+def run(config: WorkerConfig, model: Any = None) -> None:
+    """Build the model (unless the template preloaded it) and serve until told to stop."""
     # Ctrl-C in the supervisor's terminal is the supervisor's to handle; it stops us cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format=f"worker {config.slot} [%(process)d] %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    logging.basicConfig(level=logging.INFO, format=f"worker {config.slot} [%(process)d] %(levelname)s %(message)s",
+                        force=True)
     set_threads(config.threads)
-    context = WorkerContext(worker_id=config.slot, generation=config.generation, device=config.device,
-                            threads=config.threads, config=config.user_config)
-    try:
-        model = build_model(config.model, context)
-    except BaseException as exc:  # noqa: BLE001 - anything here means "failed to load"
-        traceback.print_exc()
-        report_load_failure(config, exc)
-        sys.stderr.flush()
-        os._exit(EXIT_LOAD_FAILED)
+    if model is None:
+        context = WorkerContext(worker_id=config.slot, generation=config.generation, device=config.device,
+                                threads=config.threads, config=config.user_config)
+        try:
+            model = build_model(config.model, context)
+        except BaseException as exc:  # noqa: BLE001 - anything here means "failed to load"
+            traceback.print_exc()
+            report_load_failure(config, exc)
+            sys.stderr.flush()
+            os._exit(EXIT_LOAD_FAILED)
     Worker(config, model).serve()
+
+
+def main() -> None:
+    """A worker started from a clean interpreter (`--preload none`)."""
+    config = WorkerConfig.from_env()
+    die_with_parent(config.parent_pid)
+    run(config)

@@ -1,0 +1,118 @@
+"""The template process (a zygote): imports torch and the handler once, then forks workers.
+
+    supervisor ──spawn {config}──► template ──fork──► intermediate ──fork──► worker
+    supervisor ◄──{pid}────────── template            (exits at once)         │
+         ▲                                                                    │
+         └────────── the worker is reparented to the supervisor (a child subreaper),
+                     which reaps it and watches its pidfd like any other child
+
+The template is started from a clean interpreter and never creates a ZeroMQ context or
+touches CUDA, so nothing that cannot survive fork exists when it forks. With preload
+"model" (CPU only) it builds the model once, so the workers share its weight pages
+copy-on-write. Commands and replies are JSON lines on a socketpair.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from typing import Any
+
+from .handler import WorkerContext, build_model, resolve
+from .process import WorkerConfig, die_with_parent, run, set_threads
+
+ENV_TEMPLATE = "ISOPOOL_TEMPLATE"
+ENV_TEMPLATE_FD = "ISOPOOL_TEMPLATE_FD"
+REPARENT_TIMEOUT_S = 5.0
+
+
+def send(sock: socket.socket, message: dict) -> None:
+    sock.sendall(json.dumps(message).encode() + b"\n")
+
+
+def fork_worker(cmd: socket.socket, config: WorkerConfig, model: Any) -> int:
+    """Double-fork so the worker's parent becomes the supervisor; return the worker's pid."""
+    r, w = os.pipe()
+    intermediate = os.fork()
+    if intermediate == 0:
+        try:
+            os.close(r)
+            pid = os.fork()
+            if pid == 0:
+                os.close(w)
+                become_worker(cmd, config, model)
+            os.write(w, str(pid).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 64):
+        data += chunk
+    os.close(r)
+    os.waitpid(intermediate, 0)
+    return int(data)
+
+
+def become_worker(cmd: socket.socket, config: WorkerConfig, model: Any) -> None:
+    code = 0
+    try:
+        cmd.close()
+        os.setsid()  # its own process group, so a kill reaches whatever the handler starts
+        end = time.monotonic() + REPARENT_TIMEOUT_S
+        while os.getppid() != config.parent_pid:  # the intermediate is exiting right now
+            if time.monotonic() > end:
+                os._exit(79)
+            time.sleep(0.0002)
+        die_with_parent(config.parent_pid)
+        run(config, model)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def main() -> None:
+    spec = json.loads(os.environ[ENV_TEMPLATE])
+    cmd = socket.socket(fileno=int(os.environ[ENV_TEMPLATE_FD]))
+    die_with_parent(spec["parent_pid"])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    model = None
+    try:
+        set_threads(1)  # no intra-op thread pool may exist when we fork
+        import isopool.worker.process  # noqa: F401 - imported once, shared by every worker
+
+        resolve(spec["model"])
+        if spec["preload"] == "model":
+            model = build_model(spec["model"], WorkerContext(worker_id=-1, generation=0, device="cpu",
+                                                             config=spec.get("user_config") or {}))
+    except BaseException as exc:  # noqa: BLE001 - the model cannot load: say so, plainly
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        send(cmd, {"error": f"model {spec['model']} failed to load: {type(exc).__name__}: {exc}", "traceback": tb})
+        os._exit(78)
+    gc.collect()
+    gc.freeze()  # keep the collector from writing to (and so copying) the shared pages
+    send(cmd, {"ready": True, "pid": os.getpid()})
+    reader = cmd.makefile("rb")
+    for line in reader:
+        request = json.loads(line)
+        config = WorkerConfig(**request["config"])
+        try:
+            send(cmd, {"pid": fork_worker(cmd, config, model), "slot": config.slot})
+        except OSError as exc:
+            send(cmd, {"error": f"fork failed: {exc}", "slot": config.slot})
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
