@@ -21,6 +21,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from isopool.protocol import Cancelled, IsopoolError, Unavailable, ops
+from isopool.protocol.transport import NOBLOCK, drain, send_frames
 
 from .core import END, LOCAL_GRACE_S, Call, Session, configure_socket, lost, resolve_endpoint, watch_disconnects
 
@@ -121,18 +122,14 @@ class _IOThread:
 
     def _send_now(self, frames: list, call: Call | None = None) -> None:
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            send_frames(self.sock, frames, NOBLOCK)
         except zmq.ZMQError as exc:
             if call is not None:
                 self.session.pending.pop(call.cid, None)
                 call.reject(Unavailable(f"could not send to {self.endpoint}: {exc}"))
 
     def _read(self) -> None:
-        for _ in range(4096):
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for frames in drain(self.sock, 4096):
             self.session.on_reply(frames)
 
     def _on_monitor(self) -> None:

@@ -19,7 +19,7 @@ class PoolConfig:
     devices: str = "cpu"
     threads: int = 0  # torch intra-op threads per worker; 0 = cores / workers
     max_queue: int = 1024  # queued requests beyond which new ones get Overloaded
-    prefetch: int = 1  # requests a worker may hold at once (credit-based flow)
+    prefetch: int = 2  # requests a worker may hold at once; 2 measured best (bench/README.md)
     request_timeout: float = 300.0  # cap on any request, and the default deadline
     max_attempts: int = 2  # tries of a request whose worker crashed (1 = no retry)
     poison_threshold: int = 3  # worker deaths after which an input is refused for good

@@ -57,6 +57,7 @@ from isopool.protocol import (
 )
 from isopool.protocol.endpoints import default_endpoint, ensure_private_dir, ipc_path, is_tcp, runtime_dir
 from isopool.protocol.exits import EXIT_LOAD_FAILED, exit_fields
+from isopool.protocol.transport import drain, send_frames
 from isopool.worker.process import WorkerConfig
 
 from . import spawner
@@ -72,6 +73,7 @@ from .workers import ALIVE, SERVING, State, Worker, parse_ident
 log = logging.getLogger("isopool.supervisor")
 
 SURGE = 1  # extra workers allowed while replacing (recycle, reload): capacity never dips
+TICK_S = 0.25  # longest gap between maintenance passes (heartbeats, kills, sampling)
 MAX_BATCH = 512  # messages read from one socket per pass, so no source starves another
 EXIT_OK = 0
 
@@ -110,6 +112,8 @@ class Supervisor:
         self.pending_signals: list[int] = []
         self.next_stats = 0.0
         self.was_degraded = False
+        self.dirty = True  # the pool changed: run the maintenance steps on this pass
+        self.next_tick = 0.0  # ...or when this time comes (timers, backoff, kills)
         self.restarts_total = 0
         self.started_at = time.monotonic()
         self.started_wall = time.time()
@@ -224,31 +228,43 @@ class Supervisor:
     def step(self, timeout_ms: int) -> None:
         ready = dict(self.poller.poll(timeout_ms))
         now = time.monotonic()
-        if self.frontend in ready:
+        front, back = self.frontend in ready, self.backend in ready
+        if front:
             self.read_frontend(now)
-        if self.backend in ready:
+        if back:
             self.read_backend(now)
-        known = (self.frontend in ready) + (self.backend in ready) + (self.wake_r.fileno() in ready)
+        if len(ready) > front + back:
+            self.read_other(ready, len(ready) - front - back, now)
+        if self.deadlines and self.deadlines[0][0] <= now:
+            self.expire(now)
+        if self.dirty or now >= self.next_tick or self.phase != "serving":
+            self.maintain(now)
+        if self.queue:
+            self.dispatch(now)
+
+    def read_other(self, ready: dict, count: int, now: float) -> None:
+        """The rare sources: signals, event subscriptions, pidfds and the template's socket."""
+        if self.wake_r.fileno() in ready:
+            self.handle_signals()
+            count -= 1
         if self.events.pub in ready:
             self.events.read_subscriptions()
-            known += 1
-        if len(ready) > known:
+            count -= 1
+        if count:
             self.reap(now)  # a pidfd or the template's socket fired
-        elif self.template is None and self.config.preload != "none":
+
+    def maintain(self, now: float) -> None:
+        """The steps that only matter when something changed or a timer is due."""
+        self.dirty = False
+        if self.template is None and self.config.preload != "none":
             self.check_template(now)  # restart it when due
-        self.handle_signals()
-        self.expire(now)
         self.check_workers(now)
         self.reconcile(now)
-        self.dispatch(now)
         self.advance_phase(now)
+        self.next_tick = self.next_due(now)
 
-    def poll_timeout(self) -> int:
-        """Sleep until the next timer is due, never longer than the heartbeat interval."""
-        now = time.monotonic()
-        due = now + self.config.heartbeat_interval
-        if self.deadlines:
-            due = min(due, self.deadlines[0][0])
+    def next_due(self, now: float) -> float:
+        due = now + TICK_S
         if self.template is None and self.config.preload != "none":
             due = min(due, self.template_due)
         can_spawn = self.template is None or self.template.ready
@@ -257,7 +273,16 @@ class Supervisor:
                 due = min(due, w.spawn_at)
             elif w.kill_at is not None:
                 due = min(due, w.kill_at)
-        return max(0, int((due - now) * 1000) + 1)
+        return due
+
+    def poll_timeout(self) -> int:
+        """Sleep until the next timer is due: a deadline or the next maintenance tick."""
+        if self.dirty:
+            return 0
+        due = self.next_tick
+        if self.deadlines:
+            due = min(due, self.deadlines[0][0])
+        return max(0, int((due - time.monotonic()) * 1000) + 1)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.pending_signals.append(signum)  # the loop acts; a handler only records
@@ -265,11 +290,7 @@ class Supervisor:
     # ------------------------------------------------------------ frontend
 
     def read_frontend(self, now: float) -> None:
-        for _ in range(MAX_BATCH):
-            try:
-                frames = self.frontend.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for frames in drain(self.frontend, MAX_BATCH):
             self.on_client(frames, now)
 
     def on_client(self, frames: list, now: float) -> None:
@@ -333,7 +354,7 @@ class Supervisor:
 
     def reply(self, ident: bytes, frames: list) -> None:
         try:
-            self.frontend.send_multipart([ident, *frames], copy=False)
+            send_frames(self.frontend, [ident, *frames])
         except zmq.ZMQError as exc:  # the client is gone; nothing to tell it
             log.debug("reply to a departed client dropped: %s", exc)
 
@@ -364,11 +385,7 @@ class Supervisor:
     # ------------------------------------------------------------ backend
 
     def read_backend(self, now: float) -> None:
-        for _ in range(MAX_BATCH):
-            try:
-                frames = self.backend.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for frames in drain(self.backend, MAX_BATCH):
             self.on_worker(frames, now)
 
     def on_worker(self, frames: list, now: float) -> None:
@@ -401,6 +418,7 @@ class Supervisor:
         self.emit("ready", w, startup_s=round(now - w.started_at, 4))
         if self.phase == "starting" and self._all_ready():
             self.phase = "serving"
+            self.dirty = True
             log.info("serving on %s with %d worker(s)", self.endpoint, self.target)
             sd_notify("READY=1\nSTATUS=serving")
 
@@ -545,13 +563,13 @@ class Supervisor:
             req = self.requests.get(key)
             if req is None or req.deadline != deadline:
                 continue
-            if req.worker is None:
+            w = self.workers[req.worker] if req.worker is not None else None
+            if w is None or (w.inflight and w.inflight[0] != key):  # queued, or held behind another
                 self.fail(req, RequestTimeout(
                     f"no worker was free within {req.timeout:g}s, so the request was never started; "
-                    f"{_raise_hint(req.timeout_setting)} or add workers", setting=req.timeout_setting, started=False),
-                    "timeout")
-                continue
-            w = self.workers[req.worker]
+                    f"{_raise_hint(req.timeout_setting)} or add workers", setting=req.timeout_setting,
+                    started=False), "timeout")
+                continue  # a worker holding it refuses it unstarted and gives back the credit
             self.fail(req, RequestTimeout(
                 f"the handler was still running after {req.timeout:g}s; its worker {w.slot} (pid {w.pid}) was "
                 f"killed and replaced. {_raise_hint(req.timeout_setting)} if it needs longer",
@@ -676,7 +694,7 @@ class Supervisor:
             return
         w.stop_reason = w.retire or "stop"
         w.transition(State.STOPPING, w.stop_reason)
-        self.backend.send_multipart([w.ident, pack_header(ops.STOP, None)])
+        send_frames(self.backend, [w.ident, pack_header(ops.STOP, None)])
         w.kill_at = now + self.config.kill_grace
 
     def kill(self, w: Worker, reason: str, now: float) -> None:
@@ -755,8 +773,9 @@ class Supervisor:
         req.attempt += 1
         req.worker = w.slot
         req.started_at = now
-        header = pack_header(ops.RUN, list(req.key), attempt=req.attempt, ttl=req.deadline - now)
-        self.backend.send_multipart([w.ident, header, *req.body], copy=False)
+        # workers share this machine's monotonic clock, so the deadline travels as is
+        header = pack_header(ops.RUN, list(req.key), attempt=req.attempt, deadline=req.deadline)
+        send_frames(self.backend, [w.ident, header, *req.body])
         w.inflight.append(req.key)
         if w.state is State.IDLE:
             w.transition(State.BUSY, "dispatch")
@@ -796,6 +815,7 @@ class Supervisor:
                 pass
         except (BlockingIOError, InterruptedError):
             pass
+        self.dirty = bool(self.pending_signals) or self.dirty
         while self.pending_signals:
             sig = self.pending_signals.pop(0)
             name = signal.Signals(sig).name
@@ -824,6 +844,7 @@ class Supervisor:
     def begin_stop(self, why: str) -> None:
         if self.phase in ("stopping", "stopped"):
             return
+        self.dirty = True
         self.phase = "stopping"
         now = time.monotonic()
         for req in list(self.requests.values()):
@@ -846,6 +867,8 @@ class Supervisor:
     # ------------------------------------------------------------ events
 
     def emit(self, kind: str, w: Worker | None, **fields: Any) -> None:
+        """Every change worth an event is one the maintenance steps must look at."""
+        self.dirty = True
         if w is not None:
             fields = {"worker": w.slot, "pid": w.pid, "generation": w.generation, **fields}
         if self.events is not None:

@@ -28,6 +28,7 @@ from isopool.protocol.codec import encode_error
 from isopool.protocol.errors import BadRequest, RemoteError, RequestTimeout
 from isopool.protocol.exits import EXIT_LOAD_FAILED, EXIT_ORPHANED
 from isopool.protocol.limits import Limits
+from isopool.protocol.transport import drain, send_frames
 
 from .handler import WorkerContext, build_model
 
@@ -86,23 +87,27 @@ class Worker:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.connect(config.backend)
-        self.last_sent = 0.0
+        self.sent = False
         self.running = True
         import torch
 
         self.inference_mode = torch.inference_mode
 
     def send(self, frames: list) -> None:
-        self.sock.send_multipart(frames, copy=False)
-        self.last_sent = time.monotonic()
+        send_frames(self.sock, frames)
+        self.sent = True
 
     def serve(self) -> None:
         self.send([pack_header(ops.READY, None, pid=os.getpid(), device=self.config.device)])
         interval_ms = int(self.config.heartbeat_interval * 1000)
         while self.running:
+            self.sent = False
             if self.sock.poll(interval_ms, zmq.POLLIN):
-                self.handle(self.sock.recv_multipart(copy=False))
-            if time.monotonic() - self.last_sent >= self.config.heartbeat_interval:
+                for frames in drain(self.sock, 64):
+                    self.handle(frames)
+                    if not self.running:
+                        break
+            if not self.sent:  # a quiet interval: tell the supervisor we are alive
                 self.send([pack_header(ops.HEARTBEAT, None)])
         self.sock.close(linger=2000)
         self.ctx.term()
@@ -121,8 +126,8 @@ class Worker:
 
     def run(self, header: dict, body: list) -> None:
         rid, attempt = header["id"], header.get("attempt", 0)
-        ttl = header.get("ttl")
-        if ttl is not None and ttl <= 0:
+        deadline = header.get("deadline")
+        if deadline is not None and time.monotonic() >= deadline:
             self.send(encode_error(rid, RequestTimeout(
                 "the request's deadline passed before a worker could start it",
                 setting="timeout"), attempt=attempt))
