@@ -1,0 +1,42 @@
+"""Start a pool for a benchmark and wait until it serves (sd_notify READY=1, never a sleep)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def serve(*args: str, timeout: float = 120.0) -> Iterator[str]:
+    """Run `isopool serve ARGS` on a private ipc endpoint; yield the endpoint; stop it after."""
+    tmp = tempfile.mkdtemp(prefix="iso-bench-")
+    endpoint = f"ipc://{tmp}/pool.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(f"{tmp}/notify.sock")
+    env = {**os.environ, "NOTIFY_SOCKET": f"{tmp}/notify.sock"}
+    proc = subprocess.Popen([sys.executable, "-m", "isopool.cli", "serve", "--endpoint", endpoint,
+                             "--log-level", "error", *args], env=env, stdin=subprocess.DEVNULL)
+    try:
+        while True:
+            if not select.select([notify], [], [], timeout)[0]:
+                raise RuntimeError(f"the pool did not become ready within {timeout}s")
+            if b"READY=1" in notify.recv(4096):
+                break
+        yield endpoint
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        notify.close()
+        shutil.rmtree(tmp, ignore_errors=True)
