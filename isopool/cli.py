@@ -77,6 +77,8 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
     ("max-depth", int, "Deepest accepted nesting of lists and maps in a payload."),
     ("max-elements", int, "Most array elements plus container items accepted in one payload."),
     ("arrays", click.Choice(["auto", "numpy", "torch"]), "How the model receives arrays."),
+    ("metrics-port", int, "Serve Prometheus metrics at http://HOST:PORT/metrics (0: off)."),
+    ("metrics-host", str, "Address for --metrics-port (default 127.0.0.1: loopback only)."),
     ("preload", click.Choice(["none", "imports", "model"]),
      "Start workers by fork from a template that has imported torch and the handler (imports, the "
      "default: a restart takes milliseconds), that has also built the model so workers share its weights "
@@ -167,6 +169,9 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {"ts": round(record.created, 6), "level": record.levelname.lower(), "logger": record.name,
                "msg": record.getMessage()}
+        for key in ("worker", "pid", "request"):
+            if hasattr(record, key):
+                out[key] = getattr(record, key)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)

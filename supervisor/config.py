@@ -40,6 +40,8 @@ class PoolConfig:
     max_depth: int = Limits.max_depth
     max_elements: int = Limits.max_elements
     arrays: str = "auto"  # how handlers receive arrays: auto | numpy | torch
+    metrics_port: int = 0  # serve Prometheus /metrics here (0: off)
+    metrics_host: str = "127.0.0.1"
     preload: str = "imports"  # none (fresh interpreter per worker) | imports | model (CPU: share weights)
     user_config: dict = field(default_factory=dict)  # passed to the model factory's context
 

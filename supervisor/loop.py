@@ -63,6 +63,7 @@ from isopool.worker.process import WorkerConfig
 from . import spawner
 from .config import PoolConfig
 from .events import EventLog
+from .metrics import PoolCollector, Snapshot, serve_metrics
 from .notify import sd_notify
 from .policy import PoisonRegistry, RestartPolicy
 from .requests import Request
@@ -71,8 +72,11 @@ from .status import build_status
 from .workers import ALIVE, SERVING, State, Worker, parse_ident
 
 log = logging.getLogger("isopool.supervisor")
+worker_log = logging.getLogger("isopool.worker")
 
+RECYCLE_REASONS = frozenset({"max_requests", "max_rss", "reload", "integrity"})
 SURGE = 1  # extra workers allowed while replacing (recycle, reload): capacity never dips
+LAST_WORDS_S = 0.005  # how long a crash waits for the dead worker's already-sent replies
 TICK_S = 0.25  # longest gap between maintenance passes (heartbeats, kills, sampling)
 MAX_BATCH = 512  # messages read from one socket per pass, so no source starves another
 EXIT_OK = 0
@@ -112,6 +116,7 @@ class Supervisor:
         self.pending_signals: list[int] = []
         self.next_stats = 0.0
         self.was_degraded = False
+        self.reloading = False
         self.dirty = True  # the pool changed: run the maintenance steps on this pass
         self.next_tick = 0.0  # ...or when this time comes (timers, backoff, kills)
         self.restarts_total = 0
@@ -120,6 +125,9 @@ class Supervisor:
         self.private_dir: str | None = None
         self.events: EventLog | None = None
         self.template: spawner.Template | None = None
+        self.metrics: PoolCollector | None = None
+        self.metrics_url: str | None = None
+        self.restart_reasons: dict[str, int] = {}
         self.template_due = 0.0  # when to (re)start the template
         self.template_started = 0.0
 
@@ -135,6 +143,13 @@ class Supervisor:
             self.backend.setsockopt(opt, val)
         self.backend.bind(self.backend_endpoint)
         self.events = EventLog(self.ctx, self.events_endpoint())
+        if self.config.metrics_port:
+            try:
+                self.metrics, port = serve_metrics(self.config.metrics_host, self.config.metrics_port)
+            except OSError as exc:
+                raise StartupError(f"cannot serve metrics on {self.config.metrics_host}:"
+                                   f"{self.config.metrics_port}: {exc}; choose another --metrics-port") from None
+            self.metrics_url = f"http://{self.config.metrics_host}:{port}/metrics"
         self.wake_r, self.wake_w = socket.socketpair()
         for s in (self.wake_r, self.wake_w):
             s.setblocking(False)
@@ -193,6 +208,8 @@ class Supervisor:
             if w.proc is not None and w.proc.poll() is None:
                 spawner.kill_now(w.proc)
                 w.proc.wait(5)
+            if w.proc is not None:
+                self.forward_output(w, w.proc.read_output(final=True))
         if self.template is not None:
             self.template.close()
         if self.events is not None:
@@ -251,7 +268,7 @@ class Supervisor:
             self.events.read_subscriptions()
             count -= 1
         if count:
-            self.reap(now)  # a pidfd or the template's socket fired
+            self.reap(ready, now)  # a pidfd, a worker's output or the template's socket fired
 
     def maintain(self, now: float) -> None:
         """The steps that only matter when something changed or a timer is due."""
@@ -262,6 +279,19 @@ class Supervisor:
         self.reconcile(now)
         self.advance_phase(now)
         self.next_tick = self.next_due(now)
+        if self.metrics is not None:
+            self.publish_metrics()
+
+    def publish_metrics(self) -> None:
+        states: dict[str, int] = {}
+        for w in self.workers.values():
+            states[w.state.value] = states.get(w.state.value, 0) + 1
+        self.metrics.snapshot = Snapshot(
+            outcomes=dict(self.stats.outcomes), latency_buckets=tuple(self.stats.buckets),
+            latency_sum=self.stats.latency_sum, queue_depth=len(self.queue),
+            in_flight=len(self.requests) - len(self.queue), workers=states, restarts=dict(self.restart_reasons),
+            rss={w.slot: w.rss for w in self.workers.values() if w.proc is not None},
+        )
 
     def next_due(self, now: float) -> float:
         due = now + TICK_S
@@ -480,19 +510,42 @@ class Supervisor:
 
     # ------------------------------------------------------------ exits
 
-    def reap(self, now: float) -> None:
+    def reap(self, ready: dict, now: float) -> None:
         self.check_template(now)
         for w in list(self.workers.values()):
-            if w.proc is not None and w.proc.returncode is None:
-                pidfd = w.proc.pidfd
-                if w.proc.poll() is not None:
-                    self.poller.unregister(pidfd)
-                    self.on_exit(w, now)
+            proc = w.proc
+            if proc is None or proc.returncode is not None:
+                continue
+            if proc.output in ready:
+                self.forward_output(w, proc.read_output())
+            if proc.pidfd in ready and proc.poll() is not None:
+                self.poller.unregister(proc.pidfd)
+                if proc.output >= 0:
+                    self.poller.unregister(proc.output)
+                    self.forward_output(w, proc.read_output(final=True))
+                self.on_exit(w, now)
+
+    def forward_output(self, w: Worker, lines: list[str]) -> None:
+        """A worker's stdout/stderr, one log record per line, tagged with the worker."""
+        for line in lines:
+            worker_log.info("worker %d [%s] %s", w.slot, w.pid, line, extra={"worker": w.slot, "pid": w.pid})
+
+    def collect_last_words(self, w: Worker, now: float) -> None:
+        """Read what a dead worker sent before it died, so the right request takes the blame.
+
+        Its last result can still be on its way through ZeroMQ when the pidfd fires; without
+        this, the request it had finished would be blamed for the one it was running.
+        """
+        end = time.monotonic() + LAST_WORDS_S
+        while w.inflight and self.backend.poll(max(0, int((end - time.monotonic()) * 1000)), zmq.POLLIN):
+            self.read_backend(now)
 
     def on_exit(self, w: Worker, now: float) -> None:
+        expected = w.stop_reason is not None
+        if w.inflight and not expected:
+            self.collect_last_words(w, now)
         info = {"pid": w.pid, "worker": w.slot, **exit_fields(w.proc.returncode), "at": time.time()}
         w.last_exit = info
-        expected = w.stop_reason is not None
         for position, key in enumerate(w.inflight):
             req = self.requests.get(key)
             if req is None or req.worker != w.slot:
@@ -504,13 +557,17 @@ class Supervisor:
         was_ready = w.state is not State.STARTING
         w.transition(State.EXITED, info["reason"])
         if expected:
-            self.emit("exited", w, stopped_for=w.stop_reason, **_exit_event(info))
+            kind = "recycled" if w.stop_reason in RECYCLE_REASONS else "exited"
+            self.emit(kind, w, stopped_for=w.stop_reason, **_exit_event(info))
         else:
             self.emit("crashed", w, during="start" if not was_ready else "serve", **_exit_event(info))
             log.warning("worker %d (pid %s) died: %s", w.slot, info["pid"], info["reason"])
         self.after_exit(w, expected, now)
 
     def after_exit(self, w: Worker, expected: bool, now: float) -> None:
+        reason = "crash" if not expected else w.retire or w.stop_reason
+        if reason == "crash" or reason in RECYCLE_REASONS or reason in ("timeout", "heartbeat", "start_timeout"):
+            self.restart_reasons[reason] = self.restart_reasons.get(reason, 0) + 1
         if w.retire is not None or self.phase in ("stopping", "stopped"):
             del self.workers[w.slot]
             return
@@ -641,6 +698,9 @@ class Supervisor:
 
     def drain_surplus(self, now: float) -> None:
         """Retiring workers keep serving until enough replacements are ready, then drain."""
+        if self.reloading and not any(w.retire == "reload" for w in self.workers.values()):
+            self.reloading = False
+            self.emit("reload_finished", None, workers=len(self.workers))
         retiring = [w for w in self.workers.values() if w.retire is not None and w.state in SERVING]
         if not retiring:
             return
@@ -675,7 +735,12 @@ class Supervisor:
         w.max_requests = self.config.max_requests + (self.rng.randint(0, jitter) if jitter else 0) \
             if self.config.max_requests else 0
         self.poller.register(w.proc.pidfd, zmq.POLLIN)
-        self.emit("started", w)
+        if w.proc.output >= 0:
+            self.poller.register(w.proc.output, zmq.POLLIN)
+        if w.generation > 1 and w.last_exit is not None:
+            self.emit("restarted", w, after=w.last_exit["reason"], restarts=w.restarts)
+        else:
+            self.emit("started", w)
 
     def retire(self, w: Worker, reason: str) -> None:
         """Mark for replacement; reconcile starts the replacement first, then drains this one."""
@@ -705,7 +770,7 @@ class Supervisor:
         w.proc.signal(signal.SIGTERM)
         if w.kill_at is None or w.kill_at > now + self.config.kill_grace:
             w.kill_at = now + self.config.kill_grace
-        self.emit("killed", w, reason=reason)
+        self.emit("timed_out" if reason == "timeout" else "killed", w, reason=reason)
 
     # ------------------------------------------------------------ the template
 
@@ -806,7 +871,8 @@ class Supervisor:
             if w.retire is None and w.state not in (State.DRAINING, State.STOPPING):
                 self.retire(w, "reload")
                 count += 1
-        self.emit("reload", None, workers=count)
+        self.reloading = count > 0
+        self.emit("reload_started", None, workers=count)
         return count
 
     def handle_signals(self) -> None:

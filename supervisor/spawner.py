@@ -29,14 +29,35 @@ SPAWN_TIMEOUT_S = 5.0
 
 
 class Process:
-    """A started process: pid, pidfd for the poll loop, reaping and signals."""
+    """A started process: pid, pidfd for the poll loop, its output pipe, reaping and signals."""
 
-    def __init__(self, pid: int, popen: subprocess.Popen | None = None):
+    def __init__(self, pid: int, popen: subprocess.Popen | None = None, output: int = -1):
         self.popen = popen
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)
+        self.output = output  # read end of the worker's stdout+stderr pipe, or -1
+        self._partial = b""
         self.returncode: int | None = None
         self._ps: psutil.Process | None = None
+
+    def read_output(self, final: bool = False) -> list[str]:
+        """Complete lines the process has written (all of it, once it has exited)."""
+        if self.output < 0:
+            return []
+        data = self._partial
+        try:
+            while chunk := os.read(self.output, 65536):
+                data += chunk
+        except BlockingIOError:
+            pass
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        if final:
+            if self._partial:
+                lines.append(self._partial)
+            os.close(self.output)
+            self.output = -1
+        return [line.decode("utf-8", "replace") for line in lines]
 
     def poll(self) -> int | None:
         """Reap if exited. Returns the returncode (negative = killed by that signal)."""
@@ -86,13 +107,27 @@ class Process:
             return 0, 0, 0.0
 
 
+def output_pipe() -> tuple[int, int]:
+    """(read end for the supervisor, non-blocking; write end for the worker's stdout and stderr)."""
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    return r, w
+
+
 def spawn_fresh(config: WorkerConfig) -> Process:
     """A worker in a fresh interpreter (`--preload none`): seconds to start, nothing shared."""
     env = {**os.environ, ENV_CONFIG: config.to_env()}
     env.setdefault("PYTHONUNBUFFERED", "1")
-    popen = subprocess.Popen([sys.executable, "-m", "isopool.worker"], env=env, stdin=subprocess.DEVNULL,
-                             close_fds=True, start_new_session=True)
-    return Process(popen.pid, popen)
+    r, w = output_pipe()
+    try:
+        popen = subprocess.Popen([sys.executable, "-m", "isopool.worker"], env=env, stdin=subprocess.DEVNULL,
+                                 stdout=w, stderr=w, close_fds=True, start_new_session=True)
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    return Process(popen.pid, popen, output=r)
 
 
 class TemplateError(RuntimeError):
@@ -145,20 +180,25 @@ class Template:
             raise TemplateError("the template is not ready")
         self.sock.setblocking(True)
         self.sock.settimeout(SPAWN_TIMEOUT_S)
+        r, w = output_pipe()
         try:
-            self.sock.sendall(json.dumps({"config": config.__dict__}).encode() + b"\n")
+            socket.send_fds(self.sock, [json.dumps({"config": config.__dict__}).encode() + b"\n"], [w])
             while b"\n" not in self._buf:
                 chunk = self.sock.recv(65536)
                 if not chunk:
                     raise TemplateError("the template closed its socket")
                 self._buf += chunk
         except OSError as exc:
+            os.close(r)
             raise TemplateError(f"the template did not answer: {exc}") from None
+        finally:
+            os.close(w)
         line, self._buf = self._buf.split(b"\n", 1)
         reply = json.loads(line)
         if "pid" not in reply:
+            os.close(r)
             raise TemplateError(reply.get("error", "the template could not fork"))
-        return Process(reply["pid"])
+        return Process(reply["pid"], output=r)
 
     def close(self) -> None:
         self.proc.signal(signal.SIGKILL)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter, deque
+
+from .metrics import BUCKETS
 
 WINDOW_S = 60.0
 
@@ -11,6 +14,8 @@ class Stats:
     def __init__(self) -> None:
         self.outcomes: Counter[str] = Counter()
         self.recent: deque[tuple[float, float]] = deque(maxlen=500_000)  # (done at, latency s)
+        self.buckets = [0] * (len(BUCKETS) + 1)  # latency histogram, for metrics
+        self.latency_sum = 0.0
 
     def count(self, outcome: str) -> None:
         self.outcomes[outcome] += 1
@@ -18,6 +23,8 @@ class Stats:
     def done(self, outcome: str, latency: float, now: float) -> None:
         self.outcomes[outcome] += 1
         self.recent.append((now, latency))
+        self.buckets[bisect_left(BUCKETS, latency)] += 1
+        self.latency_sum += latency
 
     @property
     def total(self) -> int:

@@ -34,6 +34,8 @@ def build_status(sup: "Supervisor", now: float) -> dict[str, Any]:
         "endpoint": sup.endpoint,
         "events_endpoint": sup.events.endpoint if sup.events else None,
         "event_subscribers": sup.events.subscribers if sup.events else 0,
+        "metrics_url": sup.metrics_url,
+        "restarts_by_reason": dict(sup.restart_reasons),
         "max_queue": sup.config.max_queue,
         "restarts_in_window": len(sup.restarts.recent),
         "restart_window_s": sup.config.restart_window,

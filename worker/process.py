@@ -171,8 +171,8 @@ def run(config: WorkerConfig, model: Any = None) -> None:
     # Ctrl-C in the supervisor's terminal is the supervisor's to handle; it stops us cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    logging.basicConfig(level=logging.INFO, format=f"worker {config.slot} [%(process)d] %(levelname)s %(message)s",
-                        force=True)
+    # the supervisor tags each line of our output with the worker id and pid
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     set_threads(config.threads)
     if model is None:
         context = WorkerContext(worker_id=config.slot, generation=config.generation, device=config.device,

@@ -36,8 +36,11 @@ def send(sock: socket.socket, message: dict) -> None:
     sock.sendall(json.dumps(message).encode() + b"\n")
 
 
-def fork_worker(cmd: socket.socket, config: WorkerConfig, model: Any) -> int:
-    """Double-fork so the worker's parent becomes the supervisor; return the worker's pid."""
+def fork_worker(cmd: socket.socket, config: WorkerConfig, model: Any, output: int) -> int:
+    """Double-fork so the worker's parent becomes the supervisor; return the worker's pid.
+
+    `output` is the write end of the pipe the supervisor reads the worker's stdout and stderr from.
+    """
     r, w = os.pipe()
     intermediate = os.fork()
     if intermediate == 0:
@@ -46,6 +49,9 @@ def fork_worker(cmd: socket.socket, config: WorkerConfig, model: Any) -> int:
             pid = os.fork()
             if pid == 0:
                 os.close(w)
+                os.dup2(output, 1)
+                os.dup2(output, 2)
+                os.close(output)
                 become_worker(cmd, config, model)
             os.write(w, str(pid).encode())
         finally:
@@ -103,15 +109,18 @@ def main() -> None:
     gc.collect()
     gc.freeze()  # keep the collector from writing to (and so copying) the shared pages
     send(cmd, {"ready": True, "pid": os.getpid()})
-    reader = cmd.makefile("rb")
-    for line in reader:
-        request = json.loads(line)
-        config = WorkerConfig(**request["config"])
+    while True:  # one command per message: the supervisor waits for each reply
+        data, fds, _, _ = socket.recv_fds(cmd, 1 << 20, 1)
+        if not data:
+            os._exit(0)  # the supervisor is gone
+        config = WorkerConfig(**json.loads(data)["config"])
         try:
-            send(cmd, {"pid": fork_worker(cmd, config, model), "slot": config.slot})
+            send(cmd, {"pid": fork_worker(cmd, config, model, fds[0]), "slot": config.slot})
         except OSError as exc:
             send(cmd, {"error": f"fork failed: {exc}", "slot": config.slot})
-    os._exit(0)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
 
 if __name__ == "__main__":

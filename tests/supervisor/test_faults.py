@@ -124,7 +124,7 @@ def test_memory_growth_past_max_rss_recycles_without_losing_capacity(start_pool)
     with pool.client() as c, pool.client() as bg_client, Background(bg_client) as bg:
         grown = c.infer({"do": "grow", "mib": 400})["pid"]
         event = pool.wait_event("recycling", reason="max_rss", pid=grown)
-        pool.wait_event("exited", pid=grown, stopped_for="max_rss")
+        pool.wait_event("recycled", pid=grown, stopped_for="max_rss")
     status = back_to_full_strength(pool)
     assert bg.failed == [] and bg.ok > 0
     assert grown not in [w["pid"] for w in status["workers"]]
@@ -240,7 +240,7 @@ def test_rolling_reload_under_steady_load_fails_nothing(start_pool):
     with pool.client() as c, pool.client() as bg_client, Background(bg_client) as bg:
         assert c.reload()["reloading"] == 2
         pool.wait_until(lambda s: not (before & {w["pid"] for w in s["workers"]})
-                        and s["pool"]["workers_ready"] == 2, "exited", timeout=60)
+                        and s["pool"]["workers_ready"] == 2, "recycled", timeout=60)
     assert bg.failed == [] and bg.ok > 0
     assert wait_gone(list(before), 10) == []
 
@@ -249,7 +249,7 @@ def test_sighup_reloads(start_pool):
     pool = start_pool("--workers", "1", "--model", FAULTY)
     (old,) = pool.worker_pids()
     pool.proc.send_signal(signal.SIGHUP)
-    pool.wait_event("exited", pid=old, stopped_for="reload")
+    pool.wait_event("recycled", pid=old, stopped_for="reload")
     with pool.client() as c:
         assert c.infer({"do": "ok"})["pid"] != old
 
