@@ -444,6 +444,7 @@ class Supervisor:
             return
         w.transition(State.IDLE, "ready")
         w.ready_at = now
+        self.sample(w)  # status and metrics show a new worker's memory at once
         self.credits.extend([(w.slot, w.generation)] * self.config.prefetch)
         self.emit("ready", w, startup_s=round(now - w.started_at, 4))
         if self.phase == "starting" and self._all_ready():

@@ -11,6 +11,7 @@ Anything that kills the process is the supervisor's business: it sees the exit a
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import json
 import logging
 import os
@@ -171,6 +172,7 @@ def run(config: WorkerConfig, model: Any = None) -> None:
     # Ctrl-C in the supervisor's terminal is the supervisor's to handle; it stops us cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    faulthandler.enable()  # a segfault prints the Python stack; the supervisor logs it, tagged
     # the supervisor tags each line of our output with the worker id and pid
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     set_threads(config.threads)

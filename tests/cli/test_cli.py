@@ -1,0 +1,83 @@
+"""The `isopool` command as a user runs it: real processes, captured output, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.helpers import ROOT
+
+
+def isopool(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "isopool.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_infer_status_health(pool):
+    out = isopool("infer", "--endpoint", pool.endpoint, json.dumps(list(range(16))))
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)) == 4
+    bad = isopool("infer", "--endpoint", pool.endpoint, "[1, 2]")
+    assert bad.returncode == 1 and "RemoteError" in bad.stderr and "(16,)" in bad.stderr
+    status = json.loads(isopool("status", "--endpoint", pool.endpoint, "--json").stdout)
+    assert status["pool"]["workers_ready"] == 2 and status["pool"]["requests_total"] == 2
+    health = isopool("health", "--endpoint", pool.endpoint)
+    assert health.returncode == 0 and health.stdout.startswith("healthy")
+
+
+def test_infer_reads_input_from_a_file(pool, short_tmp):
+    path = short_tmp / "in.json"
+    path.write_text(json.dumps([[0.5] * 16, [1.5] * 16]))
+    out = isopool("infer", "--endpoint", pool.endpoint, f"@{path}")
+    assert out.returncode == 0 and len(json.loads(out.stdout)) == 2
+
+
+def test_status_table_and_watch_render_without_a_tty(pool):
+    table = isopool("status", "--endpoint", pool.endpoint)
+    assert table.returncode == 0, table.stderr
+    for word in ("workers", "pid", "state", "idle", "RSS", "last exit", "healthy", "2/2 ready"):
+        assert word in table.stdout
+    watch = isopool("status", "--endpoint", pool.endpoint, "--watch", "--count", "2", "--interval", "0.1")
+    assert watch.returncode == 0, watch.stderr
+    assert watch.stdout.count("healthy — serving") == 2
+
+
+def test_health_and_status_fail_clearly_when_nothing_serves(short_tmp):
+    endpoint = f"ipc://{short_tmp}/none.sock"
+    health = isopool("health", "--endpoint", endpoint, "--timeout", "0.5")
+    assert health.returncode == 1 and health.stdout.startswith("unhealthy")
+    status = isopool("status", "--endpoint", endpoint)
+    assert status.returncode == 1 and "RequestTimeout" in status.stderr
+
+
+def test_toml_config_equals_the_same_flags(short_tmp):
+    cfg = short_tmp / "isopool.toml"
+    cfg.write_text('[isopool]\nworkers = 3\nmax-queue = 50\nrequest-timeout = 12.5\nmax-rss = "1GiB"\n'
+                   'model = "isopool.examples.faulty:Faulty"\n')
+    from_file = isopool("serve", "--config", str(cfg), "--print-config")
+    from_flags = isopool("serve", "--workers", "3", "--max-queue", "50", "--request-timeout", "12.5",
+                         "--max-rss", "1GiB", "--model", "isopool.examples.faulty:Faulty", "--print-config")
+    assert from_file.returncode == from_flags.returncode == 0, from_file.stderr + from_flags.stderr
+    assert from_file.stdout == from_flags.stdout
+    assert "max-rss = 1073741824" in from_file.stdout
+    override = isopool("serve", "--config", str(cfg), "--workers", "5", "--print-config")
+    assert "workers = 5" in override.stdout
+
+
+def test_bad_config_key_and_value_are_refused_with_exit_2(short_tmp):
+    cfg = short_tmp / "bad.toml"
+    cfg.write_text("[isopool]\nworkerz = 3\n")
+    out = isopool("serve", "--config", str(cfg), "--print-config")
+    assert out.returncode == 2 and "unknown key 'workerz'" in out.stderr
+    cfg.write_text('[isopool]\nworkers = "many"\n')
+    out = isopool("serve", "--config", str(cfg), "--print-config")
+    assert out.returncode == 2 and "workers" in out.stderr
+    out = isopool("serve", "--workers", "0", "--print-config")
+    assert out.returncode == 2 and "workers must be at least 1" in out.stderr
+
+
+def test_serve_refuses_tcp_without_authentication():
+    out = isopool("serve", "--endpoint", "tcp://127.0.0.1:0", "--workers", "1")
+    assert out.returncode == 1
+    assert "refusing to serve tcp://127.0.0.1:0 without authentication" in out.stderr

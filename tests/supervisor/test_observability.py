@@ -1,0 +1,101 @@
+"""What operators see: metrics, events, status and health agree with what really happened."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import urllib.request
+
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from isopool.errors import WorkerCrashed
+
+FAULTY = "isopool.examples.faulty:Faulty"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(url: str) -> dict:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def test_metrics_count_requests_and_the_crash_exactly(start_pool):
+    pool = start_pool("--workers", "2", "--model", FAULTY, "--metrics-port", str(free_port()))
+    url = pool.status()["pool"]["metrics_url"]
+    with pool.client() as c:
+        for i in range(25):
+            c.infer({"do": "ok", "i": i})
+        with pytest.raises(WorkerCrashed):
+            c.infer({"do": "exit", "code": 3}, retry=False)
+    pool.all_ready()
+    m = scrape(url)
+    assert m[("isopool_requests_total", (("outcome", "ok"),))] == 25
+    assert m[("isopool_requests_total", (("outcome", "crashed"),))] == 1
+    assert m[("isopool_worker_restarts_total", (("reason", "crash"),))] == 1
+    assert m[("isopool_request_duration_seconds_count", ())] == 25
+    assert m[("isopool_workers", (("state", "idle"),))] == 2
+    assert m[("isopool_queue_depth", ())] == 0 and m[("isopool_in_flight", ())] == 0
+    assert all(m[("isopool_worker_rss_bytes", (("worker", str(w)),))] > 0 for w in (0, 1))
+
+
+def test_events_crash_restart_ready_in_order_with_pids(faulty):
+    victim = faulty.workers()[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    crashed = faulty.wait_event("crashed", worker=victim["id"])
+    restarted = faulty.wait_event("restarted", worker=victim["id"])
+    ready = faulty.wait_event("ready", worker=victim["id"])
+    assert crashed["pid"] == victim["pid"] and crashed["signal"] == "SIGKILL"
+    assert "OOM" in crashed["reason"]
+    assert restarted["pid"] == ready["pid"] != victim["pid"]
+    assert crashed["ts"] <= restarted["ts"] <= ready["ts"]
+    assert restarted["generation"] == ready["generation"] == crashed["generation"] + 1
+
+
+def test_status_json_agrees_with_reality(faulty):
+    victim = faulty.workers()[1]
+    with faulty.client() as c:
+        for i in range(40):
+            c.infer({"do": "ok", "i": i})
+        os.kill(victim["pid"], signal.SIGKILL)
+        faulty.wait_event("ready", worker=victim["id"])
+        for i in range(10):
+            c.infer({"do": "ok", "i": i})
+    status = faulty.all_ready()
+    pool, workers = status["pool"], status["workers"]
+    for key in ("workers_target", "workers_ready", "queue_depth", "in_flight", "requests_total",
+                "restarts_total", "healthy"):
+        assert key in pool
+    for w in workers:
+        for key in ("id", "pid", "state", "uptime_s", "requests", "errors", "restarts", "rss_bytes"):
+            assert key in w
+        assert psutil.pid_exists(w["pid"]) and psutil.Process(w["pid"]).ppid() == faulty.pid
+    assert sum(w["requests"] for w in workers) == 50 == pool["outcomes"]["ok"] == pool["requests_total"]
+    killed = next(w for w in workers if w["id"] == victim["id"])
+    assert killed["restarts"] == 1 and killed["pid"] != victim["pid"]
+    assert killed["last_exit"]["signal"] == "SIGKILL" and killed["last_exit"]["pid"] == victim["pid"]
+    assert pool["restarts_total"] == 1 and pool["healthy"]
+
+
+def test_worker_output_is_captured_and_tagged(start_pool):
+    pool = start_pool("--workers", "1", "--model", FAULTY)
+    with pool.client() as c:
+        pid = c.infer({"do": "ok"})["pid"]
+        with pytest.raises(Exception):
+            c.infer({"do": "segv"}, retry=False)
+    pool.all_ready()
+    out = pool.output()
+    # the segfault's own report (faulthandler) comes from the dying worker through its pipe
+    assert f"worker 0 [{pid}] Fatal Python error: Segmentation fault" in out, out[-3000:]
+    assert f"worker 0 [{pid}] " in out and "faulty.py" in out
