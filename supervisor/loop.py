@@ -410,7 +410,7 @@ class Supervisor:
         self.queue.pop(req.key, None)
         self.reply(req.client, encode_error(req.client_id, err))
         self.stats.count(count_as or type(err).__name__.lower())
-        log.info("request %r: %s: %s", req.client_id, type(err).__name__, err)
+        log.info("request %r: %s: %s", req.client_id, type(err).__name__, err, extra={"request": req.client_id})
 
     # ------------------------------------------------------------ backend
 
