@@ -10,6 +10,7 @@ A request is a map {"do": ACTION, ...}; the reply echoes the input with the work
     hang                    an infinite Python loop
     sleep  s=SECONDS        time.sleep
     grow   mib=N            keep N more MiB alive in this worker, touched so RSS grows
+    scribble a=ARRAY        write into the input array (it arrives read-only, so this raises)
 Any other input is echoed back as {"pid", "echo"}.
 """
 
@@ -37,6 +38,8 @@ class Faulty:
                 pass
         if action == "sleep":
             time.sleep(float(x.get("s", 1.0)))
+        if action == "scribble":
+            x["a"][...] = 0
         if action == "grow":
             _HOARD.append(bytearray(b"\x01" * (int(x.get("mib", 64)) << 20)))
         return {"pid": os.getpid(), "echo": x}

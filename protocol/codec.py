@@ -160,6 +160,17 @@ def frame_view(frame: Frame) -> memoryview:
     return buf if buf is not None else memoryview(frame)
 
 
+_CONTAINERS = (list, dict)
+_LEAVES = (bool, int, float, str, bytes)
+
+
+def _is_array(obj: Any) -> bool:
+    if isinstance(obj, np.ndarray):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
 class _Decoder:
     def __init__(self, frames: Sequence[Frame], limits: Limits, build: bool, arrays: str = "auto",
                  readonly: bool = True):
@@ -202,18 +213,21 @@ class _Decoder:
         return value
 
     def _check_shape(self, value: Any) -> None:
-        """Depth and element caps over the decoded containers (iterative: no recursion limit)."""
+        """Depth and element caps over the decoded containers, and only allowed leaf types."""
         lim = self.limits
         stack = [(value, 1)]
         while stack:
             obj, depth = stack.pop()
-            if isinstance(obj, (list, dict)):
-                if depth > lim.max_depth:
-                    raise BadRequest(f"payload nests deeper than max_depth={lim.max_depth} "
-                                     f"(raise {lim.flag('max_depth')})", setting="max_depth")
-                items = obj.values() if isinstance(obj, dict) else obj
-                self._count(len(obj))
-                stack.extend((item, depth + 1) for item in items)
+            if type(obj) not in _CONTAINERS:
+                if type(obj) not in _LEAVES and obj is not None and not _is_array(obj):
+                    raise BadRequest(f"payload holds a {type(obj).__name__}, which is not an accepted type")
+                continue
+            if depth > lim.max_depth:
+                raise BadRequest(f"payload nests deeper than max_depth={lim.max_depth} "
+                                 f"(raise {lim.flag('max_depth')})", setting="max_depth")
+            items = obj.values() if isinstance(obj, dict) else obj
+            self._count(len(obj))
+            stack.extend((item, depth + 1) for item in items)
 
     def _count(self, n: int) -> None:
         self.elements += n

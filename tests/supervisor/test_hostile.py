@@ -1,0 +1,120 @@
+"""Hostile clients against a live supervisor: it never dies, no worker notices, honest work succeeds."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from isopool.errors import BadRequest, RemoteError, Unavailable
+from isopool.protocol import decode_error, encode, ops, pack_header, unpack_header
+from isopool.protocol.codec import EXT_ARRAY
+
+HOSTILE = 3000
+
+
+def ext(name, shape, index, origin=0) -> msgpack.ExtType:
+    return msgpack.ExtType(EXT_ARRAY, msgpack.packb([name, shape, index, origin]))
+
+
+def hostile_message(rng: random.Random, i: int) -> list[bytes]:
+    """A message that is certainly invalid, of one of many kinds."""
+    kind = i % 12
+    if kind == 0:
+        return [b"\xc1" + rng.randbytes(rng.randint(0, 64))]  # never valid msgpack
+    if kind == 1:
+        return [msgpack.packb({"v": rng.choice([0, 2, 99, "1", None]), "op": "infer", "id": i}), b"\xc0"]
+    if kind == 2:
+        return [msgpack.packb({"v": 1, "op": rng.choice(["exec", "eval", "pickle", "", "RUN"]), "id": i})]
+    if kind == 3:  # lying shape
+        n = rng.randint(1, 100)
+        return [pack_header(ops.INFER, i), msgpack.packb(ext("float32", [n + 1], 0)), b"\0" * (4 * n)]
+    if kind == 4:
+        return [pack_header(ops.INFER, i), msgpack.packb(ext(rng.choice(["object", "U4", "V8"]), [1], 0)), b"\0" * 8]
+    if kind == 5:  # too deep
+        return [pack_header(ops.INFER, i), b"\x91" * rng.randint(33, 500) + b"\xc0"]
+    if kind == 6:
+        return [pack_header(ops.INFER, i), msgpack.packb(msgpack.ExtType(rng.randint(2, 127), b"boom"))]
+    if kind == 7:  # truncated payload
+        return [pack_header(ops.INFER, i), msgpack.packb(list(range(50)))[: rng.randint(1, 40)]]
+    if kind == 8:
+        return [pack_header(ops.INFER, i, timeout=rng.choice([-1, 0, "soon", [1]]))] + [b"\xc0"]
+    if kind == 9:
+        return [pack_header(ops.INFER, i)]  # no payload frame
+    if kind == 10:  # huge declared sizes
+        return [pack_header(ops.INFER, i), b"\xdd\xff\xff\xff\xff"]
+    return [msgpack.packb({"v": 1, "op": "infer", "id": [i]}), b"\xc0"]  # an id of the wrong type
+
+
+def test_thousands_of_hostile_messages_interleaved_with_honest_requests(start_pool):
+    pool = start_pool("--workers", "2")
+    before = {w["id"]: w["pid"] for w in pool.workers()}
+    honest_ok, honest_failed = [], []
+
+    def honest() -> None:
+        with pool.client() as c:
+            for i in range(600):
+                x = np.full(16, float(i), dtype=np.float32)
+                try:
+                    y = c.infer(x)
+                    honest_ok.append(y.shape == (4,))
+                except Exception as exc:  # noqa: BLE001 - recorded, asserted on
+                    honest_failed.append(repr(exc))
+
+    rng = random.Random(7)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(pool.endpoint)
+    thread = threading.Thread(target=honest)
+    thread.start()
+    errors = 0
+    try:
+        for i in range(HOSTILE):
+            sock.send_multipart(hostile_message(rng, i))
+            if i % 100 == 99:  # answers come back: one per hostile message, each a BadRequest
+                for _ in range(100):
+                    assert sock.poll(10_000), "a hostile message went unanswered"
+                    reply = sock.recv_multipart()
+                    assert unpack_header(reply[0])["op"] == ops.ERROR
+                    assert isinstance(decode_error(reply[1:]), BadRequest)
+                    errors += 1
+    finally:
+        thread.join(120)
+        sock.close()
+    assert errors == HOSTILE
+    assert honest_failed == [] and len(honest_ok) == 600 and all(honest_ok)
+    status = pool.status()
+    assert status["pool"]["healthy"] and status["pool"]["outcomes"]["bad_request"] == HOSTILE
+    assert {w["id"]: w["pid"] for w in status["workers"]} == before  # no worker disturbed
+    assert all(w["errors"] == 0 and w["restarts"] == 0 for w in status["workers"])
+
+
+def test_oversized_message_is_cut_off_by_zeromq_and_nobody_else_notices(start_pool):
+    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:make_echo", "--max-message-bytes", "1MiB")
+    with pool.client(timeout=10) as big, pool.client() as small:
+        with pytest.raises(Unavailable):  # libzmq drops the connection (MAXMSGSIZE)
+            big.infer(np.zeros(1 << 19, dtype=np.float32))  # 2 MiB
+        assert small.infer({"ok": 1}) == {"ok": 1}
+        assert small.infer(np.zeros(1000)).shape == (1000,)
+    assert pool.status()["pool"]["healthy"]
+
+
+def test_array_just_over_a_limit_gets_bad_request_naming_it(start_pool):
+    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:make_echo", "--max-elements", "1000")
+    with pool.client() as c:
+        with pytest.raises(BadRequest, match="max_elements=1000") as info:
+            c.infer(np.zeros(1001))
+        assert info.value.setting == "max_elements"
+        assert c.infer(np.zeros(999)).shape == (999,)
+
+
+def test_arrays_reach_the_handler_read_only(start_pool):
+    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:Faulty")
+    with pool.client() as c:
+        with pytest.raises(RemoteError, match="read-only"):
+            c.infer({"do": "scribble", "a": np.arange(10.0)})
+        assert c.infer({"do": "ok", "a": np.arange(3.0)})["echo"]["a"].tolist() == [0.0, 1.0, 2.0]
