@@ -16,7 +16,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from isopool.protocol import Unavailable, ops
 
-from .core import END, Call, Session, configure_socket, lost, resolve_endpoint, watch_disconnects
+from .core import END, Call, Session, configure_socket, curve_keys, on_monitor_event, resolve_endpoint, watch_disconnects
 
 
 class _AsyncCall(Call):
@@ -49,13 +49,14 @@ class AsyncClient:
     """
 
     def __init__(self, endpoint: str | None = None, *, timeout: float = 30.0, arrays: str = "auto",
-                 retry: bool = True, tenant: str | None = None, curve: dict | None = None):
+                 retry: bool = True, tenant: str | None = None, curve_secret_key: str | None = None,
+                 curve_server_key: str | None = None):
         self.endpoint = resolve_endpoint(endpoint)
         self.retry, self.tenant = retry, tenant
         self._session = Session(arrays=arrays, default_timeout=timeout)
         self._ctx = zmq.asyncio.Context(1)
         self._sock = self._ctx.socket(zmq.DEALER)
-        configure_socket(self._sock, curve)
+        configure_socket(self._sock, curve_keys(curve_secret_key, curve_server_key))
         self._monitor = watch_disconnects(self._sock)
         self._sock.connect(self.endpoint)
         self._tasks: list[asyncio.Task] = []
@@ -80,9 +81,8 @@ class AsyncClient:
 
     async def _watch(self) -> None:
         while True:
-            event = parse_monitor_message(await self._monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                self._session.fail_all(lost(self.endpoint))
+            on_monitor_event(self._session, parse_monitor_message(await self._monitor.recv_multipart()),
+                             self.endpoint)
 
     def _send(self, frames: list) -> None:
         try:

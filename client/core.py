@@ -153,6 +153,29 @@ def resolve_endpoint(endpoint: str | None) -> str:
     return endpoint or default_endpoint()
 
 
+ENV_SECRET_KEY = "ISOPOOL_CURVE_SECRET_KEY"
+ENV_SERVER_KEY = "ISOPOOL_CURVE_SERVER_KEY"
+
+
+def curve_keys(secret_key: str | None, server_key: str | None) -> dict | None:
+    """CURVE keys from `isopool keygen` files (arguments, else the environment); None for plain."""
+    import os
+
+    import zmq.auth
+
+    secret_key = secret_key or os.environ.get(ENV_SECRET_KEY)
+    server_key = server_key or os.environ.get(ENV_SERVER_KEY)
+    if not secret_key and not server_key:
+        return None
+    if not (secret_key and server_key):
+        raise ValueError("CURVE needs both the client's .key_secret file and the server's public .key file")
+    public, secret = zmq.auth.load_certificate(secret_key)
+    if secret is None:
+        raise ValueError(f"{secret_key} holds no secret key; pass the .key_secret file")
+    server, _ = zmq.auth.load_certificate(server_key)
+    return {"public": public, "secret": secret, "server": server}
+
+
 def configure_socket(sock: zmq.Socket, curve: dict | None) -> None:
     """Options every client socket gets: never block, never linger, CURVE when given keys."""
     sock.setsockopt(zmq.LINGER, 0)
@@ -169,8 +192,25 @@ def lost(endpoint: str) -> Unavailable:
                        "answered. Is `isopool serve` running?", endpoint=endpoint)
 
 
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
 def watch_disconnects(sock: zmq.Socket) -> zmq.Socket:
-    return sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    return sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
+
+
+def on_monitor_event(session: "Session", event: dict, endpoint: str) -> None:
+    """Fail what is pending when the connection drops or the server refuses us."""
+    if event["event"] == zmq.EVENT_DISCONNECTED:
+        session.fail_all(lost(endpoint))
+    elif event["event"] & HANDSHAKE_FAILED:
+        from isopool.protocol import NotAllowed
+
+        session.fail_all(NotAllowed(
+            f"the supervisor at {endpoint} refused the connection's security handshake: it requires CURVE "
+            "and this client's key is missing or not authorised (set curve_secret_key/curve_server_key, "
+            "or $ISOPOOL_CURVE_SECRET_KEY and $ISOPOOL_CURVE_SERVER_KEY)", endpoint=endpoint))
 
 
 Sink = Callable[[Any], None]

@@ -23,7 +23,17 @@ from zmq.utils.monitor import recv_monitor_message
 from isopool.protocol import Cancelled, IsopoolError, Unavailable, ops
 from isopool.protocol.transport import NOBLOCK, drain, send_frames
 
-from .core import END, LOCAL_GRACE_S, Call, Session, configure_socket, lost, resolve_endpoint, watch_disconnects
+from .core import (
+    END,
+    LOCAL_GRACE_S,
+    Call,
+    Session,
+    configure_socket,
+    curve_keys,
+    on_monitor_event,
+    resolve_endpoint,
+    watch_disconnects,
+)
 
 
 class _FutureCall(Call):
@@ -135,9 +145,7 @@ class _IOThread:
     def _on_monitor(self) -> None:
         try:
             while True:
-                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
-                if event["event"] == zmq.EVENT_DISCONNECTED:
-                    self.session.fail_all(lost(self.endpoint))
+                on_monitor_event(self.session, recv_monitor_message(self.monitor, zmq.NOBLOCK), self.endpoint)
         except zmq.Again:
             pass
 
@@ -187,12 +195,13 @@ class Client:
     """
 
     def __init__(self, endpoint: str | None = None, *, timeout: float = 30.0, arrays: str = "auto",
-                 retry: bool = True, tenant: str | None = None, curve: dict | None = None):
+                 retry: bool = True, tenant: str | None = None, curve_secret_key: str | None = None,
+                 curve_server_key: str | None = None):
         self.endpoint = resolve_endpoint(endpoint)
         self.retry = retry
         self.tenant = tenant
         self._session = Session(arrays=arrays, default_timeout=timeout)
-        self._io = _IOThread(self.endpoint, self._session, curve)
+        self._io = _IOThread(self.endpoint, self._session, curve_keys(curve_secret_key, curve_server_key))
         self._finalizer = weakref.finalize(self, self._io.close)
 
     def submit(self, x: Any, *, timeout: float | None = None, retry: bool | None = None,

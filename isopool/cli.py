@@ -85,6 +85,11 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
      "(model, CPU only), or as fresh interpreters (none)."),
 ]
 SIZE_FIELDS = {"max_rss", "max_message_bytes"}
+SERVE_OPTIONS += [
+    ("curve-secret-key", str, "The server's .key_secret file (from `isopool keygen`): require CURVE."),
+    ("curve-clients", str, "Directory of client public keys (*.key) allowed to infer and read status."),
+    ("curve-admins", str, "Directory of public keys also allowed control ops (scale, reload, stop)."),
+]
 BOOL_FLAGS = [("insecure", "Allow a tcp:// endpoint without authentication (trusted networks only).")]
 
 
@@ -345,6 +350,29 @@ def events(endpoint: str | None, count: int, timeout: float) -> None:
     finally:
         sub.close()
         ctx.term()
+
+
+# ---------------------------------------------------------------- keys
+
+
+@main.command()
+@click.argument("name")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default=".", show_default=True)
+def keygen(name: str, directory: str) -> None:
+    """Write a CURVE key pair: NAME.key (public: share it) and NAME.key_secret (keep it private).
+
+    The server uses its .key_secret (--curve-secret-key); clients use their own .key_secret
+    and the server's .key ($ISOPOOL_CURVE_SECRET_KEY, $ISOPOOL_CURVE_SERVER_KEY). Put client
+    .key files in the server's --curve-clients or --curve-admins directory to let them in.
+    """
+    import os
+
+    import zmq.auth
+
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(directory, name)
+    os.chmod(secret, 0o600)
+    click.echo(f"public key: {public}\nsecret key: {secret}")
 
 
 # ---------------------------------------------------------------- control

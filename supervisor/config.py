@@ -16,6 +16,9 @@ class PoolConfig:
     workers: int = 2
     endpoint: str | None = None  # default: ipc:// in the per-user runtime directory
     insecure: bool = False  # allow tcp:// without authentication
+    curve_secret_key: str | None = None  # the server's .key_secret file: CURVE on the frontend
+    curve_clients: str | None = None  # directory of client public keys (*.key) allowed in
+    curve_admins: str | None = None  # directory of public keys also allowed control ops
     devices: str = "cpu"
     threads: int = 0  # torch intra-op threads per worker; 0 = cores / workers
     max_queue: int = 1024  # queued requests beyond which new ones get Overloaded

@@ -41,6 +41,7 @@ import zmq
 from isopool.protocol import (
     BadRequest,
     IsopoolError,
+    NotAllowed,
     Overloaded,
     PoisonRequest,
     RequestTimeout,
@@ -62,6 +63,7 @@ from isopool.worker.process import WorkerConfig
 
 from . import spawner
 from .config import PoolConfig
+from .auth import AuthError, CurveAuth, is_admin
 from .events import EventLog
 from .metrics import PoolCollector, Snapshot, serve_metrics
 from .notify import sd_notify
@@ -125,6 +127,7 @@ class Supervisor:
         self.private_dir: str | None = None
         self.events: EventLog | None = None
         self.template: spawner.Template | None = None
+        self.auth: CurveAuth | None = None
         self.metrics: PoolCollector | None = None
         self.metrics_url: str | None = None
         self.restart_reasons: dict[str, int] = {}
@@ -160,6 +163,8 @@ class Supervisor:
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.backend, zmq.POLLIN)
         self.poller.register(self.wake_r.fileno(), zmq.POLLIN)
+        if self.auth is not None:
+            self.poller.register(self.auth.zap, zmq.POLLIN)
         if self.config.preload != "none":
             spawner.become_subreaper()
             self.start_template(time.monotonic())
@@ -173,10 +178,17 @@ class Supervisor:
         return str(ensure_private_dir(runtime_dir()))
 
     def _bind_frontend(self) -> zmq.Socket:
-        if is_tcp(self.endpoint) and not self.config.insecure:
+        cfg = self.config
+        if is_tcp(self.endpoint) and not cfg.insecure and not cfg.curve_secret_key:
             raise StartupError(
                 f"refusing to serve {self.endpoint} without authentication: anyone who can reach the port "
-                "could send requests. Use an ipc:// endpoint, or pass --insecure on a trusted network")
+                "could send requests. Give --curve-secret-key and --curve-clients (keys from `isopool keygen`), "
+                "use an ipc:// endpoint, or pass --insecure on a trusted network")
+        if cfg.curve_secret_key:
+            try:
+                self.auth = CurveAuth(self.ctx, cfg.curve_secret_key, cfg.curve_clients, cfg.curve_admins)
+            except AuthError as exc:
+                raise StartupError(str(exc)) from None
         path = ipc_path(self.endpoint)
         if path is not None:
             if self.config.endpoint is None:
@@ -188,6 +200,8 @@ class Supervisor:
         for opt, val in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 0),
                          (zmq.MAXMSGSIZE, self.limits.max_message_bytes)):
             sock.setsockopt(opt, val)
+        if self.auth is not None:
+            self.auth.secure(sock)
         try:
             sock.bind(self.endpoint)
         except zmq.ZMQError as exc:
@@ -215,6 +229,8 @@ class Supervisor:
         if self.events is not None:
             self.events.close()
         self.frontend.close(linger=0)
+        if self.auth is not None:
+            self.auth.close()
         self.backend.close(linger=0)
         self.wake_r.close()
         self.wake_w.close()
@@ -266,6 +282,9 @@ class Supervisor:
             count -= 1
         if self.events.pub in ready:
             self.events.read_subscriptions()
+            count -= 1
+        if self.auth is not None and self.auth.zap in ready:
+            self.auth.handle()
             count -= 1
         if count:
             self.reap(ready, now)  # a pidfd, a worker's output or the template's socket fired
@@ -336,6 +355,9 @@ class Supervisor:
             elif op == ops.STATUS:
                 self.reply(ident, encode(ops.RESULT, header["id"], build_status(self, now)))
             elif op == ops.CONTROL:
+                if self.auth is not None and not is_admin(frames[1]):
+                    raise NotAllowed("control ops (scale, reload, stop) need an admin key; this client's key "
+                                     "is not in --curve-admins")
                 result = self.control(header.get("action"), header.get("args") or {})
                 self.reply(ident, encode(ops.RESULT, header["id"], result))
             elif op == ops.CANCEL:

@@ -24,10 +24,10 @@ def short_tmp():
 def start_pool(short_tmp):
     pools: list[PoolProc] = []
 
-    def start(*args: str, wait: bool = True, env: dict | None = None) -> PoolProc:
+    def start(*args: str, wait: bool = True, env: dict | None = None, **kw) -> PoolProc:
         sub = short_tmp / str(len(pools))
         sub.mkdir(mode=0o700)
-        pool = PoolProc(sub, list(args), env)
+        pool = PoolProc(sub, list(args), env, **kw)
         pools.append(pool)
         if wait:
             pool.wait_ready()

@@ -32,9 +32,11 @@ START_TIMEOUT = 60.0
 class PoolProc:
     """One `isopool serve` process under test."""
 
-    def __init__(self, tmp: Path, args: list[str], env: dict | None = None):
+    def __init__(self, tmp: Path, args: list[str], env: dict | None = None, endpoint: str | None = None,
+                 client_kw: dict | None = None):
         self.tmp = tmp
-        self.endpoint = f"ipc://{tmp}/pool.sock"
+        self.endpoint = endpoint or f"ipc://{tmp}/pool.sock"
+        self.client_kw = client_kw or {}
         self.log_path = tmp / "serve.log"
         notify_path = str(tmp / "notify.sock")
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -61,7 +63,8 @@ class PoolProc:
                 raise AssertionError(f"isopool serve exited with {self.proc.returncode}:\n{self.output()}")
             r, _, _ = select.select([self.notify], [], [], 0.2)
             if r and b"READY=1" in self.notify.recv(4096):
-                self.subscribe()
+                if self.endpoint.startswith("ipc://"):
+                    self.subscribe()
                 return
         raise AssertionError(f"pool not ready within {timeout}s:\n{self.output()}")
 
@@ -81,11 +84,11 @@ class PoolProc:
 
     def client(self, **kw: Any) -> Client:
         """A new client; use it in a `with` block."""
-        return Client(self.endpoint, **{"timeout": 30.0, **kw})
+        return Client(self.endpoint, **{"timeout": 30.0, **self.client_kw, **kw})
 
     def status(self) -> dict:
         if self._client is None:
-            self._client = Client(self.endpoint, timeout=30)
+            self._client = Client(self.endpoint, timeout=30, **self.client_kw)
         return self._client.status()
 
     def workers(self) -> list[dict]:

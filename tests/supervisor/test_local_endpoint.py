@@ -1,0 +1,47 @@
+"""The default ipc endpoint lives in a private runtime directory; a loose or foreign one is refused."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from isopool.protocol.endpoints import ensure_private_dir
+from tests.helpers import ROOT
+
+
+def serve_default(runtime_parent) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime_parent)}
+    env.pop("ISOPOOL_ENDPOINT", None)
+    return subprocess.run([sys.executable, "-m", "isopool.cli", "serve", "--workers", "1"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def test_runtime_dir_is_created_private(short_tmp):
+    path = ensure_private_dir(short_tmp / "isopool")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+
+
+def test_loose_runtime_dir_is_refused(short_tmp):
+    (short_tmp / "isopool").mkdir(mode=0o755)
+    os.chmod(short_tmp / "isopool", 0o755)
+    out = serve_default(short_tmp)
+    assert out.returncode == 1 and "has mode 755" in out.stderr and "chmod 700" in out.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a directory to another user")
+def test_foreign_runtime_dir_is_refused(short_tmp):
+    (short_tmp / "isopool").mkdir(mode=0o700)
+    os.chown(short_tmp / "isopool", 4242, -1)
+    out = serve_default(short_tmp)
+    assert out.returncode == 1 and "belongs to uid 4242" in out.stderr
+
+
+def test_symlinked_runtime_dir_is_refused(short_tmp):
+    (short_tmp / "elsewhere").mkdir(mode=0o700)
+    (short_tmp / "isopool").symlink_to(short_tmp / "elsewhere")
+    out = serve_default(short_tmp)
+    assert out.returncode == 1 and "not a directory" in out.stderr
