@@ -54,6 +54,19 @@ def make_echo():
     return echo
 
 
+SEEN: list = []  # module state that outlives a request: what tenant isolation must contain
+
+
+def hoarder(x: Any) -> Any:
+    """A careless model: remembers every input in a module-level list and returns them all."""
+    SEEN.append(x)
+    return list(SEEN)
+
+
+def make_hoarder():
+    return hoarder
+
+
 class FailsToLoad:
     def __init__(self) -> None:
         raise RuntimeError("weights file /models/missing.pt not found")

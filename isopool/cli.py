@@ -79,6 +79,9 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
     ("arrays", click.Choice(["auto", "numpy", "torch"]), "How the model receives arrays."),
     ("metrics-port", int, "Serve Prometheus metrics at http://HOST:PORT/metrics (0: off)."),
     ("metrics-host", str, "Address for --metrics-port (default 127.0.0.1: loopback only)."),
+    ("isolation", click.Choice(["none", "tenant", "request"]),
+     "none: any worker serves any request; tenant: a worker serves one tenant until it is recycled; "
+     "request: every request runs in a fresh worker."),
     ("preload", click.Choice(["none", "imports", "model"]),
      "Start workers by fork from a template that has imported torch and the handler (imports, the "
      "default: a restart takes milliseconds), that has also built the model so workers share its weights "

@@ -45,6 +45,7 @@ class PoolConfig:
     arrays: str = "auto"  # how handlers receive arrays: auto | numpy | torch
     metrics_port: int = 0  # serve Prometheus /metrics here (0: off)
     metrics_host: str = "127.0.0.1"
+    isolation: str = "none"  # none | tenant (a worker serves one tenant) | request (a fresh worker each)
     preload: str = "imports"  # none (fresh interpreter per worker) | imports | model (CPU: share weights)
     user_config: dict = field(default_factory=dict)  # passed to the model factory's context
 
@@ -68,6 +69,8 @@ class PoolConfig:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if self.arrays not in ("auto", "numpy", "torch"):
             problems.append(f"arrays must be auto, numpy or torch, got {self.arrays!r}")
+        if self.isolation not in ("none", "tenant", "request"):
+            problems.append(f"isolation must be none, tenant or request, got {self.isolation!r}")
         if self.preload not in ("none", "imports", "model"):
             problems.append(f"preload must be none, imports or model, got {self.preload!r}")
         elif self.preload == "model" and "cuda" in self.devices:

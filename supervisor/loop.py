@@ -76,7 +76,9 @@ from .workers import ALIVE, SERVING, State, Worker, parse_ident
 log = logging.getLogger("isopool.supervisor")
 worker_log = logging.getLogger("isopool.worker")
 
-RECYCLE_REASONS = frozenset({"max_requests", "max_rss", "reload", "integrity"})
+RECYCLE_REASONS = frozenset({"max_requests", "max_rss", "reload", "integrity", "tenant", "isolation"})
+ISOLATION_REASONS = frozenset({"tenant", "isolation"})
+LOOKAHEAD = 64  # with isolation: queued requests considered per dispatch, oldest first
 SURGE = 1  # extra workers allowed while replacing (recycle, reload): capacity never dips
 LAST_WORDS_S = 0.005  # how long a crash waits for the dead worker's already-sent replies
 TICK_S = 0.25  # longest gap between maintenance passes (heartbeats, kills, sampling)
@@ -390,10 +392,22 @@ class Supervisor:
             raise PoisonRequest(f"this input has killed {self.config.poison_threshold} workers and is refused; "
                                 "fix the input or the handler", threshold=self.config.poison_threshold)
         req = Request(key=key, body=body, deadline=now + timeout, timeout=timeout, timeout_setting=setting,
-                      accepted_at=now, retry=bool(header.get("retry", True)), stream=bool(header.get("stream")))
+                      accepted_at=now, retry=bool(header.get("retry", True)), stream=bool(header.get("stream")),
+                      tenant=self._isolation_key(key, header))
         self.requests[key] = req
         self.queue[key] = req
         heapq.heappush(self.deadlines, (req.deadline, next(self.seq), key))
+
+    def _isolation_key(self, key: tuple, header: dict) -> object:
+        mode = self.config.isolation
+        if mode == "none":
+            return None
+        if mode == "request":
+            return key
+        tenant = header.get("tenant")
+        if tenant is not None and not isinstance(tenant, str):
+            raise BadRequest(f"tenant must be a string, got {type(tenant).__name__}")
+        return "" if tenant is None else tenant  # requests without a tenant share the default one
 
     def _timeout_of(self, header: dict) -> tuple[float, str]:
         cap = self.config.request_timeout
@@ -528,6 +542,8 @@ class Supervisor:
     def after_request(self, w: Worker, now: float) -> None:
         if w.max_requests and w.requests_this_process >= w.max_requests and w.retire is None:
             self.retire(w, "max_requests")
+        elif self.config.isolation == "request" and w.retire is None:
+            self.retire(w, "isolation")  # its one request is done: start its fresh replacement now
         if w.state is State.DRAINING and not w.inflight:
             self.stop_worker(w, now)
 
@@ -706,7 +722,8 @@ class Supervisor:
         for w in sorted(kept, key=_retire_order)[: max(0, len(kept) - self.target)]:
             self.retire(w, "scale")
         short = self.target - len(kept)
-        room = self.target + SURGE - len(self.workers)
+        surge = self.target if self.config.isolation == "request" else SURGE  # every request needs a fresh one
+        room = self.target + surge - len(self.workers)
         for _ in range(max(0, min(short, room))):
             slot = next(self.slots)
             self.workers[slot] = Worker(slot=slot, device=self.devices[slot % len(self.devices)], spawn_at=now)
@@ -725,6 +742,9 @@ class Supervisor:
             self.reloading = False
             self.emit("reload_finished", None, workers=len(self.workers))
         retiring = [w for w in self.workers.values() if w.retire is not None and w.state in SERVING]
+        for w in [w for w in retiring if w.retire in ISOLATION_REASONS]:
+            self.drain(w, now)  # bound to a tenant nobody is waiting for: no use keeping it
+            retiring.remove(w)
         if not retiring:
             return
         ready_kept = sum(1 for w in self.workers.values() if w.retire is None and w.state in SERVING)
@@ -848,6 +868,9 @@ class Supervisor:
     # ------------------------------------------------------------ dispatch
 
     def dispatch(self, now: float) -> None:
+        if self.config.isolation != "none":
+            self.dispatch_isolated(now)
+            return
         queue, credits, workers = self.queue, self.credits, self.workers
         while queue and credits:
             slot, generation = credits.popleft()
@@ -856,6 +879,44 @@ class Supervisor:
                 continue  # a credit of a worker that died or is draining
             key, req = queue.popitem(last=False)
             self.send_run(w, req, now)
+
+    def dispatch_isolated(self, now: float) -> None:
+        """Each request to a worker of its own tenant, or a fresh one; never across tenants.
+
+        FIFO with a bounded look-ahead. When the oldest waiting request has no worker it may
+        use, one idle worker bound to another tenant is recycled (its replacement starts
+        first), so capacity is shared by arrival order and no tenant is starved.
+        """
+        self.credits.clear()  # credits are the shared-pool fast path; here every slot is checked
+        prefetch = 1 if self.config.isolation == "request" else self.config.prefetch
+        free = [w for w in self.workers.values()
+                if w.state in SERVING and w.retire is None and len(w.inflight) < prefetch]
+        placed = []
+        held = {w.slot: len(w.inflight) for w in free}
+        for req in itertools.islice(self.queue.values(), LOOKAHEAD):
+            w = next((w for w in free if w.tenant == req.tenant), None) or \
+                next((w for w in free if w.tenant is None), None)
+            if w is None:
+                continue
+            w.tenant = req.tenant
+            placed.append((w, req))
+            held[w.slot] += 1
+            if held[w.slot] >= prefetch:
+                free.remove(w)
+        for w, req in placed:
+            del self.queue[req.key]
+            self.send_run(w, req, now)
+        if self.queue and not placed:
+            self.recycle_for(next(iter(self.queue.values())))
+
+    def recycle_for(self, req: Request) -> None:
+        """Make room for a request whose tenant has no worker: recycle an idle foreign one."""
+        if any(w.retire == "tenant" and w.state in SERVING for w in self.workers.values()):
+            return  # one recycle at a time; its replacement will take this request
+        idle = [w for w in self.workers.values() if w.state is State.IDLE and w.retire is None
+                and w.tenant is not None and w.tenant != req.tenant]
+        if idle:
+            self.retire(min(idle, key=lambda w: w.ready_at), "tenant")
 
     def send_run(self, w: Worker, req: Request, now: float) -> None:
         req.attempt += 1

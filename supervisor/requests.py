@@ -18,6 +18,7 @@ class Request:
     accepted_at: float
     retry: bool = True
     stream: bool = False
+    tenant: object = None  # the isolation key: the client's tenant, or the request itself
     attempt: int = 0  # dispatches so far
     worker: int | None = None  # slot while dispatched
     started_at: float = 0.0

@@ -68,6 +68,7 @@ class Worker:
     crashes_in_row: int = 0  # consecutive deaths; drives backoff, reset by a good request
     requests_this_process: int = 0
     max_requests: int = 0  # this process's recycle threshold (jittered), 0 = never
+    tenant: object = None  # with --isolation: the tenant (or request) this process is bound to
     retire: str | None = None  # why this worker is being replaced (recycle, reload, scale)
     stop_reason: str | None = None  # why we stopped or killed it; None means a death is a crash
     kill_at: float | None = None  # escalate TERM -> KILL at this time
@@ -97,6 +98,7 @@ class Worker:
         self.inflight.clear()
         self.started_at = self.ready_at = self.last_seen = 0.0
         self.requests_this_process = 0
+        self.tenant = None
         self.stop_reason = None
         self.kill_at = None
         self.rss = self.uss = 0
