@@ -67,6 +67,26 @@ def make_hoarder():
     return hoarder
 
 
+class SelfModifying:
+    """A model that, on the input "corrupt", adds to its own weights: a silent-corruption bug."""
+
+    def __init__(self) -> None:
+        import torch
+
+        torch.manual_seed(0)
+        self.layer = torch.nn.Linear(4, 2)
+
+    def __call__(self, x: Any) -> Any:
+        import torch
+
+        if x == "corrupt":
+            with torch.no_grad():
+                self.layer.weight.add_(1.0)
+            return "done"
+        with torch.no_grad():
+            return self.layer(torch.tensor(x, dtype=torch.float32)).numpy()
+
+
 class FailsToLoad:
     def __init__(self) -> None:
         raise RuntimeError("weights file /models/missing.pt not found")

@@ -79,6 +79,8 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
     ("arrays", click.Choice(["auto", "numpy", "torch"]), "How the model receives arrays."),
     ("metrics-port", int, "Serve Prometheus metrics at http://HOST:PORT/metrics (0: off)."),
     ("metrics-host", str, "Address for --metrics-port (default 127.0.0.1: loopback only)."),
+    ("integrity-interval", float, "Seconds between checks of each idle worker's weights against their "
+     "fingerprint at load (0: off). A changed model is recycled."),
     ("isolation", click.Choice(["none", "tenant", "request"]),
      "none: any worker serves any request; tenant: a worker serves one tenant until it is recycled; "
      "request: every request runs in a fresh worker."),
@@ -93,13 +95,14 @@ SERVE_OPTIONS += [
     ("curve-clients", str, "Directory of client public keys (*.key) allowed to infer and read status."),
     ("curve-admins", str, "Directory of public keys also allowed control ops (scale, reload, stop)."),
 ]
-BOOL_FLAGS = [("insecure", "Allow a tcp:// endpoint without authentication (trusted networks only).")]
+BOOL_FLAGS = [("integrity-every-request", "Also check the weights after every request (costs a hash of them)."),
+              ("insecure", "Allow a tcp:// endpoint without authentication (trusted networks only).")]
 
 
 def _serve_options(func):
     for name, typ, help_text in reversed(SERVE_OPTIONS):
         func = click.option(f"--{name}", type=typ, default=None, help=help_text)(func)
-    for name, help_text in BOOL_FLAGS:
+    for name, help_text in reversed(BOOL_FLAGS):
         func = click.option(f"--{name}", is_flag=True, default=None, help=help_text)(func)
     return func
 

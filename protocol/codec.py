@@ -276,7 +276,9 @@ def _torch_array(name: str, shape: tuple, buf: memoryview) -> Any:
     dtype = getattr(torch, name) if name != "bool" else torch.bool
     if len(buf) == 0:
         return torch.empty(shape, dtype=dtype)
-    # torch has no read-only tensors; the buffer is this process's private copy of the frame.
+    if buf.readonly:  # torch has no read-only tensors: never hand it memory it may not write
+        buf = memoryview(bytearray(buf))
+    # otherwise the buffer is this process's private copy of the received frame
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 

@@ -45,6 +45,8 @@ class PoolConfig:
     arrays: str = "auto"  # how handlers receive arrays: auto | numpy | torch
     metrics_port: int = 0  # serve Prometheus /metrics here (0: off)
     metrics_host: str = "127.0.0.1"
+    integrity_interval: float = 0.0  # seconds between weight fingerprint checks of idle workers (0: off)
+    integrity_every_request: bool = False  # also check after every request
     isolation: str = "none"  # none | tenant (a worker serves one tenant) | request (a fresh worker each)
     preload: str = "imports"  # none (fresh interpreter per worker) | imports | model (CPU: share weights)
     user_config: dict = field(default_factory=dict)  # passed to the model factory's context
@@ -63,7 +65,7 @@ class PoolConfig:
                      "restart_window", "stats_interval"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("threads", "max_requests", "max_requests_jitter", "max_rss", "kill_grace",
+        for name in ("integrity_interval", "threads", "max_requests", "max_requests_jitter", "max_rss", "kill_grace",
                      "drain_timeout", "backoff_base", "backoff_max"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")

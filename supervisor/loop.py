@@ -77,7 +77,7 @@ log = logging.getLogger("isopool.supervisor")
 worker_log = logging.getLogger("isopool.worker")
 
 RECYCLE_REASONS = frozenset({"max_requests", "max_rss", "reload", "integrity", "tenant", "isolation"})
-ISOLATION_REASONS = frozenset({"tenant", "isolation"})
+DRAIN_NOW_REASONS = frozenset({"tenant", "isolation"})  # bound to another tenant: no use keeping them
 LOOKAHEAD = 64  # with isolation: queued requests considered per dispatch, oldest first
 SURGE = 1  # extra workers allowed while replacing (recycle, reload): capacity never dips
 LAST_WORDS_S = 0.005  # how long a crash waits for the dead worker's already-sent replies
@@ -472,6 +472,8 @@ class Supervisor:
         elif op in (ops.RESULT, ops.ERROR, ops.CHUNK):
             if header.get("stage") == "load":
                 self.on_load_failure(w, frames[2:])
+            elif header.get("stage") == "integrity":
+                self.on_integrity_failure(w, header)
             else:
                 self.on_reply(w, op, header, frames[2:], now)
 
@@ -502,6 +504,16 @@ class Supervisor:
             self.startup_error = f"{err}\n\n{tb}".rstrip()
             self.exit_code = EXIT_LOAD_FAILED
             self.begin_stop("the model failed to load")
+
+    def on_integrity_failure(self, w: Worker, header: dict) -> None:
+        """Its weights changed: no more work for it; what it holds finishes elsewhere."""
+        log.error("worker %d (pid %s): model weights changed (%s); recycling it", w.slot, w.pid, header.get("when"))
+        self.emit("integrity", w, when=header.get("when"), expected=header.get("expected"),
+                  actual=header.get("actual"))
+        if w.retire is None:
+            self.retire(w, "integrity")
+        if w.state in SERVING:
+            self.stop_worker(w, time.monotonic())  # it runs nothing more; what it holds is requeued
 
     def on_reply(self, w: Worker, op: str, header: dict, body: list, now: float) -> None:
         rid = header.get("id")
@@ -742,8 +754,8 @@ class Supervisor:
             self.reloading = False
             self.emit("reload_finished", None, workers=len(self.workers))
         retiring = [w for w in self.workers.values() if w.retire is not None and w.state in SERVING]
-        for w in [w for w in retiring if w.retire in ISOLATION_REASONS]:
-            self.drain(w, now)  # bound to a tenant nobody is waiting for: no use keeping it
+        for w in [w for w in retiring if w.retire in DRAIN_NOW_REASONS]:
+            self.drain(w, now)
             retiring.remove(w)
         if not retiring:
             return
@@ -757,6 +769,8 @@ class Supervisor:
             backend=self.backend_endpoint, slot=w.slot, generation=w.generation, model=self.config.model,
             parent_pid=os.getpid(), device=w.device, threads=self.config.worker_threads(),
             heartbeat_interval=self.config.heartbeat_interval, arrays=self.config.arrays,
+            integrity_interval=self.config.integrity_interval,
+            integrity_every_request=self.config.integrity_every_request,
             user_config=self.config.user_config, limits=self.limits.__dict__,
         )
         cfg.generation += 1

@@ -32,6 +32,7 @@ from isopool.protocol.limits import Limits
 from isopool.protocol.transport import drain, send_frames
 
 from .handler import WorkerContext, build_model
+from .integrity import fingerprint
 
 log = logging.getLogger("isopool.worker")
 
@@ -49,6 +50,8 @@ class WorkerConfig:
     device: str = "cpu"
     threads: int = 1
     heartbeat_interval: float = 1.0
+    integrity_interval: float = 0.0  # seconds between weight checks when idle (0: never)
+    integrity_every_request: bool = False
     arrays: str = "auto"
     user_config: dict = field(default_factory=dict)
     limits: dict = field(default_factory=dict)
@@ -90,6 +93,10 @@ class Worker:
         self.sock.connect(config.backend)
         self.sent = False
         self.running = True
+        self.checks_weights = config.integrity_interval > 0 or config.integrity_every_request
+        self.fingerprint = fingerprint(model) if self.checks_weights else None
+        self.next_check = time.monotonic() + config.integrity_interval
+        self.corrupt = False
         import torch
 
         self.inference_mode = torch.inference_mode
@@ -110,6 +117,9 @@ class Worker:
                         break
             if not self.sent:  # a quiet interval: tell the supervisor we are alive
                 self.send([pack_header(ops.HEARTBEAT, None)])
+            if self.config.integrity_interval and time.monotonic() >= self.next_check:
+                self.check_weights("scheduled")
+                self.next_check = time.monotonic() + self.config.integrity_interval
         self.sock.close(linger=2000)
         self.ctx.term()
 
@@ -122,7 +132,7 @@ class Worker:
         op = header["op"]
         if op == ops.STOP:
             self.running = False
-        elif op == ops.RUN:
+        elif op == ops.RUN and not self.corrupt:
             self.run(header, frames[1:])
 
     def run(self, header: dict, body: list) -> None:
@@ -146,6 +156,19 @@ class Worker:
             self.send(encode_error(rid, self.remote_error(exc), attempt=attempt))
             return
         self.send([pack_header(ops.RESULT, rid, attempt=attempt), *frames])
+        if self.config.integrity_every_request:
+            self.check_weights("after request", rid)
+
+    def check_weights(self, when: str, rid: Any = None) -> None:
+        """Compare the weights with their fingerprint at load; report a mismatch and stop serving."""
+        if self.fingerprint is None or self.corrupt:
+            return
+        now = fingerprint(self.model)
+        if now != self.fingerprint:
+            log.error("model weights changed since load (%s); asking to be replaced", when)
+            self.send([pack_header(ops.ERROR, None, stage="integrity", when=when, request=rid,
+                                   expected=self.fingerprint, actual=now)])
+            self.corrupt = True  # run nothing more; the supervisor requeues what we hold and stops us
 
     def remote_error(self, exc: BaseException) -> RemoteError:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
