@@ -123,7 +123,7 @@ class AsyncClient:
         t = s.timeout_of(timeout)
         cid = next(s.ids)
         parts: asyncio.Queue = asyncio.Queue()
-        frames = s.infer_frames(x, cid, t, False, True, tenant if tenant is not None else self.tenant)
+        frames = s.infer_frames(x, cid, t, self.retry, True, tenant if tenant is not None else self.tenant)
         self._start(frames, cid, t, stream=True, parts=parts)
         finished = False
         try:

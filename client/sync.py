@@ -217,7 +217,8 @@ class Client:
     def stream(self, x: Any, *, timeout: float | None = None, tenant: str | None = None) -> Iterator[Any]:
         """Yield the parts a generator handler produces, in order. Closing early cancels it."""
         parts: queue.SimpleQueue = queue.SimpleQueue()
-        future = self._submit(x, timeout, False, tenant, sink=parts.put, stream=True)
+        # retried only if its worker dies before the first part (the supervisor enforces that)
+        future = self._submit(x, timeout, None, tenant, sink=parts.put, stream=True)
         return self._iterate(future, parts)
 
     def _iterate(self, future: Future, parts: queue.SimpleQueue) -> Iterator[Any]:

@@ -40,6 +40,7 @@ import zmq
 
 from isopool.protocol import (
     BadRequest,
+    Cancelled,
     IsopoolError,
     NotAllowed,
     Overloaded,
@@ -428,9 +429,10 @@ class Supervisor:
         req = self.requests.get(key)
         if req is None:
             return
-        from isopool.protocol import Cancelled
-
         self.queue.pop(key, None)
+        if req.worker is not None:  # tell its worker: a stream stops at its next part
+            w = self.workers[req.worker]
+            send_frames(self.backend, [w.ident, pack_header(ops.CANCEL, list(key))])
         # a dispatched request stays in its worker's inflight until the worker answers
         self.fail(req, Cancelled("cancelled by the client"), count_as="cancelled")
 
@@ -650,12 +652,13 @@ class Supervisor:
         elif req.retry and not req.chunks_sent and len(req.crashes) < self.config.max_attempts:
             self.requeue(req)
         else:
-            why = ("retry=False" if not req.retry else "streamed parts cannot be retried" if req.chunks_sent
+            why = ("streamed parts cannot be retried" if req.chunks_sent else "retry=False" if not req.retry
                    else f"--max-attempts {self.config.max_attempts} reached")
+            after = f" after {req.chunks_sent} streamed part(s)" if req.stream else ""
             self.fail(req, WorkerCrashed(
-                f"worker {info['worker']} (pid {info['pid']}) died running this request: {info['reason']} "
-                f"[attempt {len(req.crashes)}; not retried: {why}]",
-                attempts=req.crashes, exit_code=info["exit_code"], signal=info["signal"]), "crashed")
+                f"worker {info['worker']} (pid {info['pid']}) died running this request{after}: {info['reason']} "
+                f"[attempt {len(req.crashes)}; not retried: {why}]", attempts=req.crashes,
+                exit_code=info["exit_code"], signal=info["signal"], parts_delivered=req.chunks_sent), "crashed")
 
     def requeue(self, req: Request) -> None:
         """Back to the head of the queue: it has waited longest."""

@@ -19,6 +19,8 @@ import signal
 import sys
 import time
 import traceback
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +99,7 @@ class Worker:
         self.fingerprint = fingerprint(model) if self.checks_weights else None
         self.next_check = time.monotonic() + config.integrity_interval
         self.corrupt = False
+        self.backlog: deque = deque()
         import torch
 
         self.inference_mode = torch.inference_mode
@@ -110,7 +113,9 @@ class Worker:
         interval_ms = int(self.config.heartbeat_interval * 1000)
         while self.running:
             self.sent = False
-            if self.sock.poll(interval_ms, zmq.POLLIN):
+            while self.backlog and self.running:  # what arrived while a stream was being sent
+                self.handle(self.backlog.popleft())
+            if self.running and self.sock.poll(interval_ms, zmq.POLLIN):
                 for frames in drain(self.sock, 64):
                     self.handle(frames)
                     if not self.running:
@@ -151,13 +156,49 @@ class Worker:
         try:
             with self.inference_mode():
                 output = self.model(inputs)
-            frames = encode_payload(output)
+                if isinstance(output, (Iterator, AsyncIterator)) and not isinstance(output, (str, bytes)):
+                    frames = self.stream(rid, attempt, output)
+                else:
+                    frames = encode_payload(output)
         except Exception as exc:
             self.send(encode_error(rid, self.remote_error(exc), attempt=attempt))
             return
         self.send([pack_header(ops.RESULT, rid, attempt=attempt), *frames])
         if self.config.integrity_every_request:
             self.check_weights("after request", rid)
+
+    def stream(self, rid: Any, attempt: int, parts: Iterator) -> list:
+        """Send each part as a CHUNK; stop early if the request is cancelled. Returns the end frames."""
+        if isinstance(parts, AsyncIterator):
+            raise TypeError("async generators are not supported; make the model a plain generator")
+        try:
+            for part in parts:
+                self.send([pack_header(ops.CHUNK, rid, attempt=attempt), *encode_payload(part)])
+                if self.cancelled(rid):
+                    log.info("stream %r cancelled by its client; generator closed", rid)
+                    break
+        finally:
+            close = getattr(parts, "close", None)
+            if close is not None:
+                close()  # runs the generator's finally blocks, also when stopped early
+        return encode_payload(None)  # the end of the stream
+
+    def cancelled(self, rid: Any) -> bool:
+        """Between parts: read what has arrived; a CANCEL of `rid` ends the stream, the rest waits."""
+        for frames in drain(self.sock, 64):
+            try:
+                header = unpack_header(frames[0].bytes, self.limits)
+            except BadRequest:
+                continue
+            if header["op"] == ops.CANCEL:
+                if header["id"] == rid:
+                    return True
+            elif header["op"] == ops.STOP:
+                self.running = False
+                return True
+            else:
+                self.backlog.append(frames)
+        return False
 
     def check_weights(self, when: str, rid: Any = None) -> None:
         """Compare the weights with their fingerprint at load; report a mismatch and stop serving."""

@@ -1,0 +1,85 @@
+"""Streaming: parts in order, early close stops the generator, a mid-stream crash is never silent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from isopool import AsyncClient
+from isopool.errors import WorkerCrashed
+from tests.helpers import ROOT
+
+STREAMING = "isopool.examples.streaming:Countdown"
+
+
+def test_parts_arrive_in_order_and_complete(start_pool):
+    pool = start_pool("--workers", "1", "--model", STREAMING)
+    with pool.client() as c:
+        parts = list(c.stream({"n": 20, "tag": "a"}))
+        assert parts == [{"tag": "a", "i": i} for i in range(20)]
+        assert c.infer({"stats": True}) == {"parts": 20, "closed_early": 0, "finished": 1}
+
+
+def test_early_close_stops_the_generator_in_the_worker(start_pool):
+    pool = start_pool("--workers", "1", "--model", STREAMING)
+    with pool.client() as c:
+        stream = c.stream({"n": 1000, "delay": 0.01})
+        got = [next(stream) for _ in range(3)]
+        stream.close()  # the consumer stops: the worker is told and closes the generator
+        assert [p["i"] for p in got] == [0, 1, 2]
+        stats = c.infer({"stats": True})  # served after the stream ended: one worker, in order
+    assert stats["closed_early"] == 1 and stats["finished"] == 0
+    assert stats["parts"] < 1000
+
+
+def test_crash_mid_stream_gives_the_parts_then_worker_crashed(start_pool):
+    pool = start_pool("--workers", "2", "--model", STREAMING)
+    got = []
+    with pool.client() as c:
+        with pytest.raises(WorkerCrashed) as info:
+            for part in c.stream({"n": 10, "crash_after": 4, "tag": "x", "delay": 0.05}):
+                got.append(part["i"])
+    assert got == [0, 1, 2, 3]  # never a silent truncation, never retried after the first part
+    assert info.value.exit_code == 3 and "streamed parts cannot be retried" in str(info.value)
+    assert info.value.parts_delivered == 4 and "after 4 streamed part(s)" in str(info.value)
+    assert pool.status()["pool"]["restarts_total"] == 1
+
+
+def test_eight_concurrent_streams_on_two_workers_do_not_mix(start_pool):
+    pool = start_pool("--workers", "2", "--model", STREAMING)
+    results: dict[int, list] = {}
+    with pool.client() as c:
+        def consume(k: int) -> None:
+            results[k] = list(c.stream({"n": 25, "tag": k, "delay": 0.001}))
+
+        threads = [threading.Thread(target=consume, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert sorted(results) == list(range(8))
+    for k, parts in results.items():
+        assert parts == [{"tag": k, "i": i} for i in range(25)]
+
+
+def test_async_stream_is_an_async_iterator(start_pool):
+    pool = start_pool("--workers", "1", "--model", STREAMING)
+
+    async def main() -> list:
+        async with AsyncClient(pool.endpoint) as c:
+            return [part["i"] async for part in c.stream({"n": 6})]
+
+    assert asyncio.run(main()) == list(range(6))
+
+
+def test_cli_infer_stream_prints_parts_as_lines(start_pool):
+    pool = start_pool("--workers", "1", "--model", STREAMING)
+    out = subprocess.run([sys.executable, "-m", "isopool.cli", "infer", "--endpoint", pool.endpoint, "--stream",
+                          json.dumps({"n": 3, "tag": "t"})], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line) for line in out.stdout.splitlines()] == [{"tag": "t", "i": i} for i in range(3)]
