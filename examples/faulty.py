@@ -87,6 +87,16 @@ class SelfModifying:
             return self.layer(torch.tensor(x, dtype=torch.float32)).numpy()
 
 
+class WhereAmI:
+    """Answers with what its context says: the worker's id and device."""
+
+    def __init__(self, context) -> None:
+        self.where = {"worker": context.worker_id, "device": context.device, "threads": context.threads}
+
+    def __call__(self, x: Any) -> Any:
+        return self.where
+
+
 class FailsToLoad:
     def __init__(self) -> None:
         raise RuntimeError("weights file /models/missing.pt not found")

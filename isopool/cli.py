@@ -110,6 +110,7 @@ def _serve_options(func):
 def load_config(path: str | None, flags: dict[str, Any]):
     """Defaults < TOML file < flags. Unknown keys and bad values name the key."""
     from isopool.supervisor.config import PoolConfig
+    from isopool.supervisor.devices import parse_devices
 
     known = {f.name for f in fields(PoolConfig)}
     values: dict[str, Any] = {}
@@ -137,7 +138,9 @@ def load_config(path: str | None, flags: dict[str, Any]):
         if not _type_ok(value, want):
             raise click.BadParameter(f"{name.replace('_', '-')} = {value!r} should be {want}", param_hint="--config")
     try:
-        return PoolConfig(**values)
+        config = PoolConfig(**values)
+        parse_devices(config.devices)
+        return config
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 

@@ -75,9 +75,9 @@ class PoolConfig:
             problems.append(f"isolation must be none, tenant or request, got {self.isolation!r}")
         if self.preload not in ("none", "imports", "model"):
             problems.append(f"preload must be none, imports or model, got {self.preload!r}")
-        elif self.preload == "model" and "cuda" in self.devices:
+        elif self.preload == "model" and self.devices.strip().lower() != "cpu":
             problems.append("preload=model builds the model before fork, and CUDA cannot survive fork; "
-                            "use --preload imports with CUDA devices")
+                            "it needs --devices cpu (use --preload imports with GPUs)")
         if ":" not in self.model:
             problems.append(f"model must look like MODULE:ATTR, got {self.model!r}")
         if problems:

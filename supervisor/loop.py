@@ -65,6 +65,7 @@ from isopool.worker.process import WorkerConfig
 from . import spawner
 from .config import PoolConfig
 from .auth import AuthError, CurveAuth, is_admin
+from .devices import parse_devices
 from .events import EventLog
 from .metrics import PoolCollector, Snapshot, serve_metrics
 from .notify import sd_notify
@@ -101,7 +102,10 @@ class Supervisor:
         self.limits = config.limits
         self.endpoint = config.endpoint or default_endpoint()
         self.target = config.workers
-        self.devices = [d.strip() for d in config.devices.split(",") if d.strip()] or ["cpu"]
+        try:
+            self.devices = parse_devices(config.devices)
+        except ValueError as exc:
+            raise StartupError(str(exc), exit_code=2) from None
         self.workers: dict[int, Worker] = {}
         self.requests: dict[tuple, Request] = {}
         self.queue: OrderedDict[tuple, Request] = OrderedDict()
@@ -486,7 +490,7 @@ class Supervisor:
         w.ready_at = now
         self.sample(w)  # status and metrics show a new worker's memory at once
         self.credits.extend([(w.slot, w.generation)] * self.config.prefetch)
-        self.emit("ready", w, startup_s=round(now - w.started_at, 4))
+        self.emit("ready", w, startup_s=round(now - w.started_at, 4), device=w.device)
         if self.phase == "starting" and self._all_ready():
             self.phase = "serving"
             self.dirty = True

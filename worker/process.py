@@ -240,6 +240,10 @@ def run(config: WorkerConfig, model: Any = None) -> None:
     # the supervisor tags each line of our output with the worker id and pid
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     set_threads(config.threads)
+    if config.device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(config.device)  # after fork: no CUDA state ever crossed it
     if model is None:
         context = WorkerContext(worker_id=config.slot, generation=config.generation, device=config.device,
                                 threads=config.threads, config=config.user_config)
