@@ -57,6 +57,8 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
     ("threads", int, "torch intra-op threads per worker (0: the cores divided by the workers)."),
     ("max-queue", int, "Queued requests beyond which new ones are refused with Overloaded."),
     ("prefetch", int, "Requests a worker may hold at once, so it never waits on the supervisor."),
+    ("max-batch-size", int, "Models with batch(list) -> list get up to this many requests at once."),
+    ("max-batch-wait-ms", float, "How long a partial batch waits for more requests."),
     ("request-timeout", float, "Seconds any request may take; also the deadline when the client gives none."),
     ("max-attempts", int, "Tries of a request whose worker died (1: never retry)."),
     ("poison-threshold", int, "Worker deaths after which an input is refused with PoisonRequest."),

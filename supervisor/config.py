@@ -23,6 +23,8 @@ class PoolConfig:
     threads: int = 0  # torch intra-op threads per worker; 0 = cores / workers
     max_queue: int = 1024  # queued requests beyond which new ones get Overloaded
     prefetch: int = 2  # requests a worker may hold at once; 2 measured best (bench/README.md)
+    max_batch_size: int = 8  # models with batch(list) -> list get up to this many requests at once
+    max_batch_wait_ms: float = 2.0  # a partial batch waits at most this long for more
     request_timeout: float = 300.0  # cap on any request, and the default deadline
     max_attempts: int = 2  # tries of a request whose worker crashed (1 = no retry)
     poison_threshold: int = 3  # worker deaths after which an input is refused for good
@@ -56,7 +58,7 @@ class PoolConfig:
 
     def validate(self) -> None:
         problems = []
-        positive = ("workers", "max_queue", "prefetch", "max_attempts", "poison_threshold", "max_restarts",
+        positive = ("workers", "max_queue", "prefetch", "max_batch_size", "max_attempts", "poison_threshold", "max_restarts",
                     "max_message_bytes", "max_depth", "max_elements")
         for name in positive:
             if getattr(self, name) < 1:
@@ -65,7 +67,7 @@ class PoolConfig:
                      "restart_window", "stats_interval"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("integrity_interval", "threads", "max_requests", "max_requests_jitter", "max_rss", "kill_grace",
+        for name in ("max_batch_wait_ms", "integrity_interval", "threads", "max_requests", "max_requests_jitter", "max_rss", "kill_grace",
                      "drain_timeout", "backoff_base", "backoff_max"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")

@@ -489,7 +489,9 @@ class Supervisor:
         w.transition(State.IDLE, "ready")
         w.ready_at = now
         self.sample(w)  # status and metrics show a new worker's memory at once
-        self.credits.extend([(w.slot, w.generation)] * self.config.prefetch)
+        capacity = header.get("capacity")
+        w.capacity = capacity if isinstance(capacity, int) and 1 <= capacity <= 1024 else self.config.prefetch
+        self.credits.extend([(w.slot, w.generation)] * w.capacity)
         self.emit("ready", w, startup_s=round(now - w.started_at, 4), device=w.device)
         if self.phase == "starting" and self._all_ready():
             self.phase = "serving"
@@ -777,7 +779,8 @@ class Supervisor:
             parent_pid=os.getpid(), device=w.device, threads=self.config.worker_threads(),
             heartbeat_interval=self.config.heartbeat_interval, arrays=self.config.arrays,
             integrity_interval=self.config.integrity_interval,
-            integrity_every_request=self.config.integrity_every_request,
+            integrity_every_request=self.config.integrity_every_request, prefetch=self.config.prefetch,
+            max_batch_size=self.config.max_batch_size, max_batch_wait_ms=self.config.max_batch_wait_ms,
             user_config=self.config.user_config, limits=self.limits.__dict__,
         )
         cfg.generation += 1
@@ -909,9 +912,9 @@ class Supervisor:
         first), so capacity is shared by arrival order and no tenant is starved.
         """
         self.credits.clear()  # credits are the shared-pool fast path; here every slot is checked
-        prefetch = 1 if self.config.isolation == "request" else self.config.prefetch
+        one_each = self.config.isolation == "request"
         free = [w for w in self.workers.values()
-                if w.state in SERVING and w.retire is None and len(w.inflight) < prefetch]
+                if w.state in SERVING and w.retire is None and len(w.inflight) < (1 if one_each else w.capacity)]
         placed = []
         held = {w.slot: len(w.inflight) for w in free}
         for req in itertools.islice(self.queue.values(), LOOKAHEAD):
@@ -922,7 +925,7 @@ class Supervisor:
             w.tenant = req.tenant
             placed.append((w, req))
             held[w.slot] += 1
-            if held[w.slot] >= prefetch:
+            if held[w.slot] >= (1 if one_each else w.capacity):
                 free.remove(w)
         for w, req in placed:
             del self.queue[req.key]

@@ -68,6 +68,7 @@ class Worker:
     crashes_in_row: int = 0  # consecutive deaths; drives backoff, reset by a good request
     requests_this_process: int = 0
     max_requests: int = 0  # this process's recycle threshold (jittered), 0 = never
+    capacity: int = 1  # requests it may hold at once, as it announced (prefetch, or a full batch)
     tenant: object = None  # with --isolation: the tenant (or request) this process is bound to
     retire: str | None = None  # why this worker is being replaced (recycle, reload, scale)
     stop_reason: str | None = None  # why we stopped or killed it; None means a death is a crash

@@ -58,7 +58,7 @@ def wants_context(factory: Callable[..., Any]) -> bool:
 def build_model(spec: str, context: WorkerContext) -> Any:
     factory = resolve(spec)
     model = factory(context) if wants_context(factory) else factory()
-    if not callable(model):
-        raise TypeError(f"{spec} built a {type(model).__name__}, which is not callable; "
-                        "the model must be called once per request")
+    if not callable(model) and not callable(getattr(model, "batch", None)):
+        raise TypeError(f"{spec} built a {type(model).__name__}, which is neither callable nor has batch(); "
+                        "the model is called once per request, or batch(list) once per batch")
     return model

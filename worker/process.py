@@ -54,6 +54,9 @@ class WorkerConfig:
     heartbeat_interval: float = 1.0
     integrity_interval: float = 0.0  # seconds between weight checks when idle (0: never)
     integrity_every_request: bool = False
+    prefetch: int = 2
+    max_batch_size: int = 8  # for models with batch(): requests handed over at once
+    max_batch_wait_ms: float = 2.0  # how long a partial batch waits for more
     arrays: str = "auto"
     user_config: dict = field(default_factory=dict)
     limits: dict = field(default_factory=dict)
@@ -100,16 +103,23 @@ class Worker:
         self.next_check = time.monotonic() + config.integrity_interval
         self.corrupt = False
         self.backlog: deque = deque()
+        self.batching = callable(getattr(model, "batch", None)) and config.max_batch_size > 1
+        self.batch: list = []  # RUN messages waiting to be run together
         import torch
 
         self.inference_mode = torch.inference_mode
+
+    @property
+    def capacity(self) -> int:
+        """Requests we may hold at once: enough for a full batch."""
+        return max(self.config.prefetch, self.config.max_batch_size if self.batching else 1)
 
     def send(self, frames: list) -> None:
         send_frames(self.sock, frames)
         self.sent = True
 
     def serve(self) -> None:
-        self.send([pack_header(ops.READY, None, pid=os.getpid(), device=self.config.device)])
+        self.send([pack_header(ops.READY, None, pid=os.getpid(), device=self.config.device, capacity=self.capacity)])
         interval_ms = int(self.config.heartbeat_interval * 1000)
         while self.running:
             self.sent = False
@@ -120,6 +130,8 @@ class Worker:
                     self.handle(frames)
                     if not self.running:
                         break
+            while self.batch and self.running:
+                self.fill_and_run_batch()
             if not self.sent:  # a quiet interval: tell the supervisor we are alive
                 self.send([pack_header(ops.HEARTBEAT, None)])
             if self.config.integrity_interval and time.monotonic() >= self.next_check:
@@ -138,21 +150,70 @@ class Worker:
         if op == ops.STOP:
             self.running = False
         elif op == ops.RUN and not self.corrupt:
-            self.run(header, frames[1:])
+            if self.batching:
+                self.batch.append((header, frames[1:]))
+            else:
+                self.run(header, frames[1:])
 
-    def run(self, header: dict, body: list) -> None:
+    def accept(self, header: dict, body: list) -> tuple[Any, int, Any] | None:
+        """(id, attempt, inputs) of a RUN, or None after answering it (expired, undecodable)."""
         rid, attempt = header["id"], header.get("attempt", 0)
         deadline = header.get("deadline")
         if deadline is not None and time.monotonic() >= deadline:
             self.send(encode_error(rid, RequestTimeout(
                 "the request's deadline passed before a worker could start it",
                 setting="timeout"), attempt=attempt))
-            return
+            return None
         try:
-            inputs = decode_payload(body, arrays=self.config.arrays, limits=self.limits)
+            return rid, attempt, decode_payload(body, arrays=self.config.arrays, limits=self.limits)
         except BadRequest as err:
             self.send(encode_error(rid, err, attempt=attempt))
+            return None
+
+    def fill_and_run_batch(self) -> None:
+        """Wait up to max_batch_wait_ms for a full batch, then run what we have."""
+        size = self.config.max_batch_size
+        end = time.monotonic() + self.config.max_batch_wait_ms / 1000
+        while len(self.batch) < size and self.running:
+            left_ms = int((end - time.monotonic()) * 1000)
+            if left_ms < 0 or not self.sock.poll(left_ms, zmq.POLLIN):
+                break
+            for frames in drain(self.sock, size - len(self.batch)):
+                self.handle(frames)
+        items, self.batch = self.batch[:size], self.batch[size:]
+        self.run_batch([a for a in (self.accept(h, b) for h, b in items) if a is not None])
+
+    def run_batch(self, live: list) -> None:
+        """model.batch(inputs) once; if it raises, each input alone, so only the culprit fails."""
+        if not live:
             return
+        try:
+            with self.inference_mode():
+                outputs = self.model.batch([x for _, _, x in live])
+            if not isinstance(outputs, (list, tuple)) or len(outputs) != len(live):
+                raise TypeError(f"batch() must return a list with one result per input ({len(live)}), "
+                                f"got {type(outputs).__name__}")
+        except Exception:  # noqa: BLE001 - find the input that breaks it
+            if len(live) > 1:
+                for item in live:
+                    self.run_batch([item])
+                return
+            rid, attempt, _ = live[0]
+            self.send(encode_error(rid, self.remote_error(sys.exc_info()[1]), attempt=attempt))
+            return
+        for (rid, attempt, _), output in zip(live, outputs):
+            try:
+                self.send([pack_header(ops.RESULT, rid, attempt=attempt), *encode_payload(output)])
+            except TypeError as exc:
+                self.send(encode_error(rid, self.remote_error(exc), attempt=attempt))
+        if self.config.integrity_every_request:
+            self.check_weights("after request", live[-1][0])
+
+    def run(self, header: dict, body: list) -> None:
+        accepted = self.accept(header, body)
+        if accepted is None:
+            return
+        rid, attempt, inputs = accepted
         try:
             with self.inference_mode():
                 output = self.model(inputs)
