@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,embeddings]'
+	$(PY) -m pip install -q -e '.[test,embeddings,bench]'
 	touch $@
 
 serve: $(STAMP)
@@ -26,6 +26,9 @@ serve-embeddings: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
+
+bench: $(STAMP)
+	$(VENV)/bin/isopool bench --out bench/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -2,8 +2,10 @@
 
     python -m isopool.bench.embeddings
 
-"Batched" means each request (or in-process call) carries 32 sentences and the model
-encodes them as one batch; "single" means one sentence per request.
+"batched_32" means each request (or in-process call) carries 32 sentences, encoded as one
+batch; "single" means one sentence per request. In the pool, single-sentence requests are
+run with dynamic batching off (--max-batch-size 1) and on (8: the Embedder's batch() gets
+up to 8 concurrent requests at once).
 """
 
 from __future__ import annotations
@@ -49,8 +51,11 @@ def main() -> None:
     rows = {"threads_in_process": torch.get_num_threads()}
     rows["in_process_single"] = round(in_process(texts[:512], 1))
     rows["in_process_batched_32"] = round(in_process(texts, 32))
-    with serve("--workers", "2", "--model", "isopool.examples.embeddings:Embedder") as endpoint:
-        rows["pool_2_workers_single"] = round(through_pool(endpoint, texts[:1024], 1))
+    model = ("--workers", "2", "--model", "isopool.examples.embeddings:Embedder")
+    with serve(*model, "--max-batch-size", "1") as endpoint:
+        rows["pool_2_workers_single_no_dynamic_batching"] = round(through_pool(endpoint, texts[:1024], 1))
+    with serve(*model, "--max-batch-size", "8") as endpoint:
+        rows["pool_2_workers_single_dynamic_batching"] = round(through_pool(endpoint, texts[:1024], 1, in_flight=16))
         rows["pool_2_workers_batched_32"] = round(through_pool(endpoint, texts, 32, in_flight=4))
     print(json.dumps({"embeddings_per_s": rows}))
 

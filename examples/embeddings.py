@@ -5,7 +5,8 @@
     isopool infer '["a sentence", "another one"]'
 
 Input: a string or a list of strings. Output: float32 array (n, 384), one row per string
-(a string alone gives (1, 384)). Each request is encoded as one batch.
+(a string alone gives (1, 384)). The model has batch(), so isopool hands it up to
+--max-batch-size concurrent requests at once; their sentences are encoded together.
 """
 
 from __future__ import annotations
@@ -45,7 +46,14 @@ class Embedder:
         self.model = load(context.device)
 
     def __call__(self, x: Any) -> np.ndarray:
-        texts = sentences(x)
-        if not texts:
-            return np.zeros((0, DIM), dtype=np.float32)
-        return self.model.encode(texts, batch_size=64, convert_to_numpy=True).astype(np.float32, copy=False)
+        return self.batch([x])[0]
+
+    def batch(self, xs: list[Any]) -> list[np.ndarray]:
+        """Several requests' sentences encoded as one batch, split back per request."""
+        groups = [sentences(x) for x in xs]
+        flat = [t for g in groups for t in g]
+        if not flat:
+            return [np.zeros((0, DIM), dtype=np.float32) for _ in groups]
+        vectors = self.model.encode(flat, batch_size=64, convert_to_numpy=True).astype(np.float32, copy=False)
+        bounds = np.cumsum([0, *map(len, groups)])
+        return [vectors[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

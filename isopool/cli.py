@@ -421,5 +421,17 @@ def stop(endpoint: str | None) -> None:
     _control(endpoint, "stop")
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Benchmark isopool against ProcessPoolExecutor, multiprocessing.Pool, loky and pebble.
+
+    `isopool bench --help` lists its options; `--quick` checks every mechanism's answers fast.
+    """
+    from isopool.bench.suite import main as bench_main
+
+    sys.exit(bench_main(list(args)))
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,24 @@
+"""What every peer executor runs in its worker processes: the same model as isopool's workers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_MODEL = None
+
+
+def init() -> None:
+    """Worker initializer: one torch thread per worker (the same share isopool gives), one model."""
+    global _MODEL
+    import torch
+
+    torch.set_num_threads(1)
+    from .models import BenchModel
+
+    _MODEL = BenchModel()
+
+
+def run(x: Any) -> Any:
+    if _MODEL is None:
+        init()
+    return _MODEL(x)

@@ -1,0 +1,20 @@
+"""`isopool bench --quick`: every mechanism answers correctly. It asserts correctness, never speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.helpers import ROOT
+
+
+def test_bench_quick_checks_every_mechanism(short_tmp):
+    out = subprocess.run([sys.executable, "-m", "isopool.cli", "bench", "--quick", "--out", str(short_tmp)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = json.loads((short_tmp / "results.json").read_text())["results"]
+    assert {"inproc", "isopool", "isopool_async", "ppe", "mp_pool", "loky", "pebble"} <= set(results)
+    assert all(r["correct"] for r in results.values())
+    assert (short_tmp / "results.md").read_text().startswith("| mechanism |")
+    assert (short_tmp / "results.png").stat().st_size > 10_000
