@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import threading
 import time
 
 import numpy as np
 
 from isopool import Client
 
-from .pool import serve
+from .pool import in_flight_rate, serve
 
 
 def sequential(client: Client, x, n: int) -> tuple[float, float]:
@@ -31,26 +30,6 @@ def sequential(client: Client, x, n: int) -> tuple[float, float]:
         lat.append(time.perf_counter() - t)
     lat.sort()
     return lat[len(lat) // 2] * 1e6, lat[int(len(lat) * 0.99)] * 1e6
-
-
-def throughput(client: Client, x, n: int, in_flight: int = 64) -> float:
-    slots = threading.Semaphore(in_flight)
-    errors: list[BaseException] = []
-
-    def done(f) -> None:
-        if f.exception() is not None:
-            errors.append(f.exception())
-        slots.release()
-
-    t = time.perf_counter()
-    for _ in range(n):
-        slots.acquire()
-        client.submit(x).add_done_callback(done)
-    for _ in range(in_flight):
-        slots.acquire()
-    if errors:
-        raise errors[0]
-    return n / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -68,7 +47,7 @@ def main() -> None:
             p50, p99 = sequential(client, x, 2000)
             p50s.append(p50)
             p99s.append(p99)
-            rates.append(throughput(client, x, args.requests))
+            rates.append(in_flight_rate(client.submit, x, args.requests))
     print(json.dumps({"model": args.model or "default", "workers": args.workers,
                       "p50_us": round(statistics.median(p50s)), "p99_us": round(statistics.median(p99s)),
                       "requests_per_s": round(statistics.median(rates))}))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
+import threading
+import time
 import os
 import select
 import shutil
@@ -11,7 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -40,3 +43,24 @@ def serve(*args: str, timeout: float = 120.0) -> Iterator[str]:
             proc.wait()
         notify.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def in_flight_rate(submit: Callable[[Any], cf.Future], x: Any, n: int, in_flight: int = 64) -> float:
+    """Requests/s of n calls of submit(x), keeping `in_flight` outstanding; raises the first error."""
+    slots = threading.Semaphore(in_flight)
+    errors: list[BaseException] = []
+
+    def done(f: cf.Future) -> None:
+        if f.exception() is not None:
+            errors.append(f.exception())
+        slots.release()
+
+    t = time.perf_counter()
+    for _ in range(n):
+        slots.acquire()
+        submit(x).add_done_callback(done)
+    for _ in range(in_flight):
+        slots.acquire()
+    if errors:
+        raise errors[0]
+    return n / (time.perf_counter() - t)

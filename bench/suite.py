@@ -26,7 +26,6 @@ import concurrent.futures as cf
 import json
 import multiprocessing as mp
 import statistics
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 
 from . import peers
 from .models import DIM, BenchModel
-from .pool import serve
+from .pool import in_flight_rate, serve
 
 WORKERS = 2
 IN_FLIGHT = 64
@@ -67,23 +66,7 @@ class Mechanism:
         return self.submit(x).result(timeout=120)
 
     def throughput(self, x: Any, n: int) -> float:
-        slots = threading.Semaphore(IN_FLIGHT)
-        errors: list[BaseException] = []
-
-        def done(f: cf.Future) -> None:
-            if f.exception() is not None:
-                errors.append(f.exception())
-            slots.release()
-
-        t = time.perf_counter()
-        for _ in range(n):
-            slots.acquire()
-            self.submit(x).add_done_callback(done)
-        for _ in range(IN_FLIGHT):
-            slots.acquire()
-        if errors:
-            raise errors[0]
-        return n / (time.perf_counter() - t)
+        return in_flight_rate(self.submit, x, n, IN_FLIGHT)
 
     def close(self) -> None:
         pass
