@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any

@@ -10,10 +10,11 @@ from hypothesis import strategies as st
 from isopool.protocol import BadRequest, Limits, decode_payload, encode_payload, unpack_header, validate_payload
 from isopool.protocol.codec import DTYPES, EXT_ARRAY
 
+DEFAULT = Limits()
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def strict(frames: list, limits: Limits = Limits()) -> None:
+def strict(frames: list, limits: Limits = DEFAULT) -> None:
     """Decoding either succeeds or raises BadRequest; nothing else may escape."""
     for fn in (validate_payload, decode_payload):
         try:

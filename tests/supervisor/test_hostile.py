@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from isopool.errors import BadRequest, RemoteError, Unavailable
-from isopool.protocol import decode_error, encode, ops, pack_header, unpack_header
+from isopool.protocol import decode_error, ops, pack_header, unpack_header
 from isopool.protocol.codec import EXT_ARRAY
 
 HOSTILE = 3000
