@@ -33,7 +33,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import Any
 
 import zmq
@@ -64,6 +64,7 @@ from isopool.worker.process import WorkerConfig
 
 from . import spawner
 from .config import PoolConfig
+from .credits import Credits
 from .auth import AuthError, CurveAuth, is_admin
 from .devices import parse_devices
 from .events import EventLog
@@ -109,7 +110,7 @@ class Supervisor:
         self.workers: dict[int, Worker] = {}
         self.requests: dict[tuple, Request] = {}
         self.queue: OrderedDict[tuple, Request] = OrderedDict()
-        self.credits: deque[tuple[int, int]] = deque()  # (slot, generation), one per free credit
+        self.credits = Credits()  # least-loaded worker first
         self.deadlines: list[tuple[float, int, tuple]] = []  # heap; stale entries skipped
         self.seq = itertools.count()
         self.slots = itertools.count()
@@ -491,7 +492,7 @@ class Supervisor:
         self.sample(w)  # status and metrics show a new worker's memory at once
         capacity = header.get("capacity")
         w.capacity = capacity if isinstance(capacity, int) and 1 <= capacity <= 1024 else self.config.prefetch
-        self.credits.extend([(w.slot, w.generation)] * w.capacity)
+        self.credits.offer(w.slot, w.generation, w.capacity)
         self.emit("ready", w, startup_s=round(now - w.started_at, 4), device=w.device)
         if self.phase == "starting" and self._all_ready():
             self.phase = "serving"
@@ -555,7 +556,7 @@ class Supervisor:
         except ValueError:
             return
         if w.state in SERVING:
-            self.credits.append((w.slot, w.generation))
+            self.credits.offer(w.slot, w.generation, w.capacity - len(w.inflight))
             if not w.inflight:
                 w.transition(State.IDLE, "all answered")
 
@@ -895,14 +896,22 @@ class Supervisor:
         if self.config.isolation != "none":
             self.dispatch_isolated(now)
             return
-        queue, credits, workers = self.queue, self.credits, self.workers
-        while queue and credits:
-            slot, generation = credits.popleft()
-            w = workers.get(slot)
-            if w is None or w.generation != generation or w.state not in SERVING:
-                continue  # a credit of a worker that died or is draining
+        queue, credits = self.queue, self.credits
+        while queue:
+            taken = credits.take(self.free_credit)
+            if taken is None:
+                return
+            w = self.workers[taken[0]]
             key, req = queue.popitem(last=False)
             self.send_run(w, req, now)
+            credits.offer(w.slot, w.generation, w.capacity - len(w.inflight))
+
+    def free_credit(self, slot: int, generation: int) -> int:
+        """Requests (slot, generation) may still take now; -1 if it is gone or not serving."""
+        w = self.workers.get(slot)
+        if w is None or w.generation != generation or w.state not in SERVING:
+            return -1
+        return w.capacity - len(w.inflight)
 
     def dispatch_isolated(self, now: float) -> None:
         """Each request to a worker of its own tenant, or a fresh one; never across tenants.
