@@ -361,6 +361,8 @@ class Supervisor:
             if op == ops.INFER:
                 self.accept(ident, header, frames[2:], now)
             elif op == ops.STATUS:
+                if self.queue:
+                    self.dispatch(now)  # report what the pool is doing, not what this batch left undone
                 self.reply(ident, encode(ops.RESULT, header["id"], build_status(self, now)))
             elif op == ops.CONTROL:
                 if self.auth is not None and not is_admin(frames[1]):
@@ -373,8 +375,7 @@ class Supervisor:
             else:
                 raise BadRequest(f"op {op!r} is not a client op; clients send infer, cancel, status or control")
         except IsopoolError as err:
-            outcome = "bad_request" if isinstance(err, BadRequest) else type(err).__name__.lower()
-            self.stats.count(outcome)
+            self.stats.count(outcome_of(err))
             self.reply(ident, encode_error(peek_id(raw), err))
 
     def accept(self, ident: bytes, header: dict, body: list, now: float) -> None:
@@ -389,12 +390,12 @@ class Supervisor:
         validate_payload(body, self.limits)
         timeout, setting = self._timeout_of(header)
         if len(self.queue) >= self.config.max_queue:
-            self.stats.count("overloaded")
+            self.dispatch(now)  # requests read in this same batch may still have workers waiting
+        if len(self.queue) >= self.config.max_queue:
             raise Overloaded(f"the queue is full ({len(self.queue)} waiting, --max-queue {self.config.max_queue}); "
                              "retry later, add workers or raise --max-queue",
                              queue_depth=len(self.queue), max_queue=self.config.max_queue)
         if self.poison.is_poison(body):
-            self.stats.count("poison")
             raise PoisonRequest(f"this input has killed {self.config.poison_threshold} workers and is refused; "
                                 "fix the input or the handler", threshold=self.config.poison_threshold)
         req = Request(key=key, body=body, deadline=now + timeout, timeout=timeout, timeout_setting=setting,
@@ -439,7 +440,7 @@ class Supervisor:
             w = self.workers[req.worker]
             send_frames(self.backend, [w.ident, pack_header(ops.CANCEL, list(key))])
         # a dispatched request stays in its worker's inflight until the worker answers
-        self.fail(req, Cancelled("cancelled by the client"), count_as="cancelled")
+        self.fail(req, Cancelled("cancelled by the client"))
 
     # ------------------------------------------------------------ answers
 
@@ -448,11 +449,11 @@ class Supervisor:
         self.reply(req.client, [pack_header(op, req.client_id), *body])
         self.stats.done(outcome, now - req.accepted_at, now)
 
-    def fail(self, req: Request, err: IsopoolError, count_as: str | None = None) -> None:
+    def fail(self, req: Request, err: IsopoolError) -> None:
         self.requests.pop(req.key, None)
         self.queue.pop(req.key, None)
         self.reply(req.client, encode_error(req.client_id, err))
-        self.stats.count(count_as or type(err).__name__.lower())
+        self.stats.count(outcome_of(err))
         log.info("request %r: %s: %s", req.client_id, type(err).__name__, err, extra={"request": req.client_id})
 
     # ------------------------------------------------------------ backend
@@ -655,7 +656,7 @@ class Supervisor:
         if kills >= self.config.poison_threshold:
             self.fail(req, PoisonRequest(
                 f"this input has killed {kills} workers (--poison-threshold {self.config.poison_threshold}); "
-                "it is refused from now on. Last death: " + info["reason"], attempts=req.crashes), "poison")
+                "it is refused from now on. Last death: " + info["reason"], attempts=req.crashes))
         elif req.retry and not req.chunks_sent and len(req.crashes) < self.config.max_attempts:
             self.requeue(req)
         else:
@@ -665,7 +666,7 @@ class Supervisor:
             self.fail(req, WorkerCrashed(
                 f"worker {info['worker']} (pid {info['pid']}) died running this request{after}: {info['reason']} "
                 f"[attempt {len(req.crashes)}; not retried: {why}]", attempts=req.crashes,
-                exit_code=info["exit_code"], signal=info["signal"], parts_delivered=req.chunks_sent), "crashed")
+                exit_code=info["exit_code"], signal=info["signal"], parts_delivered=req.chunks_sent))
 
     def requeue(self, req: Request) -> None:
         """Back to the head of the queue: it has waited longest."""
@@ -686,12 +687,12 @@ class Supervisor:
                 self.fail(req, RequestTimeout(
                     f"no worker was free within {req.timeout:g}s, so the request was never started; "
                     f"{_raise_hint(req.timeout_setting)} or add workers", setting=req.timeout_setting,
-                    started=False), "timeout")
+                    started=False))
                 continue  # a worker holding it refuses it unstarted and gives back the credit
             self.fail(req, RequestTimeout(
                 f"the handler was still running after {req.timeout:g}s; its worker {w.slot} (pid {w.pid}) was "
                 f"killed and replaced. {_raise_hint(req.timeout_setting)} if it needs longer",
-                setting=req.timeout_setting, started=True), "timeout")
+                setting=req.timeout_setting, started=True))
             self.kill(w, "timeout", now)
 
     def check_workers(self, now: float) -> None:
@@ -1031,7 +1032,7 @@ class Supervisor:
         self.phase = "stopping"
         now = time.monotonic()
         for req in list(self.requests.values()):
-            self.fail(req, ShuttingDown(f"the pool stopped before this request finished ({why})"), "shutting_down")
+            self.fail(req, ShuttingDown(f"the pool stopped before this request finished ({why})"))
         for w in list(self.workers.values()):
             if w.state is State.BACKOFF:
                 w.transition(State.EXITED, "stopping")
@@ -1056,6 +1057,16 @@ class Supervisor:
             fields = {"worker": w.slot, "pid": w.pid, "generation": w.generation, **fields}
         if self.events is not None:
             self.events.emit(kind, fields)
+
+
+OUTCOMES = {RequestTimeout: "timeout", PoisonRequest: "poison", WorkerCrashed: "crashed",
+            ShuttingDown: "shutting_down", Cancelled: "cancelled", BadRequest: "bad_request",
+            Overloaded: "overloaded", NotAllowed: "not_allowed"}
+
+
+def outcome_of(err: IsopoolError) -> str:
+    """The `outcome` label of a request that ended in `err` (status, metrics)."""
+    return OUTCOMES.get(type(err), "error")
 
 
 def _retire_order(w: Worker) -> tuple:

@@ -9,7 +9,7 @@ import msgpack
 import pytest
 import zmq
 
-from isopool.errors import BadRequest, WorkerCrashed
+from isopool.errors import BadRequest, Overloaded, WorkerCrashed
 from isopool.protocol import decode_error, encode, ops, pack_header, unpack_header
 from tests.helpers import wait_gone
 
@@ -93,3 +93,20 @@ def test_sigint_stops_like_sigterm(pool):
     pool.proc.send_signal(signal.SIGINT)
     assert pool.proc.wait(30) == 0
     assert wait_gone(pids, 10) == []
+
+
+def test_full_queue_refuses_at_once_with_overloaded_and_counts_it_once(start_pool):
+    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:Faulty", "--prefetch", "1",
+                      "--max-queue", "2")
+    with pool.client() as c:
+        running = c.submit({"do": "sleep", "s": 1.0})
+        queued = [c.submit({"do": "ok", "i": i}) for i in range(2)]
+        pool_now = c.status()["pool"]  # same connection: all three were accepted before this
+        assert pool_now["in_flight"] == 1 and pool_now["queue_depth"] == 2
+        with pytest.raises(Overloaded, match="--max-queue 2") as info:
+            c.infer({"do": "ok", "i": 99})
+        assert info.value.max_queue == 2
+        assert running.result(timeout=30)["echo"]["do"] == "sleep"
+        assert [f.result(timeout=30)["echo"]["i"] for f in queued] == [0, 1]
+    outcomes = pool.status()["pool"]["outcomes"]
+    assert outcomes == {"ok": 3, "overloaded": 1}
