@@ -88,7 +88,7 @@ class AsyncClient:
         try:
             self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:
-            raise Unavailable(f"could not send to {self.endpoint}: {exc}") from None
+            raise self._session.send_failed(self.endpoint, exc) from None
 
     def _start(self, frames: list, cid: Any, timeout: float, stream: bool = False, parts=None) -> asyncio.Future:
         if self._closed:

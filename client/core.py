@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from typing import Any, Callable
+from typing import Any
 
 import zmq
 
@@ -60,6 +60,13 @@ class Session:
         self.ids = itertools.count(1)  # next() is atomic under the GIL: safe from many threads
         self.pending: dict[Any, Call] = {}
         self.timers: list[tuple[float, Any]] = []
+        self.refused: IsopoolError | None = None  # the server refused our handshake: say so every time
+
+    def send_failed(self, endpoint: str, exc: Exception) -> IsopoolError:
+        """The error for a send that could not go out: the refusal if there was one."""
+        return self.refused or Unavailable(
+            f"could not send to {endpoint}: {exc}. No connection is up: the supervisor may be gone, or it "
+            "may have refused this client's security handshake (CURVE keys)", endpoint=endpoint)
 
     def infer_frames(self, value: Any, cid: Any, timeout: float, retry: bool, stream: bool,
                      tenant: str | None) -> list:
@@ -207,10 +214,9 @@ def on_monitor_event(session: "Session", event: dict, endpoint: str) -> None:
     elif event["event"] & HANDSHAKE_FAILED:
         from isopool.protocol import NotAllowed
 
-        session.fail_all(NotAllowed(
+        session.refused = NotAllowed(
             f"the supervisor at {endpoint} refused the connection's security handshake: it requires CURVE "
             "and this client's key is missing or not authorised (set curve_secret_key/curve_server_key, "
-            "or $ISOPOOL_CURVE_SECRET_KEY and $ISOPOOL_CURVE_SERVER_KEY)", endpoint=endpoint))
+            "or $ISOPOOL_CURVE_SECRET_KEY and $ISOPOOL_CURVE_SERVER_KEY)", endpoint=endpoint)
+        session.fail_all(session.refused)
 
-
-Sink = Callable[[Any], None]

@@ -113,11 +113,11 @@ class _IOThread:
                     os.eventfd_read(self.wake)
                 except BlockingIOError:
                     pass
+            if self.monitor in events:  # first: a refused handshake explains a failed send
+                self._on_monitor()
             self._flush()
             if self.sock in events:
                 self._read()
-            if self.monitor in events:
-                self._on_monitor()
             for cid in session.expire(time.monotonic()):
                 self._send_now(session.op_frames(ops.CANCEL, cid))
         session.fail_all(Unavailable("the client was closed before the reply arrived"))
@@ -136,7 +136,7 @@ class _IOThread:
         except zmq.ZMQError as exc:
             if call is not None:
                 self.session.pending.pop(call.cid, None)
-                call.reject(Unavailable(f"could not send to {self.endpoint}: {exc}"))
+                call.reject(self.session.send_failed(self.endpoint, exc))
 
     def _read(self) -> None:
         for frames in drain(self.sock, 4096):

@@ -29,4 +29,3 @@ SCALE = "scale"
 RELOAD = "reload"
 DRAIN = "drain"
 SHUTDOWN = "stop"
-CONTROL_ACTIONS = frozenset({SCALE, RELOAD, DRAIN, SHUTDOWN})

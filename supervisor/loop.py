@@ -5,16 +5,18 @@
     workers ─DEALER─► backend ROUTER ──┘                    └─ timers: deadlines, heartbeats, backoff
                       events PUB ──► `isopool events`
 
-Each pass runs short steps that are safe to repeat:
+Each pass runs short steps that are safe to repeat, each only when it has work:
     read_frontend  accept / refuse requests, answer status and control ops
     read_backend   worker READY, HEARTBEAT, RESULT, CHUNK, ERROR
-    reap           settle the in-flight work of exited workers, schedule restarts
-    handle_signals SIGTERM/SIGINT drain and stop, SIGHUP reload (same path as control ops)
-    expire         requests past their deadline: never started, or their worker is killed
-    check_workers  start timeouts, silent idle workers, kill escalation, RSS sampling
-    reconcile      start / retire workers until the pool matches its target
-    dispatch       queued requests to workers with free credit, oldest first
-    advance_phase  serving -> draining -> stopping -> stopped
+    read_other     when their fd fired: signals (handlers only record), event subscriptions,
+                   ZAP requests, worker output pipes, pidfds (reap: settle an exited
+                   worker's requests, schedule its restart), the template's socket
+    expire         when a deadline is due: never started, or its worker is killed
+    maintain       when the pool changed (every event marks it) or a timer is due:
+                   check_workers (start timeouts, silent workers, kills, RSS sampling),
+                   reconcile (start / retire workers), advance_phase (serving -> draining
+                   -> stopping -> stopped), publish metrics
+    dispatch       oldest queued request to the least-loaded worker with free credit
 
 Requests are keyed (client routing id, client's request id) in one table; the same key
 travels to the worker and back, so a late reply from a replaced worker is recognised
@@ -641,7 +643,7 @@ class Supervisor:
                 del self.workers[w.slot]
                 return
         delay = self.restarts.delay(w.crashes_in_row) if not expected else 0.0
-        w.reset_process(now)
+        w.reset_process()
         w.transition(State.BACKOFF, f"restart in {delay:.2f}s")
         w.spawn_at = now + delay
         w.restarts += 1

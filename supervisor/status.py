@@ -35,6 +35,7 @@ def build_status(sup: "Supervisor", now: float) -> dict[str, Any]:
         "events_endpoint": sup.events.endpoint if sup.events else None,
         "event_subscribers": sup.events.subscribers if sup.events else 0,
         "metrics_url": sup.metrics_url,
+        "auth_denied": sup.auth.denied if sup.auth is not None else None,  # CURVE handshakes refused
         "restarts_by_reason": dict(sup.restart_reasons),
         "max_queue": sup.config.max_queue,
         "restarts_in_window": len(sup.restarts.recent),

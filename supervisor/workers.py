@@ -92,7 +92,7 @@ class Worker:
         log.debug("worker %d (pid %s): %s -> %s %s", self.slot, self.pid, self.state.value, new.value, why)
         self.state = new
 
-    def reset_process(self, now: float) -> None:
+    def reset_process(self) -> None:
         """Forget the dead process; keep the slot's counters."""
         self.proc = None
         self.inflight.clear()
