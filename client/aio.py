@@ -1,7 +1,7 @@
 """AsyncClient: the same session core on pyzmq's asyncio sockets; no extra thread.
 
 A reader task owns receiving; sends happen on the event loop's thread (one loop per
-AsyncClient). Futures are asyncio futures; streams are async iterators.
+AsyncClient), gathered per turn of the loop into bundles. Futures are asyncio futures; streams are async iterators.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from isopool.protocol import Unavailable, ops
+from isopool.protocol.transport import MAX_BUNDLE, bundle
 
 from .core import END, Call, Session, configure_socket, curve_keys, on_monitor_event, resolve_endpoint, watch_disconnects
 
@@ -60,6 +61,7 @@ class AsyncClient:
         self._monitor = watch_disconnects(self._sock)
         self._sock.connect(self.endpoint)
         self._tasks: list[asyncio.Task] = []
+        self._outgoing: list[tuple[list, Call | None]] = []
         self._closed = False
 
     def _ensure_tasks(self) -> None:
@@ -84,11 +86,27 @@ class AsyncClient:
             on_monitor_event(self._session, parse_monitor_message(await self._monitor.recv_multipart()),
                              self.endpoint)
 
-    def _send(self, frames: list) -> None:
-        try:
-            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError as exc:
-            raise self._session.send_failed(self.endpoint, exc) from None
+    def _send(self, frames: list, call: Call | None = None) -> None:
+        """Queue a message; everything queued in one turn of the event loop leaves together,
+        so a gather() of many calls reaches the supervisor as one bundle."""
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outgoing.append((frames, call))
+
+    def _flush(self) -> None:
+        outgoing, self._outgoing = self._outgoing, []
+        if self._closed:
+            return  # close() has failed every pending call
+        for start in range(0, len(outgoing), MAX_BUNDLE):
+            group = outgoing[start:start + MAX_BUNDLE]
+            # a NOBLOCK send is tried at once: the future is already done, with any error
+            sent = self._sock.send_multipart(bundle([frames for frames, _ in group]), zmq.NOBLOCK, copy=False)
+            exc = sent.exception() if sent.done() else None
+            if exc is not None:
+                err = self._session.send_failed(self.endpoint, exc)
+                for _, call in group:
+                    if call is not None and self._session.pending.pop(call.cid, None) is not None:
+                        call.reject(err)
 
     def _start(self, frames: list, cid: Any, timeout: float, stream: bool = False, parts=None) -> asyncio.Future:
         if self._closed:
@@ -97,11 +115,7 @@ class AsyncClient:
         future = asyncio.get_running_loop().create_future()
         call = _AsyncCall(cid, self._session.deadline(timeout), stream, future, parts)
         self._session.add(call)
-        try:
-            self._send(frames)
-        except Unavailable:
-            self._session.pending.pop(cid, None)
-            raise
+        self._send(frames, call)
         return future
 
     async def infer(self, x: Any, *, timeout: float | None = None, retry: bool | None = None,

@@ -28,6 +28,7 @@ from isopool.protocol import (
     unpack_header,
 )
 from isopool.protocol.endpoints import default_endpoint
+from isopool.protocol.transport import unbundle
 
 # How long past its timeout a request may go unanswered before the client gives up on
 # its own: the supervisor answers at the deadline; this covers a supervisor that is gone.
@@ -70,7 +71,7 @@ class Session:
 
     def infer_frames(self, value: Any, cid: Any, timeout: float, retry: bool, stream: bool,
                      tenant: str | None) -> list:
-        fields: dict[str, Any] = {"timeout": timeout}
+        fields: dict[str, Any] = {"timeout": timeout, "bundles": True}  # we read bundled replies
         if not retry:
             fields["retry"] = False
         if stream:
@@ -95,6 +96,15 @@ class Session:
         heapq.heappush(self.timers, (call.deadline, call.cid))
 
     def on_reply(self, frames: list) -> None:
+        """One ZeroMQ message from the supervisor: a reply, or a bundle of them."""
+        try:
+            messages = unbundle(frames)
+        except ValueError:
+            return  # not for us to fix; the callers' deadlines still hold
+        for message in messages:
+            self.on_message(message)
+
+    def on_message(self, frames: list) -> None:
         try:
             header = unpack_header(frames[0].bytes)
         except IsopoolError:

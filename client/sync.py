@@ -21,7 +21,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from isopool.protocol import Cancelled, IsopoolError, Unavailable, ops
-from isopool.protocol.transport import NOBLOCK, drain, send_frames
+from isopool.protocol.transport import MAX_BUNDLE, NOBLOCK, bundle, drain, send_frames
 
 from .core import (
     END,
@@ -124,17 +124,23 @@ class _IOThread:
         self._release()
 
     def _flush(self) -> None:
-        while self.outbox:
-            frames, call = self.outbox.popleft()
-            if call is not None:
-                self.session.add(call)
-            self._send_now(frames, call)
+        """Send what the callers queued: a burst leaves as bundles, one wake-up per hop."""
+        outbox = self.outbox
+        while outbox:
+            messages, calls = [], []
+            while outbox and len(messages) < MAX_BUNDLE:
+                frames, call = outbox.popleft()
+                messages.append(frames)
+                if call is not None:
+                    self.session.add(call)
+                    calls.append(call)
+            self._send_now(bundle(messages), calls)
 
-    def _send_now(self, frames: list, call: Call | None = None) -> None:
+    def _send_now(self, frames: list, calls: list[Call] = ()) -> None:
         try:
             send_frames(self.sock, frames, NOBLOCK)
         except zmq.ZMQError as exc:
-            if call is not None:
+            for call in calls:
                 self.session.pending.pop(call.cid, None)
                 call.reject(self.session.send_failed(self.endpoint, exc))
 

@@ -56,7 +56,9 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
     ("devices", str, "Devices to spread workers over: cpu, cuda, cuda:0,cuda:1 or auto."),
     ("threads", int, "torch intra-op threads per worker (0: the cores divided by the workers)."),
     ("max-queue", int, "Queued requests beyond which new ones are refused with Overloaded."),
-    ("prefetch", int, "Requests a worker may hold at once, so it never waits on the supervisor."),
+    ("prefetch", int, "Requests a worker may hold at once (default 16), so it never waits on the "
+                      "supervisor; under load they travel, and their results return, in bundles. "
+                      "Lower it (1-2) when request durations vary widely, so none waits behind a slow one."),
     ("max-batch-size", int, "Models with batch(list) -> list get up to this many requests at once."),
     ("max-batch-wait-ms", float, "How long a partial batch waits for more requests."),
     ("request-timeout", float, "Seconds any request may take; also the deadline when the client gives none."),

@@ -22,7 +22,7 @@ class PoolConfig:
     devices: str = "cpu"
     threads: int = 0  # torch intra-op threads per worker; 0 = cores / workers
     max_queue: int = 1024  # queued requests beyond which new ones get Overloaded
-    prefetch: int = 2  # requests a worker may hold at once; 2 measured best (bench/README.md)
+    prefetch: int = 16  # requests a worker may hold at once; chosen by measurement (README, Performance)
     max_batch_size: int = 8  # models with batch(list) -> list get up to this many requests at once
     max_batch_wait_ms: float = 2.0  # a partial batch waits at most this long for more
     request_timeout: float = 300.0  # cap on any request, and the default deadline

@@ -59,9 +59,10 @@ from isopool.protocol import (
     unpack_header,
     validate_payload,
 )
+from isopool.protocol import board
 from isopool.protocol.endpoints import default_endpoint, ensure_private_dir, ipc_path, is_tcp, runtime_dir
 from isopool.protocol.exits import EXIT_LOAD_FAILED, exit_fields
-from isopool.protocol.transport import drain, send_frames
+from isopool.protocol.transport import Outbox, drain, unbundle
 from isopool.worker.process import WorkerConfig
 
 from . import spawner
@@ -155,6 +156,9 @@ class Supervisor:
         for opt, val in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 0)):
             self.backend.setsockopt(opt, val)
         self.backend.bind(self.backend_endpoint)
+        # everything for a peer leaves at the end of the pass, a burst as one bundle
+        self.to_clients = Outbox(self.frontend, routed=True, on_error=self._reply_dropped)
+        self.to_workers = Outbox(self.backend, routed=True, on_error=self._reply_dropped)
         self.events = EventLog(self.ctx, self.events_endpoint())
         if self.config.metrics_port:
             try:
@@ -276,6 +280,7 @@ class Supervisor:
             self.read_frontend(now)
         if back:
             self.read_backend(now)
+            self.to_clients.flush()  # answers leave first: nothing below is for their clients
         if len(ready) > front + back:
             self.read_other(ready, len(ready) - front - back, now)
         if self.deadlines and self.deadlines[0][0] <= now:
@@ -284,6 +289,8 @@ class Supervisor:
             self.maintain(now)
         if self.queue:
             self.dispatch(now)
+        self.to_workers.flush()
+        self.to_clients.flush()
 
     def read_other(self, ready: dict, count: int, now: float) -> None:
         """The rare sources: signals, event subscriptions, pidfds and the template's socket."""
@@ -349,8 +356,16 @@ class Supervisor:
     # ------------------------------------------------------------ frontend
 
     def read_frontend(self, now: float) -> None:
-        for frames in drain(self.frontend, MAX_BATCH):
-            self.on_client(frames, now)
+        for bundle in drain(self.frontend, MAX_BATCH):
+            try:
+                messages = unbundle(bundle, at=1)
+            except ValueError as exc:
+                self.stats.count("bad_request")
+                self.reply(bundle[0].bytes, encode_error(None, BadRequest(
+                    f"a bundle of requests was refused: {exc}; is the sender an isopool client?")))
+                continue
+            for frames in messages:
+                self.on_client(frames, now)
 
     def on_client(self, frames: list, now: float) -> None:
         ident = frames[0].bytes
@@ -402,6 +417,7 @@ class Supervisor:
                                 "fix the input or the handler", threshold=self.config.poison_threshold)
         req = Request(key=key, body=body, deadline=now + timeout, timeout=timeout, timeout_setting=setting,
                       accepted_at=now, retry=bool(header.get("retry", True)), stream=bool(header.get("stream")),
+                      bundles=header.get("bundles") is True,
                       tenant=self._isolation_key(key, header))
         self.requests[key] = req
         self.queue[key] = req
@@ -427,11 +443,14 @@ class Supervisor:
             raise BadRequest(f"timeout must be a positive number of seconds, got {timeout!r}")
         return (float(timeout), "timeout") if timeout < cap else (cap, "request_timeout")
 
-    def reply(self, ident: bytes, frames: list) -> None:
-        try:
-            send_frames(self.frontend, [ident, *frames])
-        except zmq.ZMQError as exc:  # the client is gone; nothing to tell it
-            log.debug("reply to a departed client dropped: %s", exc)
+    def reply(self, ident: bytes, frames: list, bundles: bool = False) -> None:
+        """Queue a message for a client; it leaves at the end of this pass. A client whose requests
+        say it reads bundles (`bundles: true`) gets a burst of answers as one message."""
+        self.to_clients.post([ident, *frames], bundles)
+
+    @staticmethod
+    def _reply_dropped(peer: bytes | None, exc: zmq.ZMQError) -> None:
+        log.debug("messages to a departed peer %r dropped: %s", peer, exc)  # nothing to tell it
 
     def cancel(self, key: tuple) -> None:
         req = self.requests.get(key)
@@ -440,7 +459,7 @@ class Supervisor:
         self.queue.pop(key, None)
         if req.worker is not None:  # tell its worker: a stream stops at its next part
             w = self.workers[req.worker]
-            send_frames(self.backend, [w.ident, pack_header(ops.CANCEL, list(key))])
+            self.to_workers.post([w.ident, pack_header(ops.CANCEL, list(key))])
         # a dispatched request stays in its worker's inflight until the worker answers
         self.fail(req, Cancelled("cancelled by the client"))
 
@@ -448,21 +467,27 @@ class Supervisor:
 
     def finish(self, req: Request, op: str, body: list, outcome: str, now: float) -> None:
         del self.requests[req.key]
-        self.reply(req.client, [pack_header(op, req.client_id), *body])
+        self.reply(req.client, [pack_header(op, req.client_id), *body], req.bundles)
         self.stats.done(outcome, now - req.accepted_at, now)
 
     def fail(self, req: Request, err: IsopoolError) -> None:
         self.requests.pop(req.key, None)
         self.queue.pop(req.key, None)
-        self.reply(req.client, encode_error(req.client_id, err))
+        self.reply(req.client, encode_error(req.client_id, err), req.bundles)
         self.stats.count(outcome_of(err))
         log.info("request %r: %s: %s", req.client_id, type(err).__name__, err, extra={"request": req.client_id})
 
     # ------------------------------------------------------------ backend
 
     def read_backend(self, now: float) -> None:
-        for frames in drain(self.backend, MAX_BATCH):
-            self.on_worker(frames, now)
+        for bundle in drain(self.backend, MAX_BATCH):
+            try:
+                messages = unbundle(bundle, at=1)
+            except ValueError as exc:
+                messages = [bundle[:1]]  # on_worker finds no header and replaces the worker
+                log.warning("worker %r sent a malformed bundle: %s", bundle[0].bytes, exc)
+            for frames in messages:
+                self.on_worker(frames, now)
 
     def on_worker(self, frames: list, now: float) -> None:
         parsed = parse_ident(frames[0].bytes)
@@ -471,6 +496,8 @@ class Supervisor:
             return  # a stale message from a process already given up on
         w.last_seen = now
         try:
+            if len(frames) < 2:
+                raise BadRequest("no header")
             header = unpack_header(frames[1].bytes, self.limits)
         except BadRequest as err:
             log.warning("worker %d sent an undecodable header (%s); replacing it", w.slot, err)
@@ -535,7 +562,7 @@ class Supervisor:
         if op == ops.CHUNK:
             if current:
                 req.chunks_sent += 1
-                self.reply(req.client, [pack_header(op, req.client_id), *body])
+                self.reply(req.client, [pack_header(op, req.client_id), *body], req.bundles)
             return
         self.release(w, key, now)
         if current:
@@ -609,14 +636,15 @@ class Supervisor:
             self.collect_last_words(w, now)
         info = {"pid": w.pid, "worker": w.slot, **exit_fields(w.proc.returncode), "at": time.time()}
         w.last_exit = info
-        for position, key in enumerate(w.inflight):
+        culprit = None if expected else self.running_when_died(w)
+        for key in w.inflight:
             req = self.requests.get(key)
             if req is None or req.worker != w.slot:
                 continue
-            if expected or position > 0:  # it was not running this one, or we stopped it on purpose
-                self.requeue(req)
-            else:
+            if key == culprit:
                 self.on_crash(req, info)
+            else:  # it was not running this one (finished but unsent, or not begun), or we stopped it
+                self.requeue(req)
         was_ready = w.state is not State.STARTING
         w.transition(State.EXITED, info["reason"])
         if expected:
@@ -626,6 +654,17 @@ class Supervisor:
             self.emit("crashed", w, during="start" if not was_ready else "serve", **_exit_event(info))
             log.warning("worker %d (pid %s) died: %s", w.slot, info["pid"], info["reason"])
         self.after_exit(w, expected, now)
+
+    def running_when_died(self, w: Worker) -> tuple | None:
+        """The key of the request a dead worker was running, from its board; None if it was idle."""
+        seq = board.running(board.read(w.board)) if w.board else None
+        if seq is None:  # no board to read: the oldest request it held
+            return w.inflight[0] if w.inflight else None
+        for key in w.inflight:
+            req = self.requests.get(key)
+            if req is not None and req.seq == seq:
+                return key
+        return None
 
     def after_exit(self, w: Worker, expected: bool, now: float) -> None:
         reason = "crash" if not expected else w.retire or w.stop_reason
@@ -788,6 +827,8 @@ class Supervisor:
             user_config=self.config.user_config, limits=self.limits.__dict__,
         )
         cfg.generation += 1
+        cfg.board = w.board = os.path.join(self.private_dir, f"board.{w.slot}.{cfg.generation}")
+        board.create(cfg.board)
         if self.config.preload == "none":
             w.proc = spawner.spawn_fresh(cfg)
         elif self.template is None or not self.template.ready:
@@ -830,7 +871,7 @@ class Supervisor:
             return
         w.stop_reason = w.retire or "stop"
         w.transition(State.STOPPING, w.stop_reason)
-        send_frames(self.backend, [w.ident, pack_header(ops.STOP, None)])
+        self.to_workers.post([w.ident, pack_header(ops.STOP, None)])
         w.kill_at = now + self.config.kill_grace
 
     def kill(self, w: Worker, reason: str, now: float) -> None:
@@ -958,9 +999,11 @@ class Supervisor:
         req.attempt += 1
         req.worker = w.slot
         req.started_at = now
+        w.dispatched += 1
+        req.seq = w.dispatched  # what the worker marks on its board when it starts this one
         # workers share this machine's monotonic clock, so the deadline travels as is
-        header = pack_header(ops.RUN, list(req.key), attempt=req.attempt, deadline=req.deadline)
-        send_frames(self.backend, [w.ident, header, *req.body])
+        header = pack_header(ops.RUN, list(req.key), attempt=req.attempt, deadline=req.deadline, seq=req.seq)
+        self.to_workers.post([w.ident, header, *req.body])
         w.inflight.append(req.key)
         if w.state is State.IDLE:
             w.transition(State.BUSY, "dispatch")

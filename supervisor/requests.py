@@ -18,9 +18,11 @@ class Request:
     accepted_at: float
     retry: bool = True
     stream: bool = False
+    bundles: bool = False  # its client reads bundled replies (protocol/transport.py)
     tenant: object = None  # the isolation key: the client's tenant, or the request itself
     attempt: int = 0  # dispatches so far
     worker: int | None = None  # slot while dispatched
+    seq: int = 0  # its dispatch sequence number on that worker (protocol/board.py)
     started_at: float = 0.0
     chunks_sent: int = 0
     crashes: list = field(default_factory=list)  # one dict per worker death it was running in

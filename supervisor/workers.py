@@ -12,8 +12,10 @@ a message from an older generation is stale and dropped.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
+import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +63,8 @@ class Worker:
     ready_at: float = 0.0
     last_seen: float = 0.0
     inflight: deque = field(default_factory=deque)  # request keys in dispatch order; head is running
+    dispatched: int = 0  # RUNs sent to this process: each request's sequence number on its board
+    board: str | None = None  # this process's board file (protocol/board.py)
     requests: int = 0
     errors: int = 0
     restarts: int = 0
@@ -96,6 +100,11 @@ class Worker:
         """Forget the dead process; keep the slot's counters."""
         self.proc = None
         self.inflight.clear()
+        self.dispatched = 0
+        if self.board is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.board)
+            self.board = None
         self.started_at = self.ready_at = self.last_seen = 0.0
         self.requests_this_process = 0
         self.tenant = None

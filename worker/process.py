@@ -30,8 +30,9 @@ from isopool.protocol import decode_payload, encode_payload, ops, pack_header, u
 from isopool.protocol.codec import encode_error
 from isopool.protocol.errors import BadRequest, RemoteError, RequestTimeout
 from isopool.protocol.exits import EXIT_LOAD_FAILED, EXIT_ORPHANED
+from isopool.protocol.board import Board
 from isopool.protocol.limits import Limits
-from isopool.protocol.transport import drain, send_frames
+from isopool.protocol.transport import Outbox, drain, unbundle
 
 from .handler import WorkerContext, build_model
 from .integrity import fingerprint
@@ -39,6 +40,7 @@ from .integrity import fingerprint
 log = logging.getLogger("isopool.worker")
 
 PR_SET_PDEATHSIG = 1
+HOLD_S = 0.0005  # the longest a finished result waits to leave with others
 ENV_CONFIG = "ISOPOOL_WORKER"
 
 
@@ -54,12 +56,13 @@ class WorkerConfig:
     heartbeat_interval: float = 1.0
     integrity_interval: float = 0.0  # seconds between weight checks when idle (0: never)
     integrity_every_request: bool = False
-    prefetch: int = 2
+    prefetch: int = 16
     max_batch_size: int = 8  # for models with batch(): requests handed over at once
     max_batch_wait_ms: float = 2.0  # how long a partial batch waits for more
     arrays: str = "auto"
     user_config: dict = field(default_factory=dict)
     limits: dict = field(default_factory=dict)
+    board: str | None = None  # the file this worker marks each request's start and end in
 
     def to_env(self) -> str:
         return json.dumps(self.__dict__)
@@ -96,6 +99,8 @@ class Worker:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.connect(config.backend)
+        self.out = Outbox(self.sock, routed=False, on_error=self._send_failed)
+        self.board = Board(config.board)
         self.sent = False
         self.running = True
         self.checks_weights = config.integrity_interval > 0 or config.integrity_every_request
@@ -105,6 +110,11 @@ class Worker:
         self.backlog: deque = deque()
         self.batching = callable(getattr(model, "batch", None)) and config.max_batch_size > 1
         self.batch: list = []  # RUN messages waiting to be run together
+        # results leave in groups while the rest of what we hold still runs: one wake-up of
+        # the supervisor per group, and its credit back before we run dry. The board, not
+        # the order of replies, tells the supervisor what a dead worker was running.
+        self.flush_at = max(1, self.capacity // 2)
+        self.last_run = 0.0  # seconds the previous request (or batch) took
         import torch
 
         self.inference_mode = torch.inference_mode
@@ -115,8 +125,29 @@ class Worker:
         return max(self.config.prefetch, self.config.max_batch_size if self.batching else 1)
 
     def send(self, frames: list) -> None:
-        send_frames(self.sock, frames)
+        self.out.post(frames)
         self.sent = True
+        if len(self.out) >= self.flush_at:
+            self.out.flush()
+
+    def before_run(self) -> None:
+        """Results wait for company only while requests are quick: none waits past HOLD_S, and
+        none waits at all behind a model that takes longer than that."""
+        out = self.out
+        if out.count and (self.last_run > HOLD_S or time.monotonic() - out.since > HOLD_S):
+            out.flush()
+
+    def receive(self, limit: int) -> Iterator[list]:
+        """Up to `limit` waiting ZeroMQ messages, bundles opened, without blocking."""
+        for bundle in drain(self.sock, limit):
+            try:
+                yield from unbundle(bundle)
+            except ValueError as exc:  # only the supervisor talks to us; never die of its mistakes
+                log.error("ignoring a malformed bundle from the supervisor: %s", exc)
+
+    @staticmethod
+    def _send_failed(peer: Any, exc: zmq.ZMQError) -> None:
+        log.error("could not send to the supervisor (%s); it will notice our silence", exc)
 
     def serve(self) -> None:
         self.send([pack_header(ops.READY, None, pid=os.getpid(), device=self.config.device, capacity=self.capacity)])
@@ -125,8 +156,9 @@ class Worker:
             self.sent = False
             while self.backlog and self.running:  # what arrived while a stream was being sent
                 self.handle(self.backlog.popleft())
+            self.out.flush()
             if self.running and self.sock.poll(interval_ms, zmq.POLLIN):
-                for frames in drain(self.sock, 64):
+                for frames in self.receive(64):
                     self.handle(frames)
                     if not self.running:
                         break
@@ -137,6 +169,7 @@ class Worker:
             if self.config.integrity_interval and time.monotonic() >= self.next_check:
                 self.check_weights("scheduled")
                 self.next_check = time.monotonic() + self.config.integrity_interval
+        self.out.flush()
         self.sock.close(linger=2000)
         self.ctx.term()
 
@@ -155,8 +188,8 @@ class Worker:
             else:
                 self.run(header, frames[1:])
 
-    def accept(self, header: dict, body: list) -> tuple[Any, int, Any] | None:
-        """(id, attempt, inputs) of a RUN, or None after answering it (expired, undecodable)."""
+    def accept(self, header: dict, body: list) -> tuple[Any, int, Any, int] | None:
+        """(id, attempt, inputs, seq) of a RUN, or None after answering it (expired, undecodable)."""
         rid, attempt = header["id"], header.get("attempt", 0)
         deadline = header.get("deadline")
         if deadline is not None and time.monotonic() >= deadline:
@@ -165,7 +198,8 @@ class Worker:
                 setting="timeout"), attempt=attempt))
             return None
         try:
-            return rid, attempt, decode_payload(body, arrays=self.config.arrays, limits=self.limits)
+            return rid, attempt, decode_payload(body, arrays=self.config.arrays, limits=self.limits), \
+                header.get("seq", 0)
         except BadRequest as err:
             self.send(encode_error(rid, err, attempt=attempt))
             return None
@@ -176,9 +210,10 @@ class Worker:
         end = time.monotonic() + self.config.max_batch_wait_ms / 1000
         while len(self.batch) < size and self.running:
             left_ms = int((end - time.monotonic()) * 1000)
+            self.out.flush()  # nothing we have finished waits on a batch still filling
             if left_ms < 0 or not self.sock.poll(left_ms, zmq.POLLIN):
                 break
-            for frames in drain(self.sock, size - len(self.batch)):
+            for frames in self.receive(size - len(self.batch)):
                 self.handle(frames)
         items, self.batch = self.batch[:size], self.batch[size:]
         self.run_batch([a for a in (self.accept(h, b) for h, b in items) if a is not None])
@@ -187,9 +222,12 @@ class Worker:
         """model.batch(inputs) once; if it raises, each input alone, so only the culprit fails."""
         if not live:
             return
+        self.before_run()
+        started = time.monotonic()
+        self.board.start(live[0][3])  # a death now is blamed on the oldest of the batch
         try:
             with self.inference_mode():
-                outputs = self.model.batch([x for _, _, x in live])
+                outputs = self.model.batch([x for _, _, x, _ in live])
             if not isinstance(outputs, (list, tuple)) or len(outputs) != len(live):
                 raise TypeError(f"batch() must return a list with one result per input ({len(live)}), "
                                 f"got {type(outputs).__name__}")
@@ -198,14 +236,18 @@ class Worker:
                 for item in live:
                     self.run_batch([item])
                 return
-            rid, attempt, _ = live[0]
+            rid, attempt, _, seq = live[0]
             self.send(encode_error(rid, self.remote_error(sys.exc_info()[1]), attempt=attempt))
+            self.board.finish(seq)
+            self.last_run = time.monotonic() - started
             return
-        for (rid, attempt, _), output in zip(live, outputs):
+        for (rid, attempt, _, _), output in zip(live, outputs):
             try:
                 self.send([pack_header(ops.RESULT, rid, attempt=attempt), *encode_payload(output)])
             except TypeError as exc:
                 self.send(encode_error(rid, self.remote_error(exc), attempt=attempt))
+        self.board.finish(live[-1][3])
+        self.last_run = time.monotonic() - started
         if self.config.integrity_every_request:
             self.check_weights("after request", live[-1][0])
 
@@ -213,7 +255,10 @@ class Worker:
         accepted = self.accept(header, body)
         if accepted is None:
             return
-        rid, attempt, inputs = accepted
+        rid, attempt, inputs, seq = accepted
+        self.before_run()
+        started = time.monotonic()
+        self.board.start(seq)
         try:
             with self.inference_mode():
                 output = self.model(inputs)
@@ -223,8 +268,10 @@ class Worker:
                     frames = encode_payload(output)
         except Exception as exc:
             self.send(encode_error(rid, self.remote_error(exc), attempt=attempt))
-            return
-        self.send([pack_header(ops.RESULT, rid, attempt=attempt), *frames])
+        else:
+            self.send([pack_header(ops.RESULT, rid, attempt=attempt), *frames])
+        self.board.finish(seq)
+        self.last_run = time.monotonic() - started
         if self.config.integrity_every_request:
             self.check_weights("after request", rid)
 
@@ -235,6 +282,7 @@ class Worker:
         try:
             for part in parts:
                 self.send([pack_header(ops.CHUNK, rid, attempt=attempt), *encode_payload(part)])
+                self.out.flush()  # a part goes out as soon as it exists
                 if self.cancelled(rid):
                     log.info("stream %r cancelled by its client; generator closed", rid)
                     break
@@ -246,20 +294,20 @@ class Worker:
 
     def cancelled(self, rid: Any) -> bool:
         """Between parts: read what has arrived; a CANCEL of `rid` ends the stream, the rest waits."""
-        for frames in drain(self.sock, 64):
+        stop = False
+        for frames in self.receive(64):  # read all of it: a bundle may hold more after the CANCEL
             try:
                 header = unpack_header(frames[0].bytes, self.limits)
             except BadRequest:
                 continue
             if header["op"] == ops.CANCEL:
-                if header["id"] == rid:
-                    return True
+                stop = stop or header["id"] == rid
             elif header["op"] == ops.STOP:
                 self.running = False
-                return True
+                stop = True
             else:
                 self.backlog.append(frames)
-        return False
+        return stop
 
     def check_weights(self, when: str, rid: Any = None) -> None:
         """Compare the weights with their fingerprint at load; report a mismatch and stop serving."""

@@ -182,6 +182,29 @@ def test_retries_stop_at_max_attempts_with_each_death_reported(faulty):
     back_to_full_strength(faulty)
 
 
+@pytest.mark.parametrize("fault", [{"do": "exit", "code": 7}, {"do": "segv"}])
+def test_a_death_is_blamed_only_on_the_request_it_was_running(start_pool, fault):
+    """One worker holds a burst (prefetch 16) and sends its results in groups; it dies on the
+    sixth request. The finished requests whose results it had not yet sent, and those it had
+    not begun, are rerun without penalty; only the sixth is blamed (--max-attempts 1)."""
+    pool = start_pool("--workers", "1", "--model", FAULTY, "--max-attempts", "1", "--prefetch", "16")
+    with pool.client() as c:
+        for r in range(3):  # three rounds: each a fresh worker, each blamed right
+            burst = [{"do": "ok", "n": i} for i in range(5)] + [{**fault, "n": 5, "round": r}] + \
+                [{"do": "ok", "n": i} for i in range(6, 12)]
+            futures = [c.submit(x) for x in burst]
+            outcomes = []
+            for f in futures:
+                try:
+                    outcomes.append(f.result(30)["echo"]["n"])
+                except WorkerCrashed as exc:
+                    outcomes.append(("crashed", len(exc.attempts)))
+            assert outcomes == [0, 1, 2, 3, 4, ("crashed", 1), *range(6, 12)]
+    status = back_to_full_strength(pool)
+    assert status["pool"]["restarts_total"] == 3
+    assert status["pool"]["outcomes"].get("crashed", 0) == 3
+
+
 def test_expired_request_is_never_started(start_pool):
     pool = start_pool("--workers", "1", "--model", FAULTY)
     with pool.client() as c:

@@ -13,6 +13,7 @@ import zmq
 from isopool.errors import BadRequest, RemoteError, Unavailable
 from isopool.protocol import decode_error, ops, pack_header, unpack_header
 from isopool.protocol.codec import EXT_ARRAY
+from isopool.protocol.transport import BUNDLE, bundle, unbundle
 
 HOSTILE = 3000
 
@@ -118,3 +119,45 @@ def test_arrays_reach_the_handler_read_only(start_pool):
         with pytest.raises(RemoteError, match="read-only"):
             c.infer({"do": "scribble", "a": np.arange(10.0)})
         assert c.infer({"do": "ok", "a": np.arange(3.0)})["echo"]["a"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_raw_clients_may_bundle_requests_and_get_bundled_replies_only_when_they_ask(start_pool):
+    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:make_echo")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(pool.endpoint)
+
+    def requests(first: int, **fields) -> list[list[bytes]]:
+        return [[pack_header(ops.INFER, i, **fields), msgpack.packb({"n": i})] for i in range(first, first + 3)]
+
+    def replies(n: int) -> dict:
+        got: dict = {}
+        for _ in range(n):
+            if len(got) == n:
+                break
+            assert sock.poll(10_000), "a bundled request went unanswered"
+            for message in unbundle([zmq.Frame(f) for f in sock.recv_multipart()]):
+                header = unpack_header(message[0].bytes)
+                got[header["id"]] = (header["op"], msgpack.unpackb(message[1].bytes))
+        return got
+
+    try:
+        sock.send_multipart(bundle(requests(1)))  # a client that never said it reads bundles
+        plain = []
+        for _ in range(3):
+            assert sock.poll(10_000)
+            plain.append(sock.recv_multipart())
+        assert sorted(unpack_header(m[0])["id"] for m in plain) == [1, 2, 3]  # each a plain message
+        assert all(msgpack.unpackb(m[1]) == {"n": unpack_header(m[0])["id"]} for m in plain)
+
+        sock.send_multipart([BUNDLE + msgpack.packb([2, 2]), b"only", b"three", b"frames"])
+        assert sock.poll(10_000)
+        reply = sock.recv_multipart()
+        err = decode_error(reply[1:])
+        assert isinstance(err, BadRequest) and "bundle" in str(err)
+
+        sock.send_multipart(bundle(requests(4, bundles=True)))  # this one reads bundles
+        assert replies(3) == {i: ("result", {"n": i}) for i in (4, 5, 6)}
+    finally:
+        sock.close()
+    assert pool.status()["pool"]["outcomes"]["bad_request"] == 1

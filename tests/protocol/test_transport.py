@@ -1,0 +1,79 @@
+"""Bundles: several messages for one peer as one ZeroMQ message, and strict refusal of bad ones."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import zmq
+
+from isopool.protocol.transport import BUNDLE, MAX_BUNDLE, Outbox, bundle, drain, unbundle
+
+
+def frames_of(message: list) -> list[zmq.Frame]:
+    return [zmq.Frame(f) for f in message]
+
+
+def as_bytes(messages: list[list]) -> list[list[bytes]]:
+    return [[bytes(f) for f in m] for m in messages]
+
+
+def test_a_bundle_opens_into_its_messages_in_order_each_with_the_routing_prefix():
+    messages = [[b"peer", b"h1", b"p1"], [b"peer", b"h2", b"p2", b"buf"], [b"peer", b"h3"]]
+    packed = bundle(messages, at=1)
+    assert packed[0] == b"peer" and bytes(packed[1])[:1] == BUNDLE and len(packed) == 1 + 1 + 6
+    assert as_bytes(unbundle(frames_of(packed), at=1)) == messages
+
+
+def test_a_lone_message_travels_as_itself():
+    message = [b"h", b"p"]
+    assert bundle([message]) is message
+    assert as_bytes(unbundle(frames_of(message))) == [message]
+
+
+@pytest.mark.parametrize("index", [
+    msgpack.packb([1, 1]),  # claims 2 frames, carries 3
+    msgpack.packb([3, 0]),  # an empty message
+    msgpack.packb([]),
+    msgpack.packb({"n": 3}),
+    msgpack.packb(["3"]),
+    msgpack.packb([1] * (MAX_BUNDLE + 1)),
+    b"\xff\xff",  # not msgpack
+])
+def test_a_malformed_bundle_index_is_refused(index):
+    with pytest.raises(ValueError):
+        unbundle(frames_of([BUNDLE + index, b"a", b"b", b"c"]))
+
+
+def test_outbox_keeps_each_peers_order_and_sends_non_bundle_peers_plain_messages():
+    ctx = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    try:
+        dealer.setsockopt(zmq.IDENTITY, b"d")
+        router.bind("inproc://outbox")
+        dealer.connect("inproc://outbox")
+        dealer.send(b"hello")
+        assert router.poll(5000)
+        router.recv_multipart()
+        out = Outbox(router, routed=True, on_error=lambda peer, exc: pytest.fail(f"{peer}: {exc}"))
+        for i in range(MAX_BUNDLE + 3):
+            out.post([b"d", b"h%d" % i])
+        out.post([b"d", b"plain"], bundle=False)
+        out.post([b"d", b"last"])
+        assert len(out) == MAX_BUNDLE + 5
+        out.flush()
+        assert len(out) == 0
+        received = []
+        for _ in range(5):
+            assert dealer.poll(5000)
+            raw = list(drain(dealer, 10))
+            received.extend(raw)
+            if len(received) == 4:
+                break
+        assert [len(unbundle(m)) for m in received] == [MAX_BUNDLE, 3, 1, 1]
+        assert bytes(received[2][0]) == b"plain"  # a peer that reads no bundles gets it as sent
+        opened = [bytes(m[0]) for r in received for m in unbundle(r)]
+        assert opened == [b"h%d" % i for i in range(MAX_BUNDLE + 3)] + [b"plain", b"last"]
+    finally:
+        router.close(0)
+        dealer.close(0)
+        ctx.term()
