@@ -28,7 +28,7 @@ from isopool.protocol import (
     unpack_header,
 )
 from isopool.protocol.endpoints import default_endpoint
-from isopool.protocol.transport import unbundle
+from isopool.protocol.transport import data, unbundle
 
 # How long past its timeout a request may go unanswered before the client gives up on
 # its own: the supervisor answers at the deadline; this covers a supervisor that is gone.
@@ -106,7 +106,7 @@ class Session:
 
     def on_message(self, frames: list) -> None:
         try:
-            header = unpack_header(frames[0].bytes)
+            header = unpack_header(data(frames[0]))
         except IsopoolError:
             return  # not for us to fix; the caller's deadline still holds
         call = self.pending.get(header["id"])

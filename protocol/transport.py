@@ -9,7 +9,7 @@ These helpers use plain int flags and ask the socket whether more is waiting. Bu
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import msgpack
 import zmq
@@ -38,50 +38,80 @@ def drain(sock: zmq.Socket, limit: int) -> Iterator[list]:
 
 # ---------------------------------------------------------------- bundles
 #
-# Under load most of a hop's cost is not Python but the wake-ups behind each ZeroMQ message:
-# the sender's I/O thread, the receiver's I/O thread, the receiver's poll. A bundle carries
-# several messages for one peer as one ZeroMQ message, so a burst costs one set of wake-ups.
+# Under load most of a hop's cost is not Python but the work behind each ZeroMQ message and
+# frame: the wake-ups of the sender's I/O thread, the receiver's I/O thread and the
+# receiver's poll, and a send or receive call per frame. A bundle carries several messages
+# for one peer as one ZeroMQ message, so a burst costs one set of wake-ups:
 #
-#     [BUNDLE + msgpack([n1, n2, ...]), frames of message 1 (n1 frames), message 2, ...]
+#     [BUNDLE + msgpack(index), frames of the messages the index says ride as frames]
 #
+# Each index entry is one message: a list of its frames' bytes (a small message, packed into
+# the index itself: one frame for the whole burst) or an int, the number of frames it takes
+# from those that follow (a large one, whose buffers still travel without a copy).
 # 0xc1 is the one byte msgpack never uses, so no header can begin with it: a receiver tells
-# a bundle from a plain message by its first byte. A peer that never bundles never sees one
-# unless it sent one, so a plain message is always a valid message of the protocol.
+# a bundle from a plain message by its first byte. Frames of packed messages are bytes, not
+# zmq.Frame: read them with data().
 
 BUNDLE = b"\xc1"
 MAX_BUNDLE = 64  # messages in one bundle; bounds what one receive hands the receiver
+PACK_BELOW = 16 * 1024  # a message smaller than this is packed into the index
+MAX_PACKED_FRAMES = 4098  # frames of one packed message (header, payload, max_buffers arrays)
+
+
+def data(frame: zmq.Frame | bytes) -> bytes:
+    """The bytes of a received frame: a zmq.Frame, or a bytes frame of a packed message."""
+    return frame if type(frame) is bytes else frame.bytes
 
 
 def unbundle(frames: list, at: int = 0) -> list[list]:
     """The messages in `frames` (frames[:at] is a routing prefix, kept on each); ValueError if malformed."""
     if len(frames) <= at:
         return [frames]
-    first = frames[at].bytes
+    first = data(frames[at])
     if first[:1] != BUNDLE:
         return [frames]
     try:
-        counts = msgpack.unpackb(first[1:], max_array_len=MAX_BUNDLE, max_map_len=0, max_str_len=0,
-                                 max_bin_len=0, max_ext_len=0)
+        index = msgpack.unpackb(first[1:], max_array_len=MAX_PACKED_FRAMES, max_bin_len=len(first),
+                                max_map_len=0, max_str_len=0, max_ext_len=0)
     except Exception:
         raise ValueError("its first frame starts with 0xc1, which marks a bundle, but the bundle index after "
                          "it is not valid msgpack") from None
-    if not isinstance(counts, list) or not counts or \
-            not all(type(n) is int and n >= 1 for n in counts) or sum(counts) != len(frames) - at - 1:
-        raise ValueError(f"its bundle index {counts!r} does not match its {len(frames) - at - 1} frames")
+    carried = len(frames) - at - 1
+    if not isinstance(index, list) or not 0 < len(index) <= MAX_BUNDLE:
+        raise ValueError(f"its bundle index must list 1 to {MAX_BUNDLE} messages")
     prefix, out, i = frames[:at], [], at + 1
-    for n in counts:
-        out.append([*prefix, *frames[i:i + n]])
-        i += n
+    for entry in index:
+        if type(entry) is int and 1 <= entry <= carried - (i - at - 1):
+            out.append([*prefix, *frames[i:i + entry]])
+            i += entry
+        elif type(entry) is list and entry and all(type(f) is bytes for f in entry):
+            out.append([*prefix, *entry])
+        else:
+            raise ValueError(f"its bundle index entry {str(entry)[:60]!r} is neither a frame count that fits "
+                             f"its {carried} frames nor a list of frames")
+    if i - at - 1 != carried:
+        raise ValueError(f"its bundle index accounts for {i - at - 1} of its {carried} frames")
     return out
+
+
+def nbytes(frame: Any) -> int:
+    return frame.nbytes if type(frame) is memoryview else len(frame)
 
 
 def bundle(messages: list[list], at: int = 0) -> list:
     """One message carrying `messages` (each with the same routing prefix frames[:at])."""
     if len(messages) == 1:
         return messages[0]
-    frames = [*messages[0][:at], BUNDLE + msgpack.packb([len(m) - at for m in messages])]
+    index: list = []
+    frames = [*messages[0][:at], None]
     for m in messages:
-        frames.extend(m[at:])
+        body = m[at:]
+        if sum(nbytes(f) for f in body) < PACK_BELOW:
+            index.append([f if type(f) is bytes else bytes(f) for f in body])
+        else:
+            index.append(len(body))
+            frames.extend(body)
+    frames[at] = BUNDLE + msgpack.packb(index, use_bin_type=True)
     return frames
 
 

@@ -62,7 +62,7 @@ from isopool.protocol import (
 from isopool.protocol import board
 from isopool.protocol.endpoints import default_endpoint, ensure_private_dir, ipc_path, is_tcp, runtime_dir
 from isopool.protocol.exits import EXIT_LOAD_FAILED, exit_fields
-from isopool.protocol.transport import Outbox, drain, unbundle
+from isopool.protocol.transport import Outbox, data, drain, unbundle
 from isopool.worker.process import WorkerConfig
 
 from . import spawner
@@ -365,13 +365,15 @@ class Supervisor:
                     f"a bundle of requests was refused: {exc}; is the sender an isopool client?")))
                 continue
             for frames in messages:
-                self.on_client(frames, now)
+                self.on_client(frames, now, carrier=bundle[1] if len(bundle) > 1 else bundle[0])
 
-    def on_client(self, frames: list, now: float) -> None:
+    def on_client(self, frames: list, now: float, carrier: zmq.Frame) -> None:
+        """One client message; `carrier` is the ZeroMQ frame it came in (its own, or its bundle's),
+        which holds the connection's CURVE identity."""
         ident = frames[0].bytes
         if len(frames) < 2:
             return  # an empty message carries no id to answer
-        raw = frames[1].bytes
+        raw = data(frames[1])
         try:
             header = unpack_header(raw, self.limits)
             op = header["op"]
@@ -382,7 +384,7 @@ class Supervisor:
                     self.dispatch(now)  # report what the pool is doing, not what this batch left undone
                 self.reply(ident, encode(ops.RESULT, header["id"], build_status(self, now)))
             elif op == ops.CONTROL:
-                if self.auth is not None and not is_admin(frames[1]):
+                if self.auth is not None and not is_admin(carrier):
                     raise NotAllowed("control ops (scale, reload, stop) need an admin key; this client's key "
                                      "is not in --curve-admins")
                 result = self.control(header.get("action"), header.get("args") or {})
@@ -498,7 +500,7 @@ class Supervisor:
         try:
             if len(frames) < 2:
                 raise BadRequest("no header")
-            header = unpack_header(frames[1].bytes, self.limits)
+            header = unpack_header(data(frames[1]), self.limits)
         except BadRequest as err:
             log.warning("worker %d sent an undecodable header (%s); replacing it", w.slot, err)
             self.kill(w, "protocol", now)

@@ -32,7 +32,7 @@ from isopool.protocol.errors import BadRequest, RemoteError, RequestTimeout
 from isopool.protocol.exits import EXIT_LOAD_FAILED, EXIT_ORPHANED
 from isopool.protocol.board import Board
 from isopool.protocol.limits import Limits
-from isopool.protocol.transport import Outbox, drain, unbundle
+from isopool.protocol.transport import EVENTS, POLLIN, Outbox, data, drain, unbundle
 
 from .handler import WorkerContext, build_model
 from .integrity import fingerprint
@@ -115,6 +115,7 @@ class Worker:
         # the order of replies, tells the supervisor what a dead worker was running.
         self.flush_at = max(1, self.capacity // 2)
         self.last_run = 0.0  # seconds the previous request (or batch) took
+        self.more = False  # whether more work had arrived when the current request was read
         import torch
 
         self.inference_mode = torch.inference_mode
@@ -125,9 +126,10 @@ class Worker:
         return max(self.config.prefetch, self.config.max_batch_size if self.batching else 1)
 
     def send(self, frames: list) -> None:
+        """Results wait to leave together only while more work is already here."""
         self.out.post(frames)
         self.sent = True
-        if len(self.out) >= self.flush_at:
+        if not self.more or len(self.out) >= self.flush_at:
             self.out.flush()
 
     def before_run(self) -> None:
@@ -138,12 +140,19 @@ class Worker:
             out.flush()
 
     def receive(self, limit: int) -> Iterator[list]:
-        """Up to `limit` waiting ZeroMQ messages, bundles opened, without blocking."""
+        """Up to `limit` waiting ZeroMQ messages, bundles opened, without blocking. Sets
+        `more`: whether other work is already here while this message is handled."""
         for bundle in drain(self.sock, limit):
             try:
-                yield from unbundle(bundle)
+                messages = unbundle(bundle)
             except ValueError as exc:  # only the supervisor talks to us; never die of its mistakes
                 log.error("ignoring a malformed bundle from the supervisor: %s", exc)
+                continue
+            last = len(messages) - 1
+            for i, message in enumerate(messages):
+                self.more = i < last or bool(self.sock.get(EVENTS) & POLLIN)
+                yield message
+        self.more = False
 
     @staticmethod
     def _send_failed(peer: Any, exc: zmq.ZMQError) -> None:
@@ -175,7 +184,7 @@ class Worker:
 
     def handle(self, frames: list) -> None:
         try:
-            header = unpack_header(frames[0].bytes, self.limits)
+            header = unpack_header(data(frames[0]), self.limits)
         except BadRequest as err:  # only the supervisor talks to us; never die of its mistakes
             log.error("ignoring an undecodable message from the supervisor: %s", err)
             return
@@ -297,7 +306,7 @@ class Worker:
         stop = False
         for frames in self.receive(64):  # read all of it: a bundle may hold more after the CANCEL
             try:
-                header = unpack_header(frames[0].bytes, self.limits)
+                header = unpack_header(data(frames[0]), self.limits)
             except BadRequest:
                 continue
             if header["op"] == ops.CANCEL:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import msgpack
+import numpy as np
 import pytest
 import zmq
 
-from isopool.protocol.transport import BUNDLE, MAX_BUNDLE, Outbox, bundle, drain, unbundle
+from isopool.protocol.transport import BUNDLE, MAX_BUNDLE, PACK_BELOW, Outbox, bundle, data, drain, unbundle
 
 
 def frames_of(message: list) -> list[zmq.Frame]:
@@ -14,14 +15,22 @@ def frames_of(message: list) -> list[zmq.Frame]:
 
 
 def as_bytes(messages: list[list]) -> list[list[bytes]]:
-    return [[bytes(f) for f in m] for m in messages]
+    return [[bytes(f) if isinstance(f, (zmq.Frame, memoryview)) else f for f in m] for m in messages]
 
 
 def test_a_bundle_opens_into_its_messages_in_order_each_with_the_routing_prefix():
-    messages = [[b"peer", b"h1", b"p1"], [b"peer", b"h2", b"p2", b"buf"], [b"peer", b"h3"]]
-    packed = bundle(messages, at=1)
-    assert packed[0] == b"peer" and bytes(packed[1])[:1] == BUNDLE and len(packed) == 1 + 1 + 6
-    assert as_bytes(unbundle(frames_of(packed), at=1)) == messages
+    small = [[b"peer", b"h1", b"p1"], [b"peer", b"h2", b"p2", b"buf"], [b"peer", b"h3"]]
+    packed = bundle(small, at=1)
+    assert packed[0] == b"peer" and bytes(packed[1])[:1] == BUNDLE and len(packed) == 2  # one frame for all
+    assert as_bytes(unbundle(frames_of(packed), at=1)) == small
+
+
+def test_large_messages_ride_as_their_own_frames_beside_packed_small_ones():
+    big = np.arange(PACK_BELOW, dtype=np.uint8)
+    messages = [[b"h1", b"p1"], [b"h2", b"p2", memoryview(big)], [b"h3", b"p3"]]
+    packed = bundle(messages)
+    assert len(packed) == 1 + 3 and packed[3] is messages[1][2]  # the array is not copied
+    assert as_bytes(unbundle(frames_of(packed))) == [[b"h1", b"p1"], [b"h2", b"p2", big.tobytes()], [b"h3", b"p3"]]
 
 
 def test_a_lone_message_travels_as_itself():
@@ -32,11 +41,14 @@ def test_a_lone_message_travels_as_itself():
 
 @pytest.mark.parametrize("index", [
     msgpack.packb([1, 1]),  # claims 2 frames, carries 3
+    msgpack.packb([3, 1]),  # claims 4
     msgpack.packb([3, 0]),  # an empty message
+    msgpack.packb([3, []]),
+    msgpack.packb([3, [b"h", "not bytes"]]),
     msgpack.packb([]),
     msgpack.packb({"n": 3}),
     msgpack.packb(["3"]),
-    msgpack.packb([1] * (MAX_BUNDLE + 1)),
+    msgpack.packb([[b"h"]] * (MAX_BUNDLE + 1)),
     b"\xff\xff",  # not msgpack
 ])
 def test_a_malformed_bundle_index_is_refused(index):
@@ -71,7 +83,7 @@ def test_outbox_keeps_each_peers_order_and_sends_non_bundle_peers_plain_messages
                 break
         assert [len(unbundle(m)) for m in received] == [MAX_BUNDLE, 3, 1, 1]
         assert bytes(received[2][0]) == b"plain"  # a peer that reads no bundles gets it as sent
-        opened = [bytes(m[0]) for r in received for m in unbundle(r)]
+        opened = [data(m[0]) for r in received for m in unbundle(r)]
         assert opened == [b"h%d" % i for i in range(MAX_BUNDLE + 3)] + [b"plain", b"last"]
     finally:
         router.close(0)

@@ -13,7 +13,7 @@ import zmq
 from isopool.errors import BadRequest, RemoteError, Unavailable
 from isopool.protocol import decode_error, ops, pack_header, unpack_header
 from isopool.protocol.codec import EXT_ARRAY
-from isopool.protocol.transport import BUNDLE, bundle, unbundle
+from isopool.protocol.transport import BUNDLE, bundle, data, unbundle
 
 HOSTILE = 3000
 
@@ -137,8 +137,8 @@ def test_raw_clients_may_bundle_requests_and_get_bundled_replies_only_when_they_
                 break
             assert sock.poll(10_000), "a bundled request went unanswered"
             for message in unbundle([zmq.Frame(f) for f in sock.recv_multipart()]):
-                header = unpack_header(message[0].bytes)
-                got[header["id"]] = (header["op"], msgpack.unpackb(message[1].bytes))
+                header = unpack_header(data(message[0]))
+                got[header["id"]] = (header["op"], msgpack.unpackb(data(message[1])))
         return got
 
     try:
