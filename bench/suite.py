@@ -13,7 +13,8 @@ number of worker processes (2), one mechanism after another:
     loky, pebble   (from the `bench` extra)
 
 Workloads: tiny-request throughput (64 in flight), sequential latency (p50/p99), and a
-16 MiB float32 round trip (MiB/s). Each figure is the median of --repeats runs. Every
+16 MiB float32 round trip (MiB/s). All mechanisms are started first, then measured in
+rounds (each once per round), and each figure is the median of --repeats rounds. Every
 mechanism's answers are checked against the in-process model; speed is never asserted.
 Writes results.md (ratios to inproc and to ppe), results.json and results.png.
 """
@@ -198,24 +199,23 @@ def check(mech: Mechanism, model: BenchModel, rng: np.random.Generator) -> bool:
 
 
 def measure(mech: Mechanism, sizes: Sizes) -> dict[str, float]:
+    """One run of every workload."""
     x = np.random.default_rng(1).standard_normal(DIM).astype(np.float32)
     big = np.random.default_rng(2).standard_normal(BIG_MIB * 2**20 // 4).astype(np.float32)
-    runs: dict[str, list[float]] = {"req_per_s": [], "p50_us": [], "p99_us": [], "mib_per_s": []}
-    for _ in range(sizes.repeats):
-        runs["req_per_s"].append(mech.throughput(x, sizes.requests))
-        lat = []
-        for _ in range(sizes.latency):
-            t = time.perf_counter()
-            mech.call(x)
-            lat.append(time.perf_counter() - t)
-        lat.sort()
-        runs["p50_us"].append(lat[len(lat) // 2] * 1e6)
-        runs["p99_us"].append(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e6)
+    figures = {"req_per_s": mech.throughput(x, sizes.requests)}
+    lat = []
+    for _ in range(sizes.latency):
         t = time.perf_counter()
-        for _ in range(sizes.big):
-            mech.call({"echo": big})
-        runs["mib_per_s"].append(BIG_MIB * sizes.big / (time.perf_counter() - t))
-    return {k: round(statistics.median(v), 1) for k, v in runs.items()}
+        mech.call(x)
+        lat.append(time.perf_counter() - t)
+    lat.sort()
+    figures["p50_us"] = lat[len(lat) // 2] * 1e6
+    figures["p99_us"] = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e6
+    t = time.perf_counter()
+    for _ in range(sizes.big):
+        mech.call({"echo": big})
+    figures["mib_per_s"] = BIG_MIB * sizes.big / (time.perf_counter() - t)
+    return figures
 
 
 def table(results: dict[str, dict]) -> str:
@@ -263,15 +263,25 @@ def plot(results: dict[str, dict], path: Path) -> None:
 def run(names: list[str], sizes: Sizes, out: Path) -> dict[str, dict]:
     out.mkdir(parents=True, exist_ok=True)
     model, rng = BenchModel(), np.random.default_rng(0)
-    results: dict[str, dict] = {}
-    for name, make in mechanisms(names).items():
-        mech = make()
-        try:
-            correct = check(mech, model, rng)
-            results[name] = {"correct": correct, **measure(mech, sizes)}
-        finally:
+    mechs: dict[str, Mechanism] = {}
+    correct: dict[str, bool] = {}
+    runs: dict[str, dict[str, list[float]]] = {}
+    try:
+        for name, make in mechanisms(names).items():
+            mechs[name] = make()
+            correct[name] = check(mechs[name], model, rng)
+        # every mechanism once per round, so a noisy minute on this machine hits them all alike
+        for r in range(sizes.repeats):
+            for name, mech in mechs.items():
+                figures = measure(mech, sizes)
+                for key, value in figures.items():
+                    runs.setdefault(name, {}).setdefault(key, []).append(value)
+                print(f"round {r + 1} {name}: " + ", ".join(f"{k} {v:.0f}" for k, v in figures.items()), flush=True)
+    finally:
+        for mech in mechs.values():
             mech.close()
-        print(f"{name}: {results[name]}", flush=True)
+    results = {name: {"correct": correct[name], **{k: round(statistics.median(v), 1) for k, v in runs[name].items()}}
+               for name in mechs}
     report = table(results)
     (out / "results.md").write_text(report + "\n")
     (out / "results.json").write_text(json.dumps({"workers": WORKERS, "in_flight": IN_FLIGHT, "sizes": sizes.__dict__,

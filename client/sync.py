@@ -83,6 +83,7 @@ class _IOThread:
             self._release()
             raise
         self.closing = False
+        self.signalled = False  # the wake-up fd has been written since the outbox was last drained
         self.thread = threading.Thread(target=self._run, name="isopool-client-io", daemon=True)
         self.thread.start()
 
@@ -90,7 +91,9 @@ class _IOThread:
         if self.closing:
             raise Unavailable("the client is closed")
         self.outbox.append((frames, call))
-        self._wake()
+        if not self.signalled:  # one wake-up per turn of the I/O thread, however many calls
+            self.signalled = True
+            self._wake()
 
     def _wake(self) -> None:
         try:
@@ -115,6 +118,7 @@ class _IOThread:
                     pass
             if self.monitor in events:  # first: a refused handshake explains a failed send
                 self._on_monitor()
+            self.signalled = False  # before draining: a call queued after this wakes us again
             self._flush()
             if self.sock in events:
                 self._read()
