@@ -115,7 +115,7 @@ class Worker:
         # the order of replies, tells the supervisor what a dead worker was running.
         self.flush_at = max(1, self.capacity // 2)
         self.last_run = 0.0  # seconds the previous request (or batch) took
-        self.more = False  # whether more work had arrived when the current request was read
+        self.waiting = 0  # requests already here behind the current one (capacity: more on the socket)
         import torch
 
         self.inference_mode = torch.inference_mode
@@ -126,10 +126,12 @@ class Worker:
         return max(self.config.prefetch, self.config.max_batch_size if self.batching else 1)
 
     def send(self, frames: list) -> None:
-        """Results wait to leave together only while more work is already here."""
+        """Results wait to leave together only while at least as much work is already here
+        (a burst of 8 leaves as 4, 2, 1, 1), so the supervisor refills us before we run dry."""
         self.out.post(frames)
         self.sent = True
-        if not self.more or len(self.out) >= self.flush_at:
+        held = len(self.out)
+        if held >= self.waiting or held >= self.flush_at:
             self.out.flush()
 
     def before_run(self) -> None:
@@ -141,7 +143,7 @@ class Worker:
 
     def receive(self, limit: int) -> Iterator[list]:
         """Up to `limit` waiting ZeroMQ messages, bundles opened, without blocking. Sets
-        `more`: whether other work is already here while this message is handled."""
+        `waiting`: how much other work is already here while this message is handled."""
         for bundle in drain(self.sock, limit):
             try:
                 messages = unbundle(bundle)
@@ -150,9 +152,10 @@ class Worker:
                 continue
             last = len(messages) - 1
             for i, message in enumerate(messages):
-                self.more = i < last or bool(self.sock.get(EVENTS) & POLLIN)
+                left = last - i
+                self.waiting = left or (self.capacity if self.sock.get(EVENTS) & POLLIN else 0)
                 yield message
-        self.more = False
+        self.waiting = 0
 
     @staticmethod
     def _send_failed(peer: Any, exc: zmq.ZMQError) -> None:
