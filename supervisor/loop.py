@@ -639,6 +639,7 @@ class Supervisor:
         info = {"pid": w.pid, "worker": w.slot, **exit_fields(w.proc.returncode), "at": time.time()}
         w.last_exit = info
         culprit = None if expected else self.running_when_died(w)
+        w.drop_board()  # read; whatever happens to the slot next, the file is done with
         for key in w.inflight:
             req = self.requests.get(key)
             if req is None or req.worker != w.slot:

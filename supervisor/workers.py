@@ -96,15 +96,19 @@ class Worker:
         log.debug("worker %d (pid %s): %s -> %s %s", self.slot, self.pid, self.state.value, new.value, why)
         self.state = new
 
+    def drop_board(self) -> None:
+        """Remove this process's board file (protocol/board.py)."""
+        if self.board is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.board)
+            self.board = None
+
     def reset_process(self) -> None:
         """Forget the dead process; keep the slot's counters."""
         self.proc = None
         self.inflight.clear()
         self.dispatched = 0
-        if self.board is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.board)
-            self.board = None
+        self.drop_board()
         self.started_at = self.ready_at = self.last_seen = 0.0
         self.requests_this_process = 0
         self.tenant = None

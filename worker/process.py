@@ -253,11 +253,13 @@ class Worker:
             self.board.finish(seq)
             self.last_run = time.monotonic() - started
             return
-        for (rid, attempt, _, _), output in zip(live, outputs):
+        for (rid, attempt, _, _), output in zip(live, outputs):  # the batch's results leave as one bundle
             try:
-                self.send([pack_header(ops.RESULT, rid, attempt=attempt), *encode_payload(output)])
+                self.out.post([pack_header(ops.RESULT, rid, attempt=attempt), *encode_payload(output)])
             except TypeError as exc:
-                self.send(encode_error(rid, self.remote_error(exc), attempt=attempt))
+                self.out.post(encode_error(rid, self.remote_error(exc), attempt=attempt))
+        self.sent = True
+        self.out.flush()
         self.board.finish(live[-1][3])
         self.last_run = time.monotonic() - started
         if self.config.integrity_every_request:

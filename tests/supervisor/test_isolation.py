@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import random
+from pathlib import Path
 
 HOARDER = "isopool.examples.faulty:make_hoarder"
 
@@ -42,3 +43,6 @@ def test_request_isolation_gives_every_request_a_fresh_worker(start_pool):
     results = run_mixed(pool, ["alice", "bob"], 60)
     assert [len(reply) for _, reply in results] == [1] * 60  # each worker saw exactly one input
     assert pool.status()["pool"]["restarts_by_reason"]["isolation"] >= 58
+    # each exited worker's board is removed: no file per request piles up
+    boards = list(Path(pool.endpoint.removeprefix("ipc://")).parent.glob("isopool-*/board.*"))
+    assert 2 <= len(boards) <= 4, boards  # the live workers' (and a replacement starting)
