@@ -103,10 +103,7 @@ class AsyncClient:
             sent = self._sock.send_multipart(bundle([frames for frames, _ in group]), zmq.NOBLOCK, copy=False)
             exc = sent.exception() if sent.done() else None
             if exc is not None:
-                err = self._session.send_failed(self.endpoint, exc)
-                for _, call in group:
-                    if call is not None and self._session.pending.pop(call.cid, None) is not None:
-                        call.reject(err)
+                self._session.unsent([call for _, call in group if call is not None], self.endpoint, exc)
 
     def _start(self, frames: list, cid: Any, timeout: float, stream: bool = False, parts=None) -> asyncio.Future:
         if self._closed:

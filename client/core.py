@@ -69,6 +69,13 @@ class Session:
             f"could not send to {endpoint}: {exc}. No connection is up: the supervisor may be gone, or it "
             "may have refused this client's security handshake (CURVE keys)", endpoint=endpoint)
 
+    def unsent(self, calls, endpoint: str, exc: Exception) -> None:
+        """Fail the calls of a send that could not go out (those not already answered)."""
+        err = self.send_failed(endpoint, exc)
+        for call in calls:
+            if self.pending.pop(call.cid, None) is not None:
+                call.reject(err)
+
     def infer_frames(self, value: Any, cid: Any, timeout: float, retry: bool, stream: bool,
                      tenant: str | None) -> list:
         fields: dict[str, Any] = {"timeout": timeout, "bundles": True}  # we read bundled replies

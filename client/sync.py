@@ -144,9 +144,7 @@ class _IOThread:
         try:
             send_frames(self.sock, frames, NOBLOCK)
         except zmq.ZMQError as exc:
-            for call in calls:
-                self.session.pending.pop(call.cid, None)
-                call.reject(self.session.send_failed(self.endpoint, exc))
+            self.session.unsent(calls, self.endpoint, exc)
 
     def _read(self) -> None:
         for frames in drain(self.sock, 4096):

@@ -20,6 +20,7 @@ import os
 import struct
 
 _LAYOUT = struct.Struct("<QQ")
+_SEQ = struct.Struct("<Q")
 SIZE = _LAYOUT.size
 
 
@@ -32,21 +33,17 @@ def create(path: str) -> None:
         os.close(fd)
 
 
-def read(path: str) -> tuple[int, int] | None:
-    """(started, finished) as the worker left them; None if there is no readable board."""
+def running(path: str) -> int | None:
+    """The sequence number a dead worker was running, 0 if it was between requests, None if
+    there is no readable board."""
     try:
         with open(path, "rb") as f:
             data = f.read(SIZE)
     except OSError:
         return None
-    return _LAYOUT.unpack(data) if len(data) == SIZE else None
-
-
-def running(board: tuple[int, int] | None) -> int | None:
-    """The sequence number a dead worker was running, 0 if it was between requests, None if unknown."""
-    if board is None:
+    if len(data) != SIZE:
         return None
-    started, finished = board
+    started, finished = _LAYOUT.unpack(data)
     return started if started > finished else 0
 
 
@@ -64,7 +61,7 @@ class Board:
             os.close(fd)
 
     def start(self, seq: int) -> None:
-        struct.pack_into("<Q", self.map, 0, seq)
+        _SEQ.pack_into(self.map, 0, seq)
 
     def finish(self, seq: int) -> None:
-        struct.pack_into("<Q", self.map, 8, seq)
+        _SEQ.pack_into(self.map, 8, seq)

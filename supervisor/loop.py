@@ -660,7 +660,7 @@ class Supervisor:
 
     def running_when_died(self, w: Worker) -> tuple | None:
         """The key of the request a dead worker was running, from its board; None if it was idle."""
-        seq = board.running(board.read(w.board)) if w.board else None
+        seq = board.running(w.board) if w.board else None
         if seq is None:  # no board to read: the oldest request it held
             return w.inflight[0] if w.inflight else None
         for key in w.inflight:
@@ -820,6 +820,8 @@ class Supervisor:
             self.drain(w, now)
 
     def start(self, w: Worker, now: float) -> None:
+        if self.config.preload != "none" and (self.template is None or not self.template.ready):
+            return  # stays in BACKOFF; the template's "ready" wakes the loop
         cfg = WorkerConfig(
             backend=self.backend_endpoint, slot=w.slot, generation=w.generation, model=self.config.model,
             parent_pid=os.getpid(), device=w.device, threads=self.config.worker_threads(),
@@ -831,11 +833,9 @@ class Supervisor:
         )
         cfg.generation += 1
         cfg.board = w.board = os.path.join(self.private_dir, f"board.{w.slot}.{cfg.generation}")
-        board.create(cfg.board)
+        board.create(cfg.board)  # only for a process about to exist
         if self.config.preload == "none":
             w.proc = spawner.spawn_fresh(cfg)
-        elif self.template is None or not self.template.ready:
-            return  # stays in BACKOFF; the template's "ready" wakes the loop
         else:
             try:
                 w.proc = self.template.spawn(cfg)

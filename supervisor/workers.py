@@ -107,8 +107,7 @@ class Worker:
         """Forget the dead process; keep the slot's counters."""
         self.proc = None
         self.inflight.clear()
-        self.dispatched = 0
-        self.drop_board()
+        self.dispatched = 0  # its board went when the death was read (drop_board)
         self.started_at = self.ready_at = self.last_seen = 0.0
         self.requests_this_process = 0
         self.tenant = None

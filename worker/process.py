@@ -110,6 +110,8 @@ class Worker:
         self.backlog: deque = deque()
         self.batching = callable(getattr(model, "batch", None)) and config.max_batch_size > 1
         self.batch: list = []  # RUN messages waiting to be run together
+        # requests we may hold at once: the prefetch, or enough for a full batch
+        self.capacity = max(config.prefetch, config.max_batch_size if self.batching else 1)
         # results leave in groups while the rest of what we hold still runs: one wake-up of
         # the supervisor per group, and its credit back before we run dry. The board, not
         # the order of replies, tells the supervisor what a dead worker was running.
@@ -119,11 +121,6 @@ class Worker:
         import torch
 
         self.inference_mode = torch.inference_mode
-
-    @property
-    def capacity(self) -> int:
-        """Requests we may hold at once: enough for a full batch."""
-        return max(self.config.prefetch, self.config.max_batch_size if self.batching else 1)
 
     def send(self, frames: list) -> None:
         """Results wait to leave together only while at least as much work is already here
@@ -138,7 +135,7 @@ class Worker:
         """Results wait for company only while requests are quick: none waits past HOLD_S, and
         none waits at all behind a model that takes longer than that."""
         out = self.out
-        if out.count and (self.last_run > HOLD_S or time.monotonic() - out.since > HOLD_S):
+        if len(out) and (self.last_run > HOLD_S or time.monotonic() - out.since > HOLD_S):
             out.flush()
 
     def receive(self, limit: int) -> Iterator[list]:
