@@ -2,8 +2,10 @@
 
     python -m isopool.bench.latency [--workers 2] [--model MODULE:ATTR] [--repeats 3]
 
-Sequential p50/p99 (one request in flight), then requests/s with 64 in flight.
-Each figure is the median of --repeats runs; the machine is noisy.
+Sequential p50/p99 (one request in flight), then requests/s with 64 in flight, and the CPU
+time (user + system, all threads) each process spent per request during the in-flight runs:
+this client, the supervisor, and the workers together. Each figure is the median of
+--repeats runs; the machine is noisy. Extra arguments go to `isopool serve` (--prefetch 4).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import statistics
 import time
 
 import numpy as np
+import psutil
 
 from isopool import Client
 
@@ -32,6 +35,14 @@ def sequential(client: Client, x, n: int) -> tuple[float, float]:
     return lat[len(lat) // 2] * 1e6, lat[int(len(lat) * 0.99)] * 1e6
 
 
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        t = p.cpu_times()
+        total += t.user + t.system
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
@@ -42,15 +53,24 @@ def main() -> None:
     extra = ["--workers", str(args.workers), *(["--model", args.model] if args.model else []), *serve_args]
     x = np.random.default_rng(0).standard_normal(16 if args.model is None else 256).astype(np.float32)
     p50s, p99s, rates = [], [], []
+    cpu: dict[str, float] = {"client": 0.0, "supervisor": 0.0, "workers": 0.0}
     with serve(*extra) as endpoint, Client(endpoint) as client:
+        me = psutil.Process()
+        supervisor = me.children()[0]
+        groups = {"client": [me], "supervisor": [supervisor], "workers": supervisor.children(recursive=True)}
         for _ in range(args.repeats):
             p50, p99 = sequential(client, x, 2000)
             p50s.append(p50)
             p99s.append(p99)
+            before = {k: cpu_seconds(v) for k, v in groups.items()}
             rates.append(in_flight_rate(client.submit, x, args.requests))
+            for k, v in groups.items():
+                cpu[k] += cpu_seconds(v) - before[k]
+    done = args.repeats * args.requests
     print(json.dumps({"model": args.model or "default", "workers": args.workers,
                       "p50_us": round(statistics.median(p50s)), "p99_us": round(statistics.median(p99s)),
-                      "requests_per_s": round(statistics.median(rates))}))
+                      "requests_per_s": round(statistics.median(rates)),
+                      "cpu_us_per_request": {k: round(v * 1e6 / done) for k, v in cpu.items()}}))
 
 
 if __name__ == "__main__":

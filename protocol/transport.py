@@ -98,15 +98,16 @@ def nbytes(frame: Any) -> int:
     return frame.nbytes if type(frame) is memoryview else len(frame)
 
 
-def bundle(messages: list[list], at: int = 0) -> list:
-    """One message carrying `messages` (each with the same routing prefix frames[:at])."""
+def bundle(messages: list[list], at: int = 0, pack_below: int = PACK_BELOW) -> list:
+    """One message carrying `messages` (each with the same routing prefix frames[:at]);
+    those smaller than `pack_below` bytes are packed into the index."""
     if len(messages) == 1:
         return messages[0]
     index: list = []
     frames = [*messages[0][:at], None]
     for m in messages:
         body = m[at:]
-        if sum(nbytes(f) for f in body) < PACK_BELOW:
+        if sum(nbytes(f) for f in body) < pack_below:
             index.append([f if type(f) is bytes else bytes(f) for f in body])
         else:
             index.append(len(body))
