@@ -64,6 +64,20 @@ class _FutureCall(Call):
             self.sink(item)
 
 
+class _CallFuture(Future):
+    """A call's future: cancelling it tells the supervisor (no done-callback per call)."""
+
+    def __init__(self, client: "Client", cid: Any):
+        super().__init__()
+        self._client, self._cid = client, cid
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        self._client._cancelled(self._cid)
+        return True
+
+
 class _IOThread:
     """The resources of one Client: context, socket, wake-up fd, I/O thread. close() releases all."""
 
@@ -252,13 +266,12 @@ class Client:
         cid = next(session.ids)
         frames = session.infer_frames(x, cid, t, self.retry if retry is None else retry, stream,
                                       tenant if tenant is not None else self.tenant)
-        future: Future = Future()
+        future = _CallFuture(self, cid)
         self._io.send(frames, _FutureCall(cid, session.deadline(t), stream, future, sink))
-        future.add_done_callback(lambda f, cid=cid: self._cancelled(f, cid))
         return future
 
-    def _cancelled(self, future: Future, cid: Any) -> None:
-        if future.cancelled() and not self._io.closing:
+    def _cancelled(self, cid: Any) -> None:
+        if not self._io.closing:
             self._io.send(self._session.op_frames(ops.CANCEL, cid), None)
 
     def _call(self, op: str, timeout: float, **fields: Any) -> Any:

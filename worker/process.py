@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import zmq
 
 from isopool.protocol import decode_payload, encode_payload, ops, pack_header, unpack_header
@@ -42,6 +43,8 @@ log = logging.getLogger("isopool.worker")
 PR_SET_PDEATHSIG = 1
 HOLD_S = 0.0005  # the longest a finished result waits to leave with others
 ENV_CONFIG = "ISOPOOL_WORKER"
+# results that are certainly not a stream, told without the (slower) iterator ABC check
+PLAIN = frozenset((np.ndarray, dict, list, tuple, str, bytes, int, float, bool, type(None)))
 
 
 @dataclass
@@ -161,6 +164,13 @@ class Worker:
     def serve(self) -> None:
         self.send([pack_header(ops.READY, None, pid=os.getpid(), device=self.config.device, capacity=self.capacity)])
         interval_ms = int(self.config.heartbeat_interval * 1000)
+        with self.inference_mode():  # once for every request: entering it per call costs µs each
+            self.loop(interval_ms)
+        self.out.flush()
+        self.sock.close(linger=2000)
+        self.ctx.term()
+
+    def loop(self, interval_ms: int) -> None:
         while self.running:
             self.sent = False
             while self.backlog and self.running:  # what arrived while a stream was being sent
@@ -178,9 +188,6 @@ class Worker:
             if self.config.integrity_interval and time.monotonic() >= self.next_check:
                 self.check_weights("scheduled")
                 self.next_check = time.monotonic() + self.config.integrity_interval
-        self.out.flush()
-        self.sock.close(linger=2000)
-        self.ctx.term()
 
     def handle(self, frames: list) -> None:
         try:
@@ -235,8 +242,7 @@ class Worker:
         started = time.monotonic()
         self.board.start(live[0][3])  # a death now is blamed on the oldest of the batch
         try:
-            with self.inference_mode():
-                outputs = self.model.batch([x for _, _, x, _ in live])
+            outputs = self.model.batch([x for _, _, x, _ in live])
             if not isinstance(outputs, (list, tuple)) or len(outputs) != len(live):
                 raise TypeError(f"batch() must return a list with one result per input ({len(live)}), "
                                 f"got {type(outputs).__name__}")
@@ -271,12 +277,11 @@ class Worker:
         started = time.monotonic()
         self.board.start(seq)
         try:
-            with self.inference_mode():
-                output = self.model(inputs)
-                if isinstance(output, (Iterator, AsyncIterator)) and not isinstance(output, (str, bytes)):
-                    frames = self.stream(rid, attempt, output)
-                else:
-                    frames = encode_payload(output)
+            output = self.model(inputs)
+            if type(output) not in PLAIN and isinstance(output, (Iterator, AsyncIterator)):
+                frames = self.stream(rid, attempt, output)
+            else:
+                frames = encode_payload(output)
         except Exception as exc:
             self.send(encode_error(rid, self.remote_error(exc), attempt=attempt))
         else:

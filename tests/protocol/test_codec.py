@@ -178,3 +178,47 @@ def test_whole_message_layout():
     header = unpack_header(frames[0])
     assert header["op"] == "result" and header["id"] == 5
     assert decode_payload(frames[1:])["a"].tolist() == [0, 1, 2]
+
+
+# ------------------------------------------------------------------ one array, the common payload
+
+def test_a_payload_seen_before_is_still_checked_against_its_buffer_and_limits():
+    arr = np.arange(12, dtype=np.float32).reshape(3, 4)
+    payload, buf = encode_payload(arr)
+    decode_payload([payload, buf])  # now remembered as checked
+    validate_payload([payload, buf])
+    for frames, match in [([payload, bytes(buf)[:-4]], "needs 48 bytes"),
+                          ([payload, bytes(buf) + b"\0"], "needs 48 bytes"),
+                          ([payload], "missing"),
+                          ([payload, buf, b"x"], "not referenced")]:
+        with pytest.raises(BadRequest, match=match):
+            validate_payload(frames)
+        with pytest.raises(BadRequest, match=match):
+            decode_payload(frames)
+    with pytest.raises(BadRequest, match="max_elements"):
+        decode_payload([payload, buf], limits=Limits(max_elements=11))
+    with pytest.raises(BadRequest, match="max_message_bytes"):
+        validate_payload([payload, buf], Limits(max_message_bytes=48))
+
+
+@pytest.mark.parametrize("value", [
+    np.arange(6, dtype=np.int16).reshape(2, 3),
+    np.arange(6, dtype=np.int16).reshape(2, 3).T,  # not contiguous: the general path
+    np.arange(6, dtype=">i2"),  # not native: the general path
+    np.zeros((0, 3), dtype=np.uint8),
+    np.array(2.5),
+    torch.arange(6.0).reshape(2, 3),
+    torch.arange(6.0).reshape(2, 3).t(),
+    torch.ones(3, requires_grad=True),
+    torch.ones(2, dtype=torch.bfloat16),
+])
+def test_single_arrays_round_trip_the_same_through_either_path(value):
+    for _ in range(2):  # first the full decode, then the remembered payload
+        out = decode_payload(encode_payload(value))
+        assert type(out) is type(value) and tuple(out.shape) == tuple(value.shape)
+        if isinstance(value, torch.Tensor):
+            assert out.dtype == value.dtype and torch.equal(out, value.detach())
+        else:
+            assert out.dtype == value.dtype.newbyteorder("=")
+            np.testing.assert_array_equal(out, value)
+            assert not out.flags.writeable
