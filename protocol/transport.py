@@ -94,10 +94,6 @@ def unbundle(frames: list, at: int = 0) -> list[list]:
     return out
 
 
-def nbytes(frame: Any) -> int:
-    return frame.nbytes if type(frame) is memoryview else len(frame)
-
-
 def bundle(messages: list[list], at: int = 0, pack_below: int = PACK_BELOW) -> list:
     """One message carrying `messages` (each with the same routing prefix frames[:at]);
     those smaller than `pack_below` bytes are packed into the index."""
@@ -107,7 +103,10 @@ def bundle(messages: list[list], at: int = 0, pack_below: int = PACK_BELOW) -> l
     frames = [*messages[0][:at], None]
     for m in messages:
         body = m[at:]
-        if sum(nbytes(f) for f in body) < pack_below:
+        size = 0
+        for f in body:
+            size += f.nbytes if type(f) is memoryview else len(f)
+        if size < pack_below:
             index.append([f if type(f) is bytes else bytes(f) for f in body])
         else:
             index.append(len(body))

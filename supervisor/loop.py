@@ -89,6 +89,7 @@ SURGE = 1  # extra workers allowed while replacing (recycle, reload): capacity n
 LAST_WORDS_S = 0.005  # how long a crash waits for the dead worker's already-sent replies
 TICK_S = 0.25  # longest gap between maintenance passes (heartbeats, kills, sampling)
 MAX_BATCH = 512  # messages read from one socket per pass, so no source starves another
+COMPACT_ABOVE = 4096  # stale deadline entries tolerated before the heap is rebuilt
 EXIT_OK = 0
 
 
@@ -114,7 +115,7 @@ class Supervisor:
         self.requests: dict[tuple, Request] = {}
         self.queue: OrderedDict[tuple, Request] = OrderedDict()
         self.credits = Credits()  # least-loaded worker first
-        self.deadlines: list[tuple[float, int, tuple]] = []  # heap; stale entries skipped
+        self.deadlines: list[tuple[float, int, tuple]] = []  # heap; stale entries skipped, compacted
         self.seq = itertools.count()
         self.slots = itertools.count()
         self.rng = random.Random()
@@ -424,6 +425,14 @@ class Supervisor:
         self.requests[key] = req
         self.queue[key] = req
         heapq.heappush(self.deadlines, (req.deadline, next(self.seq), key))
+        if len(self.deadlines) > 2 * len(self.requests) + COMPACT_ABOVE:
+            self.compact_deadlines()
+
+    def compact_deadlines(self) -> None:
+        """Drop the entries of answered requests. Each stays in the heap until its deadline
+        otherwise: at 8,000 req/s and a 30 s timeout, a quarter of a million entries."""
+        self.deadlines = [(r.deadline, next(self.seq), r.key) for r in self.requests.values()]
+        heapq.heapify(self.deadlines)
 
     def _isolation_key(self, key: tuple, header: dict) -> object:
         mode = self.config.isolation

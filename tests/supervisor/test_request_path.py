@@ -9,7 +9,7 @@ import msgpack
 import pytest
 import zmq
 
-from isopool.errors import BadRequest, Overloaded, WorkerCrashed
+from isopool.errors import BadRequest, Overloaded, RequestTimeout, WorkerCrashed
 from isopool.protocol import decode_error, encode, ops, pack_header, unpack_header
 from tests.helpers import wait_gone
 
@@ -110,3 +110,22 @@ def test_full_queue_refuses_at_once_with_overloaded_and_counts_it_once(start_poo
         assert [f.result(timeout=30)["echo"]["i"] for f in queued] == [0, 1]
     outcomes = pool.status()["pool"]["outcomes"]
     assert outcomes == {"ok": 3, "overloaded": 1}
+
+
+def test_a_live_deadline_survives_thousands_of_answered_requests(start_pool):
+    """Answered requests' deadline entries are dropped in bulk (the heap is rebuilt from the
+    live requests); a request still running meanwhile must keep its deadline."""
+    pool = start_pool("--workers", "2", "--model", "isopool.examples.faulty:Faulty", "--prefetch", "1")
+    with pool.client() as c:
+        hung = c.submit({"do": "hang"}, timeout=8.0)
+        in_flight = [c.submit({"do": "ok", "i": i}) for i in range(64)]
+        answered = 0
+        for i in range(64, 6000):  # over COMPACT_ABOVE answered while `hung` runs
+            assert in_flight.pop(0).result(timeout=30)["echo"]["do"] == "ok"
+            answered += 1
+            in_flight.append(c.submit({"do": "ok", "i": i}))
+        answered += sum(f.result(timeout=30)["echo"]["do"] == "ok" for f in in_flight)
+        with pytest.raises(RequestTimeout) as info:
+            hung.result(timeout=30)
+    assert answered == 6000
+    assert info.value.started is True  # the supervisor's deadline fired, not the client's backstop
