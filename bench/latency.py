@@ -2,7 +2,9 @@
 
     python -m isopool.bench.latency [--workers 2] [--model MODULE:ATTR] [--repeats 3]
 
-Sequential p50/p99 (one request in flight), then requests/s with 64 in flight, and the CPU
+Sequential p50/p99 (one request in flight) and the thread wake-ups each such request costs
+across all the processes (voluntary context switches: the latency floor of a chain of hops
+on a small machine), then requests/s with 64 in flight, and the CPU
 time (user + system, all threads) each process spent per request during the in-flight runs:
 this client, the supervisor, and the workers together. Each figure is the median of
 --repeats runs; the machine is noisy. Extra arguments go to `isopool serve` (--prefetch 4).
@@ -20,7 +22,7 @@ import psutil
 
 from isopool import Client
 
-from .pool import in_flight_rate, serve
+from .pool import in_flight_rate, serve, wakeups
 
 
 def sequential(client: Client, x, n: int) -> tuple[float, float]:
@@ -58,8 +60,12 @@ def main() -> None:
         me = psutil.Process()
         supervisor = me.children()[0]
         groups = {"client": [me], "supervisor": [supervisor], "workers": supervisor.children(recursive=True)}
+        everyone = [p for group in groups.values() for p in group]
+        slept = 0
         for _ in range(args.repeats):
+            before = wakeups(everyone)
             p50, p99 = sequential(client, x, 2000)
+            slept += wakeups(everyone) - before
             p50s.append(p50)
             p99s.append(p99)
             before = {k: cpu_seconds(v) for k, v in groups.items()}
@@ -69,6 +75,7 @@ def main() -> None:
     done = args.repeats * args.requests
     print(json.dumps({"model": args.model or "default", "workers": args.workers,
                       "p50_us": round(statistics.median(p50s)), "p99_us": round(statistics.median(p99s)),
+                      "wakeups_per_sequential_request": round(slept / (args.repeats * 2200), 1),
                       "requests_per_s": round(statistics.median(rates)),
                       "cpu_us_per_request": {k: round(v * 1e6 / done) for k, v in cpu.items()}}))
 

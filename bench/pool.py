@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import glob
 import threading
 import time
 import os
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 from typing import Any, Callable, Iterator
+
+import psutil
 
 
 @contextlib.contextmanager
@@ -64,3 +67,19 @@ def in_flight_rate(submit: Callable[[Any], cf.Future], x: Any, n: int, in_flight
     if errors:
         raise errors[0]
     return n / (time.perf_counter() - t)
+
+
+def wakeups(procs: list[psutil.Process]) -> int:
+    """Voluntary context switches of every thread of these processes: each is a thread that
+    went to sleep waiting for something, so each costs a wake-up later."""
+    total = 0
+    for p in procs:
+        for path in glob.glob(f"/proc/{p.pid}/task/*/status"):
+            try:
+                with open(path) as f:
+                    for line in f:
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            total += int(line.split()[1])
+            except OSError:  # a thread that ended meanwhile
+                pass
+    return total
