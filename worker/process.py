@@ -115,9 +115,9 @@ class Worker:
         self.batch: list = []  # RUN messages waiting to be run together
         # requests we may hold at once: the prefetch, or enough for a full batch
         self.capacity = max(config.prefetch, config.max_batch_size if self.batching else 1)
-        # results leave in groups while the rest of what we hold still runs: one wake-up of
-        # the supervisor per group, and its credit back before we run dry. The board, not
-        # the order of replies, tells the supervisor what a dead worker was running.
+        # results leave in groups: one wake-up of the supervisor per group, and its credit
+        # back by the time half of what we may hold is done. The board, not the order of
+        # replies, tells the supervisor what a dead worker was running.
         self.flush_at = max(1, self.capacity // 2)
         self.last_run = 0.0  # seconds the previous request (or batch) took
         self.waiting = 0  # requests already here behind the current one (capacity: more on the socket)
@@ -126,12 +126,13 @@ class Worker:
         self.inference_mode = torch.inference_mode
 
     def send(self, frames: list) -> None:
-        """Results wait to leave together only while at least as much work is already here
-        (a burst of 8 leaves as 4, 2, 1, 1), so the supervisor refills us before we run dry."""
+        """Results wait to leave together while more work is already here, until they are half
+        of what we may hold (prefetch 16: a burst of 16 leaves as 8 and 8; a burst of 3 as one
+        message of 3), so the supervisor refills us while the other half runs."""
         self.out.post(frames)
         self.sent = True
         held = len(self.out)
-        if held >= self.waiting or held >= self.flush_at:
+        if not self.waiting or held >= self.flush_at:
             self.out.flush()
 
     def before_run(self) -> None:
