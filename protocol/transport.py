@@ -29,11 +29,18 @@ def send_frames(sock: zmq.Socket, frames: Sequence, flags: int = 0) -> None:
 
 
 def drain(sock: zmq.Socket, limit: int) -> Iterator[list]:
-    """Yield up to `limit` waiting messages (as zmq.Frame lists) without blocking."""
+    """Yield up to `limit` waiting messages (as zmq.Frame lists) without blocking. A frame says
+    whether more of its message follows, so no socket option is read per frame."""
+    recv = sock.recv
     for _ in range(limit):
         if not sock.get(EVENTS) & POLLIN:
             return
-        yield sock.recv_multipart(NOBLOCK, copy=False)
+        frame = recv(NOBLOCK, copy=False)
+        frames = [frame]
+        while frame.more:  # a multipart message arrives whole: the rest is already here
+            frame = recv(NOBLOCK, copy=False)
+            frames.append(frame)
+        yield frames
 
 
 # ---------------------------------------------------------------- bundles
@@ -56,6 +63,9 @@ BUNDLE = b"\xc1"
 MAX_BUNDLE = 64  # messages in one bundle; bounds what one receive hands the receiver
 PACK_BELOW = 16 * 1024  # a message smaller than this is packed into the index
 MAX_PACKED_FRAMES = 4098  # frames of one packed message (header, payload, max_buffers arrays)
+
+
+_BYTES_ONLY = {bytes}
 
 
 def data(frame: zmq.Frame | bytes) -> bytes:
@@ -84,7 +94,7 @@ def unbundle(frames: list, at: int = 0) -> list[list]:
         if type(entry) is int and 1 <= entry <= carried - (i - at - 1):
             out.append([*prefix, *frames[i:i + entry]])
             i += entry
-        elif type(entry) is list and entry and all(type(f) is bytes for f in entry):
+        elif type(entry) is list and entry and {*map(type, entry)} == _BYTES_ONLY:
             out.append([*prefix, *entry])
         else:
             raise ValueError(f"its bundle index entry {str(entry)[:60]!r} is neither a frame count that fits "
