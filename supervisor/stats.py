@@ -1,19 +1,41 @@
-"""Counters and a one-minute latency window for status (and, later, metrics)."""
+"""Counters, and the last minute's throughput and latency percentiles for status.
+
+The minute is kept as one latency histogram per second (at most 61 of them), with bins 2%
+wide on a log scale, so its memory and the cost of `status` do not grow with the request
+rate; percentiles are exact to within a bin (±1%). Keeping each latency instead cost ~110
+bytes a request (56 MB at 8,000 req/s) and a sort of every one of them per status call.
+"""
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
 from collections import Counter, deque
 
 from .metrics import BUCKETS
 
-WINDOW_S = 60.0
+WINDOW_S = 60
+GROWTH = 1.02  # each bin's upper edge is 2% above the one below it
+FLOOR_S = 1e-6  # latencies at or below this share bin 0
+_LOG_GROWTH = math.log(GROWTH)
+
+
+def latency_bin(latency: float) -> int:
+    """Bin b >= 1 holds latencies in (FLOOR_S * GROWTH**(b-1), FLOOR_S * GROWTH**b]."""
+    if latency <= FLOOR_S:
+        return 0
+    return math.ceil(math.log(latency / FLOOR_S) / _LOG_GROWTH)
+
+
+def bin_value(b: int) -> float:
+    """The latency a bin stands for: its geometric middle (within 1% of any latency in it)."""
+    return FLOOR_S if b == 0 else FLOOR_S * GROWTH ** (b - 0.5)
 
 
 class Stats:
     def __init__(self) -> None:
         self.outcomes: Counter[str] = Counter()
-        self.recent: deque[tuple[float, float]] = deque(maxlen=500_000)  # (done at, latency s)
+        self.seconds: deque[tuple[int, Counter[int]]] = deque()  # (whole second, latency bin -> count)
         self.buckets = [0] * (len(BUCKETS) + 1)  # latency histogram, for metrics
         self.latency_sum = 0.0
 
@@ -22,7 +44,13 @@ class Stats:
 
     def done(self, outcome: str, latency: float, now: float) -> None:
         self.outcomes[outcome] += 1
-        self.recent.append((now, latency))
+        second = int(now)
+        seconds = self.seconds
+        if not seconds or seconds[-1][0] != second:
+            seconds.append((second, Counter()))
+            while seconds[0][0] < second - WINDOW_S:
+                seconds.popleft()
+        seconds[-1][1][latency_bin(latency)] += 1
         self.buckets[bisect_left(BUCKETS, latency)] += 1
         self.latency_sum += latency
 
@@ -31,16 +59,27 @@ class Stats:
         return sum(self.outcomes.values())
 
     def window(self, now: float, uptime: float) -> dict:
-        while self.recent and self.recent[0][0] < now - WINDOW_S:
-            self.recent.popleft()
-        lat = sorted(x[1] for x in self.recent)
-        span = max(1e-9, min(WINDOW_S, uptime))
+        """Requests answered in the last minute (whole seconds), their rate and p50/p99."""
+        start = int(now) - WINDOW_S
+        merged: Counter[int] = Counter()
+        for second, bins in self.seconds:
+            if second >= start:
+                merged.update(bins)
+        n = sum(merged.values())
+        span = max(1e-9, min(now - start, uptime))
         return {
-            "throughput_rps": round(len(lat) / span, 2),
-            "latency_p50_ms": round(_pct(lat, 0.50) * 1000, 3) if lat else None,
-            "latency_p99_ms": round(_pct(lat, 0.99) * 1000, 3) if lat else None,
+            "throughput_rps": round(n / span, 2),
+            "latency_p50_ms": round(_percentile(merged, n, 0.50) * 1000, 3) if n else None,
+            "latency_p99_ms": round(_percentile(merged, n, 0.99) * 1000, 3) if n else None,
         }
 
 
-def _pct(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+def _percentile(bins: Counter[int], n: int, q: float) -> float:
+    """The latency of the request ranked q*n (0-based) in the merged histogram."""
+    rank = min(n - 1, int(q * n))
+    seen = 0
+    for b in sorted(bins):
+        seen += bins[b]
+        if seen > rank:
+            break
+    return bin_value(b)
