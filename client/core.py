@@ -33,6 +33,7 @@ from isopool.protocol.transport import data, unbundle
 # How long past its timeout a request may go unanswered before the client gives up on
 # its own: the supervisor answers at the deadline; this covers a supervisor that is gone.
 LOCAL_GRACE_S = 0.25
+COMPACT_ABOVE = 4096  # answered calls' timer entries tolerated before the heap is rebuilt
 END = object()  # end-of-stream marker passed to Call.chunk
 
 
@@ -101,6 +102,10 @@ class Session:
     def add(self, call: Call) -> None:
         self.pending[call.cid] = call
         heapq.heappush(self.timers, (call.deadline, call.cid))
+        if len(self.timers) > 2 * len(self.pending) + COMPACT_ABOVE:
+            # answered calls leave the heap only from its top: behind one slow call they pile up
+            self.timers = [(c.deadline, c.cid) for c in self.pending.values()]
+            heapq.heapify(self.timers)
 
     def on_reply(self, frames: list) -> None:
         """One ZeroMQ message from the supervisor: a reply, or a bundle of them."""
