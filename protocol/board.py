@@ -10,7 +10,9 @@ supervisor's private directory, mapped into its memory, and writes two numbers i
 
 Two stores into a shared page per request, no system call; the page outlives the process,
 so after a SIGKILL or a segfault the supervisor reads the numbers from the file. Like
-Apache's scoreboard, it is written only by the worker and read only after its death.
+Apache's scoreboard, it is written only by the worker; the supervisor reads it when the
+worker dies (whom to blame), when a deadline passes (is the request running, waiting, or
+done with its answer still held?) and for `status` (the age of the running request).
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ def create(path: str) -> None:
         os.close(fd)
 
 
-def running(path: str) -> int | None:
-    """The sequence number a dead worker was running, 0 if it was between requests, None if
-    there is no readable board."""
+def marks(path: str) -> tuple[int, int] | None:
+    """(started, finished): the sequence numbers last marked; None if there is no readable board.
+    The worker is running `started` when started > finished, and is between requests otherwise."""
     try:
         with open(path, "rb") as f:
             data = f.read(SIZE)
@@ -43,8 +45,7 @@ def running(path: str) -> int | None:
         return None
     if len(data) != SIZE:
         return None
-    started, finished = _LAYOUT.unpack(data)
-    return started if started > finished else 0
+    return _LAYOUT.unpack(data)
 
 
 class Board:

@@ -63,9 +63,7 @@ BUNDLE = b"\xc1"
 MAX_BUNDLE = 64  # messages in one bundle; bounds what one receive hands the receiver
 PACK_BELOW = 16 * 1024  # a message smaller than this is packed into the index
 MAX_PACKED_FRAMES = 4098  # frames of one packed message (header, payload, max_buffers arrays)
-
-
-_BYTES_ONLY = {bytes}
+_BYTES_ONLY = {bytes}  # the types a packed message's frames may have
 
 
 def data(frame: zmq.Frame | bytes) -> bytes:

@@ -647,7 +647,7 @@ class Supervisor:
             self.collect_last_words(w, now)
         info = {"pid": w.pid, "worker": w.slot, **exit_fields(w.proc.returncode), "at": time.time()}
         w.last_exit = info
-        culprit = None if expected else self.running_when_died(w)
+        culprit = None if expected else self.progress(w)[0]
         w.drop_board()  # read; whatever happens to the slot next, the file is done with
         for key in w.inflight:
             req = self.requests.get(key)
@@ -667,16 +667,20 @@ class Supervisor:
             log.warning("worker %d (pid %s) died: %s", w.slot, info["pid"], info["reason"])
         self.after_exit(w, expected, now)
 
-    def running_when_died(self, w: Worker) -> tuple | None:
-        """The key of the request a dead worker was running, from its board; None if it was idle."""
-        seq = board.running(w.board) if w.board else None
-        if seq is None:  # no board to read: the oldest request it held
-            return w.inflight[0] if w.inflight else None
-        for key in w.inflight:
-            req = self.requests.get(key)
-            if req is not None and req.seq == seq:
-                return key
-        return None
+    def progress(self, w: Worker) -> tuple[tuple | None, int]:
+        """(key of the request `w` is running, or was when it died, or None between requests;
+        the sequence number of the last it finished), from its board. Without a board: the
+        oldest request it holds, and nothing known to be finished."""
+        seen = board.marks(w.board) if w.board else None
+        if seen is None:
+            return (w.inflight[0] if w.inflight else None), 0
+        started, finished = seen
+        if started > finished:
+            for key in w.inflight:
+                req = self.requests.get(key)
+                if req is not None and req.seq == started:
+                    return key, finished
+        return None, finished
 
     def after_exit(self, w: Worker, expected: bool, now: float) -> None:
         reason = "crash" if not expected else w.retire or w.stop_reason
@@ -736,7 +740,16 @@ class Supervisor:
             if req is None or req.deadline != deadline:
                 continue
             w = self.workers[req.worker] if req.worker is not None else None
-            if w is None or (w.inflight and w.inflight[0] != key):  # queued, or held behind another
+            running, finished = self.progress(w) if w is not None else (None, 0)
+            if running != key and req.seq and req.seq <= finished:
+                self.fail(req, RequestTimeout(
+                    f"the handler finished, but after {req.timeout:g}s its answer had not left worker "
+                    f"{w.slot}, which holds finished answers to send them with those of the requests it "
+                    f"runs next and was still running one; lower --prefetch so quick requests do not wait "
+                    f"behind slow ones, or {_raise_hint(req.timeout_setting)}", setting=req.timeout_setting,
+                    started=True))
+                continue  # the request it waits behind keeps its own deadline
+            if running != key:  # queued, or held behind another
                 self.fail(req, RequestTimeout(
                     f"no worker was free within {req.timeout:g}s, so the request was never started; "
                     f"{_raise_hint(req.timeout_setting)} or add workers", setting=req.timeout_setting,

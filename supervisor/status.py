@@ -58,7 +58,8 @@ def health(sup: "Supervisor", ready: int, now: float) -> tuple[bool, str]:
 
 
 def worker_status(sup: "Supervisor", w, now: float) -> dict[str, Any]:
-    running = sup.requests.get(w.inflight[0]) if w.inflight else None
+    key = sup.progress(w)[0] if w.inflight else None
+    running = sup.requests.get(key) if key is not None else None
     return {
         "id": w.slot,
         "pid": w.pid,

@@ -66,7 +66,7 @@ class Worker:
     started_at: float = 0.0
     ready_at: float = 0.0
     last_seen: float = 0.0
-    inflight: deque = field(default_factory=deque)  # request keys in dispatch order; head is running
+    inflight: deque = field(default_factory=deque)  # request keys in dispatch order; the board says which runs
     dispatched: int = 0  # RUNs sent to this process: each request's sequence number on its board
     board: str | None = None  # this process's board file (protocol/board.py)
     requests: int = 0

@@ -205,6 +205,23 @@ def test_a_death_is_blamed_only_on_the_request_it_was_running(start_pool, fault)
     assert status["pool"]["outcomes"].get("crashed", 0) == 3
 
 
+def test_a_finished_answer_held_behind_a_slow_request_times_out_without_a_kill(start_pool):
+    """A worker holds a quick request's answer while it runs the next one (answers leave in
+    groups). When the quick one's deadline passes, its worker is not killed for it: the board
+    says it finished, and the slow one it is running keeps its own deadline."""
+    pool = start_pool("--workers", "1", "--model", FAULTY, "--prefetch", "16")
+    with pool.client() as c:
+        first = c.submit({"do": "sleep", "s": 0.3})  # the next two arrive while this runs
+        quick = c.submit({"do": "ok"}, timeout=1.0)
+        slow = c.submit({"do": "sleep", "s": 3.0})
+        assert first.result(timeout=30)["echo"]["do"] == "sleep"
+        with pytest.raises(RequestTimeout) as info:
+            quick.result(timeout=30)
+        assert info.value.started is True and "its answer had not left worker" in str(info.value)
+        assert slow.result(timeout=30)["echo"]["do"] == "sleep"
+    assert [w["restarts"] for w in pool.workers()] == [0]
+
+
 def test_expired_request_is_never_started(start_pool):
     pool = start_pool("--workers", "1", "--model", FAULTY)
     with pool.client() as c:
