@@ -18,6 +18,7 @@ import zmq
 
 from isopool.protocol import (
     IsopoolError,
+    NotAllowed,
     RequestTimeout,
     Unavailable,
     decode_error,
@@ -124,27 +125,27 @@ class Session:
         call = self.pending.get(header["id"])
         if call is None:
             return  # already timed out or cancelled
-        op, body = header["op"], frames[1:]
-        if op == ops.CHUNK:
-            call.chunk(self._decode(call, body))
-            return
-        del self.pending[call.cid]
+        if self.settle(call, header["op"], frames[1:]):
+            self.pending.pop(call.cid, None)
+
+    def settle(self, call: Call, op: str, body: list) -> bool:
+        """Hand one reply to its call; True when that was the call's final answer. Touches no
+        shared state: a thread that reads its own socket (the sync Client's infer) calls it too."""
         if op == ops.ERROR:
             call.reject(decode_error(body))
-            return
-        value = self._decode(call, body)
+            return True
+        try:
+            value = decode_payload(body, arrays=self.arrays)
+        except IsopoolError as err:
+            call.reject(err)
+            return True
+        if op == ops.CHUNK:
+            call.chunk(value)
+            return False
         if call.stream:
             call.chunk(END)
-        if value is not _FAILED:
-            call.resolve(value)
-
-    def _decode(self, call: Call, body: list) -> Any:
-        try:
-            return decode_payload(body, arrays=self.arrays)
-        except IsopoolError as err:
-            self.pending.pop(call.cid, None)
-            call.reject(err)
-            return _FAILED
+        call.resolve(value)
+        return True
 
     def next_deadline(self) -> float | None:
         while self.timers and self.timers[0][1] not in self.pending:
@@ -158,9 +159,7 @@ class Session:
             _, cid = heapq.heappop(self.timers)
             call = self.pending.pop(cid, None)
             if call is not None:
-                call.reject(RequestTimeout(
-                    "no reply from the supervisor in time; it may be overloaded or gone. "
-                    "Check `isopool status`, or raise timeout=", setting="timeout", started=None))
+                call.reject(no_reply())
                 expired.append(cid)
         return expired
 
@@ -175,7 +174,11 @@ class Session:
         return time.monotonic() + timeout + LOCAL_GRACE_S
 
 
-_FAILED = object()
+
+def no_reply() -> RequestTimeout:
+    """The error of a call whose deadline (and grace) passed with no answer from the supervisor."""
+    return RequestTimeout("no reply from the supervisor in time; it may be overloaded or gone. "
+                          "Check `isopool status`, or raise timeout=", setting="timeout", started=None)
 
 
 def resolve_endpoint(endpoint: str | None) -> str:
@@ -234,11 +237,12 @@ def on_monitor_event(session: "Session", event: dict, endpoint: str) -> None:
     if event["event"] == zmq.EVENT_DISCONNECTED:
         session.fail_all(lost(endpoint))
     elif event["event"] & HANDSHAKE_FAILED:
-        from isopool.protocol import NotAllowed
-
-        session.refused = NotAllowed(
-            f"the supervisor at {endpoint} refused the connection's security handshake: it requires CURVE "
-            "and this client's key is missing or not authorised (set curve_secret_key/curve_server_key, "
-            "or $ISOPOOL_CURVE_SECRET_KEY and $ISOPOOL_CURVE_SERVER_KEY)", endpoint=endpoint)
+        session.refused = refusal(endpoint)
         session.fail_all(session.refused)
 
+
+def refusal(endpoint: str) -> NotAllowed:
+    return NotAllowed(
+        f"the supervisor at {endpoint} refused the connection's security handshake: it requires CURVE "
+        "and this client's key is missing or not authorised (set curve_secret_key/curve_server_key, "
+        "or $ISOPOOL_CURVE_SECRET_KEY and $ISOPOOL_CURVE_SERVER_KEY)", endpoint=endpoint)

@@ -3,6 +3,11 @@
 One background I/O thread owns the DEALER socket (ZeroMQ sockets are not thread-safe).
 Callers encode on their own thread, hand the frames over through a deque and wake the
 I/O thread with an eventfd; replies resolve concurrent.futures.Future objects.
+
+A blocking infer() skips the I/O thread: it borrows one of a few sockets of its own
+(_Direct), sends, and waits for its answer on that socket, on the caller's thread. Handing
+a request to the I/O thread and its answer back costs two thread wake-ups and, on a small
+machine, a tug-of-war for the GIL: about 100 µs of a ~630 µs round trip on 2 cores.
 """
 
 from __future__ import annotations
@@ -20,20 +25,26 @@ from typing import Any, Iterator
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from isopool.protocol import Cancelled, IsopoolError, Unavailable, ops
-from isopool.protocol.transport import MAX_BUNDLE, NOBLOCK, bundle, drain, send_frames
+from isopool.protocol import Cancelled, IsopoolError, Unavailable, ops, unpack_header
+from isopool.protocol.transport import MAX_BUNDLE, NOBLOCK, bundle, data, drain, send_frames, unbundle
 
 from .core import (
     END,
+    HANDSHAKE_FAILED,
     LOCAL_GRACE_S,
     Call,
     Session,
     configure_socket,
     curve_keys,
+    lost,
+    no_reply,
     on_monitor_event,
+    refusal,
     resolve_endpoint,
     watch_disconnects,
 )
+
+DIRECT_SOCKETS = 4  # blocking infer() calls that may each use a socket of their own at once
 
 
 class _FutureCall(Call):
@@ -84,15 +95,20 @@ class _IOThread:
     def __init__(self, endpoint: str, session: Session, curve: dict | None):
         self.endpoint = endpoint
         self.session = session
+        self.curve = curve
         self.outbox: deque = deque()
         self.ctx = zmq.Context(1)
-        self.wake = -1
+        self.wake = self.closed = -1
+        self.lock = threading.Lock()  # guards idle, direct and closing against close()
+        self.idle: list[_Direct] = []  # direct sockets no caller is using
+        self.direct = 0  # direct sockets open
         try:
             self.sock = self.ctx.socket(zmq.DEALER)
             configure_socket(self.sock, curve)
             self.monitor = watch_disconnects(self.sock)
             self.sock.connect(endpoint)
             self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.closed = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # readable once closing
         except BaseException:
             self._release()
             raise
@@ -171,10 +187,36 @@ class _IOThread:
         except zmq.Again:
             pass
 
+    def checkout(self) -> "_Direct | None":
+        """A socket for the caller's thread alone, or None (closing, or all DIRECT_SOCKETS busy)."""
+        with self.lock:  # creating under the lock: close() never misses a socket
+            if self.closing:
+                return None
+            if self.idle:
+                return self.idle.pop()
+            if self.direct >= DIRECT_SOCKETS:
+                return None
+            direct = _Direct(self)
+            self.direct += 1
+            return direct
+
+    def checkin(self, direct: "_Direct") -> None:
+        with self.lock:
+            if not self.closing:
+                self.idle.append(direct)
+                return
+        direct.close()
+
     def close(self) -> None:
-        if self.closing:
-            return
-        self.closing = True
+        with self.lock:
+            if self.closing:
+                return
+            self.closing = True
+            idle, self.idle = self.idle, []
+        for direct in idle:
+            direct.close()
+        if self.closed >= 0:
+            os.eventfd_write(self.closed, 1)  # callers waiting on their own sockets give up
         if self.wake >= 0 and self.thread.is_alive() and threading.current_thread() is not self.thread:
             self._wake()
             self.thread.join(5)
@@ -194,7 +236,124 @@ class _IOThread:
         if self.wake >= 0:
             os.close(self.wake)
             self.wake = -1
-        self.ctx.term()
+        self.ctx.term()  # waits for direct sockets still in use: the closed fd sends them back
+        if self.closed >= 0:
+            os.close(self.closed)
+            self.closed = -1
+
+
+class _Answer(Call):
+    """The outcome of one direct call."""
+
+    __slots__ = ("value", "error")
+
+    def __init__(self, cid: Any):
+        super().__init__(cid, 0.0)
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def resolve(self, value: Any) -> None:
+        self.value = value
+
+    def reject(self, exc: BaseException) -> None:
+        self.error = exc
+
+
+class _Direct:
+    """A DEALER socket (and its monitor) that one calling thread at a time uses by itself.
+
+    Its own connection: it sees its own disconnects and handshake refusals. A reply for an
+    earlier call on it (one that timed out or was interrupted) is told apart by id and dropped."""
+
+    def __init__(self, io: _IOThread):
+        self.sock = io.ctx.socket(zmq.DEALER)
+        self.monitor = None
+        try:
+            configure_socket(self.sock, io.curve)
+            self.monitor = watch_disconnects(self.sock)
+            self.sock.connect(io.endpoint)
+        except BaseException:
+            self.close()
+            raise
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+        self.poller.register(io.closed, zmq.POLLIN)
+
+    def call(self, io: _IOThread, frames: list, cid: Any, deadline: float) -> Any:
+        session, endpoint = io.session, io.endpoint
+        if self._dropped(io) and session.refused is not None:
+            raise session.refused
+        try:
+            send_frames(self.sock, frames, NOBLOCK)
+        except zmq.ZMQError as exc:
+            raise session.send_failed(endpoint, exc) from None
+        answer = _Answer(cid)
+        try:
+            while True:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    raise no_reply()
+                try:
+                    ready = dict(self.poller.poll(int(wait * 1000) + 1))
+                except zmq.ContextTerminated:  # close() ran in another thread
+                    raise Unavailable("the client was closed before the reply arrived") from None
+                if self.sock in ready:
+                    for reply in drain(self.sock, 64):
+                        if self._settles(session, reply, answer):
+                            if answer.error is not None:
+                                raise answer.error
+                            return answer.value
+                if self.monitor in ready and self._dropped(io):
+                    raise session.refused or lost(endpoint)
+                if io.closed in ready:
+                    raise Unavailable("the client was closed before the reply arrived")
+        except BaseException:  # timed out, refused, interrupted: withdraw it if it is still queued
+            if answer.error is None:
+                try:
+                    send_frames(self.sock, session.op_frames(ops.CANCEL, cid), NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            raise
+
+    @staticmethod
+    def _settles(session: Session, frames: list, answer: _Answer) -> bool:
+        try:
+            messages = unbundle(frames)
+        except ValueError:
+            return False  # not for us to fix; the deadline still holds
+        for message in messages:
+            try:
+                header = unpack_header(data(message[0]))
+            except IsopoolError:
+                continue
+            if header["id"] == answer.cid and session.settle(answer, header["op"], message[1:]):
+                return True
+        return False  # a late answer to an earlier call on this socket
+
+    def _dropped(self, io: _IOThread) -> bool:
+        """Read the monitor: True if the connection dropped or the server refused this client."""
+        dropped = False
+        try:
+            while True:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)["event"]
+                if event == zmq.EVENT_DISCONNECTED:
+                    dropped = True
+                elif event & HANDSHAKE_FAILED:
+                    io.session.refused = refusal(io.endpoint)
+                    dropped = True
+        except zmq.Again:
+            pass
+        return dropped
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            try:
+                self.sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self.monitor.close(linger=0)
+        self.sock.close(linger=0)
 
 
 BACKSTOP_S = 5.0  # the I/O thread answers every call by its deadline; this only guards against its death
@@ -233,8 +392,19 @@ class Client:
     def infer(self, x: Any, *, timeout: float | None = None, retry: bool | None = None,
               tenant: str | None = None) -> Any:
         """Run the model on x and return its output. Raises an isopool.errors type on failure."""
-        future = self._submit(x, timeout, retry, tenant, sink=None)
-        return _wait(future, self._session.timeout_of(timeout))
+        direct = self._io.checkout()
+        if direct is None:  # closing, or DIRECT_SOCKETS other threads are in infer(): queue it
+            future = self._submit(x, timeout, retry, tenant, sink=None)
+            return _wait(future, self._session.timeout_of(timeout))
+        try:
+            session = self._session
+            t = session.timeout_of(timeout)
+            cid = next(session.ids)
+            frames = session.infer_frames(x, cid, t, self.retry if retry is None else retry, False,
+                                          tenant if tenant is not None else self.tenant)
+            return direct.call(self._io, frames, cid, session.deadline(t))
+        finally:
+            self._io.checkin(direct)
 
     def stream(self, x: Any, *, timeout: float | None = None, tenant: str | None = None) -> Iterator[Any]:
         """Yield the parts a generator handler produces, in order. Closing early cancels it."""

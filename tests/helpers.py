@@ -92,6 +92,14 @@ class PoolProc:
     def workers(self) -> list[dict]:
         return self.status()["workers"]
 
+    def running(self, pred: Callable[[dict], bool] = lambda w: True, tries: int = 500) -> int:
+        """The pid of a worker that holds a request (status polled, bounded)."""
+        for _ in range(tries):
+            for w in self.workers():
+                if w["in_flight"] and w["pid"] and pred(w):
+                    return w["pid"]
+        raise AssertionError("no worker picked up the request")
+
     def worker_pids(self) -> list[int]:
         return [w["pid"] for w in self.workers() if w["pid"]]
 

@@ -85,7 +85,7 @@ def fault_segv(pool, c):
 
 def fault_sigkill_from_outside(pool, c):
     future = c.submit({"do": "sleep", "s": 2.0, "tag": "killed"})
-    victim = _worker_running(pool, lambda w: w["current_request_age_s"] is not None)
+    victim = pool.running(lambda w: w["current_request_age_s"] is not None)
     os.kill(victim, signal.SIGKILL)
     reply = future.result(timeout=30)  # retried on another worker: the client sees success
     assert reply["echo"]["tag"] == "killed" and reply["pid"] != victim
@@ -97,15 +97,6 @@ def fault_hang(pool, c):
         c.infer({"do": "hang"}, timeout=1.0)
     assert info.value.setting == "timeout" and info.value.started
     return 1
-
-
-def _worker_running(pool, pred, tries: int = 500) -> int:
-    """The pid of a worker that holds a request (status polled, bounded)."""
-    for _ in range(tries):
-        for w in pool.workers():
-            if w["in_flight"] and w["pid"] and pred(w):
-                return w["pid"]
-    raise AssertionError("no worker picked up the request")
 
 
 @pytest.mark.parametrize("fault", [fault_exception, fault_os_exit, fault_segv, fault_sigkill_from_outside, fault_hang],
@@ -331,7 +322,7 @@ def test_supervisor_sigkill_takes_every_worker_down_and_clients_get_an_error(fau
     pids = faulty.worker_pids()
     with faulty.client() as c:
         pending = c.submit({"do": "sleep", "s": 10}, timeout=5)
-        _worker_running(faulty, lambda w: True)
+        faulty.running()
         faulty.proc.kill()
         t0 = time.monotonic()
         with pytest.raises((Unavailable, RequestTimeout)):
