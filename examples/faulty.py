@@ -88,12 +88,15 @@ class SelfModifying:
 
 
 class WhereAmI:
-    """Answers with what its context says: the worker's id and device."""
+    """Answers with what its context says: the worker's id and device (after sleeping x
+    seconds when x is a number, so that concurrent requests occupy different workers)."""
 
     def __init__(self, context) -> None:
         self.where = {"worker": context.worker_id, "device": context.device, "threads": context.threads}
 
     def __call__(self, x: Any) -> Any:
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            time.sleep(x)
         return self.where
 
 

@@ -42,7 +42,8 @@ def test_parse_with_gpus():
 def test_workers_see_their_device_in_context_and_status(start_pool):
     pool = start_pool("--workers", "2", "--devices", "auto", "--model", "isopool.examples.faulty:WhereAmI")
     with pool.client() as c:
-        replies = [c.infer(None) for _ in range(8)]
+        # two at once: the second goes to the worker the first left free (least loaded)
+        replies = [f.result(30) for f in [c.submit(0.2) for _ in range(2)]]
     assert {r["device"] for r in replies} == {"cpu"}  # this machine has no GPU: auto means CPU
     assert {r["worker"] for r in replies} == {0, 1}
     assert [w["device"] for w in pool.workers()] == ["cpu", "cpu"]
