@@ -7,7 +7,9 @@ across all the processes (voluntary context switches: the latency floor of a cha
 on a small machine), then requests/s with 64 in flight, and the CPU
 time (user + system, all threads) each process spent per request during the in-flight runs:
 this client, the supervisor, and the workers together. Each figure is the median of
---repeats runs; the machine is noisy. Extra arguments go to `isopool serve` (--prefetch 4).
+--repeats runs; the machine is noisy. `under_load` gives requests/s and the p50/p99 of each
+request's latency (submit to answer) with 4, 16 and 64 in flight, from one more run each.
+Extra arguments go to `isopool serve` (--prefetch 4).
 """
 
 from __future__ import annotations
@@ -35,6 +37,18 @@ def sequential(client: Client, x, n: int) -> tuple[float, float]:
         lat.append(time.perf_counter() - t)
     lat.sort()
     return lat[len(lat) // 2] * 1e6, lat[int(len(lat) * 0.99)] * 1e6
+
+
+LOADS = (4, 16, 64)
+
+
+def loaded(client: Client, x, in_flight: int, n: int) -> dict:
+    """Requests/s and per-request latency percentiles with `in_flight` requests outstanding."""
+    lat: list[float] = []
+    rate = in_flight_rate(client.submit, x, n, in_flight, latencies=lat)
+    lat.sort()
+    return {"requests_per_s": round(rate), "p50_us": round(lat[len(lat) // 2] * 1e6),
+            "p99_us": round(lat[int(len(lat) * 0.99)] * 1e6)}
 
 
 def cpu_seconds(procs: list[psutil.Process]) -> float:
@@ -72,12 +86,14 @@ def main() -> None:
             rates.append(in_flight_rate(client.submit, x, args.requests))
             for k, v in groups.items():
                 cpu[k] += cpu_seconds(v) - before[k]
+        under_load = {n: loaded(client, x, n, args.requests) for n in LOADS}
     done = args.repeats * args.requests
     print(json.dumps({"model": args.model or "default", "workers": args.workers,
                       "p50_us": round(statistics.median(p50s)), "p99_us": round(statistics.median(p99s)),
                       "wakeups_per_sequential_request": round(slept / (args.repeats * 2200), 1),
                       "requests_per_s": round(statistics.median(rates)),
-                      "cpu_us_per_request": {k: round(v * 1e6 / done) for k, v in cpu.items()}}))
+                      "cpu_us_per_request": {k: round(v * 1e6 / done) for k, v in cpu.items()},
+                      "under_load": under_load}))
 
 
 if __name__ == "__main__":

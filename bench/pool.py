@@ -48,8 +48,10 @@ def serve(*args: str, timeout: float = 120.0) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def in_flight_rate(submit: Callable[[Any], cf.Future], x: Any, n: int, in_flight: int = 64) -> float:
-    """Requests/s of n calls of submit(x), keeping `in_flight` outstanding; raises the first error."""
+def in_flight_rate(submit: Callable[[Any], cf.Future], x: Any, n: int, in_flight: int = 64,
+                   latencies: list[float] | None = None) -> float:
+    """Requests/s of n calls of submit(x), keeping `in_flight` outstanding; raises the first error.
+    With `latencies`, each call's seconds from submit to its answer are appended to it."""
     slots = threading.Semaphore(in_flight)
     errors: list[BaseException] = []
 
@@ -58,10 +60,16 @@ def in_flight_rate(submit: Callable[[Any], cf.Future], x: Any, n: int, in_flight
             errors.append(f.exception())
         slots.release()
 
+    def timed(started: float) -> Callable[[cf.Future], None]:
+        def done_timed(f: cf.Future) -> None:
+            latencies.append(time.perf_counter() - started)
+            done(f)
+        return done_timed
+
     t = time.perf_counter()
     for _ in range(n):
         slots.acquire()
-        submit(x).add_done_callback(done)
+        submit(x).add_done_callback(done if latencies is None else timed(time.perf_counter()))
     for _ in range(in_flight):
         slots.acquire()
     if errors:
