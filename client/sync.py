@@ -12,6 +12,7 @@ machine, a tug-of-war for the GIL: about 100 µs of a ~630 µs round trip on 2 c
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -44,6 +45,7 @@ from .core import (
     watch_disconnects,
 )
 
+log = logging.getLogger("isopool.client")
 DIRECT_SOCKETS = 4  # blocking infer() calls that may each use a socket of their own at once
 
 
@@ -196,7 +198,11 @@ class _IOThread:
                 return self.idle.pop()
             if self.direct >= DIRECT_SOCKETS:
                 return None
-            direct = _Direct(self)
+            try:
+                direct = _Direct(self)
+            except zmq.ZMQError as exc:  # out of sockets or file descriptors: the I/O thread's way still works
+                log.debug("no socket of its own for this call (%s); queueing it through the I/O thread", exc)
+                return None
             self.direct += 1
             return direct
 
