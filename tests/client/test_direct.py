@@ -91,3 +91,26 @@ def test_callers_beyond_the_direct_sockets_queue_through_the_io_thread(faulty):
             thread.join(30)
         assert all(out and out[0]["echo"]["do"] == "sleep" for _, out in waiting)
         assert c._io.direct == sync.DIRECT_SOCKETS
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_infer_withdraws_its_request(faulty):
+    def interrupt(signum, frame):
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with faulty.client() as c:
+            signal.setitimer(signal.ITIMER_REAL, 0.3)  # like Ctrl-C while the call waits
+            with pytest.raises(_Interrupted):
+                c.infer({"do": "sleep", "s": 2.0})
+            # the CANCEL left on the same socket before this call's request
+            assert c.infer({"do": "ok"})["echo"] == {"do": "ok"}
+            outcomes = c.status()["pool"]["outcomes"]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert outcomes.get("cancelled") == 1 and outcomes["ok"] == 1
