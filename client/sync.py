@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any, Iterator
 
@@ -57,20 +57,18 @@ class _FutureCall(Call):
         self.future, self.sink = future, sink
 
     def resolve(self, value: Any) -> None:
-        if not self.future.done():
-            try:
-                self.future.set_result(value)
-            except Exception:  # cancelled by the caller meanwhile
-                pass
+        try:  # no done() check first: that takes the future's lock once more per call
+            self.future.set_result(value)
+        except InvalidStateError:  # cancelled by the caller meanwhile
+            pass
 
     def reject(self, exc: BaseException) -> None:
         if self.sink is not None:
             self.sink(exc)
-        if not self.future.done():
-            try:
-                self.future.set_exception(exc)
-            except Exception:
-                pass
+        try:
+            self.future.set_exception(exc)
+        except InvalidStateError:
+            pass
 
     def chunk(self, item: Any) -> None:
         if self.sink is not None:
