@@ -114,3 +114,18 @@ def test_an_interrupted_infer_withdraws_its_request(faulty):
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert outcomes.get("cancelled") == 1 and outcomes["ok"] == 1
+
+
+def test_infer_from_a_done_callback_is_answered(faulty):
+    """Done-callbacks run on the client's I/O thread; an infer() there must not wait on it."""
+    got: list = []
+    answered = threading.Event()
+    with faulty.client() as c:
+        def chained(f) -> None:
+            assert threading.current_thread() is c._io.thread
+            got.append(c.infer({"do": "ok", "after": f.result()["echo"]["i"]}, timeout=10))
+            answered.set()
+
+        c.submit({"do": "sleep", "s": 0.2, "i": 1}).add_done_callback(chained)  # answered later, on the I/O thread
+        assert answered.wait(30)
+    assert got[0]["echo"]["after"] == 1
