@@ -4,6 +4,8 @@
     caller ◄──Call.resolve/reject/chunk── Session.on_reply() ◄──────────────────── replies
 
 A transport owns the socket and calls Session.on_reply, Session.expire and Session.fail_all.
+The sync client's blocking infer() is its own transport for one call: it reads its own
+socket and hands the answer to Session.settle, never touching the pending table.
 Every pending call has a deadline; nothing waits forever, even if the supervisor is gone.
 """
 
