@@ -1,6 +1,6 @@
 """What the sync and asyncio clients share: ids, the pending table, replies and deadlines.
 
-    caller ──request_frames()──► transport (I/O thread | asyncio task) ──DEALER──► supervisor
+    caller ──infer_frames()──► transport (I/O thread | asyncio task) ───DEALER──► supervisor
     caller ◄──Call.resolve/reject/chunk── Session.on_reply() ◄──────────────────── replies
 
 A transport owns the socket and calls Session.on_reply, Session.expire and Session.fail_all.
