@@ -9,7 +9,8 @@ Sequential p50 (one request in flight), in rounds, each path once per round:
     zmq_broker   the same through a third process that forwards frames between a frontend
                  ROUTER and a backend ROUTER: isopool's shape with none of its work
     isopool      this process's Client against `isopool serve` (2 workers)
-    ppe, mp_pool ProcessPoolExecutor and multiprocessing.Pool with 2 workers
+    ppe, mp_pool ProcessPoolExecutor and multiprocessing.Pool with 2 workers, set up as in
+                 the suite (bench/peers.py: one torch thread and one model per worker)
 
 The difference between zmq_broker and isopool is what isopool's own code costs per round
 trip (protocol, checks, bookkeeping, in the client, the supervisor and the worker); the
@@ -26,26 +27,22 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
-from typing import Any, Callable
 
 import numpy as np
 import zmq
 
 from isopool import Client
 
-from .models import DIM, BenchModel
-from .pool import serve
+from . import peers
+from .models import DIM
+from .pool import sequential, serve
 
 STOP = b"\x00"  # one byte: no array is that short
 
 
 def _worker(endpoint: str) -> None:
     """Answer each [route?, array bytes] with the model's output, until STOP."""
-    import torch
-
-    torch.set_num_threads(1)
-    model = BenchModel()
+    peers.init()  # one torch thread and the model, as every executor's worker has
     ctx = zmq.Context(1)
     sock = ctx.socket(zmq.DEALER)
     sock.connect(endpoint)
@@ -54,7 +51,7 @@ def _worker(endpoint: str) -> None:
         *route, body = sock.recv_multipart(copy=False)
         if len(body) == 1:
             os._exit(0)
-        y = model(np.frombuffer(body, np.float32))
+        y = peers.run(np.frombuffer(body, np.float32))
         sock.send_multipart([*route, y.tobytes()], copy=False)
 
 
@@ -80,28 +77,6 @@ def _broker(frontend: str, backend: str) -> None:
         if back in ready:
             frames = back.recv_multipart(copy=False)
             front.send_multipart(frames[1:], copy=False)
-
-
-_model = None
-
-
-def _call(x: np.ndarray) -> np.ndarray:
-    global _model
-    if _model is None:
-        _model = BenchModel()
-    return _model(x)
-
-
-def p50_us(call: Callable[[np.ndarray], Any], calls: int) -> float:
-    x = np.random.default_rng(0).standard_normal(DIM).astype(np.float32)
-    for _ in range(min(300, calls)):
-        call(x)
-    lat = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        call(x)
-        lat.append(time.perf_counter() - t)
-    return statistics.median(lat) * 1e6
 
 
 def main() -> None:
@@ -136,13 +111,16 @@ def main() -> None:
     results: dict[str, list[float]] = {}
     try:
         with serve("--workers", "2", "--model", "isopool.bench.models:BenchModel") as endpoint, \
-                Client(endpoint) as client, cf.ProcessPoolExecutor(2, mp_context=fork) as ppe, fork.Pool(2) as pool:
+                Client(endpoint) as client, \
+                cf.ProcessPoolExecutor(2, mp_context=fork, initializer=peers.init) as ppe, \
+                fork.Pool(2, initializer=peers.init) as pool:
             paths = {"zmq_direct": zmq_direct, "zmq_broker": zmq_broker, "isopool": client.infer,
-                     "ppe": lambda x: ppe.submit(_call, x).result(timeout=30),
-                     "mp_pool": lambda x: pool.apply_async(_call, (x,)).get(timeout=30)}
+                     "ppe": lambda x: ppe.submit(peers.run, x).result(timeout=30),
+                     "mp_pool": lambda x: pool.apply_async(peers.run, (x,)).get(timeout=30)}
+            x = np.random.default_rng(0).standard_normal(DIM).astype(np.float32)
             for _ in range(args.rounds):
                 for name, call in paths.items():
-                    results.setdefault(name, []).append(p50_us(call, args.calls))
+                    results.setdefault(name, []).append(sequential(call, x, args.calls, warm=300)[0])
     finally:
         direct.send_multipart([peer, STOP])
         via.send(STOP)

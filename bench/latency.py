@@ -17,26 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import numpy as np
 import psutil
 
 from isopool import Client
 
-from .pool import in_flight_rate, serve, wakeups
-
-
-def sequential(client: Client, x, n: int) -> tuple[float, float]:
-    for _ in range(min(200, n)):
-        client.infer(x)
-    lat = []
-    for _ in range(n):
-        t = time.perf_counter()
-        client.infer(x)
-        lat.append(time.perf_counter() - t)
-    lat.sort()
-    return lat[len(lat) // 2] * 1e6, lat[int(len(lat) * 0.99)] * 1e6
+from .pool import in_flight_rate, percentiles_us, sequential, serve, wakeups
 
 
 LOADS = (4, 16, 64)
@@ -46,9 +33,8 @@ def loaded(client: Client, x, in_flight: int, n: int) -> dict:
     """Requests/s and per-request latency percentiles with `in_flight` requests outstanding."""
     lat: list[float] = []
     rate = in_flight_rate(client.submit, x, n, in_flight, latencies=lat)
-    lat.sort()
-    return {"requests_per_s": round(rate), "p50_us": round(lat[len(lat) // 2] * 1e6),
-            "p99_us": round(lat[int(len(lat) * 0.99)] * 1e6)}
+    p50, p99 = percentiles_us(lat)
+    return {"requests_per_s": round(rate), "p50_us": round(p50), "p99_us": round(p99)}
 
 
 def cpu_seconds(procs: list[psutil.Process]) -> float:
@@ -78,7 +64,7 @@ def main() -> None:
         slept = 0
         for _ in range(args.repeats):
             before = wakeups(everyone)
-            p50, p99 = sequential(client, x, 2000)
+            p50, p99 = sequential(client.infer, x, 2000)
             slept += wakeups(everyone) - before
             p50s.append(p50)
             p99s.append(p99)

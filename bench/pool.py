@@ -48,6 +48,25 @@ def serve(*args: str, timeout: float = 120.0) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def percentiles_us(latencies: list[float]) -> tuple[float, float]:
+    """(p50, p99) in microseconds of latencies in seconds (sorted in place)."""
+    latencies.sort()
+    n = len(latencies)
+    return latencies[n // 2] * 1e6, latencies[min(n - 1, int(n * 0.99))] * 1e6
+
+
+def sequential(call: Callable[[Any], Any], x: Any, n: int, warm: int = 200) -> tuple[float, float]:
+    """(p50, p99) in microseconds of n calls of call(x), one at a time, after `warm` untimed ones."""
+    for _ in range(min(warm, n)):
+        call(x)
+    latencies = []
+    for _ in range(n):
+        t = time.perf_counter()
+        call(x)
+        latencies.append(time.perf_counter() - t)
+    return percentiles_us(latencies)
+
+
 def in_flight_rate(submit: Callable[[Any], cf.Future], x: Any, n: int, in_flight: int = 64,
                    latencies: list[float] | None = None) -> float:
     """Requests/s of n calls of submit(x), keeping `in_flight` outstanding; raises the first error.

@@ -36,7 +36,7 @@ import numpy as np
 
 from . import peers
 from .models import DIM, BenchModel
-from .pool import in_flight_rate, serve
+from .pool import in_flight_rate, sequential, serve
 
 WORKERS = 2
 IN_FLIGHT = 64
@@ -210,14 +210,7 @@ def measure(mech: Mechanism, sizes: Sizes) -> dict[str, float]:
     x = np.random.default_rng(1).standard_normal(DIM).astype(np.float32)
     big = np.random.default_rng(2).standard_normal(BIG_MIB * 2**20 // 4).astype(np.float32)
     figures = {"req_per_s": mech.throughput(x, sizes.requests)}
-    lat = []
-    for _ in range(sizes.latency):
-        t = time.perf_counter()
-        mech.call(x)
-        lat.append(time.perf_counter() - t)
-    lat.sort()
-    figures["p50_us"] = lat[len(lat) // 2] * 1e6
-    figures["p99_us"] = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e6
+    figures["p50_us"], figures["p99_us"] = sequential(mech.call, x, sizes.latency, warm=0)
     t = time.perf_counter()
     for _ in range(sizes.big):
         mech.call({"echo": big})

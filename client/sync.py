@@ -284,9 +284,10 @@ class _Direct:
         self.poller.register(self.monitor, zmq.POLLIN)
         self.poller.register(io.closed, zmq.POLLIN)
 
-    def call(self, io: _IOThread, frames: list, cid: Any, deadline: float) -> Any:
+    def call(self, io: _IOThread, cid: Any, frames: list, deadline: float) -> Any:
         session, endpoint = io.session, io.endpoint
-        if self._dropped(io) and session.refused is not None:
+        self._dropped(io)  # a drop before this call is not this call's; a refusal is for every call
+        if session.refused is not None:
             raise session.refused
         try:
             send_frames(self.sock, frames, NOBLOCK)
@@ -401,12 +402,7 @@ class Client:
             future = self._submit(x, timeout, retry, tenant, sink=None)
             return _wait(future, self._session.timeout_of(timeout))
         try:
-            session = self._session
-            t = session.timeout_of(timeout)
-            cid = next(session.ids)
-            frames = session.infer_frames(x, cid, t, self.retry if retry is None else retry, False,
-                                          tenant if tenant is not None else self.tenant)
-            return direct.call(self._io, frames, cid, session.deadline(t))
+            return direct.call(self._io, *self._request(x, timeout, retry, tenant, stream=False))
         finally:
             self._io.checkin(direct)
 
@@ -433,15 +429,21 @@ class Client:
             if not finished:
                 future.cancel()
 
-    def _submit(self, x: Any, timeout: float | None, retry: bool | None, tenant: str | None,
-                sink=None, stream: bool = False) -> Future:
+    def _request(self, x: Any, timeout: float | None, retry: bool | None, tenant: str | None,
+                 stream: bool) -> tuple[Any, list, float]:
+        """(id, frames, local deadline) of one infer request, encoded on the caller's thread."""
         session = self._session
         t = session.timeout_of(timeout)
         cid = next(session.ids)
         frames = session.infer_frames(x, cid, t, self.retry if retry is None else retry, stream,
                                       tenant if tenant is not None else self.tenant)
+        return cid, frames, session.deadline(t)
+
+    def _submit(self, x: Any, timeout: float | None, retry: bool | None, tenant: str | None,
+                sink=None, stream: bool = False) -> Future:
+        cid, frames, deadline = self._request(x, timeout, retry, tenant, stream)
         future = _CallFuture(self, cid)
-        self._io.send(frames, _FutureCall(cid, session.deadline(t), stream, future, sink))
+        self._io.send(frames, _FutureCall(cid, deadline, stream, future, sink))
         return future
 
     def _cancelled(self, cid: Any) -> None:
