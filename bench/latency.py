@@ -6,7 +6,8 @@ Sequential p50/p99 (one request in flight) and the thread wake-ups each such req
 across all the processes (voluntary context switches: the latency floor of a chain of hops
 on a small machine), then requests/s with 64 in flight, and the CPU
 time (user + system, all threads) each process spent per request during the in-flight runs:
-this client, the supervisor, and the workers together. Each figure is the median of
+this client, the supervisor, and the workers together, and the context switches per request
+there (voluntary: a thread went to sleep; involuntary: a thread was preempted). Each figure is the median of
 --repeats runs; the machine is noisy. `under_load` gives requests/s and the p50/p99 of each
 request's latency (submit to answer) with 4, 16 and 64 in flight, from one more run each.
 Extra arguments go to `isopool serve` (--prefetch 4).
@@ -23,7 +24,7 @@ import psutil
 
 from isopool import Client
 
-from .pool import in_flight_rate, percentiles_us, sequential, serve, wakeups
+from .pool import in_flight_rate, percentiles_us, sequential, serve, switches
 
 
 LOADS = (4, 16, 64)
@@ -62,14 +63,17 @@ def main() -> None:
         groups = {"client": [me], "supervisor": [supervisor], "workers": supervisor.children(recursive=True)}
         everyone = [p for group in groups.values() for p in group]
         slept = 0
+        loaded_switches = [0, 0]
         for _ in range(args.repeats):
-            before = wakeups(everyone)
+            before = switches(everyone)[0]
             p50, p99 = sequential(client.infer, x, 2000)
-            slept += wakeups(everyone) - before
+            slept += switches(everyone)[0] - before
             p50s.append(p50)
             p99s.append(p99)
             before = {k: cpu_seconds(v) for k, v in groups.items()}
+            switched = switches(everyone)
             rates.append(in_flight_rate(client.submit, x, args.requests))
+            loaded_switches = [a + b - c for a, b, c in zip(loaded_switches, switches(everyone), switched)]
             for k, v in groups.items():
                 cpu[k] += cpu_seconds(v) - before[k]
         under_load = {n: loaded(client, x, n, args.requests) for n in LOADS}
@@ -79,6 +83,8 @@ def main() -> None:
                       "wakeups_per_sequential_request": round(slept / (args.repeats * 2200), 1),
                       "requests_per_s": round(statistics.median(rates)),
                       "cpu_us_per_request": {k: round(v * 1e6 / done) for k, v in cpu.items()},
+                      "switches_per_request": dict(zip(("voluntary", "involuntary"),
+                                                       (round(n / done, 2) for n in loaded_switches))),
                       "under_load": under_load}))
 
 

@@ -96,17 +96,20 @@ def in_flight_rate(submit: Callable[[Any], cf.Future], x: Any, n: int, in_flight
     return n / (time.perf_counter() - t)
 
 
-def wakeups(procs: list[psutil.Process]) -> int:
-    """Voluntary context switches of every thread of these processes: each is a thread that
-    went to sleep waiting for something, so each costs a wake-up later."""
-    total = 0
+def switches(procs: list[psutil.Process]) -> tuple[int, int]:
+    """Context switches of every thread of these processes: (voluntary, involuntary). A
+    voluntary one is a thread that went to sleep waiting for something, so it costs a wake-up
+    later; an involuntary one is a thread preempted, often by a thread it had just woken."""
+    voluntary = involuntary = 0
     for p in procs:
         for path in glob.glob(f"/proc/{p.pid}/task/*/status"):
             try:
                 with open(path) as f:
                     for line in f:
                         if line.startswith("voluntary_ctxt_switches:"):
-                            total += int(line.split()[1])
+                            voluntary += int(line.split()[1])
+                        elif line.startswith("nonvoluntary_ctxt_switches:"):
+                            involuntary += int(line.split()[1])
             except OSError:  # a thread that ended meanwhile
                 pass
-    return total
+    return voluntary, involuntary
