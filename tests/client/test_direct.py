@@ -79,13 +79,15 @@ def test_supervisor_death_ends_a_waiting_infer_with_unavailable(faulty):
 
 def test_callers_beyond_the_direct_sockets_queue_through_the_io_thread(faulty):
     with faulty.client() as c:
-        waiting = [_in_thread(lambda: c.infer({"do": "sleep", "s": 0.5}, timeout=30))
+        waiting = [_in_thread(lambda: c.infer({"do": "sleep", "s": 1}, timeout=30))
                    for _ in range(sync.DIRECT_SOCKETS)]
-        for _ in range(500):  # bounded: until every direct socket is lent out
-            if c._io.direct == sync.DIRECT_SOCKETS and not c._io.idle:
+        for _ in range(500):  # bounded round trips: until the pool holds every one of them
+            pool = faulty.status()["pool"]
+            if pool["queue_depth"] + pool["in_flight"] == sync.DIRECT_SOCKETS:
                 break
         else:
-            raise AssertionError("the direct sockets were never all in use")
+            raise AssertionError("the pool never held all the direct calls")
+        assert c._io.direct == sync.DIRECT_SOCKETS and not c._io.idle  # each was sent from a socket lent out
         assert c.infer({"do": "ok", "via": "queue"})["echo"]["via"] == "queue"
         for thread, _ in waiting:
             thread.join(30)
