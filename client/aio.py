@@ -15,6 +15,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from isopool.protocol import Unavailable, ops
+from isopool.protocol.iothread import io_context
 from isopool.protocol.transport import MAX_BUNDLE, bundle
 
 from .core import END, Call, Session, configure_socket, curve_keys, on_monitor_event, resolve_endpoint, watch_disconnects
@@ -55,7 +56,7 @@ class AsyncClient:
         self.endpoint = resolve_endpoint(endpoint)
         self.retry, self.tenant = retry, tenant
         self._session = Session(arrays=arrays, default_timeout=timeout)
-        self._ctx = zmq.asyncio.Context(1)
+        self._ctx, self._io_threads = io_context(zmq.asyncio.Context)
         self._sock = self._ctx.socket(zmq.DEALER)
         configure_socket(self._sock, curve_keys(curve_secret_key, curve_server_key))
         self._monitor = watch_disconnects(self._sock)
@@ -97,6 +98,7 @@ class AsyncClient:
         outgoing, self._outgoing = self._outgoing, []
         if self._closed:
             return  # close() has failed every pending call
+        self._io_threads.observe(len(self._session.pending))
         for start in range(0, len(outgoing), MAX_BUNDLE):
             group = outgoing[start:start + MAX_BUNDLE]
             # a NOBLOCK send is tried at once: the future is already done, with any error

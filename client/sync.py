@@ -27,6 +27,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from isopool.protocol import Cancelled, IsopoolError, Unavailable, ops, unpack_header
+from isopool.protocol.iothread import io_context
 from isopool.protocol.transport import MAX_BUNDLE, NOBLOCK, bundle, data, drain, send_frames, unbundle
 
 from .core import (
@@ -97,7 +98,7 @@ class _IOThread:
         self.session = session
         self.curve = curve
         self.outbox: deque = deque()
-        self.ctx = zmq.Context(1)
+        self.ctx, self.io_threads = io_context()
         self.wake = self.closed = -1
         self.lock = threading.Lock()  # guards idle, direct and closing against close()
         self.idle: list[_Direct] = []  # direct sockets no caller is using
@@ -160,6 +161,7 @@ class _IOThread:
     def _flush(self) -> None:
         """Send what the callers queued: a burst leaves as bundles, one wake-up per hop."""
         outbox = self.outbox
+        self.io_threads.observe(len(self.session.pending) + len(outbox))
         while outbox:
             messages, calls = [], []
             while outbox and len(messages) < MAX_BUNDLE:
@@ -193,15 +195,17 @@ class _IOThread:
             if self.closing:
                 return None
             if self.idle:
-                return self.idle.pop()
-            if self.direct >= DIRECT_SOCKETS:
+                direct = self.idle.pop()
+            elif self.direct >= DIRECT_SOCKETS:
                 return None
-            try:
-                direct = _Direct(self)
-            except zmq.ZMQError as exc:  # out of sockets or file descriptors: the I/O thread's way still works
-                log.debug("no socket of its own for this call (%s); queueing it through the I/O thread", exc)
-                return None
-            self.direct += 1
+            else:
+                try:
+                    direct = _Direct(self)
+                except zmq.ZMQError as exc:  # out of sockets or file descriptors: the I/O thread's way still works
+                    log.debug("no socket of its own for this call (%s); queueing it through the I/O thread", exc)
+                    return None
+                self.direct += 1
+            self.io_threads.observe(self.direct - len(self.idle) + len(self.session.pending))
             return direct
 
     def checkin(self, direct: "_Direct") -> None:

@@ -62,6 +62,7 @@ from isopool.protocol import (
 from isopool.protocol import board
 from isopool.protocol.endpoints import default_endpoint, ensure_private_dir, ipc_path, is_tcp, runtime_dir
 from isopool.protocol.exits import EXIT_LOAD_FAILED, exit_fields
+from isopool.protocol.iothread import io_context
 from isopool.protocol.transport import Outbox, data, drain, unbundle
 from isopool.worker.process import WorkerConfig
 
@@ -89,6 +90,7 @@ SURGE = 1  # extra workers allowed while replacing (recycle, reload): capacity n
 LAST_WORDS_S = 0.005  # how long a crash waits for the dead worker's already-sent replies
 TICK_S = 0.25  # longest gap between maintenance passes (heartbeats, kills, sampling)
 MAX_BATCH = 512  # messages read from one socket per pass, so no source starves another
+QUICK_S = 0.010  # answers this soon after dispatch: a quick model, whose bursts can wait for a busy loop
 COMPACT_ABOVE = 4096  # stale deadline entries tolerated before the heap is rebuilt
 EXIT_OK = 0
 
@@ -145,11 +147,12 @@ class Supervisor:
         self.restart_reasons: dict[str, int] = {}
         self.template_due = 0.0  # when to (re)start the template
         self.template_started = 0.0
+        self.quick = False  # the last answer came soon after its dispatch (protocol/iothread.py)
 
     # ------------------------------------------------------------ setup
 
     def open(self) -> None:
-        self.ctx = zmq.Context(1)
+        self.ctx, self.io_threads = io_context()
         self.frontend = self._bind_frontend()
         self.private_dir = tempfile.mkdtemp(prefix="isopool-", dir=self._private_parent())
         self.backend_endpoint = f"ipc://{self.private_dir}/backend.sock"
@@ -290,6 +293,7 @@ class Supervisor:
             self.maintain(now)
         if self.queue:
             self.dispatch(now)
+        self.io_threads.observe(len(self.requests) if self.quick else 0)  # before the sends that wake it
         self.to_workers.flush()
         self.to_clients.flush()
 
@@ -480,6 +484,7 @@ class Supervisor:
         del self.requests[req.key]
         self.reply(req.client, [pack_header(op, req.client_id), *body], req.bundles)
         self.stats.done(outcome, now - req.accepted_at, now)
+        self.quick = now - req.started_at <= QUICK_S
 
     def fail(self, req: Request, err: IsopoolError) -> None:
         self.requests.pop(req.key, None)

@@ -32,6 +32,7 @@ from isopool.protocol.codec import encode_error
 from isopool.protocol.errors import BadRequest, RemoteError, RequestTimeout
 from isopool.protocol.exits import EXIT_LOAD_FAILED, EXIT_ORPHANED
 from isopool.protocol.board import Board
+from isopool.protocol.iothread import io_context
 from isopool.protocol.limits import Limits
 from isopool.protocol.transport import EVENTS, POLLIN, Outbox, data, drain, unbundle
 
@@ -99,7 +100,7 @@ class Worker:
         self.model = model
         self.limits = Limits(**config.limits)
         self.ident = f"{config.slot}.{config.generation}".encode()
-        self.ctx = zmq.Context(1)
+        self.ctx, self.io_threads = io_context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self.ident)
         self.sock.setsockopt(zmq.LINGER, 2000)
@@ -123,7 +124,7 @@ class Worker:
         # back by the time half of what we may hold is done. The board, not the order of
         # replies, tells the supervisor what a dead worker was running.
         self.flush_at = max(1, self.capacity // 2)
-        self.last_run = 0.0  # seconds the previous request (or batch) took
+        self.last_run = float("inf")  # seconds the previous request (or batch) took; none yet: slow
         self.waiting = 0  # requests already here behind the current one (capacity: more on the socket)
         import torch
 
@@ -138,6 +139,11 @@ class Worker:
         held = len(self.out)
         if not self.waiting or held >= self.flush_at:
             self.out.flush()
+
+    def pace(self, holding: int) -> None:
+        """Let ZeroMQ's I/O thread wait for us while quick requests queue here; never behind a
+        model run that takes longer than HOLD_S (protocol/iothread.py)."""
+        self.io_threads.observe(holding if self.last_run <= HOLD_S else 0)
 
     def before_run(self) -> None:
         """Results wait for company only while requests are quick: none waits for another
@@ -190,6 +196,7 @@ class Worker:
             while self.batch and self.running:
                 self.fill_and_run_batch()
             if not self.sent:  # a quiet interval: tell the supervisor we are alive
+                self.io_threads.idle()
                 self.send([pack_header(ops.HEARTBEAT, None)])
             if self.config.integrity_interval and time.monotonic() >= self.next_check:
                 self.check_weights("scheduled")
@@ -244,6 +251,7 @@ class Worker:
         """model.batch(inputs) once; if it raises, each input alone, so only the culprit fails."""
         if not live:
             return
+        self.pace(len(live) + self.waiting)
         self.before_run()
         started = time.monotonic()
         self.board.start(live[0][3])  # a death now is blamed on the oldest of the batch
@@ -279,6 +287,7 @@ class Worker:
         if accepted is None:
             return
         rid, attempt, inputs, seq = accepted
+        self.pace(1 + self.waiting)
         self.before_run()
         started = time.monotonic()
         self.board.start(seq)
