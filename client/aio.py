@@ -18,7 +18,18 @@ from isopool.protocol import Unavailable, ops
 from isopool.protocol.iothread import io_context
 from isopool.protocol.transport import MAX_BUNDLE, bundle
 
-from .core import END, Call, Session, configure_socket, curve_keys, on_monitor_event, resolve_endpoint, watch_disconnects
+from .core import (
+    END,
+    Call,
+    Session,
+    close_watched,
+    closed_early,
+    configure_socket,
+    curve_keys,
+    on_monitor_event,
+    resolve_endpoint,
+    watch_disconnects,
+)
 
 
 class _AsyncCall(Call):
@@ -178,10 +189,8 @@ class AsyncClient:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
-        self._session.fail_all(Unavailable("the client was closed before the reply arrived"))
-        self._sock.disable_monitor()
-        self._monitor.close(linger=0)
-        self._sock.close(linger=0)
+        self._session.fail_all(closed_early())
+        close_watched(self._sock, self._monitor)
         self._ctx.term()
 
     async def __aenter__(self) -> "AsyncClient":

@@ -221,6 +221,10 @@ def configure_socket(sock: zmq.Socket, curve: dict | None) -> None:
         sock.curve_serverkey = curve["server"]
 
 
+def closed_early() -> Unavailable:
+    return Unavailable("the client was closed before the reply arrived")
+
+
 def lost(endpoint: str) -> Unavailable:
     return Unavailable(f"lost the connection to the supervisor at {endpoint}; in-flight requests were not "
                        "answered. Is `isopool serve` running?", endpoint=endpoint)
@@ -234,13 +238,33 @@ def watch_disconnects(sock: zmq.Socket) -> zmq.Socket:
     return sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
 
 
+def close_watched(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:
+    """Close a socket and the monitor that watch_disconnects gave it (None: it has none yet)."""
+    if monitor is not None:
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        monitor.close(linger=0)
+    sock.close(linger=0)
+
+
+def monitor_error(session: "Session", event: dict, endpoint: str) -> IsopoolError | None:
+    """What a monitor event means for the connection's calls: lost (it dropped), a refusal
+    (the server refused our handshake; kept on the session, every later call gets it) or nothing."""
+    if event["event"] == zmq.EVENT_DISCONNECTED:
+        return lost(endpoint)
+    if event["event"] & HANDSHAKE_FAILED:
+        session.refused = refusal(endpoint)
+        return session.refused
+    return None
+
+
 def on_monitor_event(session: "Session", event: dict, endpoint: str) -> None:
     """Fail what is pending when the connection drops or the server refuses us."""
-    if event["event"] == zmq.EVENT_DISCONNECTED:
-        session.fail_all(lost(endpoint))
-    elif event["event"] & HANDSHAKE_FAILED:
-        session.refused = refusal(endpoint)
-        session.fail_all(session.refused)
+    err = monitor_error(session, event, endpoint)
+    if err is not None:
+        session.fail_all(err)
 
 
 def refusal(endpoint: str) -> NotAllowed:

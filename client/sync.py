@@ -32,16 +32,16 @@ from isopool.protocol.transport import MAX_BUNDLE, NOBLOCK, bundle, data, drain,
 
 from .core import (
     END,
-    HANDSHAKE_FAILED,
     LOCAL_GRACE_S,
     Call,
     Session,
+    close_watched,
+    closed_early,
     configure_socket,
     curve_keys,
-    lost,
+    monitor_error,
     no_reply,
     on_monitor_event,
-    refusal,
     resolve_endpoint,
     watch_disconnects,
 )
@@ -155,7 +155,7 @@ class _IOThread:
                 self._read()
             for cid in session.expire(time.monotonic()):
                 self._send_now(session.op_frames(ops.CANCEL, cid))
-        session.fail_all(Unavailable("the client was closed before the reply arrived"))
+        session.fail_all(closed_early())
         self._release()
 
     def _flush(self) -> None:
@@ -232,15 +232,9 @@ class _IOThread:
             self._release()
 
     def _release(self) -> None:
-        for name in ("monitor", "sock"):
-            sock = getattr(self, name, None)
-            if sock is not None and not sock.closed:
-                if name == "sock":
-                    try:
-                        sock.disable_monitor()
-                    except zmq.ZMQError:
-                        pass
-                sock.close(linger=0)
+        sock = getattr(self, "sock", None)  # absent if the constructor failed before making it
+        if sock is not None and not sock.closed:
+            close_watched(sock, getattr(self, "monitor", None))
         if self.wake >= 0:
             os.close(self.wake)
             self.wake = -1
@@ -306,17 +300,17 @@ class _Direct:
                 try:
                     ready = dict(self.poller.poll(int(wait * 1000) + 1))
                 except zmq.ContextTerminated:  # close() ran in another thread
-                    raise Unavailable("the client was closed before the reply arrived") from None
+                    raise closed_early() from None
                 if self.sock in ready:
                     for reply in drain(self.sock, 64):
                         if self._settles(session, reply, answer):
                             if answer.error is not None:
                                 raise answer.error
                             return answer.value
-                if self.monitor in ready and self._dropped(io):
-                    raise session.refused or lost(endpoint)
+                if self.monitor in ready and (err := self._dropped(io)) is not None:
+                    raise session.refused or err
                 if io.closed in ready:
-                    raise Unavailable("the client was closed before the reply arrived")
+                    raise closed_early()
         except BaseException:  # timed out, refused, interrupted: withdraw it if it is still queued
             if answer.error is None:
                 try:
@@ -340,29 +334,18 @@ class _Direct:
                 return True
         return False  # a late answer to an earlier call on this socket
 
-    def _dropped(self, io: _IOThread) -> bool:
-        """Read the monitor: True if the connection dropped or the server refused this client."""
-        dropped = False
+    def _dropped(self, io: _IOThread) -> IsopoolError | None:
+        """Read the monitor: the error of a dropped or refused connection, or None."""
+        err = None
         try:
             while True:
-                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)["event"]
-                if event == zmq.EVENT_DISCONNECTED:
-                    dropped = True
-                elif event & HANDSHAKE_FAILED:
-                    io.session.refused = refusal(io.endpoint)
-                    dropped = True
+                err = monitor_error(io.session, recv_monitor_message(self.monitor, zmq.NOBLOCK), io.endpoint) or err
         except zmq.Again:
             pass
-        return dropped
+        return err
 
     def close(self) -> None:
-        if self.monitor is not None:
-            try:
-                self.sock.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            self.monitor.close(linger=0)
-        self.sock.close(linger=0)
+        close_watched(self.sock, self.monitor)
 
 
 BACKSTOP_S = 5.0  # the I/O thread answers every call by its deadline; this only guards against its death

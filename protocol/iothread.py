@@ -7,9 +7,10 @@ woken thread preempts the one that woke it, so under load each flush costs the s
 context switches and its warm caches, though its messages could as well leave when it next
 sleeps or its time slice ends. A SCHED_BATCH thread never preempts on wake-up: it runs on an
 idle core if there is one, otherwise as soon as the sender yields. That suits a busy process
-(CPU per request ~17% lower across client, supervisor and workers at 64 in flight, requests/s
-+5-13%: python -m isopool.bench.latency), and it does not suit a lone request, whose every
-hop is on the critical path (sequential p50 ~100 µs worse with SCHED_BATCH throughout).
+(at 64 in flight, across client, supervisor and workers: context switches per request
+2.6 -> 1.1, CPU per request 233 -> 192 µs, requests/s +3-8% in long runs; python -m
+isopool.bench.latency), and it does not suit a lone request, whose every hop is on the
+critical path (sequential p50 ~100 µs worse with SCHED_BATCH throughout).
 
 So the policy follows the load each process sees: SCHED_BATCH while it holds two or more
 requests, normal again after CALM consecutive looks at one or none. And only while requests
