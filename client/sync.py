@@ -100,7 +100,7 @@ class _IOThread:
         self.outbox: deque = deque()
         self.ctx, self.io_threads = io_context()
         self.wake = self.closed = -1
-        self.lock = threading.Lock()  # guards idle, direct and closing against close()
+        self.lock = threading.Lock()  # guards idle, direct, closing and the eventfds (close, _release)
         self.idle: list[_Direct] = []  # direct sockets no caller is using
         self.direct = 0  # direct sockets open
         try:
@@ -127,10 +127,9 @@ class _IOThread:
             self._wake()
 
     def _wake(self) -> None:
-        try:
-            os.eventfd_write(self.wake, 1)
-        except OSError:  # closed meanwhile: the loop is gone and has failed every pending call
-            pass
+        with self.lock:  # _release closes it under the lock: never written once closed (its number may be reused)
+            if self.wake >= 0:
+                os.eventfd_write(self.wake, 1)
 
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -221,10 +220,10 @@ class _IOThread:
                 return
             self.closing = True
             idle, self.idle = self.idle, []
+            if self.closed >= 0:  # under the lock: the I/O thread, seeing `closing`, may be releasing it
+                os.eventfd_write(self.closed, 1)  # callers waiting on their own sockets give up
         for direct in idle:
             direct.close()
-        if self.closed >= 0:
-            os.eventfd_write(self.closed, 1)  # callers waiting on their own sockets give up
         if self.wake >= 0 and self.thread.is_alive() and threading.current_thread() is not self.thread:
             self._wake()
             self.thread.join(5)
@@ -235,13 +234,12 @@ class _IOThread:
         sock = getattr(self, "sock", None)  # absent if the constructor failed before making it
         if sock is not None and not sock.closed:
             close_watched(sock, getattr(self, "monitor", None))
-        if self.wake >= 0:
-            os.close(self.wake)
-            self.wake = -1
         self.ctx.term()  # waits for direct sockets still in use: the closed fd sends them back
-        if self.closed >= 0:
-            os.close(self.closed)
-            self.closed = -1
+        with self.lock:  # the fds are written under the lock too
+            for fd in (self.wake, self.closed):
+                if fd >= 0:
+                    os.close(fd)
+            self.wake = self.closed = -1
 
 
 class _Answer(Call):
