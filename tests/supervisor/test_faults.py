@@ -216,9 +216,12 @@ def test_a_finished_answer_held_behind_a_slow_request_times_out_without_a_kill(s
 def test_expired_request_is_never_started(start_pool):
     pool = start_pool("--workers", "1", "--model", FAULTY)
     with pool.client() as c:
+        # both through the client's one queue, so the blocker surely arrives first (a blocking
+        # infer() has a socket of its own and could overtake it)
         blocker = c.submit({"do": "sleep", "s": 1.5})
+        doomed = c.submit({"do": "exit", "code": 4}, timeout=0.5)  # would kill the worker if started
         with pytest.raises(RequestTimeout) as info:
-            c.infer({"do": "exit", "code": 4}, timeout=0.5)  # would kill the worker if started
+            doomed.result(timeout=10)
         assert info.value.started is False
         assert blocker.result(timeout=10)["echo"]["do"] == "sleep"
     assert pool.status()["pool"]["restarts_total"] == 0
