@@ -9,6 +9,8 @@ from typing import Any
 from isopool.protocol.limits import Limits
 from isopool.worker.handler import DEFAULT_MODEL
 
+MAX_SPIN_US = 100_000  # a spin longer than a tenth of a second would be a busy loop, not a wait
+
 
 @dataclass
 class PoolConfig:
@@ -25,6 +27,7 @@ class PoolConfig:
     prefetch: int = 16  # requests a worker may hold at once; chosen by measurement (README, Performance)
     max_batch_size: int = 8  # models with batch(list) -> list get up to this many requests at once
     max_batch_wait_ms: float = 2.0  # a partial batch waits at most this long for more
+    spin_us: int = 300  # after quick work, look for the next message this long before sleeping (0: never)
     request_timeout: float = 300.0  # cap on any request, and the default deadline
     max_attempts: int = 2  # tries of a request whose worker crashed (1 = no retry)
     poison_threshold: int = 3  # worker deaths after which an input is refused for good
@@ -67,6 +70,8 @@ class PoolConfig:
                      "restart_window", "stats_interval"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.spin_us <= MAX_SPIN_US:
+            problems.append(f"spin_us must be 0 to {MAX_SPIN_US} microseconds, got {self.spin_us}")
         for name in ("max_batch_wait_ms", "integrity_interval", "threads", "max_requests", "max_requests_jitter", "max_rss", "kill_grace",
                      "drain_timeout", "backoff_base", "backoff_max"):
             if getattr(self, name) < 0:

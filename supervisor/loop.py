@@ -63,7 +63,7 @@ from isopool.protocol import board
 from isopool.protocol.endpoints import default_endpoint, ensure_private_dir, ipc_path, is_tcp, runtime_dir
 from isopool.protocol.exits import EXIT_LOAD_FAILED, exit_fields
 from isopool.protocol.iothread import io_context
-from isopool.protocol.transport import Outbox, data, drain, unbundle
+from isopool.protocol.transport import QUICK_RUN_S, Outbox, data, drain, spin_until, unbundle
 from isopool.worker.process import WorkerConfig
 
 from . import spawner
@@ -148,6 +148,8 @@ class Supervisor:
         self.template_due = 0.0  # when to (re)start the template
         self.template_started = 0.0
         self.quick = False  # the last answer came soon after its dispatch (protocol/iothread.py)
+        self.worked = False  # the last pass read a client's or a worker's message
+        self.quick_run = False  # ...and the last answer came within QUICK_RUN_S of its dispatch
 
     # ------------------------------------------------------------ setup
 
@@ -277,9 +279,10 @@ class Supervisor:
         return self.exit_code
 
     def step(self, timeout_ms: int) -> None:
-        ready = dict(self.poller.poll(timeout_ms))
+        ready = dict(self.wait(timeout_ms))
         now = time.monotonic()
         front, back = self.frontend in ready, self.backend in ready
+        self.worked = front or back
         if front:
             self.read_frontend(now)
         if back:
@@ -296,6 +299,20 @@ class Supervisor:
         self.io_threads.observe(len(self.requests) if self.quick else 0)  # before the sends that wake it
         self.to_workers.flush()
         self.to_clients.flush()
+
+    def wait(self, timeout_ms: int) -> list:
+        """What is ready to read, waiting at most timeout_ms. While answers come quickly, a pass
+        that relayed messages is likely followed by more within a round trip (the worker's
+        answer, the client's next request): look for them for --spin-us first, awake
+        (protocol/transport.py: spin_until), rather than pay the wake-ups of a sleep."""
+        if timeout_ms and self.worked and self.quick_run and self.config.spin_us:
+            found = spin_until(self._poll_now, min(self.config.spin_us / 1e6, timeout_ms / 1000))
+            if found:
+                return found
+        return self.poller.poll(timeout_ms)
+
+    def _poll_now(self) -> list:
+        return self.poller.poll(0)
 
     def read_other(self, ready: dict, count: int, now: float) -> None:
         """The rare sources: signals, event subscriptions, pidfds and the template's socket."""
@@ -485,6 +502,7 @@ class Supervisor:
         self.reply(req.client, [pack_header(op, req.client_id), *body], req.bundles)
         self.stats.done(outcome, now - req.accepted_at, now)
         self.quick = now - req.started_at <= QUICK_S
+        self.quick_run = now - req.started_at <= QUICK_RUN_S
 
     def fail(self, req: Request, err: IsopoolError) -> None:
         self.requests.pop(req.key, None)
@@ -856,7 +874,7 @@ class Supervisor:
             integrity_interval=self.config.integrity_interval,
             integrity_every_request=self.config.integrity_every_request, prefetch=self.config.prefetch,
             max_batch_size=self.config.max_batch_size, max_batch_wait_ms=self.config.max_batch_wait_ms,
-            user_config=self.config.user_config, limits=self.limits.__dict__,
+            spin_us=self.config.spin_us, user_config=self.config.user_config, limits=self.limits.__dict__,
         )
         cfg.generation += 1
         cfg.board = w.board = os.path.join(self.private_dir, f"board.{w.slot}.{cfg.generation}")

@@ -34,7 +34,7 @@ from isopool.protocol.exits import EXIT_LOAD_FAILED, EXIT_ORPHANED
 from isopool.protocol.board import Board
 from isopool.protocol.iothread import io_context
 from isopool.protocol.limits import Limits
-from isopool.protocol.transport import EVENTS, POLLIN, Outbox, data, drain, unbundle
+from isopool.protocol.transport import EVENTS, POLLIN, QUICK_RUN_S, Outbox, data, drain, spin_until, unbundle
 
 from .handler import WorkerContext, build_model
 from .integrity import fingerprint
@@ -67,6 +67,7 @@ class WorkerConfig:
     prefetch: int = 16
     max_batch_size: int = 8  # for models with batch(): requests handed over at once
     max_batch_wait_ms: float = 2.0  # how long a partial batch waits for more
+    spin_us: int = 300  # after quick work, look for more this long before sleeping (0: sleep at once)
     arrays: str = "auto"
     user_config: dict = field(default_factory=dict)
     limits: dict = field(default_factory=dict)
@@ -126,6 +127,7 @@ class Worker:
         self.flush_at = max(1, self.capacity // 2)
         self.last_run = float("inf")  # seconds the previous request (or batch) took; none yet: slow
         self.waiting = 0  # requests already here behind the current one (capacity: more on the socket)
+        self.spin_s = config.spin_us / 1e6
         import torch
 
         self.inference_mode = torch.inference_mode
@@ -183,24 +185,37 @@ class Worker:
         self.ctx.term()
 
     def loop(self, interval_ms: int) -> None:
+        worked = False
         while self.running:
             self.sent = False
             while self.backlog and self.running:  # what arrived while a stream was being sent
                 self.handle(self.backlog.popleft())
             self.out.flush()
-            if self.running and self.sock.poll(interval_ms, zmq.POLLIN):
+            if self.running and self.wait(interval_ms, spin=worked and self.last_run <= QUICK_RUN_S):
                 for frames in self.receive(64):
                     self.handle(frames)
                     if not self.running:
                         break
             while self.batch and self.running:
                 self.fill_and_run_batch()
+            worked = self.sent  # before a heartbeat: a heartbeat is no reason to stay awake
             if not self.sent:  # a quiet interval: tell the supervisor we are alive
                 self.io_threads.idle()
                 self.send([pack_header(ops.HEARTBEAT, None)])
             if self.config.integrity_interval and time.monotonic() >= self.next_check:
                 self.check_weights("scheduled")
                 self.next_check = time.monotonic() + self.config.integrity_interval
+
+    def wait(self, timeout_ms: int, spin: bool) -> bool:
+        """True once a message is here, False after timeout_ms. Just after quick work the next
+        request is likely within a round trip: look for it for spin_us first, awake
+        (protocol/transport.py: spin_until), rather than pay the wake-ups of a sleep."""
+        if spin and self.spin_s and spin_until(self._has_message, self.spin_s):
+            return True
+        return bool(self.sock.poll(timeout_ms, zmq.POLLIN))
+
+    def _has_message(self) -> bool:
+        return bool(self.sock.get(EVENTS) & POLLIN)
 
     def handle(self, frames: list) -> None:
         try:

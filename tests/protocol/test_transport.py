@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import zmq
 
-from isopool.protocol.transport import BUNDLE, MAX_BUNDLE, PACK_BELOW, Outbox, bundle, data, drain, unbundle
+from isopool.protocol.transport import BUNDLE, MAX_BUNDLE, PACK_BELOW, Outbox, bundle, data, drain, spin_until, unbundle
 
 
 def frames_of(message: list) -> list[zmq.Frame]:
@@ -89,3 +89,14 @@ def test_outbox_keeps_each_peers_order_and_sends_non_bundle_peers_plain_messages
         router.close(0)
         dealer.close(0)
         ctx.term()
+
+
+def test_a_spin_returns_what_it_found_as_soon_as_it_is_there():
+    looks = iter([None, 0, [], [("sock", 1)]])
+    assert spin_until(lambda: next(looks), seconds=10.0) == [("sock", 1)]
+
+
+def test_a_spin_that_finds_nothing_gives_up_after_its_time():
+    looks = []
+    assert spin_until(lambda: looks.append(1), seconds=0.001) is None
+    assert len(looks) >= 1  # it looked at least once, then stopped: the loop is bounded by the clock
