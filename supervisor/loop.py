@@ -63,7 +63,7 @@ from isopool.protocol import board
 from isopool.protocol.endpoints import default_endpoint, ensure_private_dir, ipc_path, is_tcp, runtime_dir
 from isopool.protocol.exits import EXIT_LOAD_FAILED, exit_fields
 from isopool.protocol.iothread import io_context
-from isopool.protocol.transport import QUICK_RUN_S, Outbox, data, drain, spin_until, unbundle
+from isopool.protocol.transport import QUICK_RUN_S, Outbox, Spinner, data, drain, unbundle
 from isopool.worker.process import WorkerConfig
 
 from . import spawner
@@ -150,6 +150,7 @@ class Supervisor:
         self.quick = False  # the last answer came soon after its dispatch (protocol/iothread.py)
         self.worked = False  # the last pass read a client's or a worker's message
         self.quick_run = False  # ...and the last answer came within QUICK_RUN_S of its dispatch
+        self.spinner = Spinner(config.spin_us / 1e6) if config.spin_us else None
 
     # ------------------------------------------------------------ setup
 
@@ -303,12 +304,11 @@ class Supervisor:
     def wait(self, timeout_ms: int) -> list:
         """What is ready to read, waiting at most timeout_ms. While answers come quickly, a pass
         that relayed messages is likely followed by more within a round trip (the worker's
-        answer, the client's next request): look for them for --spin-us first, awake
-        (protocol/transport.py: spin_until), rather than pay the wake-ups of a sleep."""
-        if timeout_ms and self.worked and self.quick_run and self.config.spin_us:
-            found = spin_until(self._poll_now, min(self.config.spin_us / 1e6, timeout_ms / 1000))
-            if found:
-                return found
+        answer, the client's next request): look for them for up to --spin-us first, awake,
+        rather than pay the wake-ups of a sleep (protocol/transport.py: Spinner)."""
+        if timeout_ms and self.worked and self.quick_run and self.spinner is not None:
+            # a timer is due after timeout_ms: a spin never delays it
+            return self.spinner.wait(self._poll_now, lambda: self.poller.poll(timeout_ms), cap_s=timeout_ms / 1000)
         return self.poller.poll(timeout_ms)
 
     def _poll_now(self) -> list:

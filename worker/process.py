@@ -34,7 +34,7 @@ from isopool.protocol.exits import EXIT_LOAD_FAILED, EXIT_ORPHANED
 from isopool.protocol.board import Board
 from isopool.protocol.iothread import io_context
 from isopool.protocol.limits import Limits
-from isopool.protocol.transport import EVENTS, POLLIN, QUICK_RUN_S, Outbox, data, drain, spin_until, unbundle
+from isopool.protocol.transport import EVENTS, POLLIN, QUICK_RUN_S, Outbox, Spinner, data, drain, unbundle
 
 from .handler import WorkerContext, build_model
 from .integrity import fingerprint
@@ -127,7 +127,7 @@ class Worker:
         self.flush_at = max(1, self.capacity // 2)
         self.last_run = float("inf")  # seconds the previous request (or batch) took; none yet: slow
         self.waiting = 0  # requests already here behind the current one (capacity: more on the socket)
-        self.spin_s = config.spin_us / 1e6
+        self.spinner = Spinner(config.spin_us / 1e6) if config.spin_us else None
         import torch
 
         self.inference_mode = torch.inference_mode
@@ -208,10 +208,10 @@ class Worker:
 
     def wait(self, timeout_ms: int, spin: bool) -> bool:
         """True once a message is here, False after timeout_ms. Just after quick work the next
-        request is likely within a round trip: look for it for spin_us first, awake
-        (protocol/transport.py: spin_until), rather than pay the wake-ups of a sleep."""
-        if spin and self.spin_s and spin_until(self._has_message, self.spin_s):
-            return True
+        request is likely within a round trip: look for it for up to spin_us first, awake,
+        rather than pay the wake-ups of a sleep (protocol/transport.py: Spinner)."""
+        if spin and self.spinner is not None:
+            return bool(self.spinner.wait(self._has_message, lambda: self.sock.poll(timeout_ms, zmq.POLLIN)))
         return bool(self.sock.poll(timeout_ms, zmq.POLLIN))
 
     def _has_message(self) -> bool:

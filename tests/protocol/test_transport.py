@@ -1,13 +1,16 @@
-"""Bundles: several messages for one peer as one ZeroMQ message, and strict refusal of bad ones."""
+"""Bundles: several messages for one peer as one ZeroMQ message, strict refusal of bad ones; spinning before a sleep."""
 
 from __future__ import annotations
+
+import time
 
 import msgpack
 import numpy as np
 import pytest
 import zmq
 
-from isopool.protocol.transport import BUNDLE, MAX_BUNDLE, PACK_BELOW, Outbox, bundle, data, drain, spin_until, unbundle
+from isopool.protocol.transport import (BUNDLE, MAX_BUNDLE, PACK_BELOW, Outbox, Spinner, bundle, data, drain, spin_until,
+                                        unbundle)
 
 
 def frames_of(message: list) -> list[zmq.Frame]:
@@ -100,3 +103,26 @@ def test_a_spin_that_finds_nothing_gives_up_after_its_time():
     looks = []
     assert spin_until(lambda: looks.append(1), seconds=0.001) is None
     assert len(looks) >= 1  # it looked at least once, then stopped: the loop is bounded by the clock
+
+
+def test_a_spinner_stops_spinning_for_gaps_longer_than_its_limit_and_learns_again():
+    spinner = Spinner(limit_s=0.002)
+    never = lambda: None  # noqa: E731 - nothing arrives while it spins
+
+    def late() -> bool:  # the message comes after the limit
+        time.sleep(0.004)
+        return True
+
+    for _ in range(12):
+        assert spinner.wait(never, late) is True
+    assert spinner.window == 0.0  # halved by each long gap, down to nothing
+    assert spinner.wait(never, lambda: True) is True  # one that came at once, while it slept
+    assert spinner.window == Spinner.GROW_FROM_S
+    assert spinner.wait(never, lambda: True) is True
+    assert spinner.window == 2 * Spinner.GROW_FROM_S
+
+
+def test_a_spinner_that_finds_its_message_keeps_its_window():
+    spinner = Spinner(limit_s=0.002)
+    assert spinner.wait(lambda: "here", lambda: pytest.fail("slept although the message was there")) == "here"
+    assert spinner.window == 0.002

@@ -47,3 +47,19 @@ def test_a_slow_model_is_never_spun_for(start_pool):
     pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:Faulty", "--spin-us", str(SPIN_US))
     used = cpu_after_last_answer(pool, {"do": "sleep", "s": 0.005})
     assert used["worker"] < 0.03 and used["supervisor"] < 0.03, used
+
+
+def test_sporadic_requests_stop_paying_for_spins(start_pool):
+    """Requests further apart than --spin-us: each gap halves the window, so the spins of a
+    sporadic client cost a fraction of one full spin per request (protocol/transport.py: Spinner)."""
+    spin_us, requests, gap_s = 50_000, 8, 0.2
+    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:Faulty", "--spin-us", str(spin_us))
+    with pool.client() as c:
+        worker = c.status()["workers"][0]["pid"]
+        before = {"supervisor": cpu_s(pool.pid), "worker": cpu_s(worker)}
+        for i in range(requests):
+            assert c.infer({"do": "ok", "i": i})["echo"]["i"] == i
+            time.sleep(gap_s)  # the traffic's shape, not a wait for anything
+        used = {"supervisor": cpu_s(pool.pid) - before["supervisor"], "worker": cpu_s(worker) - before["worker"]}
+    full_spins = requests * spin_us / 1e6  # what spinning every time would cost each process
+    assert used["worker"] < full_spins / 2 and used["supervisor"] < full_spins / 2, used
