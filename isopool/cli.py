@@ -62,8 +62,8 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
     ("spin-us", int, "After quick work, the supervisor and each worker look for the next message for up "
                      "to this many microseconds, yielding the core to any thread that wants it, before "
                      "they sleep (default 300): a sleeping process costs every message a few thread "
-                     "wake-ups. Only while requests finish within ~2 ms. 0: always sleep at once, "
-                     "the least CPU."),
+                     "wake-ups. Only while requests finish within ~2 ms; the window shrinks by itself "
+                     "when requests come further apart. 0: always sleep at once, the least CPU."),
     ("max-batch-size", int, "Models with batch(list) -> list get up to this many requests at once."),
     ("max-batch-wait-ms", float, "How long a partial batch waits for more requests."),
     ("request-timeout", float, "Seconds any request may take; also the deadline when the client gives none."),
