@@ -100,6 +100,17 @@ class WhereAmI:
         return self.where
 
 
+class BuiltWhere:
+    """Answers with the pid of the process that built it and the pid that serves: the same,
+    unless the template built it (--preload model) and the worker was forked from there."""
+
+    def __init__(self) -> None:
+        self.built_in = os.getpid()
+
+    def __call__(self, x: Any) -> Any:
+        return {"built_in": self.built_in, "pid": os.getpid()}
+
+
 class FailsToLoad:
     def __init__(self) -> None:
         raise RuntimeError("weights file /models/missing.pt not found")

@@ -9,6 +9,8 @@ import psutil
 
 SPIN_US = 100_000  # the longest allowed: long enough to show in CPU time
 QUIET_S = 0.6  # the window watched after the last answer: six spins' worth
+IDLE_S = 0.02  # an idle worker's CPU in that window: a heartbeat, nothing more
+IDLE_SUPERVISOR_S = 0.05  # the supervisor also samples each worker's memory once a second
 
 
 def cpu_s(pid: int) -> float:
@@ -31,22 +33,24 @@ def cpu_after_last_answer(pool, request: dict, calls: int = 20) -> dict[str, flo
 def test_quick_work_is_followed_by_a_bounded_spin(start_pool):
     pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:Faulty", "--spin-us", str(SPIN_US))
     used = cpu_after_last_answer(pool, {"do": "ok"})
-    # both looked for more work after the last answer; neither kept looking (that would be ~QUIET_S)
-    assert 0.03 < used["worker"] < QUIET_S / 2, used
-    assert 0.03 < used["supervisor"] < QUIET_S / 2, used
+    # the worker looked for more work after its last run (a 0.1 s spin, yielding to any other
+    # thread); neither it nor the supervisor kept looking (that would be ~QUIET_S). Whether
+    # the supervisor spun depends on how soon the answer came, which a busy machine decides.
+    assert IDLE_S < used["worker"] < QUIET_S / 2, used
+    assert used["supervisor"] < QUIET_S / 2, used
 
 
 def test_spin_us_0_sleeps_at_once(start_pool):
     pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:Faulty", "--spin-us", "0")
     used = cpu_after_last_answer(pool, {"do": "ok"})
-    assert used["worker"] < 0.03 and used["supervisor"] < 0.03, used
+    assert used["worker"] < IDLE_S and used["supervisor"] < IDLE_SUPERVISOR_S, used
 
 
 def test_a_slow_model_is_never_spun_for(start_pool):
     # each run (5 ms) is longer than a worker holds results: a wake-up is cheap beside it
     pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:Faulty", "--spin-us", str(SPIN_US))
     used = cpu_after_last_answer(pool, {"do": "sleep", "s": 0.005})
-    assert used["worker"] < 0.03 and used["supervisor"] < 0.03, used
+    assert used["worker"] < IDLE_S and used["supervisor"] < IDLE_SUPERVISOR_S, used
 
 
 def test_sporadic_requests_stop_paying_for_spins(start_pool):

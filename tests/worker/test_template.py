@@ -1,0 +1,86 @@
+"""Workers forked from the template (worker/template.py) serve, and so do their replacements;
+the model is built after the fork unless --preload model, which CUDA never gets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from tests.helpers import ROOT
+
+BUILT_WHERE = "isopool.examples.faulty:BuiltWhere"
+TEMPLATE_MODULE = "isopool.worker.template"
+
+
+def answers(pool, n: int) -> list[dict]:
+    """One answer from each of the pool's n workers: rounds of 4n requests at once, which
+    least-loaded dispatch spreads over them."""
+    with pool.client() as c:
+        pids = {w["pid"] for w in c.status()["workers"]}
+        seen: dict[int, dict] = {}
+        for _ in range(50):  # bounded
+            for r in [f.result(timeout=30) for f in [c.submit(None) for _ in range(4 * n)]]:
+                seen[r["pid"]] = r
+            if set(seen) >= pids:
+                return [seen[p] for p in sorted(pids)]
+    raise AssertionError(f"not every worker answered: {sorted(seen)} of {sorted(pids)}")
+
+
+def template_of(pool) -> psutil.Process:
+    supervisor = psutil.Process(pool.pid)
+    workers = set(pool.worker_pids())
+    [template] = [p for p in supervisor.children() if p.pid not in workers]
+    assert TEMPLATE_MODULE in " ".join(template.cmdline())
+    return template
+
+
+def test_workers_are_forked_from_the_template_and_build_the_model_after_the_fork(start_pool):
+    pool = start_pool("--workers", "2", "--model", BUILT_WHERE)  # --preload imports, the default
+    template = template_of(pool)
+    for w in pool.worker_pids():
+        proc = psutil.Process(w)
+        assert proc.ppid() == pool.pid  # reparented to the supervisor, which reaps and watches it
+        assert TEMPLATE_MODULE in " ".join(proc.cmdline()) and proc.pid != template.pid  # a fork, not an exec
+    assert all(r["built_in"] == r["pid"] for r in answers(pool, 2))  # each built its own, after the fork
+
+
+def test_a_replacement_is_forked_from_the_template_too_and_serves(start_pool):
+    pool = start_pool("--workers", "1", "--model", BUILT_WHERE)
+    template = template_of(pool)
+    [old] = pool.worker_pids()
+    os.kill(old, signal.SIGKILL)
+    pool.wait_event("ready", generation=2)
+    [new] = pool.worker_pids()
+    assert new != old and psutil.Process(new).ppid() == pool.pid
+    assert TEMPLATE_MODULE in " ".join(psutil.Process(new).cmdline())
+    assert template_of(pool).pid == template.pid  # the same template: nothing was imported again
+    assert answers(pool, 1) == [{"built_in": new, "pid": new}]
+
+
+def test_preload_model_builds_the_model_once_in_the_template(start_pool):
+    pool = start_pool("--workers", "2", "--model", BUILT_WHERE, "--preload", "model")
+    template = template_of(pool)
+    replies = answers(pool, 2)
+    assert {r["built_in"] for r in replies} == {template.pid}  # built before the fork, shared by both
+    assert len({r["pid"] for r in replies}) == 2
+
+
+def test_preload_none_starts_each_worker_as_a_fresh_interpreter(start_pool):
+    pool = start_pool("--workers", "1", "--model", BUILT_WHERE, "--preload", "none")
+    [w] = pool.worker_pids()
+    assert TEMPLATE_MODULE not in " ".join(psutil.Process(w).cmdline())
+    assert answers(pool, 1) == [{"built_in": w, "pid": w}]
+
+
+@pytest.mark.parametrize("devices", ["auto", "cuda:0", "cpu,cuda"])
+def test_a_cuda_device_never_gets_a_model_built_before_the_fork(devices):
+    # the one mode that builds the model in the template is refused for any device list
+    # that may hold a GPU, before any process starts; --preload imports builds after the fork
+    out = subprocess.run([sys.executable, "-m", "isopool.cli", "serve", "--devices", devices, "--preload", "model",
+                          "--print-config"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 2 and "CUDA cannot survive fork" in out.stderr, out.stderr
