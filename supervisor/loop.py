@@ -147,9 +147,8 @@ class Supervisor:
         self.restart_reasons: dict[str, int] = {}
         self.template_due = 0.0  # when to (re)start the template
         self.template_started = 0.0
-        self.quick = False  # the last answer came soon after its dispatch (protocol/iothread.py)
+        self.answer_s = float("inf")  # how soon after its dispatch the last answer came
         self.worked = False  # the last pass read a client's or a worker's message
-        self.quick_run = False  # ...and the last answer came within QUICK_RUN_S of its dispatch
         self.spinner = Spinner(config.spin_us / 1e6) if config.spin_us else None
 
     # ------------------------------------------------------------ setup
@@ -297,7 +296,8 @@ class Supervisor:
             self.maintain(now)
         if self.queue:
             self.dispatch(now)
-        self.io_threads.observe(len(self.requests) if self.quick else 0)  # before the sends that wake it
+        # before the sends that wake it (protocol/iothread.py)
+        self.io_threads.observe(len(self.requests) if self.answer_s <= QUICK_S else 0)
         self.to_workers.flush()
         self.to_clients.flush()
 
@@ -306,7 +306,7 @@ class Supervisor:
         that relayed messages is likely followed by more within a round trip (the worker's
         answer, the client's next request): look for them for up to --spin-us first, awake,
         rather than pay the wake-ups of a sleep (protocol/transport.py: Spinner)."""
-        if timeout_ms and self.worked and self.quick_run and self.spinner is not None:
+        if timeout_ms and self.worked and self.answer_s <= QUICK_RUN_S and self.spinner is not None:
             # a timer is due after timeout_ms: a spin never delays it
             return self.spinner.wait(self._poll_now, lambda: self.poller.poll(timeout_ms), cap_s=timeout_ms / 1000)
         return self.poller.poll(timeout_ms)
@@ -501,8 +501,7 @@ class Supervisor:
         del self.requests[req.key]
         self.reply(req.client, [pack_header(op, req.client_id), *body], req.bundles)
         self.stats.done(outcome, now - req.accepted_at, now)
-        self.quick = now - req.started_at <= QUICK_S
-        self.quick_run = now - req.started_at <= QUICK_RUN_S
+        self.answer_s = now - req.started_at
 
     def fail(self, req: Request, err: IsopoolError) -> None:
         self.requests.pop(req.key, None)
