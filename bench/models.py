@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 DIM = 256
-KINDS = ("tiny", "embeddings")
 POOL_MODELS = {"tiny": "isopool.bench.models:BenchModel", "embeddings": "isopool.examples.embeddings:Embedder"}
+KINDS = tuple(POOL_MODELS)
 
 
 class BenchModel:

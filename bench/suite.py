@@ -77,6 +77,11 @@ class Mechanism:
     def throughput(self, x: Any, n: int, in_flight: int = IN_FLIGHT) -> float:
         return in_flight_rate(self.submit, x, n, in_flight)
 
+    def wait_for_workers(self, kind: str) -> None:
+        """Every worker up and its model built: a few requests each, answered."""
+        for f in [self.submit(WARM_INPUT[kind]) for _ in range(WORKERS * 4)]:
+            f.result(timeout=300)
+
     def close(self) -> None:
         pass
 
@@ -142,8 +147,7 @@ class Executor(Mechanism):
         self.name = name
         self.executor = make()
         self.schedule = schedule or (lambda ex, x: ex.submit(peers.run, x))
-        for f in [self.submit(WARM_INPUT[kind]) for _ in range(WORKERS * 4)]:
-            f.result(timeout=300)  # every worker up and its model built
+        self.wait_for_workers(kind)
 
     def submit(self, x: Any) -> cf.Future:
         return self.schedule(self.executor, x)
@@ -157,8 +161,7 @@ class MpPool(Mechanism):
 
     def __init__(self, kind: str) -> None:
         self.pool = mp.get_context("spawn").Pool(WORKERS, initializer=peers.init, initargs=(kind,))
-        for f in [self.submit(WARM_INPUT[kind]) for _ in range(WORKERS * 4)]:
-            f.result(timeout=300)
+        self.wait_for_workers(kind)
 
     def submit(self, x: Any) -> cf.Future:
         f: cf.Future = cf.Future()

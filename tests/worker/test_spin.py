@@ -1,5 +1,5 @@
 """After quick work the supervisor and workers stay awake for --spin-us, then sleep
-(protocol/transport.py: spin_until): checked on the CPU time of the real processes."""
+(protocol/transport.py: Spinner): checked on the CPU time of the real processes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 
 import psutil
 
+FAULTY = "isopool.examples.faulty:Faulty"
 SPIN_US = 100_000  # the longest allowed: long enough to show in CPU time
 QUIET_S = 0.6  # the window watched after the last answer: six spins' worth
 IDLE_S = 0.02  # an idle worker's CPU in that window: a heartbeat, nothing more
@@ -18,6 +19,14 @@ def cpu_s(pid: int) -> float:
     return t.user + t.system
 
 
+def cpu_of(pool, worker: int) -> dict[str, float]:
+    return {"supervisor": cpu_s(pool.pid), "worker": cpu_s(worker)}
+
+
+def cpu_since(pool, worker: int, before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before[k] for k, v in cpu_of(pool, worker).items()}
+
+
 def cpu_after_last_answer(pool, request: dict, calls: int = 20) -> dict[str, float]:
     """CPU seconds the supervisor and the worker spend in the QUIET_S after `calls` sequential
     requests. The window is the measurement itself, not a wait for something to happen."""
@@ -25,13 +34,13 @@ def cpu_after_last_answer(pool, request: dict, calls: int = 20) -> dict[str, flo
         worker = c.status()["workers"][0]["pid"]
         for i in range(calls):
             assert c.infer({**request, "i": i})["echo"]["i"] == i
-        before = {"supervisor": cpu_s(pool.pid), "worker": cpu_s(worker)}
+        before = cpu_of(pool, worker)
         time.sleep(QUIET_S)
-        return {"supervisor": cpu_s(pool.pid) - before["supervisor"], "worker": cpu_s(worker) - before["worker"]}
+        return cpu_since(pool, worker, before)
 
 
 def test_quick_work_is_followed_by_a_bounded_spin(start_pool):
-    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:Faulty", "--spin-us", str(SPIN_US))
+    pool = start_pool("--workers", "1", "--model", FAULTY, "--spin-us", str(SPIN_US))
     used = cpu_after_last_answer(pool, {"do": "ok"})
     # the worker looked for more work after its last run (a 0.1 s spin, yielding to any other
     # thread); neither it nor the supervisor kept looking (that would be ~QUIET_S). Whether
@@ -41,14 +50,14 @@ def test_quick_work_is_followed_by_a_bounded_spin(start_pool):
 
 
 def test_spin_us_0_sleeps_at_once(start_pool):
-    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:Faulty", "--spin-us", "0")
+    pool = start_pool("--workers", "1", "--model", FAULTY, "--spin-us", "0")
     used = cpu_after_last_answer(pool, {"do": "ok"})
     assert used["worker"] < IDLE_S and used["supervisor"] < IDLE_SUPERVISOR_S, used
 
 
 def test_a_slow_model_is_never_spun_for(start_pool):
     # each run (5 ms) is longer than a worker holds results: a wake-up is cheap beside it
-    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:Faulty", "--spin-us", str(SPIN_US))
+    pool = start_pool("--workers", "1", "--model", FAULTY, "--spin-us", str(SPIN_US))
     used = cpu_after_last_answer(pool, {"do": "sleep", "s": 0.005})
     assert used["worker"] < IDLE_S and used["supervisor"] < IDLE_SUPERVISOR_S, used
 
@@ -57,13 +66,13 @@ def test_sporadic_requests_stop_paying_for_spins(start_pool):
     """Requests further apart than --spin-us: each gap halves the window, so the spins of a
     sporadic client cost a fraction of one full spin per request (protocol/transport.py: Spinner)."""
     spin_us, requests, gap_s = 50_000, 8, 0.2
-    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:Faulty", "--spin-us", str(spin_us))
+    pool = start_pool("--workers", "1", "--model", FAULTY, "--spin-us", str(spin_us))
     with pool.client() as c:
         worker = c.status()["workers"][0]["pid"]
-        before = {"supervisor": cpu_s(pool.pid), "worker": cpu_s(worker)}
+        before = cpu_of(pool, worker)
         for i in range(requests):
             assert c.infer({"do": "ok", "i": i})["echo"]["i"] == i
             time.sleep(gap_s)  # the traffic's shape, not a wait for anything
-        used = {"supervisor": cpu_s(pool.pid) - before["supervisor"], "worker": cpu_s(worker) - before["worker"]}
+        used = cpu_since(pool, worker, before)
     full_spins = requests * spin_us / 1e6  # what spinning every time would cost each process
     assert used["worker"] < full_spins / 2 and used["supervisor"] < full_spins / 2, used
