@@ -18,10 +18,12 @@ READY = "ready"
 HEARTBEAT = "heartbeat"
 RUN = "run"
 STOP = "stop"
+LOAD_FAILED = "load_failed"  # worker -> supervisor: the model would not build (an error payload)
+INTEGRITY_FAILED = "integrity_failed"  # worker -> supervisor: the weights changed since load
 
 CLIENT_OPS = frozenset({INFER, CANCEL, STATUS, CONTROL})
 REPLY_OPS = frozenset({RESULT, CHUNK, ERROR})
-WORKER_OPS = frozenset({READY, HEARTBEAT, RESULT, CHUNK, ERROR})
+WORKER_OPS = frozenset({READY, HEARTBEAT, RESULT, CHUNK, ERROR, LOAD_FAILED, INTEGRITY_FAILED})
 ALL_OPS = CLIENT_OPS | REPLY_OPS | WORKER_OPS | {RUN, STOP}
 
 # control actions carried by CONTROL

@@ -15,6 +15,10 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import msgpack
 import zmq
 
+from .codec import peek_id, unpack_header
+from .errors import BadRequest
+from .limits import Limits
+
 SNDMORE = int(zmq.SNDMORE)
 NOBLOCK = int(zmq.NOBLOCK)
 POLLIN = int(zmq.POLLIN)
@@ -47,6 +51,34 @@ def drain(sock: zmq.Socket, limit: int) -> Iterator[list]:
             frame = recv(NOBLOCK, copy=False)
             frames.append(frame)
         yield frames
+
+
+def receive(sock: zmq.Socket, limit: int, limits: Limits, at: int = 1) -> Iterator[tuple]:
+    """The messages waiting on `sock` (up to `limit` ZeroMQ messages, bundles opened), each as
+    (peer, header, body, carrier, error): `peer` the routing id (None when at=0), `header`
+    the decoded header, `body` the frames after it, `carrier` the frame it came in (its
+    own, or its bundle's: it holds the connection's CURVE identity). When a message cannot
+    be read, `error` is a BadRequest saying why, `header` the request id that could still
+    be read (or None) and `body` None. An empty message, which carries no id, is skipped."""
+    for frames in drain(sock, limit):
+        peer = frames[0].bytes if at else None
+        carrier = frames[at] if len(frames) > at else frames[0]
+        try:
+            messages = unbundle(frames, at)
+        except ValueError as exc:
+            yield peer, None, None, carrier, BadRequest(
+                f"a bundle of messages was refused: {exc}; is the sender an isopool client?")
+            continue
+        for m in messages:
+            if len(m) <= at:
+                continue
+            raw = data(m[at])
+            try:
+                header = unpack_header(raw, limits)
+            except BadRequest as err:
+                yield peer, peek_id(raw), None, carrier, err
+                continue
+            yield peer, header, m[at + 1:], carrier, None
 
 
 def spin_until(look: Callable[[], T], seconds: float) -> T | None:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from isopool.protocol.limits import Limits
-from isopool.worker.handler import DEFAULT_MODEL
+from isopool.protocol.contract import DEFAULT_MODEL
 
 MAX_SPIN_US = 100_000  # a spin longer than a tenth of a second would be a busy loop, not a wait
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from .stats import BUCKETS
+
 # request latency buckets, seconds
-BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 WORKER_STATES = ("backoff", "starting", "idle", "busy", "draining", "stopping")
 
 

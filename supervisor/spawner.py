@@ -21,8 +21,7 @@ import sys
 
 import psutil
 
-from isopool.worker.process import ENV_CONFIG, WorkerConfig
-from isopool.worker.template import ENV_TEMPLATE, ENV_TEMPLATE_FD
+from isopool.protocol.contract import ENV_CONFIG, ENV_TEMPLATE, ENV_TEMPLATE_FD, WorkerConfig, spawn_request
 
 PR_SET_CHILD_SUBREAPER = 36
 SPAWN_TIMEOUT_S = 5.0
@@ -182,7 +181,7 @@ class Template:
         self.sock.settimeout(SPAWN_TIMEOUT_S)
         r, w = output_pipe()
         try:
-            socket.send_fds(self.sock, [json.dumps({"config": config.__dict__}).encode() + b"\n"], [w])
+            socket.send_fds(self.sock, [spawn_request(config)], [w])
             while b"\n" not in self._buf:
                 chunk = self.sock.recv(65536)
                 if not chunk:

@@ -12,9 +12,10 @@ import math
 from bisect import bisect_left
 from collections import Counter, deque
 
-from .metrics import BUCKETS
 
 WINDOW_S = 60
+# the latency histogram's bucket edges, seconds (Prometheus: isopool_request_latency_seconds)
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 GROWTH = 1.02  # each bin's upper edge is 2% above the one below it
 FLOOR_S = 1e-6  # latencies at or below this share bin 0
 _LOG_GROWTH = math.log(GROWTH)

@@ -1,65 +1,73 @@
-"""The status map: what `isopool status --json` and Client.status() return."""
+"""What the pool tells about itself: the status map (`isopool status --json`, Client.status())
+and the metrics snapshot (Prometheus). Both are read from the core, never written to it,
+and both count restarts from the one counter (core.replacements), so they agree.
+"""
 
 from __future__ import annotations
 
-import os
-import time
 from typing import TYPE_CHECKING, Any
 
-from .workers import SERVING, State
+from .blame import progress
+from .metrics import Snapshot
+from .slots import State, ready_count
 
 if TYPE_CHECKING:
-    from .loop import Supervisor
+    from .core import Core
 
 
-def build_status(sup: "Supervisor", now: float) -> dict[str, Any]:
-    workers = [worker_status(sup, w, now) for w in sorted(sup.workers.values(), key=lambda w: w.slot)]
-    ready = sum(1 for w in sup.workers.values() if w.state in SERVING)
-    healthy, reason = health(sup, ready, now)
-    uptime = now - sup.started_at
+def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
+    """`facts`: what only the shell knows (pid, start time, wall-clock time, endpoints, subscribers, auth)."""
+    cfg = core.config
+    workers = [worker_status(core, w, now) for w in sorted(core.workers.values(), key=lambda w: w.slot)]
+    ready = ready_count(core)
+    healthy, reason = health(core, ready, now)
+    uptime = now - facts["started_at"]
     pool = {
-        "workers_target": sup.target,
+        "workers_target": core.target,
         "workers_ready": ready,
-        "queue_depth": len(sup.queue),
-        "in_flight": len(sup.requests) - len(sup.queue),
-        "requests_total": sup.stats.total,
-        "restarts_total": sup.restarts_total,
+        "queue_depth": core.ledger.queued,
+        "in_flight": core.ledger.running,
+        "requests_total": core.stats.total,
+        "restarts_total": core.restarts_total,
         "healthy": healthy,
         "health_reason": reason,
-        "phase": sup.phase,
-        "pid": os.getpid(),
+        "phase": core.phase.value,
+        "pid": facts["pid"],
         "uptime_s": round(uptime, 3),
-        "started_at": sup.started_wall,
-        "model": sup.config.model,
-        "endpoint": sup.endpoint,
-        "events_endpoint": sup.events.endpoint if sup.events else None,
-        "event_subscribers": sup.events.subscribers if sup.events else 0,
-        "metrics_url": sup.metrics_url,
-        "auth_denied": sup.auth.denied if sup.auth is not None else None,  # CURVE handshakes refused
-        "restarts_by_reason": dict(sup.restart_reasons),
-        "max_queue": sup.config.max_queue,
-        "restarts_in_window": len(sup.restarts.recent),
-        "restart_window_s": sup.config.restart_window,
-        "outcomes": dict(sup.stats.outcomes),
-        **sup.stats.window(now, uptime),
+        "started_at": facts["started_wall"],
+        "model": cfg.model,
+        "endpoint": facts["endpoint"],
+        "events_endpoint": facts["events_endpoint"],
+        "event_subscribers": facts["event_subscribers"],
+        "metrics_url": facts["metrics_url"],
+        "auth_denied": facts["auth_denied"],  # CURVE handshakes refused
+        "restarts_by_reason": dict(core.replacements),
+        "max_queue": cfg.max_queue,
+        "restarts_in_window": len(core.restarts.recent),
+        "restart_window_s": cfg.restart_window,
+        "template": core.template.state.value,
+        "outcomes": dict(core.stats.outcomes),
+        **core.stats.window(now, uptime),
     }
-    return {"pool": pool, "workers": workers, "time": time.time()}
+    return {"pool": pool, "workers": workers, "time": facts["time"]}
 
 
-def health(sup: "Supervisor", ready: int, now: float) -> tuple[bool, str]:
-    if sup.phase != "serving":
-        return False, f"pool is {sup.phase}"
+def health(core: "Core", ready: int, now: float) -> tuple[bool, str]:
+    cfg = core.config
+    if core.phase.value != "serving":
+        return False, f"pool is {core.phase.value}"
     if ready == 0:
         return False, "no worker is ready"
-    if sup.restarts.degraded(now):
-        return False, (f"degraded: {len(sup.restarts.recent)} restarts in the last "
-                       f"{sup.config.restart_window:g}s (--max-restarts {sup.config.max_restarts})")
-    return True, f"serving with {ready}/{sup.target} workers ready"
+    if core.restarts.degraded(now):
+        return False, (f"degraded: {len(core.restarts.recent)} restarts in the last "
+                       f"{cfg.restart_window:g}s (--max-restarts {cfg.max_restarts})")
+    return True, f"serving with {ready}/{core.target} workers ready"
 
 
-def worker_status(sup: "Supervisor", w, now: float) -> dict[str, Any]:
-    key = sup.progress(w)[0] if w.inflight else None
-    running = sup.requests.get(key) if key is not None else None
+def worker_status(core: "Core", w, now: float) -> dict[str, Any]:
+    load = core.ledger.load(w.slot)
+    key = progress(core, w)[0] if load else None
+    running = core.ledger.get(key) if key is not None else None
     return {
         "id": w.slot,
         "pid": w.pid,
@@ -73,10 +81,24 @@ def worker_status(sup: "Supervisor", w, now: float) -> dict[str, Any]:
         "rss_bytes": w.rss,
         "uss_bytes": w.uss,
         "cpu_percent": w.cpu_percent,
-        "in_flight": len(w.inflight),
+        "in_flight": load,
         "current_request_age_s": round(now - running.started_at, 3) if running else None,
         "last_heartbeat_s": round(now - w.last_seen, 3) if w.last_seen and w.state is not State.BACKOFF else None,
-        "retiring": w.retire,
+        "retiring": w.leaving,
         "last_exit": w.last_exit,
         "last_error": w.last_error,
     }
+
+
+def snapshot(core: "Core") -> Snapshot:
+    """The figures Prometheus reads (metrics.py)."""
+    states: dict[str, int] = {}
+    for w in core.workers.values():
+        states[w.state.value] = states.get(w.state.value, 0) + 1
+    stats = core.stats
+    return Snapshot(
+        outcomes=dict(stats.outcomes), latency_buckets=tuple(stats.buckets), latency_sum=stats.latency_sum,
+        queue_depth=core.ledger.queued, in_flight=core.ledger.running, workers=states,
+        restarts=dict(core.replacements), rss={w.slot: w.rss for w in core.workers.values() if w.pid is not None},
+    )
+

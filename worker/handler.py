@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-DEFAULT_MODEL = "isopool.models.default:DefaultModel"
+from isopool.protocol.contract import DEFAULT_MODEL  # noqa: E402,F401 - re-exported
 
 
 @dataclass(frozen=True)

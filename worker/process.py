@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
-import json
 import logging
 import os
 import signal
@@ -21,7 +20,6 @@ import time
 import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,6 +30,7 @@ from isopool.protocol.codec import encode_error
 from isopool.protocol.errors import BadRequest, RemoteError, RequestTimeout
 from isopool.protocol.exits import EXIT_LOAD_FAILED, EXIT_ORPHANED
 from isopool.protocol.board import Board
+from isopool.protocol.contract import WorkerConfig
 from isopool.protocol.iothread import io_context
 from isopool.protocol.limits import Limits
 from isopool.protocol.transport import EVENTS, POLLIN, QUICK_RUN_S, Outbox, Spinner, data, drain, unbundle
@@ -47,38 +46,8 @@ PR_SET_PDEATHSIG = 1
 # groups of ~4, at 2 ms in groups of ~8 (the half-capacity cap), which cut CPU per request
 # by ~15% and, with it, latency at 4, 16 and 64 in flight (python -m isopool.bench.latency).
 HOLD_S = 0.002
-ENV_CONFIG = "ISOPOOL_WORKER"
 # results that are certainly not a stream, told without the (slower) iterator ABC check
 PLAIN = frozenset((np.ndarray, dict, list, tuple, str, bytes, int, float, bool, type(None)))
-
-
-@dataclass
-class WorkerConfig:
-    backend: str
-    slot: int
-    generation: int
-    model: str
-    parent_pid: int
-    device: str = "cpu"
-    threads: int = 1
-    heartbeat_interval: float = 1.0
-    integrity_interval: float = 0.0  # seconds between weight checks when idle (0: never)
-    integrity_every_request: bool = False
-    prefetch: int = 16
-    max_batch_size: int = 8  # for models with batch(): requests handed over at once
-    max_batch_wait_ms: float = 2.0  # how long a partial batch waits for more
-    spin_us: int = 300  # after quick work, look for more this long before sleeping (0: sleep at once)
-    arrays: str = "auto"
-    user_config: dict = field(default_factory=dict)
-    limits: dict = field(default_factory=dict)
-    board: str | None = None  # the file this worker marks each request's start and end in
-
-    def to_env(self) -> str:
-        return json.dumps(self.__dict__)
-
-    @classmethod
-    def from_env(cls) -> "WorkerConfig":
-        return cls(**json.loads(os.environ[ENV_CONFIG]))
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -100,7 +69,7 @@ class Worker:
         self.config = config
         self.model = model
         self.limits = Limits(**config.limits)
-        self.ident = f"{config.slot}.{config.generation}".encode()
+        self.ident = config.ident
         self.ctx, self.io_threads = io_context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self.ident)
@@ -362,7 +331,7 @@ class Worker:
         now = fingerprint(self.model)
         if now != self.fingerprint:
             log.error("model weights changed since load (%s); asking to be replaced", when)
-            self.send([pack_header(ops.ERROR, None, stage="integrity", when=when, request=rid,
+            self.send([pack_header(ops.INTEGRITY_FAILED, None, when=when, request=rid,
                                    expected=self.fingerprint, actual=now)])
             self.corrupt = True  # run nothing more; the supervisor requeues what we hold and stops us
 
@@ -379,9 +348,9 @@ def report_load_failure(config: WorkerConfig, exc: BaseException) -> None:
                       remote_type=type(exc).__name__, traceback=tb, worker=config.slot, pid=os.getpid())
     ctx = zmq.Context(1)
     sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, f"{config.slot}.{config.generation}".encode())
+    sock.setsockopt(zmq.IDENTITY, config.ident)
     sock.connect(config.backend)
-    sock.send_multipart(encode_error(None, err, stage="load"))
+    sock.send_multipart([pack_header(ops.LOAD_FAILED, None), *encode_error(None, err)[1:]])
     sock.close(linger=2000)
     ctx.term()
 

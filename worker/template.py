@@ -25,15 +25,15 @@ import traceback
 from typing import Any
 
 from .handler import WorkerContext, build_model, resolve
-from .process import WorkerConfig, die_with_parent, run, set_threads
+from isopool.protocol.contract import ENV_TEMPLATE, ENV_TEMPLATE_FD, WorkerConfig, read_spawn_request, template_line
+from isopool.protocol.exits import EXIT_LOAD_FAILED, EXIT_ORPHANED
 
-ENV_TEMPLATE = "ISOPOOL_TEMPLATE"
-ENV_TEMPLATE_FD = "ISOPOOL_TEMPLATE_FD"
+from .process import die_with_parent, run, set_threads
 REPARENT_TIMEOUT_S = 5.0
 
 
 def send(sock: socket.socket, message: dict) -> None:
-    sock.sendall(json.dumps(message).encode() + b"\n")
+    sock.sendall(template_line(message))
 
 
 def fork_worker(cmd: socket.socket, config: WorkerConfig, model: Any, output: int) -> int:
@@ -73,7 +73,7 @@ def become_worker(cmd: socket.socket, config: WorkerConfig, model: Any) -> None:
         end = time.monotonic() + REPARENT_TIMEOUT_S
         while os.getppid() != config.parent_pid:  # the intermediate is exiting right now
             if time.monotonic() > end:
-                os._exit(79)
+                os._exit(EXIT_ORPHANED)
             time.sleep(0.0002)
         die_with_parent(config.parent_pid)
         run(config, model)
@@ -105,7 +105,7 @@ def main() -> None:
     except BaseException as exc:  # noqa: BLE001 - the model cannot load: say so, plainly
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         send(cmd, {"error": f"model {spec['model']} failed to load: {type(exc).__name__}: {exc}", "traceback": tb})
-        os._exit(78)
+        os._exit(EXIT_LOAD_FAILED)
     gc.collect()
     gc.freeze()  # keep the collector from writing to (and so copying) the shared pages
     send(cmd, {"ready": True, "pid": os.getpid()})
@@ -113,7 +113,7 @@ def main() -> None:
         data, fds, _, _ = socket.recv_fds(cmd, 1 << 20, 1)
         if not data:
             os._exit(0)  # the supervisor is gone
-        config = WorkerConfig(**json.loads(data)["config"])
+        config = read_spawn_request(data)
         try:
             send(cmd, {"pid": fork_worker(cmd, config, model, fds[0]), "slot": config.slot})
         except OSError as exc:

@@ -30,7 +30,9 @@ def test_chaos_sigkill_every_100ms(start_pool):
 
     def killer() -> None:
         while not stop.wait(0.1) and len(kills) < 500:
-            pids = [w["pid"] for w in pool.workers() if w["state"] in ("idle", "busy") and w["pid"]]
+            # a pid already killed may still show as serving until its exit is read: kill each once
+            pids = [w["pid"] for w in pool.workers() if w["state"] in ("idle", "busy") and w["pid"]
+                    and w["pid"] not in kills]
             if pids:
                 victim = rng.choice(pids)
                 try:

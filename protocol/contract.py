@@ -1,0 +1,83 @@
+"""What the supervisor and its workers agree on, besides the wire codec (codec.py).
+
+    supervisor ──env ISOPOOL_WORKER = WorkerConfig (JSON)──────────────► fresh worker
+    supervisor ──env ISOPOOL_TEMPLATE = TemplateSpec, fd ISOPOOL_TEMPLATE_FD─► template
+    supervisor ──{"config": WorkerConfig} + the worker's output fd──► template ──fork──► worker
+    template ──{"ready"} | {"error", "traceback"} | {"pid", "slot"} | {"error", "slot"}──► supervisor
+    worker ──DEALER identity worker_ident(slot, generation)──► backend ROUTER
+
+Each JSON message to or from the template is one line. Exit codes are in exits.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_MODEL = "isopool.models.default:DefaultModel"  # what `serve` runs without --model
+ENV_CONFIG = "ISOPOOL_WORKER"  # a fresh worker's WorkerConfig
+ENV_TEMPLATE = "ISOPOOL_TEMPLATE"  # the template's spec: {model, preload, user_config, parent_pid}
+ENV_TEMPLATE_FD = "ISOPOOL_TEMPLATE_FD"  # the template's end of its command socket
+
+
+@dataclass
+class WorkerConfig:
+    backend: str
+    slot: int
+    generation: int
+    model: str
+    parent_pid: int
+    device: str = "cpu"
+    threads: int = 1
+    heartbeat_interval: float = 1.0
+    integrity_interval: float = 0.0  # seconds between weight checks when idle (0: never)
+    integrity_every_request: bool = False
+    prefetch: int = 16
+    max_batch_size: int = 8  # for models with batch(): requests handed over at once
+    max_batch_wait_ms: float = 2.0  # how long a partial batch waits for more
+    spin_us: int = 300  # after quick work, look for more this long before sleeping (0: sleep at once)
+    arrays: str = "auto"
+    user_config: dict = field(default_factory=dict)
+    limits: dict = field(default_factory=dict)
+    board: str | None = None  # the file this worker marks each request's start and end in
+
+    @property
+    def ident(self) -> bytes:
+        return worker_ident(self.slot, self.generation)
+
+    def to_env(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_env(cls) -> "WorkerConfig":
+        return cls(**json.loads(os.environ[ENV_CONFIG]))
+
+
+def worker_ident(slot: int, generation: int) -> bytes:
+    """A worker process's identity on the backend socket."""
+    return f"{slot}.{generation}".encode()
+
+
+def parse_ident(ident: bytes) -> tuple[int, int] | None:
+    """(slot, generation) of a backend identity; None if it is not one."""
+    try:
+        slot, gen = ident.split(b".")
+        return int(slot), int(gen)
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------- the template's JSON lines
+
+def template_line(message: dict[str, Any]) -> bytes:
+    return json.dumps(message).encode() + b"\n"
+
+
+def spawn_request(config: WorkerConfig) -> bytes:
+    return template_line({"config": config.__dict__})
+
+
+def read_spawn_request(line: bytes) -> WorkerConfig:
+    return WorkerConfig(**json.loads(line)["config"])

@@ -1,0 +1,138 @@
+"""Client messages: which requests are accepted, and the answers to the others.
+
+A request is accepted only when the pool takes requests, its id is fresh on its
+connection, its payload passes the limits, the queue has room and its input is not
+known poison. Otherwise it is refused at once with a typed error, and nothing of it is
+kept. Status and control ops are answered here too; cancel withdraws a request.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from isopool.protocol import (
+    BadRequest,
+    Cancelled,
+    IsopoolError,
+    NotAllowed,
+    Overloaded,
+    PoisonRequest,
+    ShuttingDown,
+    encode,
+    encode_error,
+    ops,
+    pack_header,
+    validate_payload,
+)
+
+from .actions import AnswerStatus
+from .control import control
+from .dispatch import dispatch
+from .ledger import Request
+
+if TYPE_CHECKING:
+    from .core import Core
+
+
+def on_client(core: "Core", ident: bytes, header: dict, body: list, admin: bool, now: float) -> None:
+    """One decoded client message (header checked by protocol.unpack_header)."""
+    try:
+        op = header["op"]
+        if op == ops.INFER:
+            accept(core, ident, header, body, now)
+        elif op == ops.STATUS:
+            if core.ledger.queue:
+                dispatch(core, now)  # report what the pool is doing, not what this batch left undone
+            core.actions.append(AnswerStatus(ident, header.get("id")))
+        elif op == ops.CONTROL:
+            if not admin:
+                raise NotAllowed("control ops (scale, reload, stop) need an admin key; this client's key "
+                                 "is not in --curve-admins")
+            result = control(core, header.get("action"), header.get("args") or {})
+            core.to_clients.append((ident, encode(ops.RESULT, header.get("id"), result), False))
+        elif op == ops.CANCEL:
+            cancel(core, (ident, header.get("id")))
+        else:
+            raise BadRequest(f"op {op!r} is not a client op; clients send infer, cancel, status or control")
+    except IsopoolError as err:
+        refuse(core, ident, header.get("id"), err)
+
+
+def refuse(core: "Core", ident: bytes, rid: Any, err: IsopoolError) -> None:
+    """Answer a message that was not accepted (nothing of it is kept)."""
+    core.stats.count(outcome_of(err))
+    core.to_clients.append((ident, encode_error(rid if _usable_id(rid) else None, err), False))
+
+
+def accept(core: "Core", ident: bytes, header: dict, body: list, now: float) -> None:
+    cid = header.get("id")
+    if not _usable_id(cid):
+        raise BadRequest("request id must be an int, str or bytes")
+    key = (ident, cid)
+    if not core.phase.accepts:
+        raise ShuttingDown("the pool is shutting down and accepts no new requests; retry on another instance")
+    ledger = core.ledger
+    if key in ledger:
+        raise BadRequest(f"request id {cid!r} is already in flight on this connection; ids must be unique")
+    validate_payload(body, core.limits)
+    timeout, setting = timeout_of(core, header)
+    max_queue = core.config.max_queue
+    if ledger.queued >= max_queue:
+        dispatch(core, now)  # requests read in this same batch may still have workers waiting
+        if ledger.queued >= max_queue:
+            raise Overloaded(f"the queue is full ({ledger.queued} waiting, --max-queue {max_queue}); "
+                             "retry later, add workers or raise --max-queue",
+                             queue_depth=ledger.queued, max_queue=max_queue)
+    if core.poison.is_poison(body):
+        raise PoisonRequest(f"this input has killed {core.config.poison_threshold} workers and is refused; "
+                            "fix the input or the handler", threshold=core.config.poison_threshold)
+    ledger.admit(Request(key=key, body=body, deadline=now + timeout, timeout=timeout, timeout_setting=setting,
+                         accepted_at=now, retry=bool(header.get("retry", True)), stream=bool(header.get("stream")),
+                         bundles=header.get("bundles") is True, tenant=isolation_key(core, key, header)))
+
+
+def _usable_id(cid: Any) -> bool:
+    return isinstance(cid, (int, str, bytes)) and not isinstance(cid, bool)
+
+
+def isolation_key(core: "Core", key: tuple, header: dict) -> object:
+    mode = core.config.isolation
+    if mode == "none":
+        return None
+    if mode == "request":
+        return key
+    tenant = header.get("tenant")
+    if tenant is not None and not isinstance(tenant, str):
+        raise BadRequest(f"tenant must be a string, got {type(tenant).__name__}")
+    return "" if tenant is None else tenant  # requests without a tenant share the default one
+
+
+def timeout_of(core: "Core", header: dict) -> tuple[float, str]:
+    cap = core.config.request_timeout
+    timeout = header.get("timeout")
+    if timeout is None:
+        return cap, "request_timeout"
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise BadRequest(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return (float(timeout), "timeout") if timeout < cap else (cap, "request_timeout")
+
+
+def cancel(core: "Core", key: tuple) -> None:
+    req = core.ledger.get(key) if _usable_id(key[1]) else None
+    if req is None:
+        return
+    if req.worker is not None:  # tell its worker: a stream stops at its next part
+        w = core.workers[req.worker]
+        core.to_workers.append((w.ident, [pack_header(ops.CANCEL, list(key))]))
+    # a dispatched request stays held by its worker until the worker answers
+    core.fail(req, Cancelled("cancelled by the client"))
+
+
+OUTCOMES = {"RequestTimeout": "timeout", "PoisonRequest": "poison", "WorkerCrashed": "crashed",
+            "ShuttingDown": "shutting_down", "Cancelled": "cancelled", "BadRequest": "bad_request",
+            "Overloaded": "overloaded", "NotAllowed": "not_allowed"}
+
+
+def outcome_of(err: IsopoolError) -> str:
+    """The `outcome` label of a request that ended in `err` (status, metrics)."""
+    return OUTCOMES.get(type(err).__name__, "error")

@@ -1,0 +1,129 @@
+"""Worker messages: readiness, answers (relayed to their clients), and reports of failure.
+
+An answer is relayed only if it is for the request's current attempt on this worker; a
+late answer from a worker the request has left (it was retried, cancelled, timed out) is
+dropped, but still frees the worker's credit. Parts of a stream are relayed as they come.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from isopool.protocol import decode_error, ops, pack_header
+from isopool.protocol.contract import parse_ident
+from isopool.protocol.exits import EXIT_LOAD_FAILED
+
+from .actions import Sample
+from .control import serving
+from .slots import SERVING, State, Worker, kill, retire, stop
+
+if TYPE_CHECKING:
+    from .core import Core
+
+MAX_CAPACITY = 1024
+
+
+def worker_of(core: "Core", ident: bytes) -> Worker | None:
+    """The live worker that owns `ident`, or None (a stale message from a process given up on)."""
+    parsed = parse_ident(ident)
+    w = core.workers.get(parsed[0]) if parsed else None
+    if w is None or w.generation != parsed[1] or w.pid is None:
+        return None
+    return w
+
+
+def on_worker(core: "Core", ident: bytes, header: dict, body: list, now: float) -> None:
+    w = worker_of(core, ident)
+    if w is None:
+        return
+    w.last_seen = now
+    op = header["op"]
+    if op == ops.RESULT or op == ops.ERROR or op == ops.CHUNK:
+        on_reply(core, w, op, header, body, now)
+    elif op == ops.READY:
+        on_ready(core, w, header, now)
+    elif op == ops.LOAD_FAILED:
+        on_load_failure(core, w, body)
+    elif op == ops.INTEGRITY_FAILED:
+        on_integrity_failure(core, w, header, now)
+
+
+def broken(core: "Core", ident: bytes, why: str, now: float) -> None:
+    """The worker sent something undecodable: it is not to be trusted with more work."""
+    w = worker_of(core, ident)
+    if w is None:
+        return
+    core.log(logging.WARNING, "worker %d sent an undecodable message (%s); replacing it", w.slot, why)
+    if w.state is not State.STOPPING:
+        kill(core, w, "protocol", now)
+
+
+def on_ready(core: "Core", w: Worker, header: dict, now: float) -> None:
+    if w.state is not State.STARTING:
+        return
+    w.move(State.IDLE, "ready")
+    w.ready_at = now
+    core.actions.append(Sample([w.slot]))  # status and metrics show a new worker's memory at once
+    capacity = header.get("capacity")
+    ok = isinstance(capacity, int) and not isinstance(capacity, bool) and 1 <= capacity <= MAX_CAPACITY
+    w.capacity = capacity if ok else core.config.prefetch
+    core.credits.offer(w.slot, w.generation, w.capacity)
+    core.emit("ready", w, startup_s=round(now - w.started_at, 4), device=w.device)
+    serving(core)
+
+
+def on_load_failure(core: "Core", w: Worker, body: list) -> None:
+    err = decode_error(body)
+    tb = getattr(err, "details", {}).get("traceback", "")
+    w.last_error = str(err)
+    core.log(logging.ERROR, "worker %d: %s\n%s", w.slot, err, tb)
+    if core.phase.name == "STARTING":
+        core.fail_startup(f"{err}\n\n{tb}".rstrip(), EXIT_LOAD_FAILED)
+
+
+def on_integrity_failure(core: "Core", w: Worker, header: dict, now: float) -> None:
+    """Its weights changed: no more work for it; what it holds finishes elsewhere."""
+    core.log(logging.ERROR, "worker %d (pid %s): model weights changed (%s); recycling it", w.slot, w.pid,
+             header.get("when"))
+    core.emit("integrity", w, when=header.get("when"), expected=header.get("expected"), actual=header.get("actual"))
+    retire(core, w, "integrity")
+    if w.state in SERVING:
+        stop(core, w, now)  # it runs nothing more; what it holds is requeued
+
+
+def on_reply(core: "Core", w: Worker, op: str, header: dict, body: list, now: float) -> None:
+    rid = header.get("id")
+    key = (rid[0], rid[1]) if type(rid) is list and len(rid) == 2 else None
+    ledger = core.ledger
+    req = ledger.get(key) if key is not None else None
+    current = req is not None and req.worker == w.slot and req.attempt == header.get("attempt")
+    if op == ops.CHUNK:
+        if current:
+            req.chunks_sent += 1
+            core.to_clients.append((req.client, [pack_header(op, req.client_id), *body], req.bundles))
+        return
+    if not ledger.release(w.slot, key):
+        return
+    if w.state in SERVING:
+        core.credits.offer(w.slot, w.generation, w.capacity - ledger.load(w.slot))
+        if not ledger.load(w.slot):
+            w.move(State.IDLE, "all answered")
+    if current:
+        w.requests += 1
+        w.requests_this_process += 1
+        if op == ops.ERROR:
+            w.errors += 1
+        else:
+            w.crashes_in_row = 0
+        core.finish(req, op, body, "ok" if op == ops.RESULT else "error", now)
+    after_request(core, w, now)
+
+
+def after_request(core: "Core", w: Worker, now: float) -> None:
+    if w.max_requests and w.requests_this_process >= w.max_requests:
+        retire(core, w, "max_requests")
+    elif core.config.isolation == "request":
+        retire(core, w, "isolation")  # its one request is done: start its fresh replacement now
+    if w.state is State.DRAINING and not core.ledger.load(w.slot):
+        stop(core, w, now)

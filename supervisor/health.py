@@ -1,0 +1,132 @@
+"""Timers: request deadlines, and the checks that keep workers honest.
+
+    deadlines      a request past its deadline is failed with RequestTimeout; if its worker
+                   is running it, the worker is killed (it cannot be interrupted otherwise)
+    start_timeout  a worker not ready in time is killed
+    heartbeats     an idle worker silent for --heartbeat-timeout is killed
+    kill grace     a worker told to stop (or TERMed) and still alive is KILLed
+    samples        every --stats-interval: memory and CPU of serving workers (--max-rss),
+                   the restart-intensity limit (degraded / recovered), stray children
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from isopool.protocol import RequestTimeout
+
+from .actions import Kill, ReapStrays, Sample
+from .blame import progress
+from .slots import SERVING, State, kill, retire
+
+if TYPE_CHECKING:
+    from .core import Core
+
+
+def expire(core: "Core", now: float) -> None:
+    for req in core.ledger.due(now):
+        w = core.workers.get(req.worker) if req.worker is not None else None
+        running, finished = progress(core, w) if w is not None else (None, 0)
+        hint = raise_hint(req.timeout_setting)
+        if running != req.key and req.seq and req.seq <= finished:
+            core.fail(req, RequestTimeout(
+                f"the handler finished, but after {req.timeout:g}s its answer had not left worker "
+                f"{w.slot}, which holds finished answers to send them with those of the requests it "
+                f"runs next and was still running one; lower --prefetch so quick requests do not wait "
+                f"behind slow ones, or {hint}", setting=req.timeout_setting, started=True))
+        elif running != req.key:  # queued, or held behind another
+            core.fail(req, RequestTimeout(
+                f"no worker was free within {req.timeout:g}s, so the request was never started; "
+                f"{hint} or add workers", setting=req.timeout_setting, started=False))
+            # a worker holding it refuses it unstarted and gives back the credit
+        else:
+            core.fail(req, RequestTimeout(
+                f"the handler was still running after {req.timeout:g}s; its worker {w.slot} (pid {w.pid}) was "
+                f"killed and replaced. {hint} if it needs longer", setting=req.timeout_setting, started=True))
+            kill(core, w, "timeout", now)
+    for slot, seq in core.ledger.orphans_due(now):
+        w = core.workers.get(slot)
+        marks = core.boards(slot) if w is not None and w.pid is not None else None
+        if w is not None and w.state is not State.STOPPING and marks is not None and marks[0] == seq > marks[1]:
+            core.log(logging.WARNING, "worker %d (pid %s) still runs a request that was answered (cancelled, or "
+                     "timed out) and is past its deadline; replacing it", w.slot, w.pid)
+            kill(core, w, "timeout", now)
+
+
+def raise_hint(setting: str) -> str:
+    return "raise the client's timeout=" if setting == "timeout" else "raise --request-timeout"
+
+
+def check_workers(core: "Core", now: float) -> None:
+    cfg = core.config
+    sample = now >= core.next_stats
+    if sample:
+        core.next_stats = now + cfg.stats_interval
+    to_sample = []
+    for w in list(core.workers.values()):
+        if w.state is State.STOPPING and w.kill_at is not None and now >= w.kill_at:
+            core.log(logging.WARNING, "worker %d (pid %s) did not exit within %gs; sending SIGKILL", w.slot, w.pid,
+                     cfg.kill_grace)
+            core.actions.append(Kill(w.slot, "KILL"))
+            w.kill_at = None
+        elif w.state is State.STARTING and now - w.started_at > cfg.start_timeout:
+            kill(core, w, "start_timeout", now)
+        elif now - w.last_seen > cfg.heartbeat_timeout and silent(core, w):
+            core.log(logging.WARNING, "worker %d (pid %s) sent no heartbeat for %.1fs; replacing it", w.slot, w.pid,
+                     now - w.last_seen)
+            kill(core, w, "heartbeat", now)
+        elif sample and w.state in SERVING:
+            to_sample.append(w.slot)
+    if to_sample:
+        core.actions.append(Sample(to_sample))
+    if sample:
+        check_degraded(core, now)
+        core.actions.append(ReapStrays())
+
+
+def silent(core: "Core", w) -> bool:
+    """Its silence means it is stuck: it is idle (and heartbeats when idle), or it holds work
+    but its board says it runs none of it (found by the simulator: such a worker, holding
+    only requests it never began, was never replaced, and a draining pool never stopped)."""
+    if w.state is State.IDLE:
+        return True
+    if w.state in (State.BUSY, State.DRAINING) and core.ledger.load(w.slot):
+        marks = core.boards(w.slot)
+        return marks is not None and marks[0] <= marks[1]  # started <= finished: running nothing
+    return False
+
+
+def sampled(core: "Core", slot: int, rss: int, uss: int, cpu: float) -> None:
+    w = core.workers.get(slot)
+    if w is None or w.pid is None:
+        return
+    w.rss, w.uss, w.cpu_percent = rss, uss, cpu
+    max_rss = core.config.max_rss
+    if max_rss and rss > max_rss and w.leaving is None:
+        core.log(logging.WARNING, "worker %d (pid %s) RSS %d MiB is over --max-rss %d MiB; recycling it", w.slot, w.pid,
+                 rss >> 20, max_rss >> 20)
+        retire(core, w, "max_rss")
+
+
+def check_degraded(core: "Core", now: float) -> None:
+    degraded = core.restarts.degraded(now)
+    if degraded != core.was_degraded:
+        core.was_degraded = degraded
+        core.emit("degraded" if degraded else "recovered", None,
+                  restarts_in_window=len(core.restarts.recent), window_s=core.config.restart_window)
+
+
+def next_due(core: "Core", now: float, tick_s: float) -> float:
+    """When a timer of a worker or the template is next due (at most tick_s away)."""
+    due = now + tick_s
+    t = core.template
+    if t.state.name == "WAITING" and core.phase.runs_workers:
+        due = min(due, t.due)
+    can_spawn = t.can_fork()
+    for w in core.workers.values():
+        if w.state is State.BACKOFF and can_spawn:
+            due = min(due, w.spawn_at)
+        elif w.kill_at is not None:
+            due = min(due, w.kill_at)
+    return due

@@ -1,0 +1,224 @@
+"""The request ledger: the one place that knows where every accepted request is.
+
+    admit ──► queued ──dispatch──► running on (worker, attempt) ──settle──► answered
+                ▲                         │ requeue (its worker died, or it was never begun)
+                └─────────────────────────┘
+
+A request is open from admit() until its final answer (settle()). Its worker's load is a
+separate fact: a request answered while its worker still holds it (cancelled, timed out)
+keeps its place in that worker's `held` list until the worker answers (release()) or
+dies, because the worker really is busy with it. Such an orphan keeps a deadline too, so
+that a worker that runs it forever is found (orphans_due()). Everything else (status, metrics, the
+simulator's checks) derives its figures from here: nothing else stores membership.
+
+Deadlines live in a heap with lazy deletion: an entry is stale once its request is
+answered or re-admitted, and is skipped when met; the heap is rebuilt when stale entries
+outnumber live ones by far.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+Key = tuple  # (client routing id: bytes, the client's request id)
+COMPACT_ABOVE = 4096  # stale deadline entries tolerated before the heap is rebuilt
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    key: Key
+    body: list  # payload + buffer frames, forwarded untouched (kept for retries)
+    deadline: float
+    timeout: float  # seconds the caller allowed (for error messages)
+    timeout_setting: str  # which setting bounds it: "timeout" (the client's) or "request_timeout"
+    accepted_at: float
+    retry: bool = True
+    stream: bool = False
+    bundles: bool = False  # its client reads bundled replies (protocol/transport.py)
+    tenant: object = None  # the isolation key: the client's tenant, or the request itself
+    attempt: int = 0  # dispatches so far
+    worker: int | None = None  # slot while dispatched
+    seq: int = 0  # its dispatch sequence number on that worker (protocol/board.py)
+    started_at: float = 0.0
+    chunks_sent: int = 0
+    crashes: list = field(default_factory=list)  # one dict per worker death it was running in
+
+    @property
+    def client(self) -> bytes:
+        return self.key[0]
+
+    @property
+    def client_id(self) -> Any:
+        return self.key[1]
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self.open: dict[Key, Request] = {}  # accepted, not yet answered
+        self.queue: OrderedDict[Key, Request] = OrderedDict()  # open and waiting for a worker, oldest first
+        self.held: dict[int, deque] = {}  # slot -> keys it was sent and has not answered, in dispatch order
+        self.by_client: dict[bytes, set] = {}  # client routing id -> keys of its open requests
+        self.orphans: dict[tuple[int, Key], int] = {}  # (slot, key) -> its seq, for answered requests still held
+        self._deadlines: list[tuple[float, int, Key]] = []
+        self._orphan_deadlines: list[tuple[float, int, int, Key]] = []
+        self._seq = itertools.count()
+
+    # ------------------------------------------------------------ figures
+
+    def __len__(self) -> int:
+        return len(self.open)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self.open
+
+    def get(self, key: Key) -> Request | None:
+        return self.open.get(key)
+
+    @property
+    def queued(self) -> int:
+        return len(self.queue)
+
+    @property
+    def running(self) -> int:
+        """Open requests a worker has been sent."""
+        return len(self.open) - len(self.queue)
+
+    def load(self, slot: int) -> int:
+        """Requests the worker in `slot` holds (answered ones it still runs included)."""
+        held = self.held.get(slot)
+        return len(held) if held else 0
+
+    def holding(self, slot: int) -> deque:
+        return self.held.get(slot) or deque()
+
+    def of_client(self, client: bytes) -> list[Request]:
+        return [self.open[k] for k in self.by_client.get(client, ())]
+
+    # ------------------------------------------------------------ moves
+
+    def admit(self, req: Request) -> None:
+        key = req.key
+        self.open[key] = req
+        self.queue[key] = req
+        mine = self.by_client.get(req.client)
+        if mine is None:
+            self.by_client[req.client] = mine = set()
+        mine.add(key)
+        heapq.heappush(self._deadlines, (req.deadline, next(self._seq), key))
+        if len(self._deadlines) > 2 * len(self.open) + COMPACT_ABOVE:
+            self._compact()
+
+    def next_queued(self) -> Request | None:
+        return next(iter(self.queue.values()), None) if self.queue else None
+
+    def queued_requests(self) -> Iterator[Request]:
+        return iter(self.queue.values())
+
+    def dispatch(self, req: Request, slot: int, now: float) -> None:
+        """`req` leaves the queue for the worker in `slot` (its next attempt)."""
+        del self.queue[req.key]
+        req.attempt += 1
+        req.worker = slot
+        req.started_at = now
+        held = self.held.get(slot)
+        if held is None:
+            self.held[slot] = held = deque()
+        held.append(req.key)
+
+    def release(self, slot: int, key: Key) -> bool:
+        """The worker in `slot` answered `key` (or refused it unstarted): it no longer holds it."""
+        held = self.held.get(slot)
+        if not held:
+            return False
+        if self.orphans:
+            self.orphans.pop((slot, key), None)
+        if held[0] == key:  # answers come in dispatch order, as a rule
+            held.popleft()
+            return True
+        try:
+            held.remove(key)
+        except ValueError:
+            return False
+        return True
+
+    def requeue(self, req: Request) -> None:
+        """Back to the head of the queue: it has waited longest."""
+        req.worker = None
+        self.queue[req.key] = req
+        self.queue.move_to_end(req.key, last=False)
+
+    def settle(self, req: Request, grace: float = 0.0) -> None:
+        """`req` has had its final answer. A worker that still holds it keeps holding it, as an
+        orphan due `grace` after its deadline (or after now, `req.started_at` being older)."""
+        key = req.key
+        if self.open.get(key) is not req:
+            return
+        del self.open[key]
+        if self.queue.pop(key, None) is None and req.worker is not None and key in self.held.get(req.worker, ()):
+            self.orphans[(req.worker, key)] = req.seq
+            heapq.heappush(self._orphan_deadlines, (req.deadline + grace, next(self._seq), req.worker, key))
+        mine = self.by_client.get(req.client)
+        if mine is not None:
+            mine.discard(key)
+            if not mine:
+                del self.by_client[req.client]
+
+    def forget_worker(self, slot: int) -> list[Request]:
+        """The worker in `slot` is gone: the open requests it held, in dispatch order."""
+        keys = self.held.pop(slot, ())
+        for key in keys:
+            self.orphans.pop((slot, key), None)
+        return [r for k in keys if (r := self.open.get(k)) is not None and r.worker == slot]
+
+    # ------------------------------------------------------------ deadlines
+
+    def next_deadline(self) -> float | None:
+        o = self._orphan_deadlines
+        while o and (o[0][2], o[0][3]) not in self.orphans:
+            heapq.heappop(o)
+        first = self._next_open_deadline()
+        if o and (first is None or o[0][0] < first):
+            return o[0][0]
+        return first
+
+    def orphans_due(self, now: float) -> list[tuple[int, int]]:
+        """(slot, seq) of answered requests a worker still held at their deadline (and grace)."""
+        out = []
+        o = self._orphan_deadlines
+        while o and o[0][0] <= now:
+            _, _, slot, key = heapq.heappop(o)
+            seq = self.orphans.get((slot, key))
+            if seq is not None:
+                out.append((slot, seq))
+        return out
+
+    def _next_open_deadline(self) -> float | None:
+        d = self._deadlines
+        while d:
+            deadline, _, key = d[0]
+            req = self.open.get(key)
+            if req is not None and req.deadline == deadline:
+                return deadline
+            heapq.heappop(d)
+        return None
+
+    def due(self, now: float) -> list[Request]:
+        """Open requests whose deadline has come, earliest first (taken off the deadline heap)."""
+        out = []
+        d = self._deadlines
+        while d and d[0][0] <= now:
+            deadline, _, key = heapq.heappop(d)
+            req = self.open.get(key)
+            if req is not None and req.deadline == deadline:
+                out.append(req)
+        return out
+
+    def _compact(self) -> None:
+        """Drop the entries of answered requests. Each stays in the heap until its deadline
+        otherwise: at 8,000 req/s and a 30 s timeout, a quarter of a million entries."""
+        self._deadlines = [(r.deadline, next(self._seq), r.key) for r in self.open.values()]
+        heapq.heapify(self._deadlines)

@@ -1,0 +1,171 @@
+"""The shell's processes: the template and one process (with its board) per worker slot.
+
+The core says what to start, signal and sample (actions.Spawn, Kill, Sample, StartTemplate,
+StopTemplate); this carries it out and reports back as events. Each process's pidfd and
+output pipe are registered in the loop's poller, so an exit is seen at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import zmq
+
+from isopool.protocol import board
+from isopool.protocol.contract import WorkerConfig
+from isopool.protocol.exits import exit_fields
+
+from . import spawner
+from .actions import Spawned, SpawnFailed, TemplateExited, TemplateFailed, TemplateReady, WorkerExited
+from .config import PoolConfig
+
+log = logging.getLogger("isopool.supervisor")
+worker_log = logging.getLogger("isopool.worker")
+SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL}
+
+
+class Processes:
+    def __init__(self, config: PoolConfig, poller: zmq.Poller, backend_endpoint: str, private_dir: str):
+        self.config = config
+        self.poller = poller
+        self.backend_endpoint = backend_endpoint
+        self.private_dir = private_dir
+        self.procs: dict[int, spawner.Process] = {}  # slot -> its current process
+        self.boards: dict[int, str] = {}  # slot -> its current process's board file
+        self.template: spawner.Template | None = None
+        if config.preload != "none":
+            spawner.become_subreaper()
+
+    # ------------------------------------------------------------ workers
+
+    def spawn(self, slot: int, generation: int, device: str) -> object:
+        cfg = self.config
+        path = os.path.join(self.private_dir, f"board.{slot}.{generation}")
+        wc = WorkerConfig(
+            backend=self.backend_endpoint, slot=slot, generation=generation, model=cfg.model,
+            parent_pid=os.getpid(), device=device, threads=cfg.worker_threads(),
+            heartbeat_interval=cfg.heartbeat_interval, arrays=cfg.arrays, integrity_interval=cfg.integrity_interval,
+            integrity_every_request=cfg.integrity_every_request, prefetch=cfg.prefetch,
+            max_batch_size=cfg.max_batch_size, max_batch_wait_ms=cfg.max_batch_wait_ms, spin_us=cfg.spin_us,
+            user_config=cfg.user_config, limits=cfg.limits.__dict__, board=path,
+        )
+        try:
+            board.create(path)  # only for a process about to exist
+            if cfg.preload == "none":
+                proc = spawner.spawn_fresh(wc)
+            elif self.template is None:
+                raise spawner.TemplateError("the template is not running")
+            else:
+                proc = self.template.spawn(wc)
+        except (spawner.TemplateError, OSError) as exc:
+            _unlink(path)
+            return SpawnFailed(slot, str(exc), template=isinstance(exc, spawner.TemplateError))
+        self.procs[slot] = proc
+        self.boards[slot] = path
+        self.poller.register(proc.pidfd, zmq.POLLIN)
+        if proc.output >= 0:
+            self.poller.register(proc.output, zmq.POLLIN)
+        return Spawned(slot, proc.pid)
+
+    def marks(self, slot: int) -> tuple[int, int] | None:
+        path = self.boards.get(slot)
+        return board.marks(path) if path is not None else None
+
+    def kill(self, slot: int, sig: str) -> None:
+        proc = self.procs.get(slot)
+        if proc is not None:
+            proc.signal(SIGNALS[sig])
+
+    def sample(self, slot: int) -> tuple[int, int, float] | None:
+        proc = self.procs.get(slot)
+        return proc.resources() if proc is not None else None
+
+    def ready(self, ready: dict) -> list:
+        """Exits and output among the ready fds: WorkerExited events (output is logged here)."""
+        exits = []
+        for slot, proc in list(self.procs.items()):
+            if proc.output in ready:
+                self.forward_output(slot, proc, proc.read_output())
+            if proc.pidfd in ready and proc.poll() is not None:
+                self.poller.unregister(proc.pidfd)  # poll() closed it: its number may come back
+                exits.append(WorkerExited(slot, exit_fields(proc.returncode)))
+        return exits
+
+    def forget(self, slot: int) -> None:
+        """The core has read the exit of `slot`'s process: drop its fds and board."""
+        proc = self.procs.pop(slot, None)
+        if proc is not None:
+            if proc.returncode is None:  # its exit was never seen (the loop is ending)
+                self.poller.unregister(proc.pidfd)
+            if proc.output >= 0:
+                self.poller.unregister(proc.output)
+                self.forward_output(slot, proc, proc.read_output(final=True))
+        _unlink(self.boards.pop(slot, None))
+
+    def forward_output(self, slot: int, proc: spawner.Process, lines: list[str]) -> None:
+        """A worker's stdout/stderr, one log record per line, tagged with the worker."""
+        for line in lines:
+            worker_log.info("worker %d [%s] %s", slot, proc.pid, line, extra={"worker": slot, "pid": proc.pid})
+
+    def known_pids(self) -> set[int]:
+        known = {p.pid for p in self.procs.values()}
+        if self.template is not None:
+            known.add(self.template.proc.pid)
+        return known
+
+    # ------------------------------------------------------------ the template
+
+    def start_template(self) -> None:
+        self.template = t = spawner.Template(self.config.model, self.config.preload, self.config.user_config)
+        self.poller.register(t.fileno(), zmq.POLLIN)
+        self.poller.register(t.proc.pidfd, zmq.POLLIN)
+
+    def stop_template(self) -> None:
+        t, self.template = self.template, None
+        if t is None:
+            return
+        self.poller.unregister(t.fileno())
+        if t.proc.returncode is None:
+            self.poller.unregister(t.proc.pidfd)
+        t.close()
+
+    def template_events(self) -> list:
+        """What the template said or did since last asked."""
+        t = self.template
+        if t is None:
+            return []
+        out: list = []
+        for msg in t.read():
+            if msg.get("ready"):
+                log.info("template (pid %d) is ready", t.proc.pid)
+                out.append(TemplateReady())
+            elif "error" in msg:
+                out.append(TemplateFailed(msg["error"], msg.get("traceback", "")))
+        if t.proc.poll() is not None:
+            self.poller.unregister(t.proc.pidfd)
+            self.poller.unregister(t.fileno())
+            self.template = None
+            t.sock.close()
+            out.append(TemplateExited(t.proc.pid, exit_fields(t.proc.returncode)))
+        return out
+
+    # ------------------------------------------------------------ the end
+
+    def close(self) -> None:
+        for slot, proc in list(self.procs.items()):
+            if proc.returncode is None:
+                self.poller.unregister(proc.pidfd)
+                spawner.kill_now(proc)
+                proc.wait(5)
+            self.forget(slot)
+        self.stop_template()
+
+
+def _unlink(path: str | None) -> None:
+    if path is not None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

@@ -1,0 +1,143 @@
+"""The shell's sockets and descriptors: opened once at start, closed once at the end.
+
+    frontend  ROUTER, the user's endpoint (ipc:// in a 0700 dir, or tcp:// with CURVE)
+    backend   ROUTER, ipc:// in the supervisor's private directory: workers only
+    events    XPUB beside an ipc frontend (`isopool events`)
+    metrics   Prometheus over HTTP, when --metrics-port is given
+    wake      the signal wake-up fd: signal handlers only write a byte there
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import tempfile
+
+import zmq
+
+from isopool.protocol.endpoints import default_endpoint, ensure_private_dir, ipc_path, is_tcp, runtime_dir
+from isopool.protocol.iothread import io_context
+
+from .auth import AuthError, CurveAuth
+from .config import PoolConfig
+from .events import EventLog
+from .metrics import serve_metrics
+
+
+class StartupError(RuntimeError):
+    """The pool could not start (a model that will not load, an endpoint in use)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Sockets:
+    def __init__(self, config: PoolConfig):
+        self.config = config
+        self.endpoint = config.endpoint or default_endpoint()
+        self.auth: CurveAuth | None = None
+        self.metrics = None
+        self.metrics_url: str | None = None
+        self.private_dir: str | None = None
+        self.ctx, self.io_threads = io_context()
+        self.frontend = self._bind_frontend()
+        self.private_dir = tempfile.mkdtemp(prefix="isopool-", dir=self._private_parent())
+        self.backend_endpoint = f"ipc://{self.private_dir}/backend.sock"
+        self.backend = self.ctx.socket(zmq.ROUTER)
+        for opt, val in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 0)):
+            self.backend.setsockopt(opt, val)
+        self.backend.bind(self.backend_endpoint)
+        path = ipc_path(self.endpoint)
+        self.events = EventLog(self.ctx, f"ipc://{path}.events" if path is not None else None)
+        if config.metrics_port:
+            try:
+                self.metrics, port = serve_metrics(config.metrics_host, config.metrics_port)
+            except OSError as exc:
+                raise StartupError(f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {exc}; "
+                                   "choose another --metrics-port") from None
+            self.metrics_url = f"http://{config.metrics_host}:{port}/metrics"
+        self.wake_r, self.wake_w = socket.socketpair()
+        for s in (self.wake_r, self.wake_w):
+            s.setblocking(False)
+        signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
+
+    def _private_parent(self) -> str:
+        path = ipc_path(self.endpoint)
+        if path is not None:
+            return str(path.parent)
+        return str(ensure_private_dir(runtime_dir()))
+
+    def _bind_frontend(self) -> zmq.Socket:
+        cfg = self.config
+        if is_tcp(self.endpoint) and not cfg.insecure and not cfg.curve_secret_key:
+            raise StartupError(
+                f"refusing to serve {self.endpoint} without authentication: anyone who can reach the port "
+                "could send requests. Give --curve-secret-key and --curve-clients (keys from `isopool keygen`), "
+                "use an ipc:// endpoint, or pass --insecure on a trusted network")
+        if cfg.curve_secret_key:
+            try:
+                self.auth = CurveAuth(self.ctx, cfg.curve_secret_key, cfg.curve_clients, cfg.curve_admins)
+            except AuthError as exc:
+                raise StartupError(str(exc)) from None
+        path = ipc_path(self.endpoint)
+        if path is not None:
+            if cfg.endpoint is None:
+                ensure_private_dir(path.parent)
+            if _ipc_in_use(path):
+                raise StartupError(f"another process is already serving {self.endpoint}; stop it first "
+                                   "or choose another --endpoint")
+        sock = self.ctx.socket(zmq.ROUTER)
+        for opt, val in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 0),
+                         (zmq.MAXMSGSIZE, cfg.limits.max_message_bytes)):
+            sock.setsockopt(opt, val)
+        if self.auth is not None:
+            self.auth.secure(sock)
+        try:
+            sock.bind(self.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close()
+            raise StartupError(f"cannot bind {self.endpoint}: {exc}") from None
+        if path is not None:
+            os.chmod(path, 0o600)
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or self.endpoint
+        return sock
+
+    def drain_wake(self) -> None:
+        try:
+            while self.wake_r.recv(512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        self.events.close()
+        self.frontend.close(linger=0)
+        if self.auth is not None:
+            self.auth.close()
+        self.backend.close(linger=0)
+        self.wake_r.close()
+        self.wake_w.close()
+        self.ctx.term()
+        path = ipc_path(self.endpoint)
+        for p in (path, path and path.with_name(path.name + ".events")):
+            if p is not None and p.exists():
+                p.unlink()
+        if self.private_dir:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
+
+
+def _ipc_in_use(path) -> bool:
+    """True if something accepts connections on the unix socket at `path`."""
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        try:
+            probe.connect(str(path))
+            return True
+        except OSError:
+            return False

@@ -1,0 +1,258 @@
+"""The supervisor core's rules, without sockets or processes: events in, actions out.
+Each test drives the real core (supervisor/core.py) by hand and reads what it decided."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from isopool.protocol import ops, pack_header
+from isopool.supervisor import actions as ev
+from isopool.supervisor.config import PoolConfig
+from isopool.supervisor.control import Phase
+from isopool.supervisor.core import Core
+from isopool.supervisor.slots import IllegalTransition, State
+
+CORE_MODULES = ("core", "actions", "admission", "answers", "blame", "control", "dispatch", "health", "ledger",
+                "slots", "templates", "status", "policy", "stats")
+FORBIDDEN = {"zmq", "time", "os", "subprocess", "socket", "signal", "select", "psutil", "threading", "asyncio",
+             "multiprocessing", "prometheus_client"}
+
+
+class Pool:
+    """A core with workers that come up at once; boards are set by hand."""
+
+    def __init__(self, **settings):
+        self.boards: dict[int, tuple[int, int]] = {}
+        cfg = PoolConfig(**{"workers": 2, "preload": "none", "spin_us": 0, **settings})
+        self.now = 100.0
+        self.core = Core(cfg, ["cpu"], self.boards.get, now=self.now)
+        self.replies: list[tuple[bytes, dict, list]] = []
+        self.runs: dict[int, list[dict]] = {}  # slot -> RUN headers sent to it
+        self.spawns: list[ev.Spawn] = []
+        self.kills: list[ev.Kill] = []
+        self.tick()
+
+    def handle(self, event) -> None:
+        self.core.handle(event, self.now)
+        self.collect()
+
+    def tick(self, dt: float = 0.0) -> None:
+        self.now += dt
+        self.handle(ev.Tick())
+
+    def collect(self) -> None:
+        while True:
+            to_clients, to_workers, actions = self.core.take()
+            if not (to_clients or to_workers or actions):
+                return
+            for ident, frames, _ in to_clients:
+                self.replies.append((ident, msgpack.unpackb(frames[0]), frames[1:]))
+            for ident, frames in to_workers:
+                header = msgpack.unpackb(frames[0])
+                if header["op"] == ops.RUN:
+                    self.runs.setdefault(int(ident.split(b".")[0]), []).append(header)
+            for a in actions:
+                if isinstance(a, ev.Spawn):
+                    self.spawns.append(a)
+                    self.core.handle(ev.Spawned(a.slot, 1000 + len(self.spawns)), self.now)
+                    self.core.handle(ev.WorkerMessage(_ident(a.slot, a.generation),
+                                                      {"op": ops.READY, "capacity": 4}, []), self.now)
+                elif isinstance(a, ev.Kill):
+                    self.kills.append(a)
+
+    def infer(self, rid, client=b"c", **header) -> None:
+        self.handle(ev.ClientMessage(client, {"op": ops.INFER, "id": rid, **header}, [msgpack.packb(rid)]))
+
+    def answer(self, slot: int, rid, attempt: int = 1, client=b"c", op=ops.RESULT) -> None:
+        w = self.core.workers[slot]
+        self.handle(ev.WorkerMessage(w.ident, {"op": op, "id": [client, rid], "attempt": attempt},
+                                     [msgpack.packb("ok")]))
+
+    def die(self, slot: int) -> None:
+        self.handle(ev.WorkerExited(slot, {"exit_code": None, "signal": "SIGKILL", "reason": "SIGKILL"}))
+
+    def final(self, rid) -> list[dict]:
+        return [h for _, h, _ in self.replies if h.get("id") == rid and h["op"] in (ops.RESULT, ops.ERROR)]
+
+    def error_type(self, rid) -> str:
+        [(_, h, body)] = [r for r in self.replies if r[1].get("id") == rid]
+        return msgpack.unpackb(body[0])["type"]
+
+
+def _ident(slot: int, generation: int) -> bytes:
+    return b"%d.%d" % (slot, generation)
+
+
+# ------------------------------------------------------------ purity
+
+
+@pytest.mark.parametrize("module", CORE_MODULES)
+def test_the_core_imports_no_io(module):
+    """The core and its rooms import no socket, process or clock API (the shell does)."""
+    tree = ast.parse((Path(__file__).parents[2] / "supervisor" / f"{module}.py").read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not names & FORBIDDEN
+
+
+# ------------------------------------------------------------ phases
+
+
+def test_the_pool_serves_once_every_worker_is_ready_and_stops_after_a_drain():
+    pool = Pool()
+    assert pool.core.phase is Phase.SERVING and len(pool.spawns) == 2
+    pool.infer(1)
+    pool.tick()
+    pool.handle(ev.SignalReceived("SIGTERM"))
+    assert pool.core.phase is Phase.DRAINING
+    pool.infer(2)
+    assert pool.error_type(2) == "ShuttingDown"
+    pool.answer(next(iter(pool.runs)), 1)
+    pool.tick()
+    assert pool.core.phase is Phase.STOPPING and pool.final(1)[0]["op"] == ops.RESULT
+    for slot in list(pool.core.workers):
+        pool.die(slot)
+    pool.tick()
+    assert pool.core.phase is Phase.STOPPED
+
+
+def test_a_second_signal_stops_at_once_and_answers_what_is_open():
+    pool = Pool()
+    pool.infer(1)
+    pool.tick()
+    pool.handle(ev.SignalReceived("SIGTERM"))
+    pool.handle(ev.SignalReceived("SIGINT"))
+    assert pool.core.phase is Phase.STOPPING
+    assert pool.error_type(1) == "ShuttingDown"
+
+
+def test_an_illegal_worker_move_is_refused():
+    pool = Pool()
+    w = pool.core.workers[0]
+    with pytest.raises(IllegalTransition):
+        w.move(State.BACKOFF)
+
+
+# ------------------------------------------------------------ admission
+
+
+def test_a_full_queue_refuses_at_once_and_keeps_nothing():
+    pool = Pool(max_queue=2, prefetch=1)
+    for slot in list(pool.core.workers):  # no worker free: everything queues
+        pool.core.workers[slot].capacity = 0
+    for rid in range(1, 4):
+        pool.infer(rid)
+    assert pool.core.ledger.queued == 2
+    assert pool.error_type(3) == "Overloaded" and 3 not in {k[1] for k in pool.core.ledger.open}
+
+
+@pytest.mark.parametrize("header, expected", [
+    ({"timeout": 0}, "BadRequest"), ({"timeout": "soon"}, "BadRequest"), ({"tenant": 5}, "BadRequest"),
+])
+def test_bad_fields_are_refused_with_a_typed_error(header, expected):
+    pool = Pool(isolation="tenant")
+    pool.infer(1, **header)
+    assert pool.error_type(1) == expected and not pool.core.ledger.open
+
+
+def test_an_id_in_flight_is_refused_and_the_first_request_kept():
+    pool = Pool()
+    pool.infer(1)
+    pool.infer(1)
+    assert pool.error_type(1) == "BadRequest" and len(pool.core.ledger) == 1
+
+
+def test_control_needs_admin():
+    pool = Pool()
+    pool.handle(ev.ClientMessage(b"c", {"op": ops.CONTROL, "id": 9, "action": "scale", "args": {"workers": 5}},
+                                 [], admin=False))
+    assert pool.error_type(9) == "NotAllowed" and pool.core.target == 2
+
+
+# ------------------------------------------------------------ dispatch
+
+
+def test_dispatch_spreads_by_free_credit():
+    pool = Pool()
+    for rid in range(1, 5):
+        pool.infer(rid)
+    pool.tick()
+    assert sorted(len(v) for v in pool.runs.values()) == [2, 2]
+
+
+def test_an_answer_from_a_dead_process_is_dropped():
+    pool = Pool(workers=1)
+    pool.infer(1)
+    pool.tick()
+    old = pool.core.workers[0].ident
+    pool.boards[0] = (0, 0)  # it had not begun the request: requeued, not blamed
+    pool.die(0)
+    pool.tick()  # restarted
+    pool.tick()  # dispatched again
+    assert pool.core.ledger.get((b"c", 1)).attempt == 2
+    pool.handle(ev.WorkerMessage(old, {"op": ops.RESULT, "id": [b"c", 1], "attempt": 1}, [msgpack.packb("old")]))
+    assert pool.final(1) == []
+    pool.answer(0, 1, attempt=2)
+    assert len(pool.final(1)) == 1 and not pool.core.ledger.open
+
+
+# ------------------------------------------------------------ crash blame and backoff
+
+
+def test_the_request_the_board_says_was_running_takes_the_blame():
+    pool = Pool(workers=1, max_attempts=1)
+    for rid in (1, 2, 3):
+        pool.infer(rid)
+    pool.tick()
+    seqs = {h["id"][1]: h["seq"] for h in pool.runs[0]}
+    pool.boards[0] = (seqs[2], seqs[1])  # finished 1 (answer unsent), running 2, 3 not begun
+    pool.die(0)
+    assert pool.error_type(2) == "WorkerCrashed"
+    assert [r.key[1] for r in pool.core.ledger.queue.values()] == [1, 3]  # requeued, in order, at the head
+
+
+def test_consecutive_crashes_back_off_and_the_first_restart_is_immediate():
+    pool = Pool(workers=1, backoff_base=0.1, backoff_max=10)
+    delays = []
+    for _ in range(4):
+        pool.boards.pop(0, None)
+        pool.die(0)
+        w = pool.core.workers[0]
+        delays.append(w.spawn_at - pool.now)
+        pool.tick(w.spawn_at - pool.now)
+    assert delays[0] == 0.0
+    assert 0.05 <= delays[1] <= 0.15 and 0.1 <= delays[2] <= 0.3 and 0.2 <= delays[3] <= 0.6
+
+
+def test_a_good_answer_resets_the_backoff():
+    pool = Pool(workers=1)
+    pool.die(0)
+    pool.tick()
+    pool.die(0)
+    assert pool.core.workers[0].crashes_in_row == 2
+    pool.tick(pool.core.workers[0].spawn_at - pool.now)
+    pool.infer(1)
+    pool.tick()
+    pool.answer(0, 1)
+    assert pool.core.workers[0].crashes_in_row == 0
+
+
+def test_restarts_are_counted_once_by_reason():
+    pool = Pool(workers=1)
+    pool.die(0)
+    pool.tick()
+    assert pool.core.replacements == {"crash": 1} and pool.core.restarts_total == 1
+
+
+def test_a_stuck_worker_holding_only_unbegun_requests_is_replaced():
+    """Found by the simulator: such a worker sent nothing and was never replaced."""
+    pool = Pool(workers=1, heartbeat_timeout=2.0, request_timeout=60.0)
+    pool.infer(1)
+    pool.tick()
+    pool.boards[0] = (0, 0)  # it began nothing
+    pool.tick(3.0)
+    assert [k.sig for k in pool.kills] == ["TERM"] and pool.core.workers[0].leaving == "heartbeat"
