@@ -1,13 +1,17 @@
 """AsyncClient: the same session core on pyzmq's asyncio sockets; no extra thread.
 
 A reader task owns receiving; sends happen on the event loop's thread (one loop per
-AsyncClient), gathered per turn of the loop into bundles. Futures are asyncio futures; streams are async iterators.
+AsyncClient), gathered per turn of the loop into bundles. Futures are asyncio futures;
+streams are async iterators. The socket and context live in one resources object, released
+by close() and, if the client is dropped unclosed, by weakref.finalize.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import weakref
+from collections import deque
 from typing import Any, AsyncIterator
 
 import zmq
@@ -16,10 +20,9 @@ from zmq.utils.monitor import parse_monitor_message
 
 from isopool.protocol import Unavailable, ops
 from isopool.protocol.iothread import io_context
-from isopool.protocol.transport import MAX_BUNDLE, bundle
+from isopool.protocol.pacing import Pacing
 
 from .core import (
-    END,
     Call,
     Session,
     close_watched,
@@ -28,6 +31,8 @@ from .core import (
     curve_keys,
     on_monitor_event,
     resolve_endpoint,
+    send_bundled,
+    stream_ended,
     watch_disconnects,
 )
 
@@ -55,6 +60,30 @@ class _AsyncCall(Call):
             self.parts.put_nowait(item)
 
 
+class _Resources:
+    """Context, socket and monitor of one AsyncClient. release() is safe to call twice, and
+    after a constructor that failed half-way (a bad key file, no file descriptors)."""
+
+    def __init__(self, endpoint: str, curve: dict | None):
+        self.sock = self.monitor = None
+        self.ctx, io_threads = io_context(zmq.asyncio.Context)
+        self.pacing = Pacing(io_threads, work_s=0.0)  # a client relays no work of its own: always quick
+        try:
+            self.sock = self.ctx.socket(zmq.DEALER)
+            configure_socket(self.sock, curve)
+            self.monitor = watch_disconnects(self.sock)
+            self.sock.connect(endpoint)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        if self.sock is not None and not self.sock.closed:
+            close_watched(self.sock, self.monitor)
+        if not self.ctx.closed:
+            self.ctx.term()
+
+
 class AsyncClient:
     """    async with AsyncClient() as c:
             y = await c.infer(x)
@@ -67,13 +96,10 @@ class AsyncClient:
         self.endpoint = resolve_endpoint(endpoint)
         self.retry, self.tenant = retry, tenant
         self._session = Session(arrays=arrays, default_timeout=timeout)
-        self._ctx, self._io_threads = io_context(zmq.asyncio.Context)
-        self._sock = self._ctx.socket(zmq.DEALER)
-        configure_socket(self._sock, curve_keys(curve_secret_key, curve_server_key))
-        self._monitor = watch_disconnects(self._sock)
-        self._sock.connect(self.endpoint)
+        self._io = _Resources(self.endpoint, curve_keys(curve_secret_key, curve_server_key))
+        self._finalizer = weakref.finalize(self, self._io.release)
         self._tasks: list[asyncio.Task] = []
-        self._outgoing: list[tuple[list, Call | None]] = []
+        self._outgoing: deque = deque()
         self._closed = False
 
     def _ensure_tasks(self) -> None:
@@ -83,7 +109,7 @@ class AsyncClient:
 
     async def _reader(self) -> None:
         while True:
-            frames = await self._sock.recv_multipart(copy=False)
+            frames = await self._io.sock.recv_multipart(copy=False)
             self._session.on_reply(frames)
 
     async def _timer(self) -> None:
@@ -95,7 +121,7 @@ class AsyncClient:
 
     async def _watch(self) -> None:
         while True:
-            on_monitor_event(self._session, parse_monitor_message(await self._monitor.recv_multipart()),
+            on_monitor_event(self._session, parse_monitor_message(await self._io.monitor.recv_multipart()),
                              self.endpoint)
 
     def _send(self, frames: list, call: Call | None = None) -> None:
@@ -106,36 +132,37 @@ class AsyncClient:
         self._outgoing.append((frames, call))
 
     def _flush(self) -> None:
-        outgoing, self._outgoing = self._outgoing, []
         if self._closed:
+            self._outgoing.clear()
             return  # close() has failed every pending call
-        self._io_threads.observe(len(self._session.pending))
-        for start in range(0, len(outgoing), MAX_BUNDLE):
-            group = outgoing[start:start + MAX_BUNDLE]
-            # a NOBLOCK send is tried at once: the future is already done, with any error
-            sent = self._sock.send_multipart(bundle([frames for frames, _ in group]), zmq.NOBLOCK, copy=False)
-            exc = sent.exception() if sent.done() else None
-            if exc is not None:
-                self._session.unsent([call for _, call in group if call is not None], self.endpoint, exc)
+        self._io.pacing.observe(len(self._session.pending))
+        send_bundled(self._session, self.endpoint, self._outgoing, self._send_now, add=False)
 
-    def _start(self, frames: list, cid: Any, timeout: float, stream: bool = False, parts=None) -> asyncio.Future:
+    def _send_now(self, frames: list) -> BaseException | None:
+        # a NOBLOCK send is tried at once: the future is already done, with any error
+        sent = self._io.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        return sent.exception() if sent.done() else None
+
+    def _start(self, frames: list, cid: Any, deadline: float, stream: bool = False, parts=None) -> asyncio.Future:
         if self._closed:
             raise Unavailable("the client is closed")
         self._ensure_tasks()
         future = asyncio.get_running_loop().create_future()
-        call = _AsyncCall(cid, self._session.deadline(timeout), stream, future, parts)
+        call = _AsyncCall(cid, deadline, stream, future, parts)
         self._session.add(call)
         self._send(frames, call)
         return future
 
+    def _request(self, x: Any, timeout: float | None, retry: bool | None, tenant: str | None,
+                 stream: bool) -> tuple[Any, list, float]:
+        cid, frames, _, deadline = self._session.request(
+            x, timeout, self.retry if retry is None else retry, tenant if tenant is not None else self.tenant, stream)
+        return cid, frames, deadline
+
     async def infer(self, x: Any, *, timeout: float | None = None, retry: bool | None = None,
                     tenant: str | None = None) -> Any:
-        s = self._session
-        t = s.timeout_of(timeout)
-        cid = next(s.ids)
-        frames = s.infer_frames(x, cid, t, self.retry if retry is None else retry, False,
-                                tenant if tenant is not None else self.tenant)
-        future = self._start(frames, cid, t)
+        cid, frames, deadline = self._request(x, timeout, retry, tenant, stream=False)
+        future = self._start(frames, cid, deadline)
         try:
             return await future
         except asyncio.CancelledError:
@@ -143,22 +170,17 @@ class AsyncClient:
             raise
 
     async def stream(self, x: Any, *, timeout: float | None = None, tenant: str | None = None) -> AsyncIterator[Any]:
-        s = self._session
-        t = s.timeout_of(timeout)
-        cid = next(s.ids)
+        cid, frames, deadline = self._request(x, timeout, None, tenant, stream=True)
         parts: asyncio.Queue = asyncio.Queue()
-        frames = s.infer_frames(x, cid, t, self.retry, True, tenant if tenant is not None else self.tenant)
-        self._start(frames, cid, t, stream=True, parts=parts)
+        self._start(frames, cid, deadline, stream=True, parts=parts)
         finished = False
         try:
             while True:
                 item = await parts.get()
-                if item is END:
-                    finished = True
+                finished = True  # unless it is a part: an end or an error finishes it
+                if stream_ended(item):
                     return
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
+                finished = False
                 yield item
         finally:
             if not finished:
@@ -170,13 +192,26 @@ class AsyncClient:
 
     async def _call(self, op: str, timeout: float, **fields: Any) -> Any:
         cid = next(self._session.ids)
-        return await self._start(self._session.op_frames(op, cid, **fields), cid, timeout)
+        return await self._start(self._session.op_frames(op, cid, **fields), cid, self._session.deadline(timeout))
 
     async def status(self, timeout: float = 5.0) -> dict:
+        """The pool's status: the same map as `isopool status --json`."""
         return await self._call(ops.STATUS, timeout)
 
     async def control(self, action: str, timeout: float = 10.0, **args: Any) -> dict:
         return await self._call(ops.CONTROL, timeout, action=action, args=args)
+
+    async def scale(self, workers: int) -> dict:
+        """Run `workers` workers from now on."""
+        return await self.control(ops.SCALE, workers=workers)
+
+    async def reload(self) -> dict:
+        """Replace every worker, one at a time, with no failed request (new code and weights)."""
+        return await self.control(ops.RELOAD)
+
+    async def stop(self) -> dict:
+        """Drain the pool and stop it."""
+        return await self.control(ops.SHUTDOWN)
 
     async def close(self) -> None:
         if self._closed:
@@ -190,8 +225,7 @@ class AsyncClient:
             except (asyncio.CancelledError, Exception):
                 pass
         self._session.fail_all(closed_early())
-        close_watched(self._sock, self._monitor)
-        self._ctx.term()
+        self._finalizer()
 
     async def __aenter__(self) -> "AsyncClient":
         return self

@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 
 from isopool.protocol import (
+    DEFAULT_LIMITS,
     IsopoolError,
     NotAllowed,
     RequestTimeout,
@@ -28,10 +29,9 @@ from isopool.protocol import (
     encode,
     ops,
     pack_header,
-    unpack_header,
 )
 from isopool.protocol.endpoints import default_endpoint
-from isopool.protocol.transport import data, unbundle
+from isopool.protocol.transport import MAX_BUNDLE, bundle, messages
 
 # How long past its timeout a request may go unanswered before the client gives up on
 # its own: the supervisor answers at the deadline; this covers a supervisor that is gone.
@@ -80,6 +80,14 @@ class Session:
             if self.pending.pop(call.cid, None) is not None:
                 call.reject(err)
 
+    def request(self, x: Any, timeout: float | None, retry: bool, tenant: str | None,
+                stream: bool) -> tuple[Any, list, float, float]:
+        """(id, frames, timeout, local deadline) of one infer request, encoded on the caller's
+        thread; both clients build every request here."""
+        t = self.timeout_of(timeout)
+        cid = next(self.ids)
+        return cid, self.infer_frames(x, cid, t, retry, stream, tenant), t, self.deadline(t)
+
     def infer_frames(self, value: Any, cid: Any, timeout: float, retry: bool, stream: bool,
                      tenant: str | None) -> list:
         fields: dict[str, Any] = {"timeout": timeout, "bundles": True}  # we read bundled replies
@@ -112,23 +120,15 @@ class Session:
 
     def on_reply(self, frames: list) -> None:
         """One ZeroMQ message from the supervisor: a reply, or a bundle of them."""
-        try:
-            messages = unbundle(frames)
-        except ValueError:
-            return  # not for us to fix; the callers' deadlines still hold
-        for message in messages:
-            self.on_message(message)
-
-    def on_message(self, frames: list) -> None:
-        try:
-            header = unpack_header(data(frames[0]))
-        except IsopoolError:
-            return  # not for us to fix; the caller's deadline still holds
-        call = self.pending.get(header["id"])
-        if call is None:
-            return  # already timed out or cancelled
-        if self.settle(call, header["op"], frames[1:]):
-            self.pending.pop(call.cid, None)
+        pending = self.pending
+        for header, body, err in messages(frames, DEFAULT_LIMITS):
+            if err is not None:
+                continue  # not for us to fix; the callers' deadlines still hold
+            call = pending.get(header["id"])
+            if call is None:
+                continue  # already timed out or cancelled
+            if self.settle(call, header["op"], body):
+                pending.pop(call.cid, None)
 
     def settle(self, call: Call, op: str, body: list) -> bool:
         """Hand one reply to its call; True when that was the call's final answer. Touches no
@@ -175,6 +175,31 @@ class Session:
     def deadline(timeout: float) -> float:
         return time.monotonic() + timeout + LOCAL_GRACE_S
 
+
+
+def stream_ended(item: Any) -> bool:
+    """One item a stream's call delivered: True at its end, raised if it is an error."""
+    if item is END:
+        return True
+    if isinstance(item, BaseException):
+        raise item
+    return False
+
+
+def send_bundled(session: Session, endpoint: str, outgoing, send, add: bool) -> None:
+    """Send the queued (frames, call) pairs of `outgoing` (a deque), MAX_BUNDLE to a bundle:
+    a burst costs one wake-up per hop. `send(frames)` returns the error of a send that could
+    not go out (its calls fail with it), or None; with `add`, the calls join the session
+    as they leave (the sync client's I/O thread; the async client adds them when made)."""
+    while outgoing:
+        group = [outgoing.popleft() for _ in range(min(MAX_BUNDLE, len(outgoing)))]
+        calls = [call for _, call in group if call is not None]
+        if add:
+            for call in calls:
+                session.add(call)
+        exc = send(bundle([frames for frames, _ in group]))
+        if exc is not None:
+            session.unsent(calls, endpoint, exc)
 
 
 def no_reply() -> RequestTimeout:

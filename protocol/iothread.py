@@ -16,8 +16,8 @@ So the policy follows the load each process sees: SCHED_BATCH while it holds two
 requests, normal again after CALM consecutive looks at one or none. And only while requests
 are quick: a thread that cannot preempt also waits, on a machine whose cores are all busy,
 up to a scheduler tick for a message that arrives, which costs a slow model's answers more
-than the switches it saves. So a worker whose model ran longer than its hold time (HOLD_S)
-and a supervisor whose last answer took longer than QUICK_S after dispatch look "calm".
+than the switches it saves. So a process whose last work was not quick (protocol/pacing.py:
+a worker's model run, a request's time on its worker for the supervisor) looks "calm".
 Switching is one sched_setscheduler() call per thread, made only on a change. Where the
 kernel refuses it (a sandbox), the threads keep the normal policy and nothing else changes.
 """

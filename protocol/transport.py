@@ -8,9 +8,8 @@ These helpers use plain int flags and ask the socket whether more is waiting. Bu
 
 from __future__ import annotations
 
-import os
 import time
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence
 
 import msgpack
 import zmq
@@ -25,10 +24,6 @@ POLLIN = int(zmq.POLLIN)
 EVENTS = int(zmq.EVENTS)
 RCVMORE = int(zmq.RCVMORE)
 
-T = TypeVar("T")
-# Work that finished this soon is quick: more is likely within a round trip, worth a spin.
-# Beside a longer run, the wake-ups a sleep costs are noise.
-QUICK_RUN_S = 0.002
 
 
 def send_frames(sock: zmq.Socket, frames: Sequence, flags: int = 0) -> None:
@@ -55,81 +50,37 @@ def drain(sock: zmq.Socket, limit: int) -> Iterator[list]:
 
 def receive(sock: zmq.Socket, limit: int, limits: Limits, at: int = 1) -> Iterator[tuple]:
     """The messages waiting on `sock` (up to `limit` ZeroMQ messages, bundles opened), each as
-    (peer, header, body, carrier, error): `peer` the routing id (None when at=0), `header`
-    the decoded header, `body` the frames after it, `carrier` the frame it came in (its
-    own, or its bundle's: it holds the connection's CURVE identity). When a message cannot
-    be read, `error` is a BadRequest saying why, `header` the request id that could still
-    be read (or None) and `body` None. An empty message, which carries no id, is skipped."""
+    (peer, header, body, carrier, error): `peer` the routing id (None when at=0) and
+    `carrier` the ZeroMQ frame it came in (its own, or its bundle's: it holds the
+    connection's CURVE identity); the rest as messages() says."""
     for frames in drain(sock, limit):
         peer = frames[0].bytes if at else None
         carrier = frames[at] if len(frames) > at else frames[0]
-        try:
-            messages = unbundle(frames, at)
-        except ValueError as exc:
-            yield peer, None, None, carrier, BadRequest(
-                f"a bundle of messages was refused: {exc}; is the sender an isopool client?")
+        for header, body, err in messages(frames, limits, at):
+            yield peer, header, body, carrier, err
+
+
+def messages(frames: list, limits: Limits, at: int = 0) -> list[tuple]:
+    """The messages in one received ZeroMQ message (frames[:at] is its routing prefix), a
+    bundle opened, each as (header, body, error): the decoded header and the frames after
+    it. A message that cannot be read comes as (request id or None, None, BadRequest saying
+    why). An empty message, which carries no id, is left out. Supervisor, workers and
+    clients all read what they receive through here."""
+    try:
+        opened = unbundle(frames, at)
+    except ValueError as exc:
+        return [(None, None, BadRequest(f"a bundle of messages was refused: {exc}; "
+                                        "is the sender an isopool client?"))]
+    out = []
+    for m in opened:
+        if len(m) <= at:
             continue
-        for m in messages:
-            if len(m) <= at:
-                continue
-            raw = data(m[at])
-            try:
-                header = unpack_header(raw, limits)
-            except BadRequest as err:
-                yield peer, peek_id(raw), None, carrier, err
-                continue
-            yield peer, header, m[at + 1:], carrier, None
-
-
-def spin_until(look: Callable[[], T], seconds: float) -> T | None:
-    """Look for the next message again and again for up to `seconds` before a caller sleeps
-    in poll(): the first truthy answer of look(), or None. The core is offered to any other
-    thread between looks (sched_yield), so a spin never holds back the work it waits for.
-
-    Why: a message to a sleeping process is three thread wake-ups (the sender's I/O thread,
-    the receiver's, the receiver), and where a wake-up lands on an idle core it costs that
-    core's way out of its idle state too; on the 2-core VMs we measure on, idle vCPUs halt at
-    once (guest_halt_poll_ns=0), and a sequential request crosses 4 hops. A process that just
-    did quick work is likely to get more within a round trip, so it keeps its core awake
-    instead: sequential p50 ~345 -> ~235 µs (README, Performance)."""
-    end = time.perf_counter() + seconds
-    while True:
-        found = look()
-        if found or time.perf_counter() >= end:
-            return found or None
-        os.sched_yield()
-
-
-class Spinner:
-    """Spin, then sleep, for as long as spinning has been paying off.
-
-    The window is learnt from the gaps between the end of work and the next message, by the
-    rule of Linux's guest haltpoll governor: a message that came after the spin gave up, but
-    within `limit`, doubles the window (from GROW_FROM_S, up to the limit); a gap longer than
-    the limit, or none at all, halves it, down to nothing. A steady sequential client keeps
-    the whole window; sporadic requests stop costing a spin within a few of them.
-    """
-
-    GROW_FROM_S = 0.00005
-
-    def __init__(self, limit_s: float):
-        self.limit = limit_s
-        self.window = limit_s
-
-    def wait(self, look: Callable[[], T], sleep: Callable[[], T], cap_s: float = float("inf")) -> T:
-        """The first truthy answer of look(), tried for up to the window (and cap_s), else what
-        sleep() returns."""
-        start = time.perf_counter()
-        if self.window:
-            found = spin_until(look, min(self.window, cap_s))
-            if found:
-                return found
-        found = sleep()
-        if found and time.perf_counter() - start <= self.limit:
-            self.window = min(self.limit, max(2 * self.window, self.GROW_FROM_S))
-        elif self.window:
-            self.window = self.window / 2 if self.window > self.GROW_FROM_S else 0.0
-        return found
+        raw = data(m[at])
+        try:
+            out.append((unpack_header(raw, limits), m[at + 1:], None))
+        except BadRequest as err:
+            out.append((peek_id(raw), None, err))
+    return out
 
 
 # ---------------------------------------------------------------- bundles

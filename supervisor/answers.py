@@ -1,8 +1,10 @@
 """Worker messages: readiness, answers (relayed to their clients), and reports of failure.
 
-An answer is relayed only if it is for the request's current attempt on this worker; a
-late answer from a worker the request has left (it was retried, cancelled, timed out) is
-dropped, but still frees the worker's credit. Parts of a stream are relayed as they come.
+An answer is relayed only if it is for the request's current dispatch on this worker (its
+`attempt`, a number unique in the supervisor); a late answer from a dispatch the request
+has left (it was retried, cancelled, timed out), or from an earlier request that had the
+same id (found by the simulator: a cancelled request still running when its client reused
+the id answered the new one), is dropped, but still frees the worker's credit. Parts of a stream are relayed as they come.
 """
 
 from __future__ import annotations
@@ -110,6 +112,10 @@ def on_reply(core: "Core", w: Worker, op: str, header: dict, body: list, now: fl
         if not ledger.load(w.slot):
             w.move(State.IDLE, "all answered")
     if current:
+        # its time on the worker: from its dispatch, or from the worker's previous answer if
+        # that came later (before it, it waited behind others there)
+        core.work_s = now - max(req.started_at, w.answered_at)
+        w.answered_at = now
         w.requests += 1
         w.requests_this_process += 1
         if op == ops.ERROR:

@@ -77,7 +77,7 @@ class Core:
         self.was_degraded = False
         self.reloading = False
         self.dirty = True  # the pool changed: the maintenance steps run on the next tick
-        self.answer_s = float("inf")  # how soon after its dispatch the last answer came
+        self.work_s = float("inf")  # how long the last answered request ran on its worker (protocol/pacing.py)
         self.stop_header = pack_header(ops.STOP, None)
         self.to_clients: list[tuple[bytes, list, bool]] = []
         self.to_workers: list[tuple[bytes, list]] = []
@@ -143,7 +143,7 @@ class Core:
         self.ledger.settle(req)
         self.to_clients.append((req.client, [pack_header(op, req.client_id), *body], req.bundles))
         self.stats.done(outcome, now - req.accepted_at, now)
-        self.answer_s = now - req.started_at
+
 
     def fail(self, req: Request, err: IsopoolError) -> None:
         self.ledger.settle(req, grace=self.config.kill_grace)

@@ -40,7 +40,9 @@ class Request:
     stream: bool = False
     bundles: bool = False  # its client reads bundled replies (protocol/transport.py)
     tenant: object = None  # the isolation key: the client's tenant, or the request itself
-    attempt: int = 0  # dispatches so far
+    # its latest dispatch's number, unique in this supervisor: an answer from an earlier
+    # dispatch (of this request, or of an earlier one that had the same id) never passes for it
+    attempt: int = 0
     worker: int | None = None  # slot while dispatched
     seq: int = 0  # its dispatch sequence number on that worker (protocol/board.py)
     started_at: float = 0.0
@@ -66,6 +68,7 @@ class Ledger:
         self._deadlines: list[tuple[float, int, Key]] = []
         self._orphan_deadlines: list[tuple[float, int, int, Key]] = []
         self._seq = itertools.count()
+        self._dispatches = itertools.count(1)
 
     # ------------------------------------------------------------ figures
 
@@ -121,7 +124,7 @@ class Ledger:
     def dispatch(self, req: Request, slot: int, now: float) -> None:
         """`req` leaves the queue for the worker in `slot` (its next attempt)."""
         del self.queue[req.key]
-        req.attempt += 1
+        req.attempt = next(self._dispatches)
         req.worker = slot
         req.started_at = now
         held = self.held.get(slot)

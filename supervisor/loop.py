@@ -31,7 +31,8 @@ from typing import Any
 import zmq
 
 from isopool.protocol import encode, ops
-from isopool.protocol.transport import QUICK_RUN_S, Outbox, Spinner, receive
+from isopool.protocol.pacing import Pacing
+from isopool.protocol.transport import Outbox, receive
 
 from . import actions as act
 from .auth import is_admin
@@ -49,7 +50,6 @@ log = logging.getLogger("isopool.supervisor")
 
 MAX_BATCH = 512  # messages read from one socket per pass, so no source starves another
 LAST_WORDS_S = 0.005  # how long a crash waits for the dead worker's already-sent replies
-QUICK_S = 0.010  # answers this soon after dispatch: a quick model, whose bursts can wait for a busy loop
 
 __all__ = ["Supervisor", "StartupError"]
 
@@ -65,7 +65,6 @@ class Supervisor:
         self.started_at = time.monotonic()
         self.started_wall = time.time()
         self.worked = False  # the last pass read a client's or a worker's message
-        self.spinner = Spinner(config.spin_us / 1e6) if config.spin_us else None
         self.core: Core | None = None
 
     # ------------------------------------------------------------ setup
@@ -73,6 +72,7 @@ class Supervisor:
     def open(self) -> None:
         self.io = io = Sockets(self.config)
         self.endpoint = io.endpoint
+        self.pacing = Pacing(io.io_threads, self.config.spin_us)  # fed with core.work_s each pass
         # everything for a peer leaves at the end of the pass, a burst as one bundle
         self.to_clients = Outbox(io.frontend, routed=True, on_error=_reply_dropped)
         self.to_workers = Outbox(io.backend, routed=True, on_error=_reply_dropped)
@@ -123,8 +123,8 @@ class Supervisor:
         self.carry_out(now)
         if maintained and io.metrics is not None:
             io.metrics.snapshot = snapshot(core)
-        # before the sends that wake it (protocol/iothread.py)
-        io.io_threads.observe(len(core.ledger) if core.answer_s <= QUICK_S else 0)
+        self.pacing.did(core.work_s)
+        self.pacing.observe(len(core.ledger))  # before the sends that wake the I/O thread
         self.to_workers.flush()
         self.to_clients.flush()
 
@@ -132,11 +132,10 @@ class Supervisor:
         """What is ready to read, waiting at most timeout_ms. While answers come quickly, a pass
         that relayed messages is likely followed by more within a round trip (the worker's
         answer, the client's next request): look for them for up to --spin-us first, awake,
-        rather than pay the wake-ups of a sleep (protocol/transport.py: Spinner)."""
-        if timeout_ms and self.worked and self.core.answer_s <= QUICK_RUN_S and self.spinner is not None:
-            # a timer is due after timeout_ms: a spin never delays it
-            return self.spinner.wait(self._poll_now, lambda: self.poller.poll(timeout_ms), cap_s=timeout_ms / 1000)
-        return self.poller.poll(timeout_ms)
+        rather than pay the wake-ups of a sleep (protocol/pacing.py)."""
+        # a timer is due after timeout_ms: a spin never delays it
+        return self.pacing.wait(self.worked and timeout_ms > 0, self._poll_now, lambda: self.poller.poll(timeout_ms),
+                                cap_s=timeout_ms / 1000)
 
     def _poll_now(self) -> list:
         return self.poller.poll(0)

@@ -20,7 +20,6 @@ any other leaving slot is given up (its replacement has a slot of its own).
 from __future__ import annotations
 
 import enum
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -80,6 +79,7 @@ class Worker:
     started_at: float = 0.0
     ready_at: float = 0.0
     last_seen: float = 0.0
+    answered_at: float = 0.0  # when it last answered a request
     dispatched: int = 0  # RUNs sent to this process: each request's sequence number on its board
     requests: int = 0
     errors: int = 0
@@ -115,7 +115,7 @@ class Worker:
         """Forget the dead process; keep the slot's counters."""
         self.pid = None
         self.dispatched = 0
-        self.started_at = self.ready_at = self.last_seen = 0.0
+        self.started_at = self.ready_at = self.last_seen = self.answered_at = 0.0
         self.requests_this_process = 0
         self.tenant = None
         self.leaving = None

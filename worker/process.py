@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from isopool.protocol import decode_payload, encode_payload, ops, pack_header, unpack_header
+from isopool.protocol import decode_payload, encode_payload, ops, pack_header
 from isopool.protocol.codec import encode_error
 from isopool.protocol.errors import BadRequest, RemoteError, RequestTimeout
 from isopool.protocol.exits import EXIT_LOAD_FAILED, EXIT_ORPHANED
@@ -33,7 +33,8 @@ from isopool.protocol.board import Board
 from isopool.protocol.contract import WorkerConfig
 from isopool.protocol.iothread import io_context
 from isopool.protocol.limits import Limits
-from isopool.protocol.transport import EVENTS, POLLIN, QUICK_RUN_S, Outbox, Spinner, data, drain, unbundle
+from isopool.protocol.pacing import Pacing
+from isopool.protocol.transport import EVENTS, POLLIN, Outbox, drain, messages
 
 from .handler import WorkerContext, build_model
 from .integrity import fingerprint
@@ -94,9 +95,9 @@ class Worker:
         # back by the time half of what we may hold is done. The board, not the order of
         # replies, tells the supervisor what a dead worker was running.
         self.flush_at = max(1, self.capacity // 2)
-        self.last_run = float("inf")  # seconds the previous request (or batch) took; none yet: slow
         self.waiting = 0  # requests already here behind the current one (capacity: more on the socket)
-        self.spinner = Spinner(config.spin_us / 1e6) if config.spin_us else None
+        # how long the previous request (or batch) ran decides how we wait and pace (protocol/pacing.py)
+        self.pacing = Pacing(self.io_threads, config.spin_us)
         import torch
 
         self.inference_mode = torch.inference_mode
@@ -113,31 +114,30 @@ class Worker:
 
     def pace(self, holding: int) -> None:
         """Let ZeroMQ's I/O thread wait for us while quick requests queue here; never behind a
-        model run that takes longer than HOLD_S (protocol/iothread.py)."""
-        self.io_threads.observe(holding if self.last_run <= HOLD_S else 0)
+        model run that is not quick (protocol/pacing.py)."""
+        self.pacing.observe(holding)
 
     def before_run(self) -> None:
         """Results wait for company only while requests are quick: none waits for another
         request once it has waited HOLD_S (so at most HOLD_S and one run), and none waits at
         all behind a model that takes longer than that."""
         out = self.out
-        if len(out) and (self.last_run > HOLD_S or time.monotonic() - out.since > HOLD_S):
+        if len(out) and (not self.pacing.quick or time.monotonic() - out.since > HOLD_S):
             out.flush()
 
-    def receive(self, limit: int) -> Iterator[list]:
+    def receive(self, limit: int) -> Iterator[tuple[dict, list]]:
         """Up to `limit` waiting ZeroMQ messages, bundles opened, without blocking. Sets
         `waiting`: how much other work is already here while this message is handled."""
         for bundle in drain(self.sock, limit):
-            try:
-                messages = unbundle(bundle)
-            except ValueError as exc:  # only the supervisor talks to us; never die of its mistakes
-                log.error("ignoring a malformed bundle from the supervisor: %s", exc)
-                continue
-            last = len(messages) - 1
-            for i, message in enumerate(messages):
+            opened = messages(bundle, self.limits)
+            last = len(opened) - 1
+            for i, (header, body, err) in enumerate(opened):
+                if err is not None:  # only the supervisor talks to us; never die of its mistakes
+                    log.error("ignoring an undecodable message from the supervisor: %s", err)
+                    continue
                 left = last - i
                 self.waiting = left or (self.capacity if self.sock.get(EVENTS) & POLLIN else 0)
-                yield message
+                yield header, body
         self.waiting = 0
 
     @staticmethod
@@ -158,48 +158,41 @@ class Worker:
         while self.running:
             self.sent = False
             while self.backlog and self.running:  # what arrived while a stream was being sent
-                self.handle(self.backlog.popleft())
+                self.handle(*self.backlog.popleft())
             self.out.flush()
-            if self.running and self.wait(interval_ms, spin=worked and self.last_run <= QUICK_RUN_S):
-                for frames in self.receive(64):
-                    self.handle(frames)
+            if self.running and self.wait(interval_ms, worked):
+                for header, body in self.receive(64):
+                    self.handle(header, body)
                     if not self.running:
                         break
             while self.batch and self.running:
                 self.fill_and_run_batch()
             worked = self.sent  # before a heartbeat: a heartbeat is no reason to stay awake
             if not self.sent:  # a quiet interval: tell the supervisor we are alive
-                self.io_threads.idle()
+                self.pacing.idle()
                 self.send([pack_header(ops.HEARTBEAT, None)])
             if self.config.integrity_interval and time.monotonic() >= self.next_check:
                 self.check_weights("scheduled")
                 self.next_check = time.monotonic() + self.config.integrity_interval
 
-    def wait(self, timeout_ms: int, spin: bool) -> bool:
+    def wait(self, timeout_ms: int, worked: bool) -> bool:
         """True once a message is here, False after timeout_ms. Just after quick work the next
         request is likely within a round trip: look for it for up to spin_us first, awake,
-        rather than pay the wake-ups of a sleep (protocol/transport.py: Spinner)."""
-        if spin and self.spinner is not None:
-            return bool(self.spinner.wait(self._has_message, lambda: self.sock.poll(timeout_ms, zmq.POLLIN)))
-        return bool(self.sock.poll(timeout_ms, zmq.POLLIN))
+        rather than pay the wake-ups of a sleep (protocol/pacing.py)."""
+        return bool(self.pacing.wait(worked, self._has_message, lambda: self.sock.poll(timeout_ms, zmq.POLLIN)))
 
     def _has_message(self) -> bool:
         return bool(self.sock.get(EVENTS) & POLLIN)
 
-    def handle(self, frames: list) -> None:
-        try:
-            header = unpack_header(data(frames[0]), self.limits)
-        except BadRequest as err:  # only the supervisor talks to us; never die of its mistakes
-            log.error("ignoring an undecodable message from the supervisor: %s", err)
-            return
+    def handle(self, header: dict, body: list) -> None:
         op = header["op"]
         if op == ops.STOP:
             self.running = False
         elif op == ops.RUN and not self.corrupt:
             if self.batching:
-                self.batch.append((header, frames[1:]))
+                self.batch.append((header, body))
             else:
-                self.run(header, frames[1:])
+                self.run(header, body)
 
     def accept(self, header: dict, body: list) -> tuple[Any, int, Any, int] | None:
         """(id, attempt, inputs, seq) of a RUN, or None after answering it (expired, undecodable)."""
@@ -226,8 +219,8 @@ class Worker:
             self.out.flush()  # nothing we have finished waits on a batch still filling
             if left_ms < 0 or not self.sock.poll(left_ms, zmq.POLLIN):
                 break
-            for frames in self.receive(size - len(self.batch)):
-                self.handle(frames)
+            for header, body in self.receive(size - len(self.batch)):
+                self.handle(header, body)
         items, self.batch = self.batch[:size], self.batch[size:]
         self.run_batch([a for a in (self.accept(h, b) for h, b in items) if a is not None])
 
@@ -252,7 +245,7 @@ class Worker:
             rid, attempt, _, seq = live[0]
             self.send(encode_error(rid, self.remote_error(sys.exc_info()[1]), attempt=attempt))
             self.board.finish(seq)
-            self.last_run = time.monotonic() - started
+            self.pacing.did(time.monotonic() - started)
             return
         for (rid, attempt, _, _), output in zip(live, outputs):  # the batch's results leave as one bundle
             try:
@@ -262,7 +255,7 @@ class Worker:
         self.sent = True
         self.out.flush()
         self.board.finish(live[-1][3])
-        self.last_run = time.monotonic() - started
+        self.pacing.did(time.monotonic() - started)
         if self.config.integrity_every_request:
             self.check_weights("after request", live[-1][0])
 
@@ -286,7 +279,7 @@ class Worker:
         else:
             self.send([pack_header(ops.RESULT, rid, attempt=attempt), *frames])
         self.board.finish(seq)
-        self.last_run = time.monotonic() - started
+        self.pacing.did(time.monotonic() - started)
         if self.config.integrity_every_request:
             self.check_weights("after request", rid)
 
@@ -310,18 +303,14 @@ class Worker:
     def cancelled(self, rid: Any) -> bool:
         """Between parts: read what has arrived; a CANCEL of `rid` ends the stream, the rest waits."""
         stop = False
-        for frames in self.receive(64):  # read all of it: a bundle may hold more after the CANCEL
-            try:
-                header = unpack_header(data(frames[0]), self.limits)
-            except BadRequest:
-                continue
+        for header, body in self.receive(64):  # read all of it: a bundle may hold more after the CANCEL
             if header["op"] == ops.CANCEL:
                 stop = stop or header["id"] == rid
             elif header["op"] == ops.STOP:
                 self.running = False
                 stop = True
             else:
-                self.backlog.append(frames)
+                self.backlog.append((header, body))
         return stop
 
     def check_weights(self, when: str, rid: Any = None) -> None:

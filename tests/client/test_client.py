@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from concurrent.futures import Future
 
@@ -119,3 +120,31 @@ def test_cancelling_a_queued_future_withdraws_the_request(start_pool):
         status = c.status()  # after the CANCEL on this connection, so it is counted
     assert status["pool"]["outcomes"].get("cancelled") == 1
     assert sum(w["requests"] for w in pool.workers()) == 1  # the cancelled one never ran
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_async_client_that_fails_to_start_leaves_nothing_open(short_tmp):
+    """A constructor that fails half-way (a bad key file) releases its context and sockets."""
+    bad = short_tmp / "bad.key_secret"
+    bad.write_text("not a key")
+    asyncio.run(AsyncClient(f"ipc://{short_tmp}/x.sock").close())  # first use opens what imports keep
+    before = _open_fds()
+    for _ in range(5):
+        with pytest.raises((ValueError, OSError)):
+            AsyncClient(f"ipc://{short_tmp}/x.sock", curve_secret_key=str(bad), curve_server_key=str(bad))
+    assert _open_fds() <= before
+
+
+def test_async_client_has_the_control_ops_of_the_sync_client(start_pool):
+    pool = start_pool("--workers", "1")
+
+    async def main() -> tuple:
+        async with AsyncClient(pool.endpoint) as c:
+            return await c.scale(2), await c.reload()
+
+    scaled, reloaded = asyncio.run(main())
+    assert scaled == {"workers_target": 2, "previous": 1} and reloaded["reloading"] >= 1
+    assert pool.status()["pool"]["workers_target"] == 2

@@ -1,4 +1,4 @@
-"""A blocking infer() waits on a socket of its own (client/sync.py, _Direct): the same
+"""A blocking infer() waits on a socket of its own (client/direct.py): the same
 answers, errors and endings as the I/O thread's path, on the caller's thread."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from isopool.client import sync
+from isopool.client import iothread
 from isopool.errors import RemoteError, RequestTimeout, Unavailable
 
 
@@ -80,19 +80,19 @@ def test_supervisor_death_ends_a_waiting_infer_with_unavailable(faulty):
 def test_callers_beyond_the_direct_sockets_queue_through_the_io_thread(faulty):
     with faulty.client() as c:
         waiting = [_in_thread(lambda: c.infer({"do": "sleep", "s": 1}, timeout=30))
-                   for _ in range(sync.DIRECT_SOCKETS)]
+                   for _ in range(iothread.DIRECT_SOCKETS)]
         for _ in range(500):  # bounded round trips: until the pool holds every one of them
             pool = faulty.status()["pool"]
-            if pool["queue_depth"] + pool["in_flight"] == sync.DIRECT_SOCKETS:
+            if pool["queue_depth"] + pool["in_flight"] == iothread.DIRECT_SOCKETS:
                 break
         else:
             raise AssertionError("the pool never held all the direct calls")
-        assert c._io.direct == sync.DIRECT_SOCKETS and not c._io.idle  # each was sent from a socket lent out
+        assert c._io.direct == iothread.DIRECT_SOCKETS and not c._io.idle  # each was sent from a socket lent out
         assert c.infer({"do": "ok", "via": "queue"})["echo"]["via"] == "queue"
         for thread, _ in waiting:
             thread.join(30)
         assert all(out and out[0]["echo"]["do"] == "sleep" for _, out in waiting)
-        assert c._io.direct == sync.DIRECT_SOCKETS
+        assert c._io.direct == iothread.DIRECT_SOCKETS
 
 
 class _Interrupted(Exception):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import zmq
 
-from isopool.protocol.transport import (BUNDLE, MAX_BUNDLE, PACK_BELOW, Outbox, Spinner, bundle, data, drain, spin_until,
+from isopool.protocol.pacing import Spinner, spin_until
+from isopool.protocol.transport import (BUNDLE, MAX_BUNDLE, PACK_BELOW, Outbox, bundle, data, drain,
                                         unbundle)
 
 

@@ -256,3 +256,21 @@ def test_a_stuck_worker_holding_only_unbegun_requests_is_replaced():
     pool.boards[0] = (0, 0)  # it began nothing
     pool.tick(3.0)
     assert [k.sig for k in pool.kills] == ["TERM"] and pool.core.workers[0].leaving == "heartbeat"
+
+
+def test_a_reused_id_never_gets_the_answer_of_the_cancelled_request_before_it():
+    """Found by the simulator (seed 3700): the cancelled request, still running on the same
+    worker when its id was reused, answered the new one (both were 'attempt 1')."""
+    pool = Pool(workers=1)
+    pool.infer(1)
+    pool.tick()
+    old_attempt = pool.runs[0][-1]["attempt"]
+    pool.handle(ev.ClientMessage(b"c", {"op": ops.CANCEL, "id": 1}, []))
+    pool.infer(1)  # the id is free again: the client reuses it
+    pool.tick()
+    new_attempt = pool.runs[0][-1]["attempt"]
+    assert new_attempt != old_attempt
+    pool.answer(0, 1, attempt=old_attempt)  # the cancelled run finishes
+    assert [h["op"] for h in pool.final(1)] == [ops.ERROR]  # only the cancellation so far
+    pool.answer(0, 1, attempt=new_attempt)
+    assert [h["op"] for h in pool.final(1)] == [ops.ERROR, ops.RESULT]

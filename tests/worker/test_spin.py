@@ -1,5 +1,5 @@
 """After quick work the supervisor and workers stay awake for --spin-us, then sleep
-(protocol/transport.py: Spinner): checked on the CPU time of the real processes."""
+(protocol/pacing.py: Spinner): checked on the CPU time of the real processes."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def test_a_slow_model_is_never_spun_for(start_pool):
 
 def test_sporadic_requests_stop_paying_for_spins(start_pool):
     """Requests further apart than --spin-us: each gap halves the window, so the spins of a
-    sporadic client cost a fraction of one full spin per request (protocol/transport.py: Spinner)."""
+    sporadic client cost a fraction of one full spin per request (protocol/pacing.py: Spinner)."""
     spin_us, requests, gap_s = 50_000, 8, 0.2
     pool = start_pool("--workers", "1", "--model", FAULTY, "--spin-us", str(spin_us))
     with pool.client() as c:
