@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_MODEL = "isopool.models.default:DefaultModel"  # what `serve` runs without --model
+WORKER_MAIN = "isopool.worker"  # `python -m` this: a fresh worker (--preload none)
+TEMPLATE_MAIN = "isopool.worker.template"  # `python -m` this: the template
 ENV_CONFIG = "ISOPOOL_WORKER"  # a fresh worker's WorkerConfig
 ENV_TEMPLATE = "ISOPOOL_TEMPLATE"  # the template's spec: {model, preload, user_config, parent_pid}
 ENV_TEMPLATE_FD = "ISOPOOL_TEMPLATE_FD"  # the template's end of its command socket

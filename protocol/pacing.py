@@ -48,6 +48,11 @@ class Pacing:
             return self.spinner.wait(look, sleep, cap_s)
         return sleep()
 
+    def pace(self, work_s: float, holding: int) -> None:
+        """did(work_s), then observe(holding): the supervisor's once-a-pass call."""
+        self.work_s = work_s
+        self.io_threads.observe(holding if work_s <= QUICK_S else 0)
+
     def observe(self, holding: int) -> None:
         """This process holds `holding` requests (queued, running or awaited)."""
         self.io_threads.observe(holding if self.work_s <= QUICK_S else 0)

@@ -48,24 +48,12 @@ def drain(sock: zmq.Socket, limit: int) -> Iterator[list]:
         yield frames
 
 
-def receive(sock: zmq.Socket, limit: int, limits: Limits, at: int = 1) -> Iterator[tuple]:
-    """The messages waiting on `sock` (up to `limit` ZeroMQ messages, bundles opened), each as
-    (peer, header, body, carrier, error): `peer` the routing id (None when at=0) and
-    `carrier` the ZeroMQ frame it came in (its own, or its bundle's: it holds the
-    connection's CURVE identity); the rest as messages() says."""
-    for frames in drain(sock, limit):
-        peer = frames[0].bytes if at else None
-        carrier = frames[at] if len(frames) > at else frames[0]
-        for header, body, err in messages(frames, limits, at):
-            yield peer, header, body, carrier, err
-
-
 def messages(frames: list, limits: Limits, at: int = 0) -> list[tuple]:
     """The messages in one received ZeroMQ message (frames[:at] is its routing prefix), a
     bundle opened, each as (header, body, error): the decoded header and the frames after
     it. A message that cannot be read comes as (request id or None, None, BadRequest saying
     why). An empty message, which carries no id, is left out. Supervisor, workers and
-    clients all read what they receive through here."""
+    clients all read what they receive through here (after drain())."""
     try:
         opened = unbundle(frames, at)
     except ValueError as exc:

@@ -108,8 +108,9 @@ def on_reply(core: "Core", w: Worker, op: str, header: dict, body: list, now: fl
     if not ledger.release(w.slot, key):
         return
     if w.state in SERVING:
-        core.credits.offer(w.slot, w.generation, w.capacity - ledger.load(w.slot))
-        if not ledger.load(w.slot):
+        load = ledger.load(w.slot)
+        core.credits.offer(w.slot, w.generation, w.capacity - load)
+        if not load:
             w.move(State.IDLE, "all answered")
     if current:
         # its time on the worker: from its dispatch, or from the worker's previous answer if

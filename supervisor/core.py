@@ -103,7 +103,7 @@ class Core:
         dispatch. True if the maintenance steps ran (the figures for metrics may have moved)."""
         self.now = now
         maintained = False
-        if (d := self.ledger.next_deadline()) is not None and d <= now:
+        if (d := self.ledger.earliest()) is not None and d <= now:
             health.expire(self, now)
         if self.dirty or now >= self.next_tick or self.phase is not Phase.SERVING:
             self.dirty = False
@@ -121,8 +121,8 @@ class Core:
         """When tick() must run next; `now` or earlier means at once."""
         if self.dirty:
             return self.now
-        d = self.ledger.next_deadline()
-        return self.next_tick if d is None else min(self.next_tick, d)
+        d = self.ledger.earliest()
+        return self.next_tick if d is None or d > self.next_tick else d
 
     def take(self) -> tuple[list, list, list]:
         """The actions made since the last take, in three lists (actions.py)."""
@@ -141,12 +141,13 @@ class Core:
 
     def finish(self, req: Request, op: str, body: list, outcome: str, now: float) -> None:
         self.ledger.settle(req)
-        self.to_clients.append((req.client, [pack_header(op, req.client_id), *body], req.bundles))
+        key = req.key
+        self.to_clients.append((key[0], [pack_header(op, key[1]), *body], req.bundles))
         self.stats.done(outcome, now - req.accepted_at, now)
 
 
     def fail(self, req: Request, err: IsopoolError) -> None:
-        self.ledger.settle(req, grace=self.config.kill_grace)
+        self.ledger.abandon(req, grace=self.config.kill_grace)
         self.to_clients.append((req.client, encode_error(req.client_id, err), req.bundles))
         self.stats.count(admission.outcome_of(err))
         self.log(logging.INFO, "request %r: %s: %s", req.client_id, type(err).__name__, err,

@@ -4,12 +4,13 @@
                 ▲                         │ requeue (its worker died, or it was never begun)
                 └─────────────────────────┘
 
-A request is open from admit() until its final answer (settle()). Its worker's load is a
-separate fact: a request answered while its worker still holds it (cancelled, timed out)
-keeps its place in that worker's `held` list until the worker answers (release()) or
-dies, because the worker really is busy with it. Such an orphan keeps a deadline too, so
-that a worker that runs it forever is found (orphans_due()). Everything else (status, metrics, the
-simulator's checks) derives its figures from here: nothing else stores membership.
+A request is open from admit() until its final answer: settle() when its worker answered
+it, abandon() when the answer is ours (an error). Its worker's load is a separate fact: a
+request answered while its worker still holds it (cancelled, timed out) keeps its place in
+that worker's `held` list until the worker answers (release()) or dies, because the worker
+really is busy with it. Such an orphan keeps a deadline too, so that a worker that runs it
+forever is found (orphans_due()). Everything else (status, metrics, the simulator's
+checks) derives its figures from here: nothing else stores membership.
 
 Deadlines live in a heap with lazy deletion: an entry is stale once its request is
 answered or re-admitted, and is skipped when met; the heap is rebuilt when stale entries
@@ -107,9 +108,9 @@ class Ledger:
         key = req.key
         self.open[key] = req
         self.queue[key] = req
-        mine = self.by_client.get(req.client)
+        mine = self.by_client.get(key[0])
         if mine is None:
-            self.by_client[req.client] = mine = set()
+            self.by_client[key[0]] = mine = set()
         mine.add(key)
         heapq.heappush(self._deadlines, (req.deadline, next(self._seq), key))
         if len(self._deadlines) > 2 * len(self.open) + COMPACT_ABOVE:
@@ -154,21 +155,29 @@ class Ledger:
         self.queue[req.key] = req
         self.queue.move_to_end(req.key, last=False)
 
-    def settle(self, req: Request, grace: float = 0.0) -> None:
-        """`req` has had its final answer. A worker that still holds it keeps holding it, as an
-        orphan due `grace` after its deadline (or after now, `req.started_at` being older)."""
+    def settle(self, req: Request) -> None:
+        """`req` has had its final answer (its worker answered it, or it held no worker)."""
         key = req.key
         if self.open.get(key) is not req:
             return
         del self.open[key]
-        if self.queue.pop(key, None) is None and req.worker is not None and key in self.held.get(req.worker, ()):
-            self.orphans[(req.worker, key)] = req.seq
-            heapq.heappush(self._orphan_deadlines, (req.deadline + grace, next(self._seq), req.worker, key))
-        mine = self.by_client.get(req.client)
+        self.queue.pop(key, None)
+        mine = self.by_client.get(key[0])
         if mine is not None:
             mine.discard(key)
             if not mine:
-                del self.by_client[req.client]
+                del self.by_client[key[0]]
+
+    def abandon(self, req: Request, grace: float) -> None:
+        """`req` has had its final answer from us (an error), though a worker may still hold it:
+        then it stays held, as an orphan due `grace` after its deadline."""
+        if self.open.get(req.key) is not req:
+            return
+        held = req.worker is not None and req.key not in self.queue and self.held.get(req.worker)
+        self.settle(req)
+        if held and req.key in held:
+            self.orphans[(req.worker, req.key)] = req.seq
+            heapq.heappush(self._orphan_deadlines, (req.deadline + grace, next(self._seq), req.worker, req.key))
 
     def forget_worker(self, slot: int) -> list[Request]:
         """The worker in `slot` is gone: the open requests it held, in dispatch order."""
@@ -178,6 +187,14 @@ class Ledger:
         return [r for k in keys if (r := self.open.get(k)) is not None and r.worker == slot]
 
     # ------------------------------------------------------------ deadlines
+
+    def earliest(self) -> float | None:
+        """The earliest deadline on the heaps, possibly of a request already answered (a timer
+        that fires early finds nothing due: cheaper than cleaning the heaps on every look)."""
+        d, o = self._deadlines, self._orphan_deadlines
+        if d:
+            return min(d[0][0], o[0][0]) if o else d[0][0]
+        return o[0][0] if o else None
 
     def next_deadline(self) -> float | None:
         o = self._orphan_deadlines

@@ -32,12 +32,13 @@ import zmq
 
 from isopool.protocol import encode, ops
 from isopool.protocol.pacing import Pacing
-from isopool.protocol.transport import Outbox, receive
+from isopool.protocol.transport import Outbox, drain, messages
 
 from . import actions as act
 from .auth import is_admin
 from .blame import wants_last_words
 from .config import PoolConfig
+from .control import Phase
 from .core import Core
 from .devices import parse_devices
 from .notify import sd_notify
@@ -57,6 +58,7 @@ __all__ = ["Supervisor", "StartupError"]
 class Supervisor:
     def __init__(self, config: PoolConfig):
         self.config = config
+        self.limits = config.limits
         try:
             self.devices = parse_devices(config.devices)
         except ValueError as exc:
@@ -99,15 +101,17 @@ class Supervisor:
             log.info("isopool %s: %d worker(s) of %s, frontend %s", os.getpid(), self.config.workers,
                      self.config.model, self.endpoint)
             core = self.core
-            while core.phase.value != "stopped":
-                self.step(self.poll_timeout())
+            timeout_ms = 0
+            while core.phase is not Phase.STOPPED:
+                timeout_ms = self.step(timeout_ms)
         finally:
             self.close()
         if self.core.startup_error:
             raise StartupError(self.core.startup_error, self.core.exit_code)
         return self.core.exit_code
 
-    def step(self, timeout_ms: int) -> None:
+    def step(self, timeout_ms: int) -> int:
+        """One pass; returns how long the next may sleep (ms)."""
         ready = dict(self.wait(timeout_ms))
         now = time.monotonic()
         io, core = self.io, self.core
@@ -117,16 +121,20 @@ class Supervisor:
             self.read_frontend(now)
         if back:
             self.read_backend(now)
+            if core.to_clients:
+                self.carry_out(now)
+                self.to_clients.flush()  # answers leave first: nothing below is for their clients
         if len(ready) > front + back:
             self.read_other(ready, now)
         maintained = (core.ledger.queue or core.next_due() <= now) and core.tick(now)
-        self.carry_out(now)
+        if core.to_clients or core.to_workers or core.actions:
+            self.carry_out(now)
         if maintained and io.metrics is not None:
             io.metrics.snapshot = snapshot(core)
-        self.pacing.did(core.work_s)
-        self.pacing.observe(len(core.ledger))  # before the sends that wake the I/O thread
+        self.pacing.pace(core.work_s, len(core.ledger))  # before the sends that wake the I/O thread
         self.to_workers.flush()
         self.to_clients.flush()
+        return self.poll_timeout()
 
     def wait(self, timeout_ms: int) -> list:
         """What is ready to read, waiting at most timeout_ms. While answers come quickly, a pass
@@ -150,23 +158,26 @@ class Supervisor:
     # ------------------------------------------------------------ reading
 
     def read_frontend(self, now: float) -> None:
-        core, auth = self.core, self.io.auth
-        for ident, header, body, carrier, err in receive(self.io.frontend, MAX_BATCH, self.config.limits):
-            if err is not None:
-                core.handle(act.ClientGarbage(ident, header, err), now)
-            else:
-                core.client_message(ident, header, body, auth is None or is_admin(carrier), now)
-        # answers leave first: nothing below is for their clients
-        self.carry_out(now)
-        self.to_clients.flush()
+        core, auth, limits = self.core, self.io.auth, self.limits
+        for frames in drain(self.io.frontend, MAX_BATCH):
+            ident = frames[0].bytes
+            # the frame a message came in (its own, or its bundle's) holds its CURVE identity
+            admin = auth is None or is_admin(frames[1] if len(frames) > 1 else frames[0])
+            for header, body, err in messages(frames, limits, at=1):
+                if err is None:
+                    core.client_message(ident, header, body, admin, now)
+                else:
+                    core.handle(act.ClientGarbage(ident, header, err), now)
 
     def read_backend(self, now: float) -> None:
-        core = self.core
-        for ident, header, body, _, err in receive(self.io.backend, MAX_BATCH, self.config.limits):
-            if err is not None:
-                core.handle(act.WorkerGarbage(ident, str(err)), now)
-            else:
-                core.worker_message(ident, header, body, now)
+        core, limits = self.core, self.limits
+        for frames in drain(self.io.backend, MAX_BATCH):
+            ident = frames[0].bytes
+            for header, body, err in messages(frames, limits, at=1):
+                if err is None:
+                    core.worker_message(ident, header, body, now)
+                else:
+                    core.handle(act.WorkerGarbage(ident, str(err)), now)
 
     def read_other(self, ready: dict, now: float) -> None:
         """The rare sources: signals, event subscriptions, ZAP, pidfds, output and the template."""
@@ -201,12 +212,14 @@ class Supervisor:
         core = self.core
         while core.to_clients or core.to_workers or core.actions:
             to_clients, to_workers, actions = core.take()
-            post = self.to_clients.post
-            for ident, frames, bundles in to_clients:
-                post([ident, *frames], bundles)
-            post = self.to_workers.post
-            for ident, frames in to_workers:
-                post([ident, *frames])
+            if to_clients:
+                post = self.to_clients.post
+                for ident, frames, bundles in to_clients:
+                    post([ident, *frames], bundles)
+            if to_workers:
+                post = self.to_workers.post
+                for ident, frames in to_workers:
+                    post([ident, *frames])
             for a in actions:
                 self.perform(a, now)
 

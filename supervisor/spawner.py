@@ -21,7 +21,8 @@ import sys
 
 import psutil
 
-from isopool.protocol.contract import ENV_CONFIG, ENV_TEMPLATE, ENV_TEMPLATE_FD, WorkerConfig, spawn_request
+from isopool.protocol.contract import (ENV_CONFIG, ENV_TEMPLATE, ENV_TEMPLATE_FD, TEMPLATE_MAIN, WORKER_MAIN, WorkerConfig,
+                                       spawn_request)
 
 PR_SET_CHILD_SUBREAPER = 36
 SPAWN_TIMEOUT_S = 5.0
@@ -119,7 +120,7 @@ def spawn_fresh(config: WorkerConfig) -> Process:
     env.setdefault("PYTHONUNBUFFERED", "1")
     r, w = output_pipe()
     try:
-        popen = subprocess.Popen([sys.executable, "-m", "isopool.worker"], env=env, stdin=subprocess.DEVNULL,
+        popen = subprocess.Popen([sys.executable, "-m", WORKER_MAIN], env=env, stdin=subprocess.DEVNULL,
                                  stdout=w, stderr=w, close_fds=True, start_new_session=True)
     except BaseException:
         os.close(r)
@@ -145,7 +146,7 @@ class Template:
         env = {**os.environ, ENV_TEMPLATE: json.dumps(spec), ENV_TEMPLATE_FD: str(theirs.fileno())}
         env.setdefault("PYTHONUNBUFFERED", "1")
         try:
-            popen = subprocess.Popen([sys.executable, "-m", "isopool.worker.template"], env=env,
+            popen = subprocess.Popen([sys.executable, "-m", TEMPLATE_MAIN], env=env,
                                      stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), start_new_session=True)
         finally:
             theirs.close()

@@ -274,3 +274,12 @@ def test_a_reused_id_never_gets_the_answer_of_the_cancelled_request_before_it():
     assert [h["op"] for h in pool.final(1)] == [ops.ERROR]  # only the cancellation so far
     pool.answer(0, 1, attempt=new_attempt)
     assert [h["op"] for h in pool.final(1)] == [ops.ERROR, ops.RESULT]
+
+
+def test_the_supervisor_never_imports_the_worker_or_the_client():
+    """Their contract is protocol/'s (contract.py): the daemon and the workers share no code."""
+    for path in (Path(__file__).parents[2] / "supervisor").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not {m for m in names if m.startswith(("isopool.worker", "isopool.client"))}, path.name
