@@ -10,10 +10,14 @@ sleep; and while it holds several quick requests its I/O thread may wait for it 
 preempting it (protocol/iothread.py). Beside longer work, the wake-ups a sleep costs are
 noise, and an I/O thread that cannot preempt costs the slow work's answers a scheduler tick.
 
-What "work" is: the model's run in a worker; in the supervisor, a request's time on its
-worker (from its dispatch, or the worker's previous answer if that came later: the time
-it really ran, not the time it queued there); clients relay no work of their own and are
-always quick.
+Two figures are judged by it. The work: the model's run in a worker; in the supervisor, a
+request's time on its worker (from its dispatch, or the worker's previous answer if that
+came later: the time it ran, not the time it queued there). It sets the I/O-thread policy.
+The round trip: how soon after its dispatch an answer came. It decides a spin, since a spin
+pays only while the next message comes within a round trip: under load, answers queue
+behind others and the supervisor stops spinning (a spin there only takes a core from the
+workers). In a worker both are its run time. Clients relay no work of
+their own and are always quick.
 """
 
 from __future__ import annotations
@@ -33,9 +37,11 @@ class Pacing:
         self.io_threads = io_threads
         self.spinner = Spinner(spin_us / 1e6) if spin_us else None
         self.work_s = work_s  # how long the last piece of work took; none yet: slow
+        self.round_trip_s = work_s  # how soon its answer came after it was sent out
 
     def did(self, seconds: float) -> None:
-        self.work_s = seconds
+        """A worker's run: its work and its round trip."""
+        self.work_s = self.round_trip_s = seconds
 
     @property
     def quick(self) -> bool:
@@ -44,13 +50,14 @@ class Pacing:
     def wait(self, worked: bool, look: Callable[[], T], sleep: Callable[[], T], cap_s: float = float("inf")) -> T:
         """What look() or sleep() finds: after quick work (`worked`), look() for up to the spin
         window (and cap_s) first; otherwise sleep() at once."""
-        if worked and self.spinner is not None and self.work_s <= QUICK_S:
+        if worked and self.spinner is not None and self.round_trip_s <= QUICK_S:
             return self.spinner.wait(look, sleep, cap_s)
         return sleep()
 
-    def pace(self, work_s: float, holding: int) -> None:
-        """did(work_s), then observe(holding): the supervisor's once-a-pass call."""
-        self.work_s = work_s
+    def pace(self, work_s: float, round_trip_s: float, holding: int) -> None:
+        """The supervisor's once-a-pass call: its last answer's work and round trip, and what
+        it holds (observe())."""
+        self.work_s, self.round_trip_s = work_s, round_trip_s
         self.io_threads.observe(holding if work_s <= QUICK_S else 0)
 
     def observe(self, holding: int) -> None:

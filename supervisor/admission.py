@@ -26,7 +26,7 @@ from isopool.protocol import (
 )
 
 from .actions import AnswerStatus
-from .control import control
+from .control import ACCEPTING, control
 from .dispatch import dispatch
 from .ledger import Request
 
@@ -66,33 +66,36 @@ def refuse(core: "Core", ident: bytes, rid: Any, err: IsopoolError) -> None:
 
 def accept(core: "Core", ident: bytes, header: dict, body: list, now: float) -> None:
     cid = header.get("id")
-    if not _usable_id(cid):
+    if type(cid) not in ID_TYPES:
         raise BadRequest("request id must be an int, str or bytes")
     key = (ident, cid)
-    if not core.phase.accepts:
+    if core.phase not in ACCEPTING:
         raise ShuttingDown("the pool is shutting down and accepts no new requests; retry on another instance")
     ledger = core.ledger
-    if key in ledger:
+    if key in ledger.open:
         raise BadRequest(f"request id {cid!r} is already in flight on this connection; ids must be unique")
     validate_payload(body, core.limits)
     timeout, setting = timeout_of(core, header)
     max_queue = core.config.max_queue
-    if ledger.queued >= max_queue:
+    if len(ledger.queue) >= max_queue:
         dispatch(core, now)  # requests read in this same batch may still have workers waiting
         if ledger.queued >= max_queue:
             raise Overloaded(f"the queue is full ({ledger.queued} waiting, --max-queue {max_queue}); "
                              "retry later, add workers or raise --max-queue",
                              queue_depth=ledger.queued, max_queue=max_queue)
-    if core.poison.is_poison(body):
+    if core.poison.kills and core.poison.is_poison(body):
         raise PoisonRequest(f"this input has killed {core.config.poison_threshold} workers and is refused; "
                             "fix the input or the handler", threshold=core.config.poison_threshold)
-    ledger.admit(Request(key=key, body=body, deadline=now + timeout, timeout=timeout, timeout_setting=setting,
-                         accepted_at=now, retry=bool(header.get("retry", True)), stream=bool(header.get("stream")),
-                         bundles=header.get("bundles") is True, tenant=isolation_key(core, key, header)))
+    tenant = isolation_key(core, key, header) if core.config.isolation != "none" else None
+    ledger.admit(Request(key, body, now + timeout, timeout, setting, now, bool(header.get("retry", True)),
+                         bool(header.get("stream")), header.get("bundles") is True, tenant))
+
+
+ID_TYPES = frozenset({int, str, bytes})  # exact types: a bool is not an id
 
 
 def _usable_id(cid: Any) -> bool:
-    return isinstance(cid, (int, str, bytes)) and not isinstance(cid, bool)
+    return type(cid) in ID_TYPES
 
 
 def isolation_key(core: "Core", key: tuple, header: dict) -> object:

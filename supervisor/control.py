@@ -44,6 +44,8 @@ class Phase(enum.Enum):
         return self is not Phase.STOPPING and self is not Phase.STOPPED
 
 
+ACCEPTING = frozenset({Phase.STARTING, Phase.SERVING})  # Phase.accepts, for the hot path
+
 PHASES: dict[Phase, frozenset[Phase]] = {
     Phase.STARTING: frozenset({Phase.SERVING, Phase.STOPPING}),
     Phase.SERVING: frozenset({Phase.DRAINING, Phase.STOPPING}),

@@ -78,6 +78,7 @@ class Core:
         self.reloading = False
         self.dirty = True  # the pool changed: the maintenance steps run on the next tick
         self.work_s = float("inf")  # how long the last answered request ran on its worker (protocol/pacing.py)
+        self.answer_s = float("inf")  # how soon after its dispatch that answer came
         self.stop_header = pack_header(ops.STOP, None)
         self.to_clients: list[tuple[bytes, list, bool]] = []
         self.to_workers: list[tuple[bytes, list]] = []
@@ -137,13 +138,15 @@ class Core:
         w = self.workers.get(slot)
         if w is None or w.generation != generation or w.state not in slots.SERVING:
             return -1
-        return w.capacity - self.ledger.load(slot)
+        held = self.ledger.held.get(slot)
+        return w.capacity - (len(held) if held else 0)
 
     def finish(self, req: Request, op: str, body: list, outcome: str, now: float) -> None:
         self.ledger.settle(req)
         key = req.key
         self.to_clients.append((key[0], [pack_header(op, key[1]), *body], req.bundles))
         self.stats.done(outcome, now - req.accepted_at, now)
+        self.answer_s = now - req.started_at
 
 
     def fail(self, req: Request, err: IsopoolError) -> None:

@@ -131,7 +131,7 @@ class Supervisor:
             self.carry_out(now)
         if maintained and io.metrics is not None:
             io.metrics.snapshot = snapshot(core)
-        self.pacing.pace(core.work_s, len(core.ledger))  # before the sends that wake the I/O thread
+        self.pacing.pace(core.work_s, core.answer_s, len(core.ledger))  # before the sends that wake the I/O thread
         self.to_workers.flush()
         self.to_clients.flush()
         return self.poll_timeout()
