@@ -11,6 +11,8 @@ A request is a map {"do": ACTION, ...}; the reply echoes the input with the work
     sleep  s=SECONDS        time.sleep
     grow   mib=N            keep N more MiB alive in this worker, touched so RSS grows
     scribble a=ARRAY        write into the input array (it arrives read-only, so this raises)
+    forge                   send the supervisor, on this worker's own socket, a reply it cannot
+                            use (an id that is a nested list), as a compromised handler could
 Any other input is echoed back as {"pid", "echo"}.
 """
 
@@ -40,9 +42,22 @@ class Faulty:
             time.sleep(float(x.get("s", 1.0)))
         if action == "scribble":
             x["a"][...] = 0
+        if action == "forge":
+            _forge()
         if action == "grow":
             _HOARD.append(bytearray(b"\x01" * (int(x.get("mib", 64)) << 20)))
         return {"pid": os.getpid(), "echo": x}
+
+
+def _forge() -> None:
+    import gc
+
+    from isopool.protocol import ops, pack_header
+    from isopool.worker.process import Worker
+
+    worker = next(o for o in gc.get_objects() if isinstance(o, Worker))
+    worker.sock.send_multipart([pack_header(ops.RESULT, [[1, [2]], 3], attempt=1), b"\xc0"])
+    time.sleep(30)  # the supervisor replaces us long before
 
 
 def echo(x: Any) -> Any:

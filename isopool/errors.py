@@ -3,6 +3,7 @@
 from isopool.protocol.errors import (  # noqa: F401
     BadRequest,
     Cancelled,
+    InternalError,
     IsopoolError,
     NotAllowed,
     Overloaded,
@@ -18,5 +19,5 @@ from isopool.protocol.errors import (  # noqa: F401
 __all__ = [
     "IsopoolError", "RemoteError", "RemoteTraceback", "WorkerCrashed", "PoisonRequest",
     "RequestTimeout", "Overloaded", "ShuttingDown", "BadRequest", "Unavailable", "Cancelled",
-    "NotAllowed",
+    "NotAllowed", "InternalError",
 ]

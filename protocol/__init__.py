@@ -26,6 +26,7 @@ from .codec import (
 from .errors import (
     BadRequest,
     Cancelled,
+    InternalError,
     IsopoolError,
     NotAllowed,
     Overloaded,
@@ -44,5 +45,5 @@ __all__ = [
     "pack_header", "unpack_header", "peek_id", "encode", "encode_payload", "decode_payload",
     "validate_payload", "encode_error", "decode_error", "frame_view", "total_bytes",
     "IsopoolError", "RemoteError", "WorkerCrashed", "PoisonRequest", "RequestTimeout", "Overloaded",
-    "ShuttingDown", "BadRequest", "Unavailable", "Cancelled", "NotAllowed",
+    "ShuttingDown", "BadRequest", "Unavailable", "Cancelled", "NotAllowed", "InternalError",
 ]

@@ -78,7 +78,7 @@ def unpack_header(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any
             version=VERSION,
         )
     op = header.get("op")
-    if op not in ALL_OPS:
+    if type(op) is not str or op not in ALL_OPS:  # a list or map is unhashable: never look it up
         raise BadRequest(f"unknown op {op!r}; known ops: {', '.join(sorted(ALL_OPS))}")
     return header
 
@@ -89,7 +89,7 @@ def peek_id(data: bytes) -> Any:
         header = msgpack.unpackb(data, raw=False, max_bin_len=0, max_ext_len=0, max_str_len=1024,
                                  max_array_len=0, max_map_len=64)
         rid = header.get("id") if isinstance(header, dict) else None
-        return rid if isinstance(rid, (int, str, bytes)) else None
+        return rid if type(rid) in (int, str, bytes) else None
     except Exception:
         return None
 

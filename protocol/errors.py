@@ -93,11 +93,16 @@ class NotAllowed(IsopoolError):
     """The caller's key may not run this operation (control ops need an admin key)."""
 
 
+class InternalError(IsopoolError):
+    """The supervisor failed while handling this request: a bug in isopool, not in the request
+    or the model. The pool keeps serving; the supervisor's log has the traceback."""
+
+
 _REGISTRY: dict[str, type[IsopoolError]] = {
     cls.__name__: cls
     for cls in (
         IsopoolError, RemoteError, WorkerCrashed, PoisonRequest, RequestTimeout, Overloaded,
-        ShuttingDown, BadRequest, Unavailable, Cancelled, NotAllowed,
+        ShuttingDown, BadRequest, Unavailable, Cancelled, NotAllowed, InternalError,
     )
 }
 

@@ -17,6 +17,7 @@ import zmq
 from .codec import peek_id, unpack_header
 from .errors import BadRequest
 from .limits import Limits
+from .schemas import check
 
 SNDMORE = int(zmq.SNDMORE)
 NOBLOCK = int(zmq.NOBLOCK)
@@ -48,11 +49,11 @@ def drain(sock: zmq.Socket, limit: int) -> Iterator[list]:
         yield frames
 
 
-def messages(frames: list, limits: Limits, at: int = 0) -> list[tuple]:
+def messages(frames: list, limits: Limits, at: int = 0, side: dict | None = None) -> list[tuple]:
     """The messages in one received ZeroMQ message (frames[:at] is its routing prefix), a
     bundle opened, each as (header, body, error): the decoded header and the frames after
-    it. A message that cannot be read comes as (request id or None, None, BadRequest saying
-    why). An empty message, which carries no id, is left out. Supervisor, workers and
+    it; with `side` (schemas.py), the header was also checked against its op's schema. A
+    message that cannot be read comes as (request id or None, None, BadRequest saying why). An empty message, which carries no id, is left out. Supervisor, workers and
     clients all read what they receive through here (after drain())."""
     try:
         opened = unbundle(frames, at)
@@ -65,7 +66,10 @@ def messages(frames: list, limits: Limits, at: int = 0) -> list[tuple]:
             continue
         raw = data(m[at])
         try:
-            out.append((unpack_header(raw, limits), m[at + 1:], None))
+            header = unpack_header(raw, limits)
+            if side is not None:
+                check(header, side)
+            out.append((header, m[at + 1:], None))
         except BadRequest as err:
             out.append((peek_id(raw), None, err))
     return out

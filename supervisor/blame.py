@@ -56,8 +56,12 @@ def wants_last_words(core: "Core", slot: int) -> bool:
 
 
 def exited(core: "Core", w: Worker, info: dict, now: float) -> None:
-    expected = w.state is State.STOPPING
+    # a worker we killed for breaking the protocol is blamed like a crash: the request it
+    # ran may be what drove it there, and must not come back to it for ever
+    expected = w.state is State.STOPPING and w.leaving != "protocol"
     info = {"pid": w.pid, "worker": w.slot, **info}
+    if w.leaving == "protocol":
+        info["reason"] = "killed by the supervisor: it sent a message that broke the protocol (see the log)"
     w.last_exit = info
     culprit = None if expected else progress(core, w)[0]
     held = core.ledger.forget_worker(w.slot)
@@ -70,7 +74,7 @@ def exited(core: "Core", w: Worker, info: dict, now: float) -> None:
         if req.key != culprit:
             core.ledger.requeue(req)
     was_ready = w.state is not State.STARTING
-    reason = w.leaving if expected else "crash"
+    reason = w.leaving if expected or w.leaving == "protocol" else "crash"
     w.move(State.EXITED, info["reason"])
     fields = {k: info[k] for k in ("exit_code", "signal", "reason")}
     if expected:

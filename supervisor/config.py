@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from isopool.protocol.limits import Limits
+from isopool.protocol.schemas import MAX_WORKERS
 from isopool.protocol.contract import DEFAULT_MODEL
 
 MAX_SPIN_US = 100_000  # a spin longer than a tenth of a second would be a busy loop, not a wait
@@ -70,6 +72,14 @@ class PoolConfig:
                      "restart_window", "stats_interval"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if type(value) is float and not math.isfinite(value):
+                problems.append(f"{f.name.replace('_', '-')} must be a finite number, got {value}")
+        if self.workers > MAX_WORKERS:
+            problems.append(f"workers must be at most {MAX_WORKERS}, got {self.workers}")
+        if not 0 <= self.metrics_port <= 65535:
+            problems.append(f"metrics-port must be 0 (off) to 65535, got {self.metrics_port}")
         if not 0 <= self.spin_us <= MAX_SPIN_US:
             problems.append(f"spin_us must be 0 to {MAX_SPIN_US} microseconds, got {self.spin_us}")
         for name in ("max_batch_wait_ms", "integrity_interval", "threads", "max_requests", "max_requests_jitter", "max_rss", "kill_grace",

@@ -15,6 +15,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from isopool.protocol import BadRequest, ShuttingDown, ops
+from isopool.protocol.schemas import MAX_WORKERS
 
 from .actions import Notify
 from .slots import ALIVE, SERVING, State, retire, stop
@@ -65,8 +66,8 @@ def enter(core: "Core", phase: Phase) -> None:
 def control(core: "Core", action: Any, args: dict) -> dict:
     if action == ops.SCALE:
         n = args.get("workers")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise BadRequest(f"scale needs a worker count of at least 1, got {n!r}")
+        if type(n) is not int or not 1 <= n <= MAX_WORKERS:
+            raise BadRequest(f"scale needs a worker count from 1 to {MAX_WORKERS}, got {n!r}", field="workers")
         old, core.target = core.target, n
         core.emit("scaled", None, old=old, new=n)
         return {"workers_target": n, "previous": old}

@@ -30,7 +30,7 @@ from typing import Any
 
 import zmq
 
-from isopool.protocol import encode, ops
+from isopool.protocol import InternalError, encode, encode_error, ops, schemas
 from isopool.protocol.pacing import Pacing
 from isopool.protocol.transport import Outbox, drain, messages
 
@@ -125,10 +125,17 @@ class Supervisor:
                 self.carry_out(now)
                 self.to_clients.flush()  # answers leave first: nothing below is for their clients
         if len(ready) > front + back:
-            self.read_other(ready, now)
-        maintained = (core.ledger.queue or core.next_due() <= now) and core.tick(now)
-        if core.to_clients or core.to_workers or core.actions:
-            self.carry_out(now)
+            try:
+                self.read_other(ready, now)
+            except Exception:  # a bug of ours: said, counted; the next pass goes on
+                self.internal_error("a signal, an exit or the template", None, None)
+        try:
+            maintained = (core.ledger.queue or core.next_due() <= now) and core.tick(now)
+            if core.to_clients or core.to_workers or core.actions:
+                self.carry_out(now)
+        except Exception:  # a bug of ours: said, counted; the next pass goes on
+            self.internal_error("the timers or an action", None, None)
+            maintained = False
         if maintained and io.metrics is not None:
             io.metrics.snapshot = snapshot(core)
         self.pacing.pace(core.work_s, core.answer_s, len(core.ledger))  # before the sends that wake the I/O thread
@@ -163,21 +170,29 @@ class Supervisor:
             ident = frames[0].bytes
             # the frame a message came in (its own, or its bundle's) holds its CURVE identity
             admin = auth is None or is_admin(frames[1] if len(frames) > 1 else frames[0])
-            for header, body, err in messages(frames, limits, at=1):
-                if err is None:
-                    core.client_message(ident, header, body, admin, now)
-                else:
-                    core.handle(act.ClientGarbage(ident, header, err), now)
+            for header, body, err in messages(frames, limits, at=1, side=schemas.CLIENT):
+                try:
+                    if err is None:
+                        core.client_message(ident, header, body, admin, now)
+                    else:
+                        core.handle(act.ClientGarbage(ident, header, err), now)
+                except Exception:  # a bug of ours: this request fails, the pool goes on
+                    self.internal_error("a client message", ident, header.get("id") if err is None else header)
 
     def read_backend(self, now: float) -> None:
         core, limits = self.core, self.limits
         for frames in drain(self.io.backend, MAX_BATCH):
             ident = frames[0].bytes
-            for header, body, err in messages(frames, limits, at=1):
-                if err is None:
-                    core.worker_message(ident, header, body, now)
-                else:
-                    core.handle(act.WorkerGarbage(ident, str(err)), now)
+            for header, body, err in messages(frames, limits, at=1, side=schemas.WORKER):
+                try:
+                    if err is None:
+                        core.worker_message(ident, header, body, now)
+                    else:
+                        core.handle(act.WorkerGarbage(ident, str(err)), now)
+                except Exception:  # a bug of ours: the request it answered fails, the pool goes on
+                    rid = header.get("id") if err is None else None
+                    self.internal_error("a worker message", *(rid if isinstance(rid, list) and len(rid) == 2
+                                                              else (None, None)))
 
     def read_other(self, ready: dict, now: float) -> None:
         """The rare sources: signals, event subscriptions, ZAP, pidfds, output and the template."""
@@ -250,6 +265,26 @@ class Supervisor:
             reap_strays(procs.known_pids())
         elif kind is act.Notify:
             sd_notify(a.state)
+
+    def internal_error(self, what: str, ident: bytes | None, rid: Any) -> None:
+        """The last line: an exception escaped the handling of one event. Log it with its
+        traceback, count it, fail the request it concerned with InternalError, go on."""
+        core = self.core
+        log.exception("internal error handling %s; the pool goes on", what)
+        core.stats.count("internal_error")
+        if ident is None:
+            return
+        err = InternalError(f"the supervisor failed handling this request ({what}); this is a bug in "
+                            "isopool, its log has the traceback. The pool goes on: retry")
+        try:
+            req = core.ledger.get((ident, rid)) if type(rid) in (int, str, bytes) else None
+            if req is not None:
+                core.fail(req, err)
+            else:
+                core.to_clients.append((ident, encode_error(rid if type(rid) in (int, str, bytes) else None, err),
+                                        False))
+        except Exception:
+            log.exception("could not fail the request either")
 
     def facts(self) -> dict:
         """What only the shell knows, for status."""

@@ -81,3 +81,24 @@ def test_serve_refuses_tcp_without_authentication():
     out = isopool("serve", "--endpoint", "tcp://127.0.0.1:0", "--workers", "1")
     assert out.returncode == 1
     assert "refusing to serve tcp://127.0.0.1:0 without authentication" in out.stderr
+
+
+BAD_SETTINGS = [
+    (("--request-timeout", "nan"), "request-timeout must be a finite number"),
+    (("--kill-grace", "nan"), "kill-grace must be a finite number"),
+    (("--heartbeat-timeout", "inf"), "heartbeat-timeout must be a finite number"),
+    (("--heartbeat-timeout", "nan"), "heartbeat-timeout must be a finite number"),
+    (("--drain-timeout", "-inf"), "drain-timeout"),
+    (("--metrics-port", "99999"), "metrics-port must be 0 (off) to 65535"),
+    (("--workers", "99999999999999999999"), "workers must be at most 1024"),
+    (("--workers", "0"), "workers must be at least 1"),
+]
+
+
+def test_each_bad_setting_is_one_clear_line_and_no_traceback(short_tmp):
+    for args, words in BAD_SETTINGS:
+        out = isopool("serve", *args, "--endpoint", f"ipc://{short_tmp}/never.sock", timeout=30)
+        assert out.returncode == 2, (args, out.stderr)
+        errors = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and words in errors[0], (args, out.stderr)
+        assert "Traceback" not in out.stderr

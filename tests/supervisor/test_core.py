@@ -283,3 +283,11 @@ def test_the_supervisor_never_imports_the_worker_or_the_client():
         names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not {m for m in names if m.startswith(("isopool.worker", "isopool.client"))}, path.name
+
+
+def test_scale_past_the_worker_cap_is_refused():
+    """scale(10**9) once ran the supervisor out of memory."""
+    pool = Pool()
+    pool.handle(ev.ClientMessage(b"c", {"op": ops.CONTROL, "id": 9, "action": "scale",
+                                        "args": {"workers": 10**9}}, []))
+    assert pool.error_type(9) == "BadRequest" and pool.core.target == 2 and len(pool.core.workers) == 2
