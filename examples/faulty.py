@@ -11,6 +11,10 @@ A request is a map {"do": ACTION, ...}; the reply echoes the input with the work
     sleep  s=SECONDS        time.sleep
     grow   mib=N            keep N more MiB alive in this worker, touched so RSS grows
     scribble a=ARRAY        write into the input array (it arrives read-only, so this raises)
+    flood  mib=N lines=B    write N MiB to stdout (in lines of 80 bytes, or none at all if lines
+                            is false), then answer
+    leave  pidfile=P then=T start a grandchild that calls setsid() and ignores SIGTERM, write its pid
+                            to P, then T: "stay" (answer), "exit" (os._exit(3)) or "hang"
     forge                   send the supervisor, on this worker's own socket, a reply it cannot
                             use (an id that is a nested list), as a compromised handler could
 Any other input is echoed back as {"pid", "echo"}.
@@ -42,11 +46,46 @@ class Faulty:
             time.sleep(float(x.get("s", 1.0)))
         if action == "scribble":
             x["a"][...] = 0
+        if action == "flood":
+            _flood(int(x.get("mib", 100)), bool(x.get("lines", True)))
+        if action == "leave":
+            _leave(x["pidfile"])
+            then = x.get("then", "stay")
+            if then == "exit":
+                os._exit(3)
+            if then == "hang":
+                while True:
+                    pass
         if action == "forge":
             _forge()
         if action == "grow":
             _HOARD.append(bytearray(b"\x01" * (int(x.get("mib", 64)) << 20)))
         return {"pid": os.getpid(), "echo": x}
+
+
+def _flood(mib: int, lines: bool) -> None:
+    import sys
+
+    block = (b"x" * 79 + b"\n") * 13107 if lines else b"y" * (1 << 20)  # about 1 MiB
+    out = sys.stdout.buffer
+    for _ in range(mib):
+        out.write(block)
+    out.flush()
+
+
+def _leave(pidfile: str) -> None:
+    import subprocess
+    import sys
+
+    code = ("import os, signal, time; os.setsid(); signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            f"open({pidfile!r} + '.tmp', 'w').write(str(os.getpid())); os.rename({pidfile!r} + '.tmp', {pidfile!r}); "
+            "time.sleep(600)")
+    subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
+    for _ in range(500):  # until the grandchild has said who it is
+        if os.path.exists(pidfile):
+            return
+        time.sleep(0.01)
 
 
 def _forge() -> None:

@@ -82,6 +82,8 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
     ("max-requests-jitter", int, "Add 0..N to --max-requests per worker so they don't recycle together."),
     ("max-rss", str, "Recycle a worker whose memory grows past this (e.g. 2GiB; 0: never)."),
     ("stats-interval", float, "Seconds between samples of worker memory and CPU."),
+    ("log-rate", str, "Bytes a second of each worker's output that are logged (e.g. 128KiB, the default; "
+                      "0: no limit); the rest are dropped and counted in status and metrics."),
     ("max-message-bytes", str, "Largest accepted message (e.g. 256MiB)."),
     ("max-depth", int, "Deepest accepted nesting of lists and maps in a payload."),
     ("max-elements", int, "Most array elements plus container items accepted in one payload."),
@@ -98,7 +100,7 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
      "default: a restart takes milliseconds), that has also built the model so workers share its weights "
      "(model, CPU only), or as fresh interpreters (none)."),
 ]
-SIZE_FIELDS = {"max_rss", "max_message_bytes"}
+SIZE_FIELDS = {"max_rss", "max_message_bytes", "log_rate"}
 SERVE_OPTIONS += [
     ("curve-secret-key", str, "The server's .key_secret file (from `isopool keygen`): require CURVE."),
     ("curve-clients", str, "Directory of client public keys (*.key) allowed to infer and read status."),

@@ -95,9 +95,9 @@ REPLIES: dict[str, dict[str, tuple]] = {op: {"id": (False, lambda v: v is None o
                                         for op in (ops.RESULT, ops.CHUNK, ops.ERROR)}
 
 SIDES = {"client": CLIENT, "worker": WORKER, "reply": REPLIES}
-_WHO = {id(CLIENT): "clients send infer, cancel, status or control",
-        id(WORKER): "workers send ready, heartbeat, result, chunk, error, load_failed or integrity_failed",
-        id(REPLIES): "the supervisor answers with result, chunk or error"}
+_WHO = {id(CLIENT): "a client op; clients send infer, cancel, status or control",
+        id(WORKER): "a worker op; workers send ready, heartbeat, result, chunk, error, load_failed or integrity_failed",
+        id(REPLIES): "a reply op; the supervisor answers with result, chunk or error"}
 
 
 def check(header: dict, side: dict[str, dict[str, tuple]]) -> dict:
@@ -105,7 +105,7 @@ def check(header: dict, side: dict[str, dict[str, tuple]]) -> dict:
     op = header["op"]
     schema = side.get(op)
     if schema is None:
-        raise BadRequest(f"field 'op': {op!r} is not accepted here; {_WHO[id(side)]}", field="op")
+        raise BadRequest(f"field 'op': {op!r} is not {_WHO[id(side)]}", field="op")
     for name, (required, test, expected) in schema.items():
         if name not in header:
             if required:

@@ -46,6 +46,7 @@ class PoolConfig:
     max_requests_jitter: int = 0  # + random 0..jitter, so workers don't recycle together
     max_rss: int = 0  # bytes; recycle a worker whose RSS grows past it (0: never)
     stats_interval: float = 1.0  # how often worker RSS/CPU are sampled
+    log_rate: int = 128 * 1024  # bytes a second of each worker's output that are logged (0: no limit)
     max_message_bytes: int = Limits.max_message_bytes
     max_depth: int = Limits.max_depth
     max_elements: int = Limits.max_elements
@@ -82,7 +83,8 @@ class PoolConfig:
             problems.append(f"metrics-port must be 0 (off) to 65535, got {self.metrics_port}")
         if not 0 <= self.spin_us <= MAX_SPIN_US:
             problems.append(f"spin_us must be 0 to {MAX_SPIN_US} microseconds, got {self.spin_us}")
-        for name in ("max_batch_wait_ms", "integrity_interval", "threads", "max_requests", "max_requests_jitter", "max_rss", "kill_grace",
+        for name in ("max_batch_wait_ms", "integrity_interval", "threads", "max_requests", "max_requests_jitter", "max_rss",
+                     "log_rate", "kill_grace",
                      "drain_timeout", "backoff_base", "backoff_max"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")

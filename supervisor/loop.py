@@ -44,7 +44,6 @@ from .devices import parse_devices
 from .notify import sd_notify
 from .processes import Processes
 from .sockets import Sockets, StartupError
-from .spawner import reap_strays
 from .status import build_status, snapshot
 
 log = logging.getLogger("isopool.supervisor")
@@ -137,7 +136,7 @@ class Supervisor:
             self.internal_error("the timers or an action", None, None)
             maintained = False
         if maintained and io.metrics is not None:
-            io.metrics.snapshot = snapshot(core)
+            io.metrics.snapshot = snapshot(core, self.procs.dropped)
         self.pacing.pace(core.work_s, core.answer_s, len(core.ledger))  # before the sends that wake the I/O thread
         self.to_workers.flush()
         self.to_clients.flush()
@@ -207,7 +206,7 @@ class Supervisor:
             io.auth.handle()
         for event in self.procs.template_events():
             core.handle(event, now)
-        for event in self.procs.ready(ready):
+        for event in self.procs.ready(ready, now):
             if wants_last_words(core, event.slot):
                 self.collect_last_words(event.slot, now)
             core.handle(event, now)
@@ -262,7 +261,7 @@ class Supervisor:
         elif kind is act.StopTemplate:
             procs.stop_template()
         elif kind is act.ReapStrays:
-            reap_strays(procs.known_pids())
+            procs.end_strays(now)
         elif kind is act.Notify:
             sd_notify(a.state)
 
@@ -291,7 +290,8 @@ class Supervisor:
         io = self.io
         return {"pid": os.getpid(), "time": time.time(), "started_at": self.started_at, "started_wall": self.started_wall, "endpoint": self.endpoint,
                 "events_endpoint": io.events.endpoint, "event_subscribers": io.events.subscribers,
-                "metrics_url": io.metrics_url, "auth_denied": io.auth.denied if io.auth is not None else None}
+                "metrics_url": io.metrics_url, "auth_denied": io.auth.denied if io.auth is not None else None,
+                "output_dropped": self.procs.dropped}
 
 
 def _reply_dropped(peer: bytes | None, exc: zmq.ZMQError) -> None:

@@ -28,6 +28,7 @@ class Snapshot:
     workers: dict = field(default_factory=dict)  # state -> count
     restarts: dict = field(default_factory=dict)  # reason -> count
     rss: dict = field(default_factory=dict)  # worker id -> bytes
+    output_dropped: dict = field(default_factory=dict)  # worker id -> bytes of output over --log-rate
 
 
 class PoolCollector:
@@ -62,6 +63,11 @@ class PoolCollector:
         for worker, n in sorted(s.rss.items()):
             rss.add_metric([str(worker)], n)
         yield rss
+        dropped = CounterMetricFamily("isopool_worker_output_dropped_bytes",
+                                      "Bytes of a worker slot's output not logged: over --log-rate.", labels=["worker"])
+        for worker, n in sorted(s.output_dropped.items()):
+            dropped.add_metric([str(worker)], n)
+        yield dropped
 
 
 def serve_metrics(host: str, port: int) -> tuple[PoolCollector, int]:

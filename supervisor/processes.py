@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 
+import psutil
 import zmq
 
 from isopool.protocol import board
@@ -20,6 +22,7 @@ from isopool.protocol.exits import exit_fields
 from . import spawner
 from .actions import Spawned, SpawnFailed, TemplateExited, TemplateFailed, TemplateReady, WorkerExited
 from .config import PoolConfig
+from .output import Output
 
 log = logging.getLogger("isopool.supervisor")
 worker_log = logging.getLogger("isopool.worker")
@@ -33,10 +36,15 @@ class Processes:
         self.backend_endpoint = backend_endpoint
         self.private_dir = private_dir
         self.procs: dict[int, spawner.Process] = {}  # slot -> its current process
+        self.outputs: dict[int, Output] = {}  # slot -> its current process's stdout and stderr
+        self.dropped: dict[int, int] = {}  # slot -> bytes of output dropped (over --log-rate), all processes
+        self.told_at = 0.0  # when dropped output was last reported
         self.boards: dict[int, str] = {}  # slot -> its current process's board file
         self.template: spawner.Template | None = None
-        if config.preload != "none":
-            spawner.become_subreaper()
+        self.strays: dict[int, float] = {}  # pid of an orphan we are ending -> when to KILL it
+        # the template's forked workers become our children, and so does every process a worker
+        # leaves behind (even one that called setsid()), to be ended (end_strays)
+        spawner.become_subreaper()
 
     # ------------------------------------------------------------ workers
 
@@ -67,6 +75,7 @@ class Processes:
         self.poller.register(proc.pidfd, zmq.POLLIN)
         if proc.output >= 0:
             self.poller.register(proc.output, zmq.POLLIN)
+            self.outputs[slot] = Output(proc.output, cfg.log_rate, time.monotonic())
         return Spawned(slot, proc.pid)
 
     def marks(self, slot: int) -> tuple[int, int] | None:
@@ -82,12 +91,12 @@ class Processes:
         proc = self.procs.get(slot)
         return proc.resources() if proc is not None else None
 
-    def ready(self, ready: dict) -> list:
+    def ready(self, ready: dict, now: float) -> list:
         """Exits and output among the ready fds: WorkerExited events (output is logged here)."""
         exits = []
         for slot, proc in list(self.procs.items()):
             if proc.output in ready:
-                self.forward_output(slot, proc, proc.read_output())
+                self.forward_output(slot, proc, now)
             if proc.pidfd in ready and proc.poll() is not None:
                 self.poller.unregister(proc.pidfd)  # poll() closed it: its number may come back
                 exits.append(WorkerExited(slot, exit_fields(proc.returncode)))
@@ -101,13 +110,54 @@ class Processes:
                 self.poller.unregister(proc.pidfd)
             if proc.output >= 0:
                 self.poller.unregister(proc.output)
-                self.forward_output(slot, proc, proc.read_output(final=True))
+                self.forward_output(slot, proc, time.monotonic(), final=True)
+                self.outputs.pop(slot).close()
+                proc.output = -1
         _unlink(self.boards.pop(slot, None))
+        if proc is not None and proc.returncode is not None:
+            self.end_strays(time.monotonic())  # its children are ours now
 
-    def forward_output(self, slot: int, proc: spawner.Process, lines: list[str]) -> None:
-        """A worker's stdout/stderr, one log record per line, tagged with the worker."""
-        for line in lines:
+    def forward_output(self, slot: int, proc: spawner.Process, now: float, final: bool = False) -> None:
+        """A worker's stdout/stderr, one log record per line, tagged with the worker; what is
+        over --log-rate is dropped, counted and said once a second at most."""
+        out = self.outputs[slot]
+        dropped = out.dropped
+        for line in out.read(now, final):
             worker_log.info("worker %d [%s] %s", slot, proc.pid, line, extra={"worker": slot, "pid": proc.pid})
+        if out.dropped > dropped:
+            self.dropped[slot] = self.dropped.get(slot, 0) + out.dropped - dropped
+            if now - self.told_at >= 1.0 or final:
+                self.told_at = now
+                log.warning("worker %d (pid %s) writes more output than --log-rate %d bytes/s; %d bytes of "
+                            "it dropped so far", slot, proc.pid, self.config.log_rate, self.dropped[slot])
+
+    def end_strays(self, now: float) -> int:
+        """End the processes workers left behind: every child of ours that is neither a worker
+        nor the template is an orphan (its parent, a worker or one of its children, is gone).
+        TERM it and what it started, then KILL what is left after --kill-grace. Returns how
+        many are being ended."""
+        known = self.known_pids()
+        try:
+            children = psutil.Process().children()
+        except psutil.Error:
+            return len(self.strays)
+        alive = set()
+        for child in children:
+            if child.pid in known:
+                continue
+            alive.add(child.pid)
+            due = self.strays.get(child.pid)
+            if due is None:
+                log.warning("process %d was left behind by a worker; ending it (SIGTERM, then SIGKILL after "
+                            "--kill-grace)", child.pid)
+                self.strays[child.pid] = now + self.config.kill_grace
+                _signal_tree(child, signal.SIGTERM)
+            elif now >= due:
+                _signal_tree(child, signal.SIGKILL)
+        for pid in set(self.strays) - alive:
+            del self.strays[pid]
+        spawner.reap_strays(known)
+        return len(self.strays)
 
     def known_pids(self) -> set[int]:
         known = {p.pid for p in self.procs.values()}
@@ -161,6 +211,31 @@ class Processes:
                 proc.wait(5)
             self.forget(slot)
         self.stop_template()
+        self.kill_strays()
+
+    def kill_strays(self) -> None:
+        """At the end: nothing a worker started outlives the pool."""
+        known = self.known_pids()
+        try:
+            strays = [c for c in psutil.Process().children() if c.pid not in known]
+        except psutil.Error:
+            return
+        for child in strays:
+            _signal_tree(child, signal.SIGKILL)
+        psutil.wait_procs(strays, timeout=5)  # reaps them too
+
+
+def _signal_tree(proc: psutil.Process, sig: int) -> None:
+    """`sig` to a process and everything below it."""
+    try:
+        tree = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        tree = [proc]
+    for p in tree:
+        try:
+            p.send_signal(sig)
+        except psutil.Error:
+            pass
 
 
 def _unlink(path: str | None) -> None:

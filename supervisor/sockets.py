@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -34,9 +35,23 @@ class StartupError(RuntimeError):
         self.exit_code = exit_code
 
 
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard one: every client connection and every
+    worker costs descriptors, and the common soft limit of 1,024 is soon reached."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 class Sockets:
     def __init__(self, config: PoolConfig):
         self.config = config
+        self.fd_limit = raise_fd_limit()
         self.endpoint = config.endpoint or default_endpoint()
         self.auth: CurveAuth | None = None
         self.metrics = None

@@ -35,29 +35,9 @@ class Process:
         self.popen = popen
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)
-        self.output = output  # read end of the worker's stdout+stderr pipe, or -1
-        self._partial = b""
+        self.output = output  # read end of the worker's stdout+stderr pipe, or -1 (read by output.Output)
         self.returncode: int | None = None
         self._ps: psutil.Process | None = None
-
-    def read_output(self, final: bool = False) -> list[str]:
-        """Complete lines the process has written (all of it, once it has exited)."""
-        if self.output < 0:
-            return []
-        data = self._partial
-        try:
-            while chunk := os.read(self.output, 65536):
-                data += chunk
-        except BlockingIOError:
-            pass
-        lines = data.split(b"\n")
-        self._partial = lines.pop()
-        if final:
-            if self._partial:
-                lines.append(self._partial)
-            os.close(self.output)
-            self.output = -1
-        return [line.decode("utf-8", "replace") for line in lines]
 
     def poll(self) -> int | None:
         """Reap if exited. Returns the returncode (negative = killed by that signal)."""

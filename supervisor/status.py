@@ -18,7 +18,9 @@ if TYPE_CHECKING:
 def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
     """`facts`: what only the shell knows (pid, start time, wall-clock time, endpoints, subscribers, auth)."""
     cfg = core.config
-    workers = [worker_status(core, w, now) for w in sorted(core.workers.values(), key=lambda w: w.slot)]
+    dropped = facts.get("output_dropped", {})
+    workers = [{**worker_status(core, w, now), "output_dropped_bytes": dropped.get(w.slot, 0)}
+               for w in sorted(core.workers.values(), key=lambda w: w.slot)]
     ready = ready_count(core)
     healthy, reason = health(core, ready, now)
     uptime = now - facts["started_at"]
@@ -42,6 +44,7 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
         "metrics_url": facts["metrics_url"],
         "auth_denied": facts["auth_denied"],  # CURVE handshakes refused
         "restarts_by_reason": dict(core.replacements),
+        "output_dropped_bytes": sum(dropped.values()),  # workers' output over --log-rate
         "max_queue": cfg.max_queue,
         "restarts_in_window": len(core.restarts.recent),
         "restart_window_s": cfg.restart_window,
@@ -90,7 +93,7 @@ def worker_status(core: "Core", w, now: float) -> dict[str, Any]:
     }
 
 
-def snapshot(core: "Core") -> Snapshot:
+def snapshot(core: "Core", output_dropped: dict | None = None) -> Snapshot:
     """The figures Prometheus reads (metrics.py)."""
     states: dict[str, int] = {}
     for w in core.workers.values():
@@ -100,5 +103,6 @@ def snapshot(core: "Core") -> Snapshot:
         outcomes=dict(stats.outcomes), latency_buckets=tuple(stats.buckets), latency_sum=stats.latency_sum,
         queue_depth=core.ledger.queued, in_flight=core.ledger.running, workers=states,
         restarts=dict(core.replacements), rss={w.slot: w.rss for w in core.workers.values() if w.pid is not None},
+        output_dropped=dict(output_dropped or {}),
     )
 
