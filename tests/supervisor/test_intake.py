@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 from isopool.protocol import ops, pack_header
 from isopool.protocol.schemas import CLIENT, WORKER
+from isopool.supervisor.answers import worker_of
 from isopool.supervisor.fuzz import Intake
+from isopool.supervisor.slots import State
 
 INTS = st.integers(min_value=-2**63, max_value=2**64 - 1)  # what msgpack can carry
 ODD = st.one_of(
@@ -30,7 +32,8 @@ def header(op, fields: dict) -> bytes:
 
 
 HEADERS = st.builds(header, OPS, st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=5), ODD, max_size=6))
-SLOW = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: CI sees the same examples every run (pass --hypothesis-seed=random to explore)
+SLOW = settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 @SLOW
@@ -57,10 +60,12 @@ def test_any_worker_header_is_handled_and_a_bad_one_replaces_its_worker(raws):
     for raw in raws:
         ident = intake.idents[-1]
         kills = len(intake.kills)
+        w = worker_of(intake.core, ident)
+        leaving = w is None or w.state is State.STOPPING  # gone, or already being stopped
         intake.worker([ident, raw, msgpack.packb(None)])
         fields = msgpack.unpackb(raw, strict_map_key=False)
         valid = isinstance(fields.get("op"), str) and fields["op"] in WORKER and _fits(fields, WORKER[fields["op"]])
-        assert valid or len(intake.kills) == kills + 1, fields
+        assert valid or leaving or len(intake.kills) == kills + 1, fields
         intake.tick()
     for req in intake.core.ledger.open.values():  # nothing is left dispatched to a dead worker
         assert req.worker is None or intake.core.workers[req.worker].pid is not None
