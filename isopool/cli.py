@@ -55,7 +55,8 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
     ("endpoint", str, ENDPOINT_HELP),
     ("devices", str, "Devices to spread workers over: cpu, cuda, cuda:0,cuda:1 or auto."),
     ("threads", int, "torch intra-op threads per worker (0: the cores divided by the workers)."),
-    ("max-queue", int, "Queued requests beyond which new ones are refused with Overloaded."),
+    ("max-queue", int, "Queued requests beyond which new ones are refused with Overloaded (default 4096); one "
+                       "client may fill 7/8 of it, the rest is kept for others."),
     ("prefetch", int, "Requests a worker may hold at once (default 16), so it never waits on the "
                       "supervisor; under load they travel, and their results return, in bundles. "
                       "Lower it (1-2) when request durations vary widely, so none waits behind a slow one."),

@@ -37,6 +37,19 @@ class ClientGarbage:
 
 
 @dataclass(slots=True)
+class ClientStalled:
+    """Replies for this client wait at their bound (it does not read them), or no longer do."""
+    ident: bytes
+    stalled: bool
+
+
+@dataclass(slots=True)
+class ClientGone:
+    """A reply could not be routed: the client has disconnected."""
+    ident: bytes
+
+
+@dataclass(slots=True)
 class WorkerMessage:
     ident: bytes
     header: dict

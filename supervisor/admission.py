@@ -76,7 +76,15 @@ def accept(core: "Core", ident: bytes, header: dict, body: list, now: float) -> 
         raise BadRequest(f"request id {cid!r} is already in flight on this connection; ids must be unique")
     validate_payload(body, core.limits)
     timeout, setting = timeout_of(core, header)
+    if ident in core.stalled:
+        raise Overloaded("this client's replies are not being read: the ones waiting for it are at their bound; "
+                         "read the replies you asked for before sending more", client_backlog=True)
     max_queue = core.config.max_queue
+    share = max_queue - max_queue // 8  # one client's share: an eighth of the queue is kept for others
+    if share < max_queue and ledger.queued_by.get(ident, 0) >= share:
+        raise Overloaded(f"this client already has {ledger.queued_by[ident]} requests queued, its share of "
+                         f"--max-queue {max_queue} (the last eighth is kept for other clients); retry later or "
+                         "send fewer at once", queue_depth=ledger.queued, max_queue=max_queue, client_share=share)
     if len(ledger.queue) >= max_queue:
         dispatch(core, now)  # requests read in this same batch may still have workers waiting
         if ledger.queued >= max_queue:
@@ -120,6 +128,18 @@ def timeout_of(core: "Core", header: dict) -> tuple[float, str]:
     return (float(timeout), "timeout") if timeout < cap else (cap, "request_timeout")
 
 
+def client_gone(core: "Core", ident: bytes) -> None:
+    """The client went away: nobody waits for its answers. Its queued requests are dropped,
+    its running ones cancelled in their workers (a stream stops at its next part)."""
+    for req in core.ledger.of_client(ident):
+        if req.worker is not None:
+            w = core.workers[req.worker]
+            core.to_workers.append((w.ident, [pack_header(ops.CANCEL, list(req.key))]))
+        core.ledger.abandon(req, grace=core.config.kill_grace)
+        core.stats.count("client_gone")
+    core.stalled.discard(ident)
+
+
 def cancel(core: "Core", key: tuple) -> None:
     req = core.ledger.get(key) if _usable_id(key[1]) else None
     if req is None:
@@ -133,7 +153,7 @@ def cancel(core: "Core", key: tuple) -> None:
 
 OUTCOMES = {"RequestTimeout": "timeout", "PoisonRequest": "poison", "WorkerCrashed": "crashed",
             "ShuttingDown": "shutting_down", "Cancelled": "cancelled", "BadRequest": "bad_request",
-            "Overloaded": "overloaded", "NotAllowed": "not_allowed"}
+            "Overloaded": "overloaded", "NotAllowed": "not_allowed", "InternalError": "internal_error"}
 
 
 def outcome_of(err: IsopoolError) -> str:

@@ -28,6 +28,12 @@ if TYPE_CHECKING:
     from .ledger import Request
 
 FAILURES = frozenset({"crash"}) | RESTART_IN_PLACE  # replacements that count as restarts
+BACKS_OFF = frozenset({"crash", "start_timeout", "load_max_rss"})  # in a row, each waits longer to retry
+NOT_LOADED = {  # killed before the model was ready: at start-up that fails `serve`, saying why
+    "start_timeout": "was not ready within --start-timeout {cfg.start_timeout:g}s (the model's constructor is still "
+                     "running, or hangs); raise --start-timeout if it needs longer",
+    "load_max_rss": "passed --max-rss while its model loaded; raise --max-rss (or 0: no limit) if the model needs it",
+}
 
 
 def progress(core: "Core", w: Worker) -> tuple[tuple | None, int]:
@@ -92,14 +98,19 @@ def after_exit(core: "Core", w: Worker, reason: str, now: float) -> None:
     if (w.leaving is not None and reason not in RESTART_IN_PLACE) or not core.phase.runs_workers:
         del core.workers[w.slot]
         return
-    if reason == "crash":
+    if reason in NOT_LOADED and core.phase.name == "STARTING" and not core.startup_error:
+        # a model that cannot load at start-up will not next time either: say so, and stop
+        del core.workers[w.slot]
+        core.fail_startup(f"worker {w.slot} " + NOT_LOADED[reason].format(cfg=core.config), EXIT_LOAD_FAILED)
+        return
+    if reason in BACKS_OFF:
         w.crashes_in_row += 1
         if core.phase.name == "STARTING" and w.crashes_in_row >= 2 and not core.startup_error:
             del core.workers[w.slot]
             core.fail_startup(f"worker {w.slot} died twice before it was ready: {w.last_exit['reason']}",
                               EXIT_LOAD_FAILED)
             return
-    delay = core.restarts.delay(w.crashes_in_row) if reason == "crash" else 0.0
+    delay = core.restarts.delay(w.crashes_in_row) if reason in BACKS_OFF else 0.0
     w.reset_process()
     w.move(State.BACKOFF, f"restart in {delay:.2f}s")
     w.spawn_at = now + delay

@@ -29,7 +29,7 @@ import random
 from collections import Counter
 from typing import Any, Callable
 
-from isopool.protocol import IsopoolError, encode_error, ops, pack_header
+from isopool.protocol import InternalError, IsopoolError, encode_error, ops, pack_header
 
 from . import actions as ev
 from . import admission, answers, blame, control, dispatch, health, slots, templates
@@ -80,6 +80,7 @@ class Core:
         self.work_s = float("inf")  # how long the last answered request ran on its worker (protocol/pacing.py)
         self.answer_s = float("inf")  # how soon after its dispatch that answer came
         self.stop_header = pack_header(ops.STOP, None)
+        self.stalled: set[bytes] = set()  # clients whose replies wait at their bound: new requests refused
         self.to_clients: list[tuple[bytes, list, bool]] = []
         self.to_workers: list[tuple[bytes, list]] = []
         self.actions: list = []
@@ -171,6 +172,19 @@ class Core:
     def log(self, level: int, msg: str, *args: Any, extra: dict | None = None) -> None:
         self.actions.append(Log(level, msg, args, extra or {}))
 
+    def internal_error(self, what: str, ident: bytes | None, rid: Any) -> None:
+        """Handling an event raised (a bug of ours): count it, fail the request it concerned."""
+        ok_id = type(rid) in (int, str, bytes)
+        req = self.ledger.get((ident, rid)) if ident is not None and ok_id else None
+        err = InternalError(f"the supervisor failed handling this request ({what}); this is a bug in isopool, "
+                            "its log has the traceback. The pool goes on: retry")
+        if req is not None:
+            self.fail(req, err)  # counted as its outcome
+            return
+        self.stats.count("internal_error")
+        if ident is not None:
+            self.to_clients.append((ident, encode_error(rid if ok_id else None, err), False))
+
     @property
     def restarts_total(self) -> int:
         return sum(n for reason, n in self.replacements.items() if reason in blame.FAILURES)
@@ -182,6 +196,20 @@ def _on_client(core: Core, e: ev.ClientMessage, now: float) -> None:
 
 def _on_garbage(core: Core, e: ev.ClientGarbage, now: float) -> None:
     admission.refuse(core, e.ident, e.rid, e.error)
+
+
+def _on_stalled(core: Core, e: ev.ClientStalled, now: float) -> None:
+    if e.stalled:
+        core.stalled.add(e.ident)
+        core.log(logging.WARNING, "client %r does not read its replies; its new requests are refused until it does",
+                 e.ident)
+    else:
+        core.stalled.discard(e.ident)
+    core.emit("client_stalled" if e.stalled else "client_reading", None, client=e.ident.hex())
+
+
+def _on_gone(core: Core, e: ev.ClientGone, now: float) -> None:
+    admission.client_gone(core, e.ident)
 
 
 def _on_worker(core: Core, e: ev.WorkerMessage, now: float) -> None:
@@ -240,7 +268,8 @@ def _on_tick(core: Core, e: ev.Tick, now: float) -> None:
 
 
 _HANDLERS: dict[type, Callable] = {
-    ev.ClientMessage: _on_client, ev.ClientGarbage: _on_garbage, ev.WorkerMessage: _on_worker,
+    ev.ClientMessage: _on_client, ev.ClientGarbage: _on_garbage, ev.ClientStalled: _on_stalled,
+    ev.ClientGone: _on_gone, ev.WorkerMessage: _on_worker,
     ev.WorkerGarbage: _on_worker_garbage, ev.Spawned: _on_spawned, ev.SpawnFailed: _on_spawn_failed,
     ev.WorkerExited: _on_exited, ev.Sampled: _on_sampled, ev.TemplateReady: _on_template_ready,
     ev.TemplateFailed: _on_template_failed, ev.TemplateExited: _on_template_exited, ev.SignalReceived: _on_signal,

@@ -76,8 +76,8 @@ def check_workers(core: "Core", now: float) -> None:
             core.log(logging.WARNING, "worker %d (pid %s) sent no heartbeat for %.1fs; replacing it", w.slot, w.pid,
                      now - w.last_seen)
             kill(core, w, "heartbeat", now)
-        elif sample and w.state in SERVING:
-            to_sample.append(w.slot)
+        elif sample and (w.state in SERVING or w.state is State.STARTING and w.pid is not None):
+            to_sample.append(w.slot)  # a loading model counts too: --max-rss applies from the start
     if to_sample:
         core.actions.append(Sample(to_sample))
     if sample:
@@ -103,7 +103,11 @@ def sampled(core: "Core", slot: int, rss: int, uss: int, cpu: float) -> None:
         return
     w.rss, w.uss, w.cpu_percent = rss, uss, cpu
     max_rss = core.config.max_rss
-    if max_rss and rss > max_rss and w.leaving is None:
+    if max_rss and rss > max_rss and w.state is State.STARTING:
+        core.log(logging.WARNING, "worker %d (pid %s) RSS %d MiB passed --max-rss %d MiB while its model loads; "
+                 "killing it", w.slot, w.pid, rss >> 20, max_rss >> 20)
+        kill(core, w, "load_max_rss", core.now)
+    elif max_rss and rss > max_rss and w.leaving is None:
         core.log(logging.WARNING, "worker %d (pid %s) RSS %d MiB is over --max-rss %d MiB; recycling it", w.slot, w.pid,
                  rss >> 20, max_rss >> 20)
         retire(core, w, "max_rss")

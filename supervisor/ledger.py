@@ -65,6 +65,7 @@ class Ledger:
         self.queue: OrderedDict[Key, Request] = OrderedDict()  # open and waiting for a worker, oldest first
         self.held: dict[int, deque] = {}  # slot -> keys it was sent and has not answered, in dispatch order
         self.by_client: dict[bytes, set] = {}  # client routing id -> keys of its open requests
+        self.queued_by: dict[bytes, int] = {}  # client routing id -> how many of them are queued
         self.orphans: dict[tuple[int, Key], int] = {}  # (slot, key) -> its seq, for answered requests still held
         self._deadlines: list[tuple[float, int, Key]] = []
         self._orphan_deadlines: list[tuple[float, int, int, Key]] = []
@@ -108,6 +109,7 @@ class Ledger:
         key = req.key
         self.open[key] = req
         self.queue[key] = req
+        self.queued_by[key[0]] = self.queued_by.get(key[0], 0) + 1
         mine = self.by_client.get(key[0])
         if mine is None:
             self.by_client[key[0]] = mine = set()
@@ -125,6 +127,7 @@ class Ledger:
     def dispatch(self, req: Request, slot: int, now: float) -> None:
         """`req` leaves the queue for the worker in `slot` (its next attempt)."""
         del self.queue[req.key]
+        self._unqueued(req.key[0])
         req.attempt = next(self._dispatches)
         req.worker = slot
         req.started_at = now
@@ -154,6 +157,7 @@ class Ledger:
         req.worker = None
         self.queue[req.key] = req
         self.queue.move_to_end(req.key, last=False)
+        self.queued_by[req.key[0]] = self.queued_by.get(req.key[0], 0) + 1
 
     def settle(self, req: Request) -> None:
         """`req` has had its final answer (its worker answered it, or it held no worker)."""
@@ -161,7 +165,8 @@ class Ledger:
         if self.open.get(key) is not req:
             return
         del self.open[key]
-        self.queue.pop(key, None)
+        if self.queue.pop(key, None) is not None:
+            self._unqueued(key[0])
         mine = self.by_client.get(key[0])
         if mine is not None:
             mine.discard(key)
@@ -178,6 +183,13 @@ class Ledger:
         if held and req.key in held:
             self.orphans[(req.worker, req.key)] = req.seq
             heapq.heappush(self._orphan_deadlines, (req.deadline + grace, next(self._seq), req.worker, req.key))
+
+    def _unqueued(self, client: bytes) -> None:
+        n = self.queued_by[client] - 1
+        if n:
+            self.queued_by[client] = n
+        else:
+            del self.queued_by[client]
 
     def forget_worker(self, slot: int) -> list[Request]:
         """The worker in `slot` is gone: the open requests it held, in dispatch order."""

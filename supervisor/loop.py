@@ -30,7 +30,7 @@ from typing import Any
 
 import zmq
 
-from isopool.protocol import InternalError, encode, encode_error, ops, schemas
+from isopool.protocol import encode, ops, schemas
 from isopool.protocol.pacing import Pacing
 from isopool.protocol.transport import Outbox, drain, messages
 
@@ -43,6 +43,7 @@ from .core import Core
 from .devices import parse_devices
 from .notify import sd_notify
 from .processes import Processes
+from .replies import RETRY_S, ClientOutbox
 from .sockets import Sockets, StartupError
 from .status import build_status, snapshot
 
@@ -75,7 +76,8 @@ class Supervisor:
         self.endpoint = io.endpoint
         self.pacing = Pacing(io.io_threads, self.config.spin_us)  # fed with core.work_s each pass
         # everything for a peer leaves at the end of the pass, a burst as one bundle
-        self.to_clients = Outbox(io.frontend, routed=True, on_error=_reply_dropped)
+        self.reports: list = []  # what sending found out: clients that stall, recover or are gone
+        self.to_clients = ClientOutbox(io.frontend, report=self.reports.append)
         self.to_workers = Outbox(io.backend, routed=True, on_error=_reply_dropped)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
@@ -140,6 +142,16 @@ class Supervisor:
         self.pacing.pace(core.work_s, core.answer_s, len(core.ledger))  # before the sends that wake the I/O thread
         self.to_workers.flush()
         self.to_clients.flush()
+        for _ in range(3):  # what the sends found out (bounded: each round only follows the last)
+            if not self.reports:
+                break
+            reports = self.reports[:]
+            self.reports.clear()
+            for event in reports:
+                core.handle(event, now)
+            self.carry_out(now)
+            self.to_workers.flush()
+            self.to_clients.flush()
         return self.poll_timeout()
 
     def wait(self, timeout_ms: int) -> list:
@@ -155,8 +167,11 @@ class Supervisor:
         return self.poller.poll(0)
 
     def poll_timeout(self) -> int:
-        """Sleep until the core's next timer is due."""
-        return max(0, int((self.core.next_due() - time.monotonic()) * 1000) + 1)
+        """Sleep until the core's next timer is due, or replies waiting for a client are tried again."""
+        due = self.core.next_due()
+        if self.to_clients.backlog:
+            due = min(due, time.monotonic() + RETRY_S)
+        return max(0, int((due - time.monotonic()) * 1000) + 1)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.pending_signals.append(signum)  # the loop acts; a handler only records
@@ -266,22 +281,11 @@ class Supervisor:
             sd_notify(a.state)
 
     def internal_error(self, what: str, ident: bytes | None, rid: Any) -> None:
-        """The last line: an exception escaped the handling of one event. Log it with its
-        traceback, count it, fail the request it concerned with InternalError, go on."""
-        core = self.core
+        """The last line: an exception escaped the handling of one event. Log its traceback;
+        the core counts it and fails the request it concerned; the loop goes on."""
         log.exception("internal error handling %s; the pool goes on", what)
-        core.stats.count("internal_error")
-        if ident is None:
-            return
-        err = InternalError(f"the supervisor failed handling this request ({what}); this is a bug in "
-                            "isopool, its log has the traceback. The pool goes on: retry")
         try:
-            req = core.ledger.get((ident, rid)) if type(rid) in (int, str, bytes) else None
-            if req is not None:
-                core.fail(req, err)
-            else:
-                core.to_clients.append((ident, encode_error(rid if type(rid) in (int, str, bytes) else None, err),
-                                        False))
+            self.core.internal_error(what, ident, rid)
         except Exception:
             log.exception("could not fail the request either")
 
@@ -291,7 +295,8 @@ class Supervisor:
         return {"pid": os.getpid(), "time": time.time(), "started_at": self.started_at, "started_wall": self.started_wall, "endpoint": self.endpoint,
                 "events_endpoint": io.events.endpoint, "event_subscribers": io.events.subscribers,
                 "metrics_url": io.metrics_url, "auth_denied": io.auth.denied if io.auth is not None else None,
-                "output_dropped": self.procs.dropped}
+                "output_dropped": self.procs.dropped, "replies_waiting": self.to_clients.waiting(),
+                "replies_dropped": self.to_clients.dropped}
 
 
 def _reply_dropped(peer: bytes | None, exc: zmq.ZMQError) -> None:

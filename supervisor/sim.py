@@ -46,6 +46,7 @@ INVARIANTS = (
     "a dead worker's requests are settled at once",
     "a slot restarts after a crash no sooner than its backoff allows",
     "a draining or stopping pool accepts nothing new",
+    "a client that leaves has nothing left open, and is sent nothing more",
     "live workers converge to the target once faults stop",
 )
 
@@ -69,6 +70,7 @@ class World(Processes):
         self.seq = itertools.count()
         self.core = Core(self.config, ["cpu"], self.marks, random.Random(seed + 1), now=self.now)
         self.clients = [b"c%d" % i for i in range(rng.randint(1, 3))]
+        self.gone: set[bytes] = set()  # clients that disconnected
         self.next_id = itertools.count(1)
         self.sent: dict[tuple, dict] = {}  # key -> what the client sent (token) and what it got
         self.accepted: set = set()
@@ -144,15 +146,22 @@ class World(Processes):
             self.infer(client)
         elif r < 0.85 and self.sent:
             key = rng.choice(list(self.sent))
-            self.deliver(ev.ClientMessage(key[0], {"op": ops.CANCEL, "id": key[1]}, []))
+            if key[0] not in self.gone:
+                self.deliver(ev.ClientMessage(key[0], {"op": ops.CANCEL, "id": key[1]}, []))
         elif r < 0.9:
             self.deliver(ev.ClientMessage(client, {"op": ops.STATUS, "id": 0}, []))
         elif r < 0.96:
             n = rng.randint(1, 4)
             self.deliver(ev.ClientMessage(client, {"op": ops.CONTROL, "id": 0, "action": ops.SCALE,
                                                    "args": {"workers": n}}, []))
-        elif r < 0.98:
+        elif r < 0.975:
             self.deliver(ev.ClientMessage(client, {"op": ops.CONTROL, "id": 0, "action": ops.RELOAD}, []))
+        elif r < 0.99 and len(self.clients) > 1:  # it disconnects: nobody waits for its answers now
+            self.clients.remove(client)
+            self.gone.add(client)
+            self.deliver(ev.ClientGone(client))
+            if any(k[0] == client for k in self.core.ledger.open):
+                raise Violation(f"client {client!r} left, but its requests are still open")
         else:
             self.deliver(ev.SignalReceived("SIGHUP"))
 
@@ -197,6 +206,8 @@ class World(Processes):
             return  # status and control answers
         key = (ident, rid)
         record = self.sent.get(key)
+        if ident in self.gone:
+            raise Violation(f"an answer for {key}, whose client has left")
         if record is None:
             raise Violation(f"an answer for {key}, which was never accepted")
         if op == ops.ERROR:
@@ -248,7 +259,7 @@ class World(Processes):
                 if w is None or w.state not in ALIVE or w.pid is None or key not in ledger.held.get(req.worker, ()):
                     raise Violation(f"{key} is dispatched to slot {req.worker}, which does not hold it alive")
         for key in self.accepted:
-            if self.sent[key]["final"] == 0 and key not in ledger.open:
+            if self.sent[key]["final"] == 0 and key not in ledger.open and key[0] not in self.gone:
                 raise Violation(f"{key} left the ledger without a final answer")
 
     def check_converged(self) -> None:
@@ -267,7 +278,7 @@ class World(Processes):
         if any(w.alive for w in self.workers.values()):
             raise Violation("a worker outlived the pool")
         for key in self.accepted:
-            if self.sent[key]["final"] != 1:
+            if self.sent[key]["final"] != (0 if key[0] in self.gone and self.sent[key]["final"] == 0 else 1):
                 raise Violation(f"{key} had {self.sent[key]['final']} final answers by the end")
 
     def summary(self) -> dict:

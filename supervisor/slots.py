@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 SURGE = 1  # extra workers allowed while replacing (recycle, reload): capacity never dips
 RECYCLE_REASONS = frozenset({"max_requests", "max_rss", "reload", "integrity", "tenant", "isolation"})
 DRAIN_NOW_REASONS = frozenset({"tenant", "isolation"})  # bound to another tenant: no use keeping them
-RESTART_IN_PLACE = frozenset({"timeout", "heartbeat", "start_timeout", "protocol"})  # killed: same slot again
+RESTART_IN_PLACE = frozenset({"timeout", "heartbeat", "start_timeout", "load_max_rss", "protocol"})  # killed: same slot again
 
 
 class State(enum.Enum):

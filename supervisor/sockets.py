@@ -13,6 +13,7 @@ import os
 import resource
 import shutil
 import signal
+import stat
 import socket
 import tempfile
 
@@ -25,6 +26,7 @@ from .auth import AuthError, CurveAuth
 from .config import PoolConfig
 from .events import EventLog
 from .metrics import serve_metrics
+from .replies import SNDHWM
 
 
 class StartupError(RuntimeError):
@@ -104,8 +106,14 @@ class Sockets:
             if _ipc_in_use(path):
                 raise StartupError(f"another process is already serving {self.endpoint}; stop it first "
                                    "or choose another --endpoint")
+            if (path.exists() or path.is_symlink()) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+                # binding would unlink it: a stale socket may be replaced, nothing else
+                raise StartupError(f"{path} exists and is not a socket; refusing to replace it. Choose another "
+                                   "--endpoint, or remove the file if it is yours to remove")
         sock = self.ctx.socket(zmq.ROUTER)
-        for opt, val in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 0),
+        # a full pipe to a client (it does not read) and a departed client both fail a send
+        # at once, instead of queueing without bound or dropping in silence (replies.py)
+        for opt, val in ((zmq.SNDHWM, SNDHWM), (zmq.ROUTER_MANDATORY, 1), (zmq.RCVHWM, 0), (zmq.LINGER, 0),
                          (zmq.MAXMSGSIZE, cfg.limits.max_message_bytes)):
             sock.setsockopt(opt, val)
         if self.auth is not None:

@@ -45,6 +45,9 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
         "auth_denied": facts["auth_denied"],  # CURVE handshakes refused
         "restarts_by_reason": dict(core.replacements),
         "output_dropped_bytes": sum(dropped.values()),  # workers' output over --log-rate
+        "clients_stalled": len(core.stalled),  # clients not reading their replies: new requests refused
+        "replies_waiting": facts.get("replies_waiting", 0),  # for those clients, held by us
+        "replies_dropped": facts.get("replies_dropped", 0),  # for those clients, over the bound
         "max_queue": cfg.max_queue,
         "restarts_in_window": len(core.restarts.recent),
         "restart_window_s": cfg.restart_window,

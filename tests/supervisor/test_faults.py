@@ -333,3 +333,19 @@ def test_supervisor_sigkill_takes_every_worker_down_and_clients_get_an_error(fau
         assert time.monotonic() - t0 < 5.5
     assert wait_gone(pids, 2.0) == []
     faulty.proc.wait(5)
+
+
+def test_a_model_that_does_not_load_in_time_fails_serve_naming_the_setting(start_pool):
+    """A constructor that hangs once made an endless start/kill loop."""
+    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:SlowToLoad", "--start-timeout", "0.5",
+                      "--kill-grace", "0.5", wait=False)
+    assert pool.proc.wait(60) == 78
+    out = pool.output()
+    assert "--start-timeout 0.5s" in out and out.count("isopool serve:") == 1
+
+
+def test_max_rss_applies_while_the_model_loads(start_pool):
+    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:SlowToLoad", "--max-rss", "10MiB",
+                      "--stats-interval", "0.1", "--kill-grace", "0.5", wait=False)
+    assert pool.proc.wait(60) == 78
+    assert "passed --max-rss while its model loaded" in pool.output()

@@ -49,3 +49,15 @@ def test_symlinked_runtime_dir_is_refused(short_tmp):
     (short_tmp / "isopool").symlink_to(short_tmp / "elsewhere")
     out = serve_default(short_tmp)
     assert out.returncode == 1 and "not a directory" in out.stderr
+
+
+def test_an_endpoint_path_that_is_not_a_socket_is_refused_never_deleted(short_tmp):
+    import subprocess
+    import sys
+
+    precious = short_tmp / "notes.txt"
+    precious.write_text("keep me")
+    out = subprocess.run([sys.executable, "-m", "isopool.cli", "serve", "--endpoint", f"ipc://{precious}"],
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert out.returncode != 0 and "is not a socket" in out.stderr
+    assert precious.read_text() == "keep me"

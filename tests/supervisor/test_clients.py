@@ -1,0 +1,89 @@
+"""Clients that misbehave: one that never reads its replies, one that goes away with work
+queued, one that floods the queue. Each is bounded; the others are served."""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import psutil
+import zmq
+
+from isopool.errors import Overloaded
+from isopool.protocol import ops, pack_header
+
+FAULTY = "isopool.examples.faulty:Faulty"
+ECHO = "isopool.examples.faulty:make_echo"
+
+
+def raw_client(endpoint: str, rcvhwm: int = 1000) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    sock.connect(endpoint)
+    return sock
+
+
+def test_a_client_that_never_reads_cannot_grow_the_supervisor(start_pool):
+    pool = start_pool("--workers", "2", "--model", ECHO)
+    sup = psutil.Process(pool.pid)
+    rss_before = sup.memory_info().rss
+    greedy = raw_client(pool.endpoint, rcvhwm=4)  # reads nothing, and its own pipe is small
+    blob = b"x" * (64 << 10)
+    try:
+        with pool.client() as honest:
+            for i in range(10_000):  # 10,000 replies of 64 KiB asked for, none read
+                greedy.send_multipart([pack_header(ops.INFER, i), msgpack.packb(blob)])
+                if i % 1000 == 999:
+                    assert honest.infer({"i": i}) == {"i": i}  # others are served meanwhile
+            status = pool.wait_until(lambda s: s["pool"]["clients_stalled"] == 1, "client_stalled", timeout=60)
+            rss_growth = sup.memory_info().rss - rss_before
+            assert honest.infer({"after": 1}) == {"after": 1}
+    finally:
+        greedy.close()
+    pool_status = status["pool"]
+    assert pool_status["outcomes"].get("overloaded", 0) > 0  # its new requests were refused
+    assert rss_growth < 400 << 20, rss_growth >> 20  # was ~600 MiB for these 10,000 replies
+    print({"supervisor_rss_growth_mib": rss_growth >> 20, "replies_waiting": pool_status["replies_waiting"],
+           "replies_dropped": pool_status["replies_dropped"], "overloaded": pool_status["outcomes"]["overloaded"]})
+
+
+def test_a_client_that_goes_away_leaves_no_work_behind(start_pool):
+    pool = start_pool("--workers", "1", "--model", FAULTY, "--prefetch", "1")
+    gone = raw_client(pool.endpoint)
+    for i in range(1000):
+        gone.send_multipart([pack_header(ops.INFER, i), msgpack.packb({"do": "sleep", "s": 0.05})])
+    gone.send_multipart([pack_header(ops.STATUS, "st"), msgpack.packb(None)])  # read after all 1,000, in order
+    for _ in range(1001):
+        assert gone.poll(30_000), "no status answer"
+        if msgpack.unpackb(gone.recv_multipart()[0]).get("id") == "st":
+            break
+    with pool.client() as c:  # all 1,000 were accepted before it leaves
+        gone.close()
+        t0 = time.monotonic()
+        assert c.infer({"do": "ok"}, timeout=30)["echo"] == {"do": "ok"}
+        waited = time.monotonic() - t0
+        status = c.status()
+    assert status["pool"]["outcomes"].get("client_gone", 0) >= 990  # dropped, not run
+    assert sum(w["requests"] for w in status["workers"]) <= 12
+    print({"next_client_waited_s": round(waited, 3), "dropped": status["pool"]["outcomes"]["client_gone"]})
+
+
+def test_one_client_cannot_take_the_whole_queue(start_pool):
+    pool = start_pool("--workers", "1", "--model", FAULTY, "--prefetch", "1", "--max-queue", "16")
+    with pool.client() as hog, pool.client() as other:
+        running = hog.submit({"do": "sleep", "s": 1.0})
+        assert hog.status()["pool"]["in_flight"] == 1  # same connection: read after the submit
+        futures = [hog.submit({"do": "ok", "i": i}) for i in range(20)]
+        assert hog.status()["pool"]["queue_depth"] == 14  # 16 - 16 // 8: its share; the rest refused
+        fine = [other.submit({"do": "ok", "other": j}) for j in range(2)]  # the kept eighth
+        assert [f.result(timeout=30)["echo"]["other"] for f in fine] == [0, 1]
+        assert running.result(timeout=30)["echo"]["do"] == "sleep"
+        outcomes = []
+        for f in futures:
+            try:
+                outcomes.append(f.result(timeout=30)["echo"]["i"])
+            except Overloaded as exc:
+                assert "its share" in str(exc)
+                outcomes.append("refused")
+        assert outcomes == [*range(14), *["refused"] * 6]
