@@ -106,6 +106,7 @@ class AsyncClient:
         if not self._tasks:
             self._tasks = [asyncio.ensure_future(self._reader()), asyncio.ensure_future(self._timer()),
                            asyncio.ensure_future(self._watch())]
+            self._send(self._session.hello())  # the server's limits, for large requests
 
     async def _reader(self) -> None:
         while True:
@@ -156,7 +157,8 @@ class AsyncClient:
     def _request(self, x: Any, timeout: float | None, retry: bool | None, tenant: str | None,
                  stream: bool) -> tuple[Any, list, float]:
         cid, frames, _, deadline = self._session.request(
-            x, timeout, self.retry if retry is None else retry, tenant if tenant is not None else self.tenant, stream)
+            x, timeout, self.retry if retry is None else retry, tenant if tenant is not None else self.tenant, stream,
+            wait=False)
         return cid, frames, deadline
 
     async def infer(self, x: Any, *, timeout: float | None = None, retry: bool | None = None,

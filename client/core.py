@@ -11,8 +11,10 @@ Every pending call has a deadline; nothing waits forever, even if the supervisor
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
+import threading
 import time
 from typing import Any
 
@@ -20,6 +22,8 @@ import zmq
 
 from isopool.protocol import (
     DEFAULT_LIMITS,
+    BadRequest,
+    Limits,
     IsopoolError,
     NotAllowed,
     RequestTimeout,
@@ -29,6 +33,7 @@ from isopool.protocol import (
     encode,
     ops,
     pack_header,
+    total_bytes,
 )
 from isopool.protocol.endpoints import default_endpoint
 from isopool.protocol.transport import MAX_BUNDLE, bundle, messages
@@ -58,6 +63,30 @@ class Call:
         raise NotImplementedError
 
 
+SMALL_BYTES = 1 << 20  # requests this small are under any server's limits: no need to know them
+
+
+class _Hello(Call):
+    __slots__ = ("session",)
+
+    def __init__(self, cid: Any, deadline: float, session: "Session"):
+        super().__init__(cid, deadline)
+        self.session = session
+
+    def resolve(self, value: Any) -> None:
+        known = {f.name for f in dataclasses.fields(Limits)}
+        got = value.get("limits") if isinstance(value, dict) else None
+        if isinstance(got, dict):
+            self.session.limits = Limits(**{k: v for k, v in got.items() if k in known and type(v) is int})
+        self.session.limits_known.set()
+
+    def reject(self, exc: BaseException) -> None:
+        self.session.limits_known.set()  # an older server: keep the defaults
+
+    def chunk(self, item: Any) -> None:
+        pass
+
+
 class Session:
     def __init__(self, arrays: str = "auto", default_timeout: float = 30.0):
         self.arrays = arrays
@@ -66,6 +95,9 @@ class Session:
         self.pending: dict[Any, Call] = {}
         self.timers: list[tuple[float, Any]] = []
         self.refused: IsopoolError | None = None  # the server refused our handshake: say so every time
+        self.limits = DEFAULT_LIMITS  # the server's, once its answer to our hello has come
+        self.limits_known = threading.Event()
+        self.greeting: Call | None = None  # our hello, until the server answers it
 
     def send_failed(self, endpoint: str, exc: Exception) -> IsopoolError:
         """The error for a send that could not go out: the refusal if there was one."""
@@ -81,12 +113,36 @@ class Session:
                 call.reject(err)
 
     def request(self, x: Any, timeout: float | None, retry: bool, tenant: str | None,
-                stream: bool) -> tuple[Any, list, float, float]:
+                stream: bool, wait: bool = True) -> tuple[Any, list, float, float]:
         """(id, frames, timeout, local deadline) of one infer request, encoded on the caller's
         thread; both clients build every request here."""
         t = self.timeout_of(timeout)
         cid = next(self.ids)
-        return cid, self.infer_frames(x, cid, t, retry, stream, tenant), t, self.deadline(t)
+        frames = self.infer_frames(x, cid, t, retry, stream, tenant)
+        self.check_size(frames, t if wait else 0.0)
+        return cid, frames, t, self.deadline(t)
+
+    def check_size(self, frames: list, wait_s: float) -> None:
+        """Refuse here what the server would refuse: a message over its max_message_bytes would
+        make ZeroMQ drop the connection, failing every other call on it. A large request waits
+        up to `wait_s` for the server's answer to our hello, to know its limits (the asyncio
+        client cannot wait on its own loop: before that answer it checks the default limits)."""
+        size = total_bytes(frames)
+        if size <= SMALL_BYTES:
+            return
+        if wait_s:
+            self.limits_known.wait(wait_s)
+        limit = self.limits.max_message_bytes
+        if size > limit:
+            raise BadRequest(f"this request is {size} bytes, over the server's max_message_bytes={limit}; send "
+                             "less, or raise --max-message-bytes on the server", setting="max_message_bytes",
+                             size=size, limit=limit)
+
+    def hello(self) -> list:
+        """The frames of our hello: the server's answer gives its limits. It is no call of the
+        caller's: it waits apart from `pending` (and so is never counted as work in flight)."""
+        self.greeting = _Hello(next(self.ids), 0.0, self)
+        return self.op_frames(ops.HELLO, self.greeting.cid)
 
     def infer_frames(self, value: Any, cid: Any, timeout: float, retry: bool, stream: bool,
                      tenant: str | None) -> list:
@@ -126,7 +182,11 @@ class Session:
                 continue  # not for us to fix; the callers' deadlines still hold
             call = pending.get(header["id"])
             if call is None:
-                continue  # already timed out or cancelled
+                greeting = self.greeting
+                if greeting is not None and header["id"] == greeting.cid:
+                    self.greeting = None
+                    self.settle(greeting, header["op"], body)
+                continue  # else already timed out or cancelled
             if self.settle(call, header["op"], body):
                 pending.pop(call.cid, None)
 

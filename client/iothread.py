@@ -77,6 +77,7 @@ class IOThread:
         poller.register(self.monitor, zmq.POLLIN)
         poller.register(self.wake, zmq.POLLIN)
         session = self.session
+        self._send_now(session.hello())  # the server's limits, before any large request needs them
         while not self.closing:
             due = session.next_deadline()
             timeout = None if due is None else max(0, int((due - time.monotonic()) * 1000) + 1)

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import time
-import tomllib
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +13,7 @@ import click
 
 from isopool.protocol.endpoints import ENV_ENDPOINT
 
-ENDPOINT_HELP = f"Supervisor endpoint (default: ${ENV_ENDPOINT}, else ipc:// in the per-user runtime directory)."
+from .serveconfig import ENDPOINT_HELP, config_toml, load_config, serve_options
 EXIT_UNREACHABLE = 1
 
 endpoint_option = click.option("--endpoint", "-e", envvar=ENV_ENDPOINT, default=None, help=ENDPOINT_HELP)
@@ -33,152 +30,6 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------- serve
-
-SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
-              "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
-
-
-def parse_size(value: Any) -> int:
-    """Bytes from 1048576, '512MiB', '2GB'."""
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in SIZE_UNITS:
-        raise ValueError(f"{value!r} is not a size; use bytes or a unit like 512MiB or 2GB")
-    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
-
-
-# flag name -> (config field, click type, help). Every serve flag is also a config-file key.
-SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
-    ("model", str, "The model: MODULE:ATTR, a class or factory called once per worker. Default: the built-in model."),
-    ("workers", int, "Number of worker processes."),
-    ("endpoint", str, ENDPOINT_HELP),
-    ("devices", str, "Devices to spread workers over: cpu, cuda, cuda:0,cuda:1 or auto."),
-    ("threads", int, "torch intra-op threads per worker (0: the cores divided by the workers)."),
-    ("max-queue", int, "Queued requests beyond which new ones are refused with Overloaded (default 4096); one "
-                       "client may fill 7/8 of it, the rest is kept for others."),
-    ("prefetch", int, "Requests a worker may hold at once (default 16), so it never waits on the "
-                      "supervisor; under load they travel, and their results return, in bundles. "
-                      "Lower it (1-2) when request durations vary widely, so none waits behind a slow one."),
-    ("spin-us", int, "After quick work, the supervisor and each worker look for the next message for up "
-                     "to this many microseconds, yielding the core to any thread that wants it, before "
-                     "they sleep (default 300): a sleeping process costs every message a few thread "
-                     "wake-ups. Only while requests finish within ~2 ms; the window shrinks by itself "
-                     "when requests come further apart. 0: always sleep at once, the least CPU."),
-    ("max-batch-size", int, "Models with batch(list) -> list get up to this many requests at once."),
-    ("max-batch-wait-ms", float, "How long a partial batch waits for more requests."),
-    ("request-timeout", float, "Seconds any request may take; also the deadline when the client gives none."),
-    ("max-attempts", int, "Tries of a request whose worker died (1: never retry)."),
-    ("poison-threshold", int, "Worker deaths after which an input is refused with PoisonRequest."),
-    ("heartbeat-interval", float, "Seconds between heartbeats of an idle worker."),
-    ("heartbeat-timeout", float, "An idle worker silent this long is replaced."),
-    ("start-timeout", float, "A worker not ready after this many seconds is killed."),
-    ("kill-grace", float, "Seconds between SIGTERM and SIGKILL when a worker is killed."),
-    ("drain-timeout", float, "On SIGTERM, seconds to finish queued and running work before stopping."),
-    ("max-restarts", int, "Restarts within --restart-window beyond which the pool is reported degraded."),
-    ("restart-window", float, "Window in seconds for --max-restarts."),
-    ("backoff-base", float, "First restart delay after repeated crashes; doubles each time."),
-    ("backoff-max", float, "Longest restart delay."),
-    ("max-requests", int, "Recycle a worker after this many requests (0: never)."),
-    ("max-requests-jitter", int, "Add 0..N to --max-requests per worker so they don't recycle together."),
-    ("max-rss", str, "Recycle a worker whose memory grows past this (e.g. 2GiB; 0: never)."),
-    ("stats-interval", float, "Seconds between samples of worker memory and CPU."),
-    ("log-rate", str, "Bytes a second of each worker's output that are logged (e.g. 128KiB, the default; "
-                      "0: no limit); the rest are dropped and counted in status and metrics."),
-    ("max-message-bytes", str, "Largest accepted message (e.g. 256MiB)."),
-    ("max-depth", int, "Deepest accepted nesting of lists and maps in a payload."),
-    ("max-elements", int, "Most array elements plus container items accepted in one payload."),
-    ("arrays", click.Choice(["auto", "numpy", "torch"]), "How the model receives arrays."),
-    ("metrics-port", int, "Serve Prometheus metrics at http://HOST:PORT/metrics (0: off)."),
-    ("metrics-host", str, "Address for --metrics-port (default 127.0.0.1: loopback only)."),
-    ("integrity-interval", float, "Seconds between checks of each idle worker's weights against their "
-     "fingerprint at load (0: off). A changed model is recycled."),
-    ("isolation", click.Choice(["none", "tenant", "request"]),
-     "none: any worker serves any request; tenant: a worker serves one tenant until it is recycled; "
-     "request: every request runs in a fresh worker."),
-    ("preload", click.Choice(["none", "imports", "model"]),
-     "Start workers by fork from a template that has imported torch and the handler (imports, the "
-     "default: a restart takes milliseconds), that has also built the model so workers share its weights "
-     "(model, CPU only), or as fresh interpreters (none)."),
-]
-SIZE_FIELDS = {"max_rss", "max_message_bytes", "log_rate"}
-SERVE_OPTIONS += [
-    ("curve-secret-key", str, "The server's .key_secret file (from `isopool keygen`): require CURVE."),
-    ("curve-clients", str, "Directory of client public keys (*.key) allowed to infer and read status."),
-    ("curve-admins", str, "Directory of public keys also allowed control ops (scale, reload, stop)."),
-]
-BOOL_FLAGS = [("integrity-every-request", "Also check the weights after every request (costs a hash of them)."),
-              ("insecure", "Allow a tcp:// endpoint without authentication (trusted networks only).")]
-
-
-def _serve_options(func):
-    for name, typ, help_text in reversed(SERVE_OPTIONS):
-        func = click.option(f"--{name}", type=typ, default=None, help=help_text)(func)
-    for name, help_text in reversed(BOOL_FLAGS):
-        func = click.option(f"--{name}", is_flag=True, default=None, help=help_text)(func)
-    return func
-
-
-def load_config(path: str | None, flags: dict[str, Any]):
-    """Defaults < TOML file < flags. Unknown keys and bad values name the key."""
-    from isopool.supervisor.config import PoolConfig
-    from isopool.supervisor.devices import parse_devices
-
-    known = {f.name for f in fields(PoolConfig)}
-    values: dict[str, Any] = {}
-    if path:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--config") from None
-        data = data.get("isopool", data)
-        for key, value in data.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                raise click.BadParameter(f"unknown key {key!r} in {path}; known keys: "
-                                         f"{', '.join(sorted(k.replace('_', '-') for k in known))}",
-                                         param_hint="--config")
-            values[name] = value
-    values.update({k: v for k, v in flags.items() if v is not None})
-    for name in SIZE_FIELDS & values.keys():
-        try:
-            values[name] = parse_size(values[name])
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint=f"--{name.replace('_', '-')}") from None
-    for name, value in values.items():
-        want = PoolConfig.__dataclass_fields__[name].type
-        if not _type_ok(value, want):
-            raise click.BadParameter(f"{name.replace('_', '-')} = {value!r} should be {want}", param_hint="--config")
-    try:
-        config = PoolConfig(**values)
-        parse_devices(config.devices)
-        return config
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def _type_ok(value: Any, want: str) -> bool:
-    checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-              "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
-              "dict": lambda v: isinstance(v, dict)}
-    base = want.split("|")[0].strip()
-    if "None" in want and value is None:
-        return True
-    return checks.get(base, lambda v: True)(value)
-
-
-def config_toml(config) -> str:
-    lines = ["[isopool]"]
-    for key, value in config.to_dict().items():
-        if value is None:
-            lines.append(f"# {key.replace('_', '-')} = (default)")
-        elif isinstance(value, dict):
-            lines.append(f"{key.replace('_', '-')} = {json.dumps(value)}")
-        else:
-            lines.append(f"{key.replace('_', '-')} = {json.dumps(value)}")
-    return "\n".join(lines)
-
 
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
@@ -206,7 +57,7 @@ class JsonFormatter(logging.Formatter):
 @main.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="A TOML file of serve settings (keys as the flags, under [isopool]); flags override it.")
-@_serve_options
+@serve_options
 @click.option("--print-config", is_flag=True, help="Print the effective configuration as TOML and exit.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", default="text", type=click.Choice(["text", "json"]), help="Log lines as text or JSON.")

@@ -7,6 +7,7 @@ INFER = "infer"
 CANCEL = "cancel"
 STATUS = "status"
 CONTROL = "control"
+HELLO = "hello"  # a client asks for the server's limits as it connects
 
 # supervisor -> client, and worker -> supervisor
 RESULT = "result"
@@ -21,7 +22,7 @@ STOP = "stop"
 LOAD_FAILED = "load_failed"  # worker -> supervisor: the model would not build (an error payload)
 INTEGRITY_FAILED = "integrity_failed"  # worker -> supervisor: the weights changed since load
 
-CLIENT_OPS = frozenset({INFER, CANCEL, STATUS, CONTROL})
+CLIENT_OPS = frozenset({INFER, CANCEL, STATUS, CONTROL, HELLO})
 REPLY_OPS = frozenset({RESULT, CHUNK, ERROR})
 WORKER_OPS = frozenset({READY, HEARTBEAT, RESULT, CHUNK, ERROR, LOAD_FAILED, INTEGRITY_FAILED})
 ALL_OPS = CLIENT_OPS | REPLY_OPS | WORKER_OPS | {RUN, STOP}

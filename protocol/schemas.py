@@ -75,6 +75,7 @@ CLIENT: dict[str, dict[str, tuple]] = {
                 "bundles": (False, *BOOL), "tenant": (False, _tenant, "a str of at most 256 characters")},
     ops.CANCEL: {"id": (True, *ID)},
     ops.STATUS: {"id": (True, *ID)},
+    ops.HELLO: {"id": (True, *ID)},
     ops.CONTROL: {"id": (True, *ID),
                   "action": (True, lambda v: v in (ops.SCALE, ops.RELOAD, ops.DRAIN, ops.SHUTDOWN),
                              "one of scale, reload, drain, stop"),
@@ -95,7 +96,7 @@ REPLIES: dict[str, dict[str, tuple]] = {op: {"id": (False, lambda v: v is None o
                                         for op in (ops.RESULT, ops.CHUNK, ops.ERROR)}
 
 SIDES = {"client": CLIENT, "worker": WORKER, "reply": REPLIES}
-_WHO = {id(CLIENT): "a client op; clients send infer, cancel, status or control",
+_WHO = {id(CLIENT): "a client op; clients send infer, cancel, status, control or hello",
         id(WORKER): "a worker op; workers send ready, heartbeat, result, chunk, error, load_failed or integrity_failed",
         id(REPLIES): "a reply op; the supervisor answers with result, chunk or error"}
 

@@ -52,8 +52,11 @@ def on_client(core: "Core", ident: bytes, header: dict, body: list, admin: bool,
             core.to_clients.append((ident, encode(ops.RESULT, header.get("id"), result), False))
         elif op == ops.CANCEL:
             cancel(core, (ident, header.get("id")))
+        elif op == ops.HELLO:  # the limits, so a client refuses what we would refuse, and fails alone
+            core.to_clients.append((ident, encode(ops.RESULT, header.get("id"), {"limits": core.limits.__dict__}),
+                                    False))
         else:
-            raise BadRequest(f"op {op!r} is not a client op; clients send infer, cancel, status or control")
+            raise BadRequest(f"op {op!r} is not a client op; clients send infer, cancel, status, control or hello")
     except IsopoolError as err:
         refuse(core, ident, header.get("id"), err)
 

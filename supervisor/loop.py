@@ -6,17 +6,12 @@
                                              ▼
                                 core (core.py): decisions ──► actions ──► sends, spawns, kills, events
 
-Each pass runs short steps that are safe to repeat, each only when it has work:
-    read_frontend  client messages, decoded (protocol/), handed to the core
-    read_backend   worker messages, likewise
-    read_other     when their fd fired: signals, event subscriptions, ZAP requests, worker
-                   output and exits (pidfds), the template's socket and exit
-    tick           when a timer is due or the pool changed: the core's deadlines,
-                   health checks, reconcile, phases and dispatch
-    carry out      the actions the core left; then every send leaves, a burst as one bundle
-
-All decisions are the core's; this file only turns what it sees into events and does
-what it is told (actions.py lists both).
+Each pass runs short steps, each only when it has work: read_frontend and read_backend
+(messages, decoded and checked by protocol/, handed to the core), read_other (signals,
+subscriptions, ZAP, worker output and exits, the template), tick (the core's timers,
+reconcile, phases, dispatch), then carry out the actions and send, a burst as one bundle.
+All decisions are the core's; this file turns what it sees into events and does what it
+is told (actions.py lists both).
 """
 
 from __future__ import annotations
@@ -51,8 +46,6 @@ log = logging.getLogger("isopool.supervisor")
 
 MAX_BATCH = 512  # messages read from one socket per pass, so no source starves another
 LAST_WORDS_S = 0.005  # how long a crash waits for the dead worker's already-sent replies
-
-__all__ = ["Supervisor", "StartupError"]
 
 
 class Supervisor:
@@ -148,7 +141,10 @@ class Supervisor:
             reports = self.reports[:]
             self.reports.clear()
             for event in reports:
-                core.handle(event, now)
+                try:
+                    core.handle(event, now)
+                except Exception:
+                    self.internal_error(type(event).__name__, None, None)
             self.carry_out(now)
             self.to_workers.flush()
             self.to_clients.flush()
@@ -250,7 +246,10 @@ class Supervisor:
                 for ident, frames in to_workers:
                     post([ident, *frames])
             for a in actions:
-                self.perform(a, now)
+                try:
+                    self.perform(a, now)
+                except Exception:  # a bug of ours, or a process call that failed: said, counted
+                    self.internal_error(f"the action {type(a).__name__}", None, None)
 
     def perform(self, a: Any, now: float) -> None:
         core, procs = self.core, self.procs

@@ -291,3 +291,10 @@ def test_scale_past_the_worker_cap_is_refused():
     pool.handle(ev.ClientMessage(b"c", {"op": ops.CONTROL, "id": 9, "action": "scale",
                                         "args": {"workers": 10**9}}, []))
     assert pool.error_type(9) == "BadRequest" and pool.core.target == 2 and len(pool.core.workers) == 2
+
+
+def test_hello_answers_with_the_limits():
+    pool = Pool(max_message_bytes=1 << 20)
+    pool.handle(ev.ClientMessage(b"c", {"op": ops.HELLO, "id": 5}, []))
+    [(_, header, body)] = [r for r in pool.replies if r[1].get("id") == 5]
+    assert header["op"] == ops.RESULT and msgpack.unpackb(body[0])["limits"]["max_message_bytes"] == 1 << 20

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zmq
 
-from isopool.errors import BadRequest, RemoteError, Unavailable
+from isopool.errors import BadRequest, RemoteError
 from isopool.protocol import decode_error, ops, pack_header, unpack_header
 from isopool.protocol.codec import EXT_ARRAY
 from isopool.protocol.transport import BUNDLE, bundle, data, unbundle
@@ -94,13 +94,32 @@ def test_thousands_of_hostile_messages_interleaved_with_honest_requests(start_po
     assert all(w["errors"] == 0 and w["restarts"] == 0 for w in status["workers"])
 
 
-def test_oversized_message_is_cut_off_by_zeromq_and_nobody_else_notices(start_pool):
+def test_an_oversized_request_fails_alone_and_its_client_serves_on(start_pool):
+    """The client learns the server's limits (hello) and refuses an oversized request itself:
+    once it cost the shared connection, failing every other call on it with Unavailable."""
     pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:make_echo", "--max-message-bytes", "1MiB")
-    with pool.client(timeout=10) as big, pool.client() as small:
-        with pytest.raises(Unavailable):  # libzmq drops the connection (MAXMSGSIZE)
-            big.infer(np.zeros(1 << 19, dtype=np.float32))  # 2 MiB
-        assert small.infer({"ok": 1}) == {"ok": 1}
-        assert small.infer(np.zeros(1000)).shape == (1000,)
+    with pool.client(timeout=10) as c:
+        others = [c.submit({"n": i}) for i in range(20)]
+        with pytest.raises(BadRequest, match="max_message_bytes=1048576") as info:
+            c.infer(np.zeros(1 << 19, dtype=np.float32))  # 2 MiB
+        assert info.value.setting == "max_message_bytes"
+        assert [f.result(timeout=30) for f in others] == [{"n": i} for i in range(20)]
+        assert c.infer(np.zeros(1000)).shape == (1000,)  # the same connection
+    assert pool.status()["pool"]["healthy"]
+
+
+def test_an_oversized_frame_from_a_raw_client_is_cut_off_and_nobody_else_notices(start_pool):
+    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:make_echo", "--max-message-bytes", "1MiB")
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(pool.endpoint)
+    try:
+        raw.send_multipart([pack_header(ops.INFER, 1), b"\x00" * (2 << 20)])  # libzmq drops it (MAXMSGSIZE)
+        with pool.client() as small:
+            assert small.infer({"ok": 1}) == {"ok": 1}
+            assert small.infer(np.zeros(1000)).shape == (1000,)
+    finally:
+        raw.close()
     assert pool.status()["pool"]["healthy"]
 
 
