@@ -208,15 +208,6 @@ class Ledger:
             return min(d[0][0], o[0][0]) if o else d[0][0]
         return o[0][0] if o else None
 
-    def next_deadline(self) -> float | None:
-        o = self._orphan_deadlines
-        while o and (o[0][2], o[0][3]) not in self.orphans:
-            heapq.heappop(o)
-        first = self._next_open_deadline()
-        if o and (first is None or o[0][0] < first):
-            return o[0][0]
-        return first
-
     def orphans_due(self, now: float) -> list[tuple[int, int]]:
         """(slot, seq) of answered requests a worker still held at their deadline (and grace)."""
         out = []
@@ -227,16 +218,6 @@ class Ledger:
             if seq is not None:
                 out.append((slot, seq))
         return out
-
-    def _next_open_deadline(self) -> float | None:
-        d = self._deadlines
-        while d:
-            deadline, _, key = d[0]
-            req = self.open.get(key)
-            if req is not None and req.deadline == deadline:
-                return deadline
-            heapq.heappop(d)
-        return None
 
     def due(self, now: float) -> list[Request]:
         """Open requests whose deadline has come, earliest first (taken off the deadline heap)."""

@@ -101,11 +101,6 @@ class Worker:
     def ident(self) -> bytes:
         return worker_ident(self.slot, self.generation)
 
-    @property
-    def retiring(self) -> bool:
-        """Serving on until its replacement is ready (or draining, or stopping)."""
-        return self.leaving is not None
-
     def move(self, new: State, why: str = "") -> None:
         if new not in TRANSITIONS[self.state]:
             raise IllegalTransition(f"worker {self.slot}: {self.state.value} -> {new.value} is not allowed ({why})")
