@@ -191,23 +191,29 @@ class Outbox:
         pending, self.pending, self.count = self.pending, {}, 0
         for peer, messages in pending.items():
             try:
-                group: list = []
-                for m in messages:
-                    if type(m) is _Alone:
-                        self._send(group)
-                        send_frames(self.sock, m.frames, NOBLOCK)
-                    else:
-                        group.append(m)
-                        if len(group) == MAX_BUNDLE:
-                            self._send(group)
-                self._send(group)
+                for frames in wire(messages, self.at):
+                    send_frames(self.sock, frames, NOBLOCK)
             except zmq.ZMQError as exc:
                 self.on_error(peer, exc)
 
-    def _send(self, group: list) -> None:
-        if group:
-            send_frames(self.sock, bundle(group, self.at), NOBLOCK)
-            group.clear()
+
+def wire(messages: list, at: int) -> Iterator[list]:
+    """The ZeroMQ messages that carry one peer's posted `messages`, in order: bundled where
+    the peer reads bundles, MAX_BUNDLE at most to a bundle, each alone where it does not."""
+    group: list = []
+    for m in messages:
+        if type(m) is _Alone:
+            if group:
+                yield bundle(group, at)
+                group = []
+            yield m.frames
+        else:
+            group.append(m)
+            if len(group) == MAX_BUNDLE:
+                yield bundle(group, at)
+                group = []
+    if group:
+        yield bundle(group, at)
 
 
 class _Alone:

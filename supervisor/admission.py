@@ -26,7 +26,8 @@ from isopool.protocol import (
 )
 
 from .actions import AnswerStatus
-from .control import ACCEPTING, control
+from .control import control
+from .phase import ACCEPTING
 from .dispatch import dispatch
 from .ledger import Request
 
@@ -64,7 +65,7 @@ def on_client(core: "Core", ident: bytes, header: dict, body: list, admin: bool,
 def refuse(core: "Core", ident: bytes, rid: Any, err: IsopoolError) -> None:
     """Answer a message that was not accepted (nothing of it is kept)."""
     core.stats.count(outcome_of(err))
-    core.to_clients.append((ident, encode_error(rid if _usable_id(rid) else None, err), False))
+    core.to_clients.append((ident, encode_error(rid if usable_id(rid) else None, err), False))
 
 
 def accept(core: "Core", ident: bytes, header: dict, body: list, now: float) -> None:
@@ -105,7 +106,7 @@ def accept(core: "Core", ident: bytes, header: dict, body: list, now: float) -> 
 ID_TYPES = frozenset({int, str, bytes})  # exact types: a bool is not an id
 
 
-def _usable_id(cid: Any) -> bool:
+def usable_id(cid: Any) -> bool:
     return type(cid) in ID_TYPES
 
 
@@ -144,7 +145,7 @@ def client_gone(core: "Core", ident: bytes) -> None:
 
 
 def cancel(core: "Core", key: tuple) -> None:
-    req = core.ledger.get(key) if _usable_id(key[1]) else None
+    req = core.ledger.get(key) if usable_id(key[1]) else None
     if req is None:
         return
     if req.worker is not None:  # tell its worker: a stream stops at its next part

@@ -19,6 +19,7 @@ from isopool.protocol.exits import EXIT_LOAD_FAILED
 from .actions import Sample
 from .control import serving
 from .slots import SERVING, State, Worker, kill, retire, stop
+from .phase import Phase
 
 if TYPE_CHECKING:
     from .core import Core
@@ -80,7 +81,7 @@ def on_load_failure(core: "Core", w: Worker, body: list) -> None:
     tb = getattr(err, "details", {}).get("traceback", "")
     w.last_error = str(err)
     core.log(logging.ERROR, "worker %d: %s\n%s", w.slot, err, tb)
-    if core.phase.name == "STARTING":
+    if core.phase is Phase.STARTING:
         core.fail_startup(f"{err}\n\n{tb}".rstrip(), EXIT_LOAD_FAILED)
 
 

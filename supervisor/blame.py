@@ -22,6 +22,7 @@ from isopool.protocol import PoisonRequest, WorkerCrashed
 from isopool.protocol.exits import EXIT_LOAD_FAILED
 
 from .slots import RECYCLE_REASONS, RESTART_IN_PLACE, State, Worker
+from .phase import Phase
 
 if TYPE_CHECKING:
     from .core import Core
@@ -98,14 +99,14 @@ def after_exit(core: "Core", w: Worker, reason: str, now: float) -> None:
     if (w.leaving is not None and reason not in RESTART_IN_PLACE) or not core.phase.runs_workers:
         del core.workers[w.slot]
         return
-    if reason in NOT_LOADED and core.phase.name == "STARTING" and not core.startup_error:
+    if reason in NOT_LOADED and core.phase is Phase.STARTING and not core.startup_error:
         # a model that cannot load at start-up will not next time either: say so, and stop
         del core.workers[w.slot]
         core.fail_startup(f"worker {w.slot} " + NOT_LOADED[reason].format(cfg=core.config), EXIT_LOAD_FAILED)
         return
     if reason in BACKS_OFF:
         w.crashes_in_row += 1
-        if core.phase.name == "STARTING" and w.crashes_in_row >= 2 and not core.startup_error:
+        if core.phase is Phase.STARTING and w.crashes_in_row >= 2 and not core.startup_error:
             del core.workers[w.slot]
             core.fail_startup(f"worker {w.slot} died twice before it was ready: {w.last_exit['reason']}",
                               EXIT_LOAD_FAILED)

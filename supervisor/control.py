@@ -1,8 +1,4 @@
-"""The pool's phase, and what moves it: control ops, signals, drains and stops.
-
-    STARTING ──all workers ready──► SERVING ──SIGTERM, stop──► DRAINING ──drained, timeout──► STOPPING ──► STOPPED
-        │                                                          │ second signal                ▲
-        └──── load failure, signal ────────────────────────────────┴──────────────────────────────┘
+"""What moves the pool's phase (phase.py): control ops, signals, drains and stops.
 
 Signals and the CLI's control ops take the same path: a signal handler only records
 (the shell), the core acts here.
@@ -10,7 +6,6 @@ Signals and the CLI's control ops take the same path: a signal handler only reco
 
 from __future__ import annotations
 
-import enum
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -18,42 +13,12 @@ from isopool.protocol import BadRequest, ShuttingDown, ops
 from isopool.protocol.schemas import MAX_WORKERS
 
 from .actions import Notify
+from .phase import PHASES, Phase
 from .slots import ALIVE, SERVING, State, retire, stop
 from . import templates
 
 if TYPE_CHECKING:
     from .core import Core
-
-
-class Phase(enum.Enum):
-    STARTING = "starting"
-    SERVING = "serving"
-    DRAINING = "draining"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-
-    __hash__ = object.__hash__
-
-    @property
-    def accepts(self) -> bool:
-        """New requests are taken (queued while starting)."""
-        return self is Phase.STARTING or self is Phase.SERVING
-
-    @property
-    def runs_workers(self) -> bool:
-        """Workers are started and replaced."""
-        return self is not Phase.STOPPING and self is not Phase.STOPPED
-
-
-ACCEPTING = frozenset({Phase.STARTING, Phase.SERVING})  # Phase.accepts, for the hot path
-
-PHASES: dict[Phase, frozenset[Phase]] = {
-    Phase.STARTING: frozenset({Phase.SERVING, Phase.STOPPING}),
-    Phase.SERVING: frozenset({Phase.DRAINING, Phase.STOPPING}),
-    Phase.DRAINING: frozenset({Phase.STOPPING}),
-    Phase.STOPPING: frozenset({Phase.STOPPED}),
-    Phase.STOPPED: frozenset(),
-}
 
 
 def enter(core: "Core", phase: Phase) -> None:

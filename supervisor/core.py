@@ -35,7 +35,7 @@ from . import actions as ev
 from . import admission, answers, blame, control, dispatch, health, slots, templates
 from .actions import Emit, Log
 from .config import PoolConfig
-from .control import Phase
+from .phase import Phase
 from .dispatch import Credits
 from .ledger import Ledger, Request
 from .policy import PoisonRegistry, RestartPolicy
@@ -149,7 +149,6 @@ class Core:
         self.stats.done(outcome, now - req.accepted_at, now)
         self.answer_s = now - req.started_at
 
-
     def fail(self, req: Request, err: IsopoolError) -> None:
         self.ledger.abandon(req, grace=self.config.kill_grace)
         self.to_clients.append((req.client, encode_error(req.client_id, err), req.bundles))
@@ -174,7 +173,7 @@ class Core:
 
     def internal_error(self, what: str, ident: bytes | None, rid: Any) -> None:
         """Handling an event raised (a bug of ours): count it, fail the request it concerned."""
-        ok_id = type(rid) in (int, str, bytes)
+        ok_id = admission.usable_id(rid)
         req = self.ledger.get((ident, rid)) if ident is not None and ok_id else None
         err = InternalError(f"the supervisor failed handling this request ({what}); this is a bug in isopool, "
                             "its log has the traceback. The pool goes on: retry")

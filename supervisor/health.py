@@ -19,6 +19,7 @@ from isopool.protocol import RequestTimeout
 from .actions import Kill, ReapStrays, Sample
 from .blame import progress
 from .slots import SERVING, State, kill, retire
+from .templates import TemplateState
 
 if TYPE_CHECKING:
     from .core import Core
@@ -125,7 +126,7 @@ def next_due(core: "Core", now: float, tick_s: float) -> float:
     """When a timer of a worker or the template is next due (at most tick_s away)."""
     due = now + tick_s
     t = core.template
-    if t.state.name == "WAITING" and core.phase.runs_workers:
+    if t.state is TemplateState.WAITING and core.phase.runs_workers:
         due = min(due, t.due)
     can_spawn = t.can_fork()
     for w in core.workers.values():

@@ -33,7 +33,7 @@ from . import actions as act
 from .auth import is_admin
 from .blame import wants_last_words
 from .config import PoolConfig
-from .control import Phase
+from .phase import Phase
 from .core import Core
 from .devices import parse_devices
 from .notify import sd_notify

@@ -23,7 +23,7 @@ from typing import Callable
 
 import zmq
 
-from isopool.protocol.transport import MAX_BUNDLE, NOBLOCK, Outbox, _Alone, bundle, send_frames
+from isopool.protocol.transport import NOBLOCK, Outbox, send_frames, wire
 
 from .actions import ClientGone, ClientStalled
 
@@ -53,14 +53,14 @@ class ClientOutbox(Outbox):
         pending, self.pending, self.count = self.pending, {}, 0
         for peer, messages in pending.items():
             if peer in self.backlog:  # behind what already waits for it, in order
-                for frames in _wire(messages, self.at):
+                for frames in wire(messages, self.at):
                     self._hold(peer, frames)
                 continue
             self._send(peer, messages)
 
     def _send(self, peer: bytes, messages: list) -> None:
-        wire = _wire(messages, self.at)
-        for frames in wire:
+        out = wire(messages, self.at)
+        for frames in out:
             try:
                 send_frames(self.sock, frames, NOBLOCK)
             except zmq.ZMQError as exc:
@@ -68,7 +68,7 @@ class ClientOutbox(Outbox):
                     self._error(peer, exc)
                     return
                 self._hold(peer, frames)
-                for rest in wire:
+                for rest in out:
                     self._hold(peer, rest)
                 return
 
@@ -115,24 +115,6 @@ class ClientOutbox(Outbox):
 
     def waiting(self) -> int:
         return sum(len(q) for q in self.backlog.values())
-
-
-def _wire(messages: list, at: int):
-    """The ZeroMQ messages that carry `messages` (bundled where they may be), in order."""
-    group: list = []
-    for m in messages:
-        if type(m) is _Alone:
-            if group:
-                yield bundle(group, at)
-                group = []
-            yield m.frames
-        else:
-            group.append(m)
-            if len(group) == MAX_BUNDLE:
-                yield bundle(group, at)
-                group = []
-    if group:
-        yield bundle(group, at)
 
 
 def _size(frames: list) -> int:

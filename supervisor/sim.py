@@ -32,10 +32,11 @@ from isopool.protocol import ops
 from . import actions as ev
 from .blame import FAILURES
 from .config import PoolConfig
-from .control import Phase
+from .phase import ACCEPTING, Phase
 from .core import Core
 from .slots import ALIVE, SERVING
 from .simprocs import Processes, SimWorker, Violation, header_of as _header
+from .templates import TemplateState
 
 INVARIANTS = (
     "every accepted request gets exactly one final answer (none twice; all, once the pool has stopped)",
@@ -185,7 +186,7 @@ class World(Processes):
         after = core.ledger.get(key)
         admitted = after is not None and after is not before
         if admitted:
-            if not core.phase.accepts:
+            if core.phase not in ACCEPTING:
                 raise Violation(f"{key} was accepted while the pool was {core.phase.value}")
             if core.ledger.queued > self.config.max_queue and core.ledger.queued > queued_before:
                 raise Violation(f"{key} was queued past --max-queue {self.config.max_queue}")
@@ -264,7 +265,7 @@ class World(Processes):
 
     def check_converged(self) -> None:
         core = self.core
-        if core.phase is not Phase.SERVING or core.template.state.value == "waiting" or core.was_degraded:
+        if core.phase is not Phase.SERVING or core.template.state is TemplateState.WAITING or core.was_degraded:
             return  # a load failure stopped it, or the template is backing off, or restarts are throttled
         kept = [w for w in core.workers.values() if w.state in SERVING and w.leaving is None]
         if len(kept) != core.target:

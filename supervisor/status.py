@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .blame import progress
 from .metrics import Snapshot
 from .slots import State, ready_count
+from .phase import Phase
 
 if TYPE_CHECKING:
     from .core import Core
@@ -60,7 +61,7 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
 
 def health(core: "Core", ready: int, now: float) -> tuple[bool, str]:
     cfg = core.config
-    if core.phase.value != "serving":
+    if core.phase is not Phase.SERVING:
         return False, f"pool is {core.phase.value}"
     if ready == 0:
         return False, "no worker is ready"

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from isopool.protocol.exits import EXIT_LOAD_FAILED
 
 from .actions import StartTemplate, StopTemplate
+from .phase import Phase
 
 if TYPE_CHECKING:
     from .core import Core
@@ -81,7 +82,7 @@ def stop(core: "Core", now: float, delay: float) -> None:
 def failed(core: "Core", error: str, tb: str, now: float) -> None:
     """The template could not import or build the model."""
     core.log(logging.ERROR, "%s\n%s", error, tb)
-    if core.phase.name == "STARTING":
+    if core.phase is Phase.STARTING:
         core.fail_startup(f"{error}\n\n{tb}".rstrip(), EXIT_LOAD_FAILED)
     else:  # e.g. a reload picked up broken code: keep serving with the workers we have
         core.restarts.record(now)

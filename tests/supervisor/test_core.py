@@ -12,12 +12,12 @@ import pytest
 from isopool.protocol import ops, pack_header
 from isopool.supervisor import actions as ev
 from isopool.supervisor.config import PoolConfig
-from isopool.supervisor.control import Phase
+from isopool.supervisor.phase import Phase
 from isopool.supervisor.core import Core
 from isopool.supervisor.slots import IllegalTransition, State
 
 CORE_MODULES = ("core", "actions", "admission", "answers", "blame", "control", "dispatch", "health", "ledger",
-                "slots", "templates", "status", "policy", "stats")
+                "slots", "templates", "status", "policy", "stats", "phase")
 FORBIDDEN = {"zmq", "time", "os", "subprocess", "socket", "signal", "select", "psutil", "threading", "asyncio",
              "multiprocessing", "prometheus_client"}
 
