@@ -18,7 +18,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from isopool.protocol import Unavailable, ops
+from isopool.protocol import Limits, Unavailable, ops
 from isopool.protocol.iothread import io_context
 from isopool.protocol.pacing import Pacing
 
@@ -92,10 +92,10 @@ class AsyncClient:
 
     def __init__(self, endpoint: str | None = None, *, timeout: float = 30.0, arrays: str = "auto",
                  retry: bool = True, tenant: str | None = None, curve_secret_key: str | None = None,
-                 curve_server_key: str | None = None):
+                 curve_server_key: str | None = None, limits: Limits | None = None):
         self.endpoint = resolve_endpoint(endpoint)
         self.retry, self.tenant = retry, tenant
-        self._session = Session(arrays=arrays, default_timeout=timeout)
+        self._session = Session(arrays=arrays, default_timeout=timeout, limits=limits)
         self._io = _Resources(self.endpoint, curve_keys(curve_secret_key, curve_server_key))
         self._finalizer = weakref.finalize(self, self._io.release)
         self._tasks: list[asyncio.Task] = []

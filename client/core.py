@@ -21,6 +21,7 @@ from typing import Any
 import zmq
 
 from isopool.protocol import (
+    CLIENT_LIMITS,
     DEFAULT_LIMITS,
     BadRequest,
     Limits,
@@ -36,7 +37,7 @@ from isopool.protocol import (
     total_bytes,
 )
 from isopool.protocol.endpoints import default_endpoint
-from isopool.protocol.transport import MAX_BUNDLE, bundle, messages
+from isopool.protocol.transport import MAX_BUNDLE, bundle, cuts, messages
 
 # How long past its timeout a request may go unanswered before the client gives up on
 # its own: the supervisor answers at the deadline; this covers a supervisor that is gone.
@@ -88,8 +89,10 @@ class _Hello(Call):
 
 
 class Session:
-    def __init__(self, arrays: str = "auto", default_timeout: float = 30.0):
+    def __init__(self, arrays: str = "auto", default_timeout: float = 30.0, limits: Limits | None = None):
         self.arrays = arrays
+        # what we decode: our own limits (the server's apply to what we send)
+        self.decode_limits = CLIENT_LIMITS if limits is None else dataclasses.replace(limits, holder="client")
         self.default_timeout = default_timeout
         self.ids = itertools.count(1)  # next() is atomic under the GIL: safe from many threads
         self.pending: dict[Any, Call] = {}
@@ -177,7 +180,7 @@ class Session:
     def on_reply(self, frames: list) -> None:
         """One ZeroMQ message from the supervisor: a reply, or a bundle of them."""
         pending = self.pending
-        for header, body, err in messages(frames, DEFAULT_LIMITS):
+        for header, body, err in messages(frames, self.decode_limits):
             if err is not None:
                 continue  # not for us to fix; the callers' deadlines still hold
             call = pending.get(header["id"])
@@ -197,7 +200,7 @@ class Session:
             call.reject(decode_error(body))
             return True
         try:
-            value = decode_payload(body, arrays=self.arrays)
+            value = decode_payload(body, arrays=self.arrays, limits=self.decode_limits)
         except IsopoolError as err:
             call.reject(err)
             return True
@@ -247,19 +250,21 @@ def stream_ended(item: Any) -> bool:
 
 
 def send_bundled(session: Session, endpoint: str, outgoing, send, add: bool) -> None:
-    """Send the queued (frames, call) pairs of `outgoing` (a deque), MAX_BUNDLE to a bundle:
-    a burst costs one wake-up per hop. `send(frames)` returns the error of a send that could
+    """Send the queued (frames, call) pairs of `outgoing` (a deque), bundled (cuts()): a burst
+    costs one wake-up per hop. `send(frames)` returns the error of a send that could
     not go out (its calls fail with it), or None; with `add`, the calls join the session
     as they leave (the sync client's I/O thread; the async client adds them when made)."""
     while outgoing:
         group = [outgoing.popleft() for _ in range(min(MAX_BUNDLE, len(outgoing)))]
-        calls = [call for _, call in group if call is not None]
-        if add:
-            for call in calls:
-                session.add(call)
-        exc = send(bundle([frames for frames, _ in group]))
-        if exc is not None:
-            session.unsent(calls, endpoint, exc)
+        messages = [frames for frames, _ in group]
+        for start, end, sizes in cuts(messages):
+            calls = [call for _, call in group[start:end] if call is not None]
+            if add:
+                for call in calls:
+                    session.add(call)
+            exc = send(bundle(messages[start:end], sizes=sizes))
+            if exc is not None:
+                session.unsent(calls, endpoint, exc)
 
 
 def no_reply() -> RequestTimeout:

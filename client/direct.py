@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from isopool.protocol import DEFAULT_LIMITS, IsopoolError, ops
+from isopool.protocol import IsopoolError, ops
 from isopool.protocol.transport import NOBLOCK, drain, messages, send_frames
 
 from .core import Call, Session, close_watched, closed_early, configure_socket, monitor_error, no_reply, watch_disconnects
@@ -100,7 +100,7 @@ class Direct:
 
     @staticmethod
     def _settles(session: Session, frames: list, answer: _Answer) -> bool:
-        for header, body, err in messages(frames, DEFAULT_LIMITS):
+        for header, body, err in messages(frames, session.decode_limits):
             # undecodable: not for us to fix, the deadline still holds; another id: a late
             # answer to an earlier call on this socket
             if err is None and header["id"] == answer.cid and session.settle(answer, header["op"], body):

@@ -15,7 +15,7 @@ from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any, Iterator
 
-from isopool.protocol import Cancelled, IsopoolError, Unavailable, ops
+from isopool.protocol import Limits, Cancelled, IsopoolError, Unavailable, ops
 
 from .core import LOCAL_GRACE_S, Call, Session, curve_keys, resolve_endpoint, stream_ended
 from .iothread import IOThread
@@ -82,11 +82,11 @@ class Client:
 
     def __init__(self, endpoint: str | None = None, *, timeout: float = 30.0, arrays: str = "auto",
                  retry: bool = True, tenant: str | None = None, curve_secret_key: str | None = None,
-                 curve_server_key: str | None = None):
+                 curve_server_key: str | None = None, limits: Limits | None = None):
         self.endpoint = resolve_endpoint(endpoint)
         self.retry = retry
         self.tenant = tenant
-        self._session = Session(arrays=arrays, default_timeout=timeout)
+        self._session = Session(arrays=arrays, default_timeout=timeout, limits=limits)
         self._io = IOThread(self.endpoint, self._session, curve_keys(curve_secret_key, curve_server_key))
         self._finalizer = weakref.finalize(self, self._io.close)
 

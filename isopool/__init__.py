@@ -6,6 +6,7 @@
 """
 
 from isopool.client import AsyncClient, Client
+from isopool.protocol.limits import Limits
 from isopool.errors import (
     BadRequest,
     IsopoolError,
@@ -21,6 +22,6 @@ from isopool.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Client", "AsyncClient", "IsopoolError", "RemoteError", "WorkerCrashed", "PoisonRequest",
+    "Client", "AsyncClient", "Limits", "IsopoolError", "RemoteError", "WorkerCrashed", "PoisonRequest",
     "RequestTimeout", "Overloaded", "ShuttingDown", "BadRequest", "Unavailable", "__version__",
 ]

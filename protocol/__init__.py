@@ -37,11 +37,11 @@ from .errors import (
     Unavailable,
     WorkerCrashed,
 )
-from .limits import DEFAULT_LIMITS, Limits
+from .limits import CLIENT_LIMITS, DEFAULT_LIMITS, Limits
 from .ops import VERSION
 
 __all__ = [
-    "ops", "VERSION", "Limits", "DEFAULT_LIMITS", "DTYPES", "ARRAY_MODES",
+    "ops", "VERSION", "Limits", "DEFAULT_LIMITS", "CLIENT_LIMITS", "DTYPES", "ARRAY_MODES",
     "pack_header", "unpack_header", "peek_id", "encode", "encode_payload", "decode_payload",
     "validate_payload", "encode_error", "decode_error", "frame_view", "total_bytes",
     "IsopoolError", "RemoteError", "WorkerCrashed", "PoisonRequest", "RequestTimeout", "Overloaded",

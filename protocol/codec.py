@@ -265,7 +265,7 @@ class _Decoder:
         if total > lim.max_message_bytes:
             raise BadRequest(
                 f"message is {total} bytes, over max_message_bytes={lim.max_message_bytes} "
-                f"(raise {lim.flag('max_message_bytes')} on the server)", setting="max_message_bytes")
+                f"(raise {lim.flag('max_message_bytes')})", setting="max_message_bytes")
         cap = min(len(self.payload), 2**31 - 1)
         try:
             value = msgpack.unpackb(

@@ -14,10 +14,14 @@ class Limits:
     max_depth: int = 32  # nesting of lists/maps in a payload
     max_elements: int = 2**28  # array elements plus container items in one payload
     max_buffers: int = 4096  # array frames in one message
+    holder: str = "server"  # whose limits these are: "client" for what a client decodes
 
     def flag(self, name: str) -> str:
-        """The CLI flag that raises limit `name`, for error messages."""
-        return "--" + name.replace("_", "-")
+        """How to raise limit `name`, for error messages: the server's flag, or the client's option."""
+        if self.holder == "client":
+            return f"Client(limits=Limits({name}=...)) in this client"
+        return "--" + name.replace("_", "-") + " on the server"
 
 
 DEFAULT_LIMITS = Limits()
+CLIENT_LIMITS = Limits(holder="client")  # what a client decodes, unless given its own

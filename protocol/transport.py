@@ -34,18 +34,45 @@ def send_frames(sock: zmq.Socket, frames: Sequence, flags: int = 0) -> None:
         sock.send(frame, (SNDMORE if i < last else 0) | flags, copy=False)
 
 
-def drain(sock: zmq.Socket, limit: int) -> Iterator[list]:
+class Oversized(list):
+    """What drain() yields for a message over its bounds: only its first `kept` frames (the
+    routing prefix and the header, to say whom and what to refuse), with its real size."""
+
+    kept = 2
+
+    def __init__(self, frames: list, size: int, count: int):
+        super().__init__(frames[:self.kept])
+        self.size, self.count = size, count
+
+
+UNBOUNDED = 1 << 62
+
+
+def drain(sock: zmq.Socket, limit: int, max_bytes: int = UNBOUNDED, max_frames: int = UNBOUNDED) -> Iterator[list]:
     """Yield up to `limit` waiting messages (as zmq.Frame lists) without blocking. A frame says
-    whether more of its message follows, so no socket option is read per frame."""
+    whether more of its message follows, so no socket option is read per frame. For untrusted
+    peers: a message over `max_bytes` in all or `max_frames` frames is read on frame by frame
+    and its frames let go at once, so this process never holds more than the bounds of one
+    message; it comes as an Oversized."""
     recv = sock.recv
     for _ in range(limit):
         if not sock.get(EVENTS) & POLLIN:
             return
         frame = recv(NOBLOCK, copy=False)
         frames = [frame]
+        size = len(frame)
         while frame.more:  # a multipart message arrives whole: the rest is already here
             frame = recv(NOBLOCK, copy=False)
+            size += len(frame)
             frames.append(frame)
+            if size > max_bytes or len(frames) > max_frames:
+                count = len(frames)
+                while frame.more:  # the rest is dropped as it is read
+                    frame = recv(NOBLOCK, copy=False)
+                    size += len(frame)
+                    count += 1
+                frames = Oversized(frames, size, count)
+                break
         yield frames
 
 
@@ -93,6 +120,8 @@ def messages(frames: list, limits: Limits, at: int = 0, side: dict | None = None
 
 BUNDLE = b"\xc1"
 MAX_BUNDLE = 64  # messages in one bundle; bounds what one receive hands the receiver
+BUNDLE_BYTES = 8 << 20  # a bundle closes before it would pass this many bytes
+BUNDLE_FRAMES = 256  # or frames: a message alone may be larger, held by its own limits
 PACK_BELOW = 16 * 1024  # a message smaller than this is packed into the index
 MAX_PACKED_FRAMES = 4098  # frames of one packed message (header, payload, max_buffers arrays)
 _BYTES_ONLY = {bytes}  # the types a packed message's frames may have
@@ -134,18 +163,18 @@ def unbundle(frames: list, at: int = 0) -> list[list]:
     return out
 
 
-def bundle(messages: list[list], at: int = 0, pack_below: int = PACK_BELOW) -> list:
+def bundle(messages: list[list], at: int = 0, pack_below: int = PACK_BELOW,
+           sizes: list[int] | None = None) -> list:
     """One message carrying `messages` (each with the same routing prefix frames[:at]);
-    those smaller than `pack_below` bytes are packed into the index."""
+    those smaller than `pack_below` bytes are packed into the index. `sizes`: each one's
+    bytes past the prefix, where the caller has counted them (cuts())."""
     if len(messages) == 1:
         return messages[0]
     index: list = []
     frames = [*messages[0][:at], None]
-    for m in messages:
+    for i, m in enumerate(messages):
         body = m[at:]
-        size = 0
-        for f in body:
-            size += f.nbytes if type(f) is memoryview else len(f)
+        size = sizes[i] if sizes is not None else body_bytes(body)
         if size < pack_below:
             index.append([f if type(f) is bytes else bytes(f) for f in body])
         else:
@@ -153,6 +182,38 @@ def bundle(messages: list[list], at: int = 0, pack_below: int = PACK_BELOW) -> l
             frames.extend(body)
     frames[at] = BUNDLE + msgpack.packb(index, use_bin_type=True)
     return frames
+
+
+def body_bytes(body: Sequence) -> int:
+    size = 0
+    for f in body:
+        size += f.nbytes if type(f) is memoryview else len(f)
+    return size
+
+
+def cuts(messages: list[list], at: int = 0) -> Iterator[tuple[int, int, list[int]]]:
+    """Where a run of messages for one peer is cut into bundles: (start, end, sizes) for each,
+    within MAX_BUNDLE messages, BUNDLE_BYTES and BUNDLE_FRAMES (a message over those alone is
+    a bundle of its own), so what a receiver must take whole stays within its bounds."""
+    start, size, nframes, sizes = 0, 0, 0, []
+    for i, m in enumerate(messages):
+        n = body_bytes(m[at:])
+        k = len(m) - at
+        if sizes and (len(sizes) == MAX_BUNDLE or size + n > BUNDLE_BYTES or nframes + k > BUNDLE_FRAMES):
+            yield start, i, sizes
+            start, size, nframes, sizes = i, 0, 0, []
+        sizes.append(n)
+        size += n
+        nframes += k
+    if sizes:
+        yield start, len(messages), sizes
+
+
+def bounds(limits: Limits) -> tuple[int, int]:
+    """(bytes, frames): the most one ZeroMQ message from an honest peer holds under `limits`,
+    a bundle included (cuts()). The supervisor reads nothing larger (drain())."""
+    largest = max(limits.max_message_bytes, BUNDLE_BYTES) + limits.max_header_bytes
+    return largest + MAX_BUNDLE * PACK_BELOW + 4096, max(BUNDLE_FRAMES, limits.max_buffers + 2) + 2
 
 
 class Outbox:
@@ -199,21 +260,26 @@ class Outbox:
 
 def wire(messages: list, at: int) -> Iterator[list]:
     """The ZeroMQ messages that carry one peer's posted `messages`, in order: bundled where
-    the peer reads bundles, MAX_BUNDLE at most to a bundle, each alone where it does not."""
+    the peer reads bundles (cut by cuts()), each alone where it does not."""
     group: list = []
     for m in messages:
         if type(m) is _Alone:
             if group:
-                yield bundle(group, at)
+                yield from _bundles(group, at)
                 group = []
             yield m.frames
         else:
             group.append(m)
-            if len(group) == MAX_BUNDLE:
-                yield bundle(group, at)
-                group = []
     if group:
-        yield bundle(group, at)
+        yield from _bundles(group, at)
+
+
+def _bundles(group: list, at: int) -> Iterator[list]:
+    if len(group) == 1:
+        yield group[0]
+        return
+    for start, end, sizes in cuts(group, at):
+        yield bundle(group[start:end], at, sizes=sizes)
 
 
 class _Alone:

@@ -54,7 +54,7 @@ def on_client(core: "Core", ident: bytes, header: dict, body: list, admin: bool,
         elif op == ops.CANCEL:
             cancel(core, (ident, header.get("id")))
         elif op == ops.HELLO:  # the limits, so a client refuses what we would refuse, and fails alone
-            core.to_clients.append((ident, encode(ops.RESULT, header.get("id"), {"limits": core.limits.__dict__}),
+            core.to_clients.append((ident, encode(ops.RESULT, header.get("id"), {"limits": {k: v for k, v in core.limits.__dict__.items() if type(v) is int}}),
                                     False))
         else:
             raise BadRequest(f"op {op!r} is not a client op; clients send infer, cancel, status, control or hello")

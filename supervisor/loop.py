@@ -1,4 +1,5 @@
 """The supervisor's shell: one thread, one poll loop, every socket and process. No locks.
+(Beside it only the connection guard, connections.py, which touches no pool state.)
 
     clients ─DEALER─► frontend ROUTER ─┐                    ┌─ a pidfd per worker: exits seen at once
                                        ├─ poll ─► events ───┤─ signal wake-up fd: handlers only record
@@ -27,7 +28,9 @@ import zmq
 
 from isopool.protocol import encode, ops, schemas
 from isopool.protocol.pacing import Pacing
-from isopool.protocol.transport import Outbox, drain, messages
+from isopool.protocol.codec import peek_id
+from isopool.protocol.errors import BadRequest
+from isopool.protocol.transport import Outbox, Oversized, bounds, data, drain, messages
 
 from . import actions as act
 from .auth import is_admin
@@ -52,6 +55,7 @@ class Supervisor:
     def __init__(self, config: PoolConfig):
         self.config = config
         self.limits = config.limits
+        self.bounds = bounds(config.limits)  # the most one message may hold: more is read and let go
         try:
             self.devices = parse_devices(config.devices)
         except ValueError as exc:
@@ -131,7 +135,7 @@ class Supervisor:
             self.internal_error("the timers or an action", None, None)
             maintained = False
         if maintained and io.metrics is not None:
-            io.metrics.snapshot = snapshot(core, self.procs.dropped)
+            io.metrics.snapshot = snapshot(core, self.procs.dropped, len(io.connections.open), io.connections.shed)
         self.pacing.pace(core.work_s, core.answer_s, len(core.ledger))  # before the sends that wake the I/O thread
         self.to_workers.flush()
         self.to_clients.flush()
@@ -176,8 +180,12 @@ class Supervisor:
 
     def read_frontend(self, now: float) -> None:
         core, auth, limits = self.core, self.io.auth, self.limits
-        for frames in drain(self.io.frontend, MAX_BATCH):
+        for frames in drain(self.io.frontend, MAX_BATCH, *self.bounds):
             ident = frames[0].bytes
+            if type(frames) is Oversized:
+                rid = peek_id(data(frames[1])) if len(frames) > 1 else None
+                core.handle(act.ClientGarbage(ident, rid, oversized(frames, limits)), now)
+                continue
             # the frame a message came in (its own, or its bundle's) holds its CURVE identity
             admin = auth is None or is_admin(frames[1] if len(frames) > 1 else frames[0])
             for header, body, err in messages(frames, limits, at=1, side=schemas.CLIENT):
@@ -191,8 +199,11 @@ class Supervisor:
 
     def read_backend(self, now: float) -> None:
         core, limits = self.core, self.limits
-        for frames in drain(self.io.backend, MAX_BATCH):
+        for frames in drain(self.io.backend, MAX_BATCH, *self.bounds):
             ident = frames[0].bytes
+            if type(frames) is Oversized:
+                core.handle(act.WorkerGarbage(ident, str(oversized(frames, limits))), now)
+                continue
             for header, body, err in messages(frames, limits, at=1, side=schemas.WORKER):
                 try:
                     if err is None:
@@ -211,6 +222,10 @@ class Supervisor:
             io.drain_wake()
             while self.pending_signals:
                 core.handle(act.SignalReceived(signal.Signals(self.pending_signals.pop(0)).name), now)
+            fields = io.connections.event()
+            if fields is not None:
+                log.warning("shed client connections to keep descriptors for restarts: %s", fields)
+                io.events.emit("connections_shed", fields)
         if io.events.pub is not None and io.events.pub in ready:
             io.events.read_subscriptions()
         if io.auth is not None and io.auth.zap in ready:
@@ -295,7 +310,16 @@ class Supervisor:
                 "events_endpoint": io.events.endpoint, "event_subscribers": io.events.subscribers,
                 "metrics_url": io.metrics_url, "auth_denied": io.auth.denied if io.auth is not None else None,
                 "output_dropped": self.procs.dropped, "replies_waiting": self.to_clients.waiting(),
-                "replies_dropped": self.to_clients.dropped}
+                "replies_dropped": self.to_clients.dropped, **io.connections.facts(time.monotonic())}
+
+
+def oversized(frames: Oversized, limits) -> BadRequest:
+    """The refusal of a message past the read bounds; its sender's size (the routing frame not counted)."""
+    size, count = frames.size - len(frames[0]), frames.count - 1
+    return BadRequest(f"a message of {size} bytes in {count} frames was refused: over "
+                      f"max_message_bytes={limits.max_message_bytes} (or its frame bound) and read no further. "
+                      f"Send less, or raise {limits.flag('max_message_bytes')}",
+                      setting="max_message_bytes", limit=limits.max_message_bytes)
 
 
 def _reply_dropped(peer: bytes | None, exc: zmq.ZMQError) -> None:

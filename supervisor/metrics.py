@@ -29,6 +29,8 @@ class Snapshot:
     restarts: dict = field(default_factory=dict)  # reason -> count
     rss: dict = field(default_factory=dict)  # worker id -> bytes
     output_dropped: dict = field(default_factory=dict)  # worker id -> bytes of output over --log-rate
+    connections: int = 0  # client connections open on the frontend
+    connections_shed: int = 0  # shut down to keep descriptors free (connections.py)
 
 
 class PoolCollector:
@@ -68,6 +70,9 @@ class PoolCollector:
         for worker, n in sorted(s.output_dropped.items()):
             dropped.add_metric([str(worker)], n)
         yield dropped
+        yield GaugeMetricFamily("isopool_connections", "Client connections open on the frontend.", value=s.connections)
+        yield CounterMetricFamily("isopool_connections_shed", "Client connections shut down to keep file "
+                                  "descriptors free for restarts.", value=s.connections_shed)
 
 
 def serve_metrics(host: str, port: int) -> tuple[PoolCollector, int]:

@@ -4,7 +4,7 @@
     backend   ROUTER, ipc:// in the supervisor's private directory: workers only
     events    XPUB beside an ipc frontend (`isopool events`)
     metrics   Prometheus over HTTP, when --metrics-port is given
-    wake      the signal wake-up fd: signal handlers only write a byte there
+    wake      the wake-up fd: signal handlers and the connection guard only write a byte there
 """
 
 from __future__ import annotations
@@ -21,12 +21,17 @@ import zmq
 
 from isopool.protocol.endpoints import default_endpoint, ensure_private_dir, ipc_path, is_tcp, runtime_dir
 from isopool.protocol.iothread import io_context
+from isopool.protocol.transport import bounds
 
 from .auth import AuthError, CurveAuth
 from .config import PoolConfig
+from .connections import Connections
 from .events import EventLog
 from .metrics import serve_metrics
 from .replies import SNDHWM
+
+
+HANDSHAKE_S = 5  # a connection that has not finished its ZeroMQ (and CURVE) handshake by then is dropped
 
 
 class StartupError(RuntimeError):
@@ -64,7 +69,8 @@ class Sockets:
         self.private_dir = tempfile.mkdtemp(prefix="isopool-", dir=self._private_parent())
         self.backend_endpoint = f"ipc://{self.private_dir}/backend.sock"
         self.backend = self.ctx.socket(zmq.ROUTER)
-        for opt, val in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 0)):
+        largest = bounds(config.limits)[0]  # one frame over it: ZeroMQ drops the connection
+        for opt, val in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 0), (zmq.MAXMSGSIZE, largest)):
             self.backend.setsockopt(opt, val)
         self.backend.bind(self.backend_endpoint)
         path = ipc_path(self.endpoint)
@@ -80,6 +86,8 @@ class Sockets:
         for s in (self.wake_r, self.wake_w):
             s.setblocking(False)
         signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
+        self.connections = Connections(self.ctx, self.frontend, self.fd_limit, _local_address(self.endpoint),
+                                       wake=self.wake)
 
     def _private_parent(self) -> str:
         path = ipc_path(self.endpoint)
@@ -114,7 +122,7 @@ class Sockets:
         # a full pipe to a client (it does not read) and a departed client both fail a send
         # at once, instead of queueing without bound or dropping in silence (replies.py)
         for opt, val in ((zmq.SNDHWM, SNDHWM), (zmq.ROUTER_MANDATORY, 1), (zmq.RCVHWM, 0), (zmq.LINGER, 0),
-                         (zmq.MAXMSGSIZE, cfg.limits.max_message_bytes)):
+                         (zmq.MAXMSGSIZE, bounds(cfg.limits)[0]), (zmq.HANDSHAKE_IVL, HANDSHAKE_S * 1000)):
             sock.setsockopt(opt, val)
         if self.auth is not None:
             self.auth.secure(sock)
@@ -128,6 +136,13 @@ class Sockets:
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or self.endpoint
         return sock
 
+    def wake(self) -> None:
+        """Wake the loop from another thread (the connection guard)."""
+        try:
+            self.wake_w.send(b"c")
+        except OSError:
+            pass  # full: the loop is awake already
+
     def drain_wake(self) -> None:
         try:
             while self.wake_r.recv(512):
@@ -138,6 +153,7 @@ class Sockets:
     def close(self) -> None:
         signal.set_wakeup_fd(-1)
         self.events.close()
+        self.connections.close()
         self.frontend.close(linger=0)
         if self.auth is not None:
             self.auth.close()
@@ -151,6 +167,12 @@ class Sockets:
                 p.unlink()
         if self.private_dir:
             shutil.rmtree(self.private_dir, ignore_errors=True)
+
+
+def _local_address(endpoint: str) -> str | int:
+    """What getsockname() says on a connection the frontend accepted: its path, or its port."""
+    path = ipc_path(endpoint)
+    return str(path) if path is not None else int(endpoint.rsplit(":", 1)[1])
 
 
 def _ipc_in_use(path) -> bool:

@@ -23,7 +23,7 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
     workers = [{**worker_status(core, w, now), "output_dropped_bytes": dropped.get(w.slot, 0)}
                for w in sorted(core.workers.values(), key=lambda w: w.slot)]
     ready = ready_count(core)
-    healthy, reason = health(core, ready, now)
+    healthy, reason = health(core, ready, now, facts.get("connections_degraded"))
     uptime = now - facts["started_at"]
     pool = {
         "workers_target": core.target,
@@ -49,6 +49,9 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
         "clients_stalled": len(core.stalled),  # clients not reading their replies: new requests refused
         "replies_waiting": facts.get("replies_waiting", 0),  # for those clients, held by us
         "replies_dropped": facts.get("replies_dropped", 0),  # for those clients, over the bound
+        "connections": facts.get("connections", 0),  # client connections open on the frontend
+        "connections_shed": facts.get("connections_shed", 0),  # shut down to keep descriptors for restarts
+        "fd_limit": facts.get("fd_limit"),
         "max_queue": cfg.max_queue,
         "restarts_in_window": len(core.restarts.recent),
         "restart_window_s": cfg.restart_window,
@@ -59,7 +62,7 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
     return {"pool": pool, "workers": workers, "time": facts["time"]}
 
 
-def health(core: "Core", ready: int, now: float) -> tuple[bool, str]:
+def health(core: "Core", ready: int, now: float, shedding: str | None = None) -> tuple[bool, str]:
     cfg = core.config
     if core.phase is not Phase.SERVING:
         return False, f"pool is {core.phase.value}"
@@ -68,6 +71,8 @@ def health(core: "Core", ready: int, now: float) -> tuple[bool, str]:
     if core.restarts.degraded(now):
         return False, (f"degraded: {len(core.restarts.recent)} restarts in the last "
                        f"{cfg.restart_window:g}s (--max-restarts {cfg.max_restarts})")
+    if shedding:
+        return False, f"degraded: {shedding}"
     return True, f"serving with {ready}/{core.target} workers ready"
 
 
@@ -97,7 +102,7 @@ def worker_status(core: "Core", w, now: float) -> dict[str, Any]:
     }
 
 
-def snapshot(core: "Core", output_dropped: dict | None = None) -> Snapshot:
+def snapshot(core: "Core", output_dropped: dict | None = None, connections: int = 0, shed: int = 0) -> Snapshot:
     """The figures Prometheus reads (metrics.py)."""
     states: dict[str, int] = {}
     for w in core.workers.values():
@@ -107,6 +112,6 @@ def snapshot(core: "Core", output_dropped: dict | None = None) -> Snapshot:
         outcomes=dict(stats.outcomes), latency_buckets=tuple(stats.buckets), latency_sum=stats.latency_sum,
         queue_depth=core.ledger.queued, in_flight=core.ledger.running, workers=states,
         restarts=dict(core.replacements), rss={w.slot: w.rss for w in core.workers.values() if w.pid is not None},
-        output_dropped=dict(output_dropped or {}),
+        output_dropped=dict(output_dropped or {}), connections=connections, connections_shed=shed,
     )
 

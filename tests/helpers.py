@@ -31,7 +31,7 @@ class PoolProc:
     """One `isopool serve` process under test."""
 
     def __init__(self, tmp: Path, args: list[str], env: dict | None = None, endpoint: str | None = None,
-                 client_kw: dict | None = None):
+                 client_kw: dict | None = None, fd_limit: int | None = None):
         self.tmp = tmp
         self.endpoint = endpoint or f"ipc://{tmp}/pool.sock"
         self.client_kw = client_kw or {}
@@ -45,6 +45,7 @@ class PoolProc:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "isopool.cli", "serve", "--endpoint", self.endpoint, *args],
             stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, stdin=subprocess.DEVNULL,
+            preexec_fn=None if fd_limit is None else lambda: _limit_files(fd_limit),
         )
         self.ctx = zmq.Context.instance()
         self.sub: zmq.Socket | None = None
@@ -157,6 +158,13 @@ class PoolProc:
         finally:
             self.notify.close()
             self.log.close()
+
+
+def _limit_files(n: int) -> None:
+    """In the child before exec: soft and hard RLIMIT_NOFILE both n, as on a host that allows no more."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
 
 
 def pid_exists(pid: int) -> bool:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from isopool import AsyncClient, Client
-from isopool.errors import RemoteError, RequestTimeout, Unavailable
+from isopool import AsyncClient, Client, Limits
+from isopool.errors import BadRequest, RemoteError, RequestTimeout, Unavailable
 from isopool.models.default import DefaultModel
 
 
@@ -148,3 +148,25 @@ def test_async_client_has_the_control_ops_of_the_sync_client(start_pool):
     scaled, reloaded = asyncio.run(main())
     assert scaled == {"workers_target": 2, "previous": 1} and reloaded["reloading"] >= 1
     assert pool.status()["pool"]["workers_target"] == 2
+
+
+def test_a_client_decodes_within_its_own_limits_and_names_its_own_setting(start_pool):
+    """What a client decodes is bounded by its own limits (Client(limits=...)), not the
+    server's: a reply past them fails that call alone, and the hint names the client option."""
+    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:make_echo")
+    with Client(pool.endpoint, limits=Limits(max_elements=100), timeout=30) as c:
+        with pytest.raises(BadRequest, match=r"max_elements=100 .*Client\(limits=Limits\(max_elements") as info:
+            c.infer(list(range(500)))
+        assert info.value.setting == "max_elements"
+        assert c.infer(list(range(50))) == list(range(50))  # the same connection serves on
+    with pool.client() as default:
+        assert default.infer(list(range(500))) == list(range(500))
+
+
+def test_the_hello_answer_gives_the_servers_limits(start_pool):
+    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:make_echo", "--max-message-bytes", "3MiB")
+    with pool.client() as c:
+        assert c.infer(1) == 1
+        assert c._session.limits_known.wait(10)
+        assert c._session.limits.max_message_bytes == 3 << 20 and c._session.limits.holder == "server"
+        assert c._session.decode_limits.holder == "client"

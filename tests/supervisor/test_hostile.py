@@ -13,7 +13,8 @@ import zmq
 from isopool.errors import BadRequest, RemoteError
 from isopool.protocol import decode_error, ops, pack_header, unpack_header
 from isopool.protocol.codec import EXT_ARRAY
-from isopool.protocol.transport import BUNDLE, bundle, data, unbundle
+from isopool.protocol import Limits
+from isopool.protocol.transport import BUNDLE, bounds, bundle, data, unbundle
 
 HOSTILE = 3000
 
@@ -108,19 +109,48 @@ def test_an_oversized_request_fails_alone_and_its_client_serves_on(start_pool):
     assert pool.status()["pool"]["healthy"]
 
 
-def test_an_oversized_frame_from_a_raw_client_is_cut_off_and_nobody_else_notices(start_pool):
+def test_oversized_messages_from_a_raw_client_are_refused_by_size_of_all_frames(start_pool):
+    """max_message_bytes counts every frame of a message. One the supervisor reads is refused
+    with BadRequest naming the limit; one past its read bounds (transport.bounds) is read no
+    further and let go frame by frame; a single frame past them makes ZeroMQ cut that one
+    connection off. Nobody else notices any of it."""
     pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:make_echo", "--max-message-bytes", "1MiB")
+    most, frames = bounds(Limits(max_message_bytes=1 << 20))
     raw = zmq.Context.instance().socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
     raw.connect(pool.endpoint)
+
+    def refused(rid: int) -> BadRequest:
+        assert raw.poll(30_000), f"message {rid} went unanswered"
+        reply = raw.recv_multipart()
+        assert unpack_header(reply[0])["id"] == rid and unpack_header(reply[0])["op"] == ops.ERROR
+        return decode_error(reply[1:])
+
     try:
-        raw.send_multipart([pack_header(ops.INFER, 1), b"\x00" * (2 << 20)])  # libzmq drops it (MAXMSGSIZE)
+        raw.send_multipart([pack_header(ops.INFER, 1), b"\x00" * (2 << 20)])  # read, then refused
+        err = refused(1)
+        assert isinstance(err, BadRequest) and err.setting == "max_message_bytes" and "1048576" in str(err)
+        piece = b"\x00" * (512 << 10)
+        many = most // len(piece) + 2  # every frame small, all of them past the bound
+        raw.send_multipart([pack_header(ops.INFER, 2), *[piece] * many])
+        err = refused(2)
+        assert isinstance(err, BadRequest) and "read no further" in str(err) and str(many + 1) in str(err)
+        raw.send_multipart([pack_header(ops.INFER, 3), *[b"x"] * (frames + 5)])  # too many frames
+        assert "read no further" in str(refused(3))
+        raw.send_multipart([pack_header(ops.INFER, 4), msgpack.packb("still here")])  # the same connection
+        assert raw.poll(30_000)
+        reply = raw.recv_multipart()
+        assert unpack_header(reply[0])["op"] == ops.RESULT and msgpack.unpackb(reply[1]) == "still here"
         with pool.client() as small:
             assert small.infer({"ok": 1}) == {"ok": 1}
             assert small.infer(np.zeros(1000)).shape == (1000,)
+        raw.send_multipart([pack_header(ops.INFER, 5), b"\x00" * (most + 1)])  # ZeroMQ drops the connection
+        with pool.client() as small:
+            assert small.infer({"ok": 2}) == {"ok": 2}
     finally:
         raw.close()
-    assert pool.status()["pool"]["healthy"]
+    status = pool.status()
+    assert status["pool"]["healthy"] and status["pool"]["outcomes"]["bad_request"] == 3
 
 
 def test_array_just_over_a_limit_gets_bad_request_naming_it(start_pool):

@@ -1,0 +1,79 @@
+"""File descriptors at their limit: the supervisor sheds connections, never its own life.
+
+The pool runs with RLIMIT_NOFILE 1,024 soft and hard (the common default, which it cannot
+raise), 1,100 idle ZeroMQ clients connect, and a worker is made to crash: the connections
+past the reserve are shed (connections.py), the restart finds its descriptors, the clients
+already connected are served throughout, and once the crowd leaves a new client connects.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from isopool.errors import WorkerCrashed
+from isopool.supervisor.connections import reserve_for
+
+FD_LIMIT = 1024
+IDLE = 1100
+
+
+def test_eleven_hundred_idle_connections_at_1024_descriptors_and_a_worker_restart(start_pool):
+    pool = start_pool("--workers", "2", "--model", "isopool.examples.faulty:Faulty", fd_limit=FD_LIMIT)
+    with pool.client(timeout=60) as early:  # connected before the crowd: must be served throughout
+        assert early.infer({"do": "ok"})["echo"] == {"do": "ok"}
+        crowd = subprocess.Popen([sys.executable, str(Path(__file__).with_name("idle_peers.py")), str(IDLE),
+                                  pool.endpoint], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            assert crowd.stdout.readline() == b"up\n"
+            shed = pool.wait_event("connections_shed", timeout=60)
+            assert shed["fd_limit"] == FD_LIMIT and shed["fd_reserve"] == reserve_for(FD_LIMIT)
+            status = pool.status()["pool"]
+            assert not status["healthy"] and "shedding connections" in status["health_reason"]
+            # all but the reserve (and what the pool itself holds) stay connected
+            assert FD_LIMIT - reserve_for(FD_LIMIT) - 200 <= status["connections"] <= FD_LIMIT - reserve_for(FD_LIMIT)
+
+            try:
+                early.infer({"do": "exit"}, retry=False)
+            except WorkerCrashed:
+                pass
+            pool.wait_event("ready", timeout=60, generation=2)  # a restart found its pipes, board and pidfd
+            for i in range(20):
+                assert early.infer({"do": "ok", "i": i})["echo"]["i"] == i
+            assert pool.proc.poll() is None
+        finally:
+            crowd.stdin.close()
+            crowd.wait(60)
+    with pool.client(timeout=30) as late:  # the crowd gone, a newcomer connects
+        assert late.infer({"do": "ok"})["echo"] == {"do": "ok"}
+    after = pool.status()["pool"]
+    assert after["connections_shed"] >= IDLE - status["connections"] and after["restarts_total"] >= 1
+
+
+def test_a_connection_that_never_handshakes_is_dropped(start_pool):
+    """A peer that connects and sends nothing holds a descriptor only until HANDSHAKE_S."""
+    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:make_echo")
+    path = pool.endpoint.removeprefix("ipc://")
+    silent = []
+    try:
+        for _ in range(50):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            silent.append(s)
+        with pool.client() as c:  # served meanwhile
+            assert c.infer({"n": 1}) == {"n": 1}
+        for s in silent:
+            s.settimeout(30)  # HANDSHAKE_S is 5 s; a generous bound, not a speed check
+            greeting = b""
+            while True:  # the supervisor's ZMTP greeting, then the end
+                got = s.recv(4096)
+                if not got:
+                    break
+                greeting += got
+            assert greeting[:1] == b"\xff"
+    finally:
+        for s in silent:
+            s.close()
+    assert pool.status()["pool"]["healthy"]
