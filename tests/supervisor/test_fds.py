@@ -11,7 +11,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 from isopool.errors import WorkerCrashed
 from isopool.supervisor.connections import reserve_for
@@ -24,8 +23,8 @@ def test_eleven_hundred_idle_connections_at_1024_descriptors_and_a_worker_restar
     pool = start_pool("--workers", "2", "--model", "isopool.examples.faulty:Faulty", fd_limit=FD_LIMIT)
     with pool.client(timeout=60) as early:  # connected before the crowd: must be served throughout
         assert early.infer({"do": "ok"})["echo"] == {"do": "ok"}
-        crowd = subprocess.Popen([sys.executable, str(Path(__file__).with_name("idle_peers.py")), str(IDLE),
-                                  pool.endpoint], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        crowd = subprocess.Popen([sys.executable, "-m", "isopool.bench.idle_peers", str(IDLE), pool.endpoint],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         try:
             assert crowd.stdout.readline() == b"up\n"
             shed = pool.wait_event("connections_shed", timeout=60)

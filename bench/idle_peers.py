@@ -1,6 +1,6 @@
-"""Hold N idle ZeroMQ connections to an endpoint until stdin closes (tests/supervisor/test_fds.py).
+"""Hold N idle ZeroMQ connections to an endpoint until stdin closes (bench/bounds.py, tests/supervisor/test_fds.py).
 
-A process of its own, so its descriptors are not the test's: `python idle_peers.py N ENDPOINT`.
+A process of its own, so its descriptors are not the caller's: `python -m isopool.bench.idle_peers N ENDPOINT`.
 Prints "up" once every socket is connecting; closes them all when stdin reaches its end.
 """
 
