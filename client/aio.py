@@ -23,12 +23,15 @@ from isopool.protocol.iothread import io_context
 from isopool.protocol.pacing import Pacing
 
 from .core import (
+    CONNECT_S,
     Call,
     Session,
     close_watched,
     closed_early,
     configure_socket,
+    connect,
     curve_keys,
+    not_running,
     on_monitor_event,
     resolve_endpoint,
     send_bundled,
@@ -72,7 +75,7 @@ class _Resources:
             self.sock = self.ctx.socket(zmq.DEALER)
             configure_socket(self.sock, curve)
             self.monitor = watch_disconnects(self.sock)
-            self.sock.connect(endpoint)
+            connect(self.sock, endpoint)
         except BaseException:
             self.release()
             raise
@@ -152,7 +155,15 @@ class AsyncClient:
         call = _AsyncCall(cid, deadline, stream, future, parts)
         self._session.add(call)
         self._send(frames, call)
+        if not self._session.up.is_set():  # no connection seen yet: give it CONNECT_S
+            asyncio.get_running_loop().call_later(CONNECT_S, self._check_up, cid)
         return future
+
+    def _check_up(self, cid: Any) -> None:
+        if not self._session.up.is_set():
+            call = self._session.pending.pop(cid, None)
+            if call is not None:
+                call.reject(self._session.refused or not_running(self.endpoint))
 
     def _request(self, x: Any, timeout: float | None, retry: bool | None, tenant: str | None,
                  stream: bool) -> tuple[Any, list, float]:

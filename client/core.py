@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import os
 import threading
 import time
 from typing import Any
@@ -36,7 +37,7 @@ from isopool.protocol import (
     pack_header,
     total_bytes,
 )
-from isopool.protocol.endpoints import default_endpoint
+from isopool.protocol.endpoints import ENV_ENDPOINT, default_endpoint, runtime_dir
 from isopool.protocol.transport import MAX_BUNDLE, bundle, cuts, messages
 
 # How long past its timeout a request may go unanswered before the client gives up on
@@ -64,6 +65,7 @@ class Call:
         raise NotImplementedError
 
 
+CONNECT_S = 1.0  # how long a call waits for the connection to the supervisor before Unavailable
 SMALL_BYTES = 1 << 20  # requests this small are under any server's limits: no need to know them
 
 
@@ -101,6 +103,12 @@ class Session:
         self.limits = DEFAULT_LIMITS  # the server's, once its answer to our hello has come
         self.limits_known = threading.Event()
         self.greeting: Call | None = None  # our hello, until the server answers it
+        self.up = threading.Event()  # the connection's handshake is done, and it has not dropped since
+
+    def ensure_up(self, endpoint: str) -> None:
+        """Wait up to CONNECT_S for the connection to the supervisor; Unavailable if none comes."""
+        if not self.up.is_set() and not self.up.wait(CONNECT_S):
+            raise self.refused or not_running(endpoint)
 
     def send_failed(self, endpoint: str, exc: Exception) -> IsopoolError:
         """The error for a send that could not go out: the refusal if there was one."""
@@ -273,8 +281,16 @@ def no_reply() -> RequestTimeout:
                           "Check `isopool status`, or raise timeout=", setting="timeout", started=None)
 
 
+ENDPOINT_SCHEMES = ("ipc://", "tcp://")
+
+
 def resolve_endpoint(endpoint: str | None) -> str:
-    return endpoint or default_endpoint()
+    """The endpoint a client connects to (the default one if None); ValueError if it is malformed."""
+    endpoint = endpoint or default_endpoint()
+    if not endpoint.startswith(ENDPOINT_SCHEMES) or len(endpoint) <= len("ipc://"):
+        raise ValueError(f"endpoint {endpoint!r} is not one isopool serves: give ipc:///path/to/pool.sock or "
+                         "tcp://host:port (the one `isopool serve` printed)")
+    return endpoint
 
 
 ENV_SECRET_KEY = "ISOPOOL_CURVE_SECRET_KEY"
@@ -298,6 +314,14 @@ def curve_keys(secret_key: str | None, server_key: str | None) -> dict | None:
         raise ValueError(f"{secret_key} holds no secret key; pass the .key_secret file")
     server, _ = zmq.auth.load_certificate(server_key)
     return {"public": public, "secret": secret, "server": server}
+
+
+def connect(sock: zmq.Socket, endpoint: str) -> None:
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        raise ValueError(f"cannot connect to {endpoint}: {exc}; give ipc:///path/to/pool.sock or "
+                         "tcp://host:port (the one `isopool serve` printed)") from None
 
 
 def configure_socket(sock: zmq.Socket, curve: dict | None) -> None:
@@ -325,7 +349,7 @@ HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED
 
 
 def watch_disconnects(sock: zmq.Socket) -> zmq.Socket:
-    return sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
+    return sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
 
 
 def close_watched(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:
@@ -351,10 +375,28 @@ def monitor_error(session: "Session", event: dict, endpoint: str) -> IsopoolErro
 
 
 def on_monitor_event(session: "Session", event: dict, endpoint: str) -> None:
-    """Fail what is pending when the connection drops or the server refuses us."""
+    """Track the connection; fail what is pending when it drops or the server refuses us."""
+    if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        session.up.set()
+        return
     err = monitor_error(session, event, endpoint)
     if err is not None:
+        session.up.clear()
         session.fail_all(err)
+
+
+def not_running(endpoint: str) -> Unavailable:
+    """The error of a call that found no supervisor at its endpoint, with the likely causes."""
+    if endpoint == default_endpoint() and not os.environ.get(ENV_ENDPOINT):
+        where = (f"Either it is not running (start it with `isopool serve`), or it runs with another runtime "
+                 f"directory: this client looked in {runtime_dir()} (XDG_RUNTIME_DIR="
+                 f"{os.environ.get('XDG_RUNTIME_DIR') or 'unset'}). Give the endpoint `isopool serve` printed "
+                 f"(--endpoint, or ${ENV_ENDPOINT})")
+    else:
+        where = ("Either it is not running (start it with `isopool serve --endpoint " + endpoint + "`), or it "
+                 "serves another endpoint: check the one `isopool serve` printed")
+    return Unavailable(f"no isopool supervisor answered at {endpoint} within {CONNECT_S:g}s. {where}",
+                       endpoint=endpoint)
 
 
 def refusal(endpoint: str) -> NotAllowed:

@@ -22,7 +22,8 @@ from isopool.protocol.iothread import io_context
 from isopool.protocol.pacing import Pacing
 from isopool.protocol.transport import NOBLOCK, drain, send_frames
 
-from .core import Call, Session, close_watched, closed_early, configure_socket, on_monitor_event, send_bundled, watch_disconnects
+from .core import (Call, Session, close_watched, closed_early, configure_socket, connect, on_monitor_event, send_bundled,
+                   watch_disconnects)
 from .direct import Direct
 
 log = logging.getLogger("isopool.client")
@@ -47,7 +48,7 @@ class IOThread:
             self.sock = self.ctx.socket(zmq.DEALER)
             configure_socket(self.sock, curve)
             self.monitor = watch_disconnects(self.sock)
-            self.sock.connect(endpoint)
+            connect(self.sock, endpoint)
             self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self.closed = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # readable once closing
         except BaseException:

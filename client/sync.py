@@ -130,6 +130,7 @@ class Client:
     def _request(self, x: Any, timeout: float | None, retry: bool | None, tenant: str | None,
                  stream: bool) -> tuple[Any, list, float]:
         """(id, frames, local deadline) of one infer request, encoded on the caller's thread."""
+        self._session.ensure_up(self.endpoint)
         cid, frames, _, deadline = self._session.request(
             x, timeout, self.retry if retry is None else retry, tenant if tenant is not None else self.tenant, stream)
         return cid, frames, deadline
@@ -146,6 +147,7 @@ class Client:
             self._io.send(self._session.op_frames(ops.CANCEL, cid), None)
 
     def _call(self, op: str, timeout: float, **fields: Any) -> Any:
+        self._session.ensure_up(self.endpoint)
         cid = next(self._session.ids)
         future: Future = Future()
         self._io.send(self._session.op_frames(op, cid, **fields),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,23 @@ EXIT_UNREACHABLE = 1
 endpoint_option = click.option("--endpoint", "-e", envvar=ENV_ENDPOINT, default=None, help=ENDPOINT_HELP)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """Every command: a user's mistake or an error we did not foresee is one line on stderr and
+    a non-zero exit, never a traceback ($ISOPOOL_DEBUG=1 shows it)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last line: said plainly
+            if os.environ.get("ISOPOOL_DEBUG"):
+                raise
+            click.echo(f"isopool: {type(exc).__name__}: {exc} (set ISOPOOL_DEBUG=1 to see where)", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="isopool")
 def main() -> None:
     """isopool: an isolated, supervised inference worker pool for PyTorch models.
@@ -68,6 +85,7 @@ def serve(config_file: str | None, print_config: bool, log_level: str, log_forma
     once. SIGHUP replaces every worker, one at a time, with no failed request.
     """
     config = load_config(config_file, {k: v for k, v in flags.items()})
+    _check_model_module(config.model)
     if print_config:
         click.echo(config_toml(config))
         return
@@ -80,6 +98,22 @@ def serve(config_file: str | None, print_config: bool, log_level: str, log_forma
         click.echo(f"isopool serve: {exc}", err=True)
         sys.exit(getattr(exc, "exit_code", 1))
     sys.exit(code)
+
+
+def _check_model_module(model: str) -> None:
+    """A --model whose module cannot be found: one line now, not a traceback from each worker."""
+    import importlib.util
+
+    module = model.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    except Exception:  # noqa: BLE001 - its package fails to import: the worker reports that, traceback and all
+        found = True
+    if not found:
+        raise click.BadParameter(f"no module named {module!r} (from --model {model}): is it installed, or on "
+                                 f"PYTHONPATH? Workers import it from {os.getcwd()}", param_hint="--model")
 
 
 # ---------------------------------------------------------------- requests
@@ -105,7 +139,10 @@ def _read_input(value: str) -> Any:
 def _client(endpoint: str | None, timeout: float = 30.0):
     from isopool.client import Client
 
-    return Client(endpoint, timeout=timeout)
+    try:
+        return Client(endpoint, timeout=timeout)
+    except ValueError as exc:  # a malformed endpoint, a bad key file
+        _fail(exc, code=2)
 
 
 def _fail(exc: Exception, code: int = 1) -> None:

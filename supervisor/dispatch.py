@@ -125,7 +125,11 @@ def send_run(core: "Core", w: Worker, req: "Request", now: float) -> None:
     w.dispatched += 1
     req.seq = w.dispatched  # what the worker marks on its board when it starts this one
     # workers share this machine's monotonic clock, so the deadline travels as is
-    header = pack_header(ops.RUN, list(req.key), attempt=req.attempt, deadline=req.deadline, seq=req.seq)
+    if req.stream:  # the worker answers a stream in parts, and anything else as one part
+        header = pack_header(ops.RUN, list(req.key), attempt=req.attempt, deadline=req.deadline, seq=req.seq,
+                             stream=True)
+    else:
+        header = pack_header(ops.RUN, list(req.key), attempt=req.attempt, deadline=req.deadline, seq=req.seq)
     core.to_workers.append((w.ident, [header, *req.body]))
     if w.state is State.IDLE:
         w.move(State.BUSY, "dispatch")

@@ -51,6 +51,19 @@ HOLD_S = 0.002
 PLAIN = frozenset((np.ndarray, dict, list, tuple, str, bytes, int, float, bool, type(None)))
 
 
+class NotAStream(Exception):
+    """A generator's answer to a request that is not a stream: refused before any of it runs."""
+
+    def __init__(self, parts: Any):
+        super().__init__("not a stream")
+        self.parts = parts
+
+    def close(self) -> None:
+        close = getattr(self.parts, "close", None)
+        if close is not None:
+            close()  # a generator not yet started runs nothing; one that had, runs its finally blocks
+
+
 def die_with_parent(parent_pid: int) -> None:
     """Ask the kernel to SIGKILL us when the supervisor dies; no orphans, ever."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -189,7 +202,7 @@ class Worker:
         if op == ops.STOP:
             self.running = False
         elif op == ops.RUN and not self.corrupt:
-            if self.batching:
+            if self.batching and not header.get("stream"):  # a stream runs alone: model(x), in parts
                 self.batch.append((header, body))
             else:
                 self.run(header, body)
@@ -271,9 +284,20 @@ class Worker:
         try:
             output = self.model(inputs)
             if type(output) not in PLAIN and isinstance(output, (Iterator, AsyncIterator)):
+                if not header.get("stream"):
+                    raise NotAStream(output)
                 frames = self.stream(rid, attempt, output)
+            elif header.get("stream"):  # a stream of a plain model: its answer is the one part
+                self.send([pack_header(ops.CHUNK, rid, attempt=attempt), *encode_payload(output)])
+                frames = encode_payload(None)
             else:
                 frames = encode_payload(output)
+        except NotAStream as refused:
+            refused.close()
+            self.send(encode_error(rid, BadRequest(
+                f"model {self.config.model} streams its answers (it returns a generator); call "
+                "Client.stream() (AsyncClient.stream(), `isopool infer --stream`) instead of infer()",
+                setting="stream"), attempt=attempt))
         except Exception as exc:
             self.send(encode_error(rid, self.remote_error(exc), attempt=attempt))
         else:

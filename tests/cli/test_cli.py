@@ -102,3 +102,26 @@ def test_each_bad_setting_is_one_clear_line_and_no_traceback(short_tmp):
         errors = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
         assert len(errors) == 1 and words in errors[0], (args, out.stderr)
         assert "Traceback" not in out.stderr
+
+
+def test_with_no_daemon_every_client_command_is_one_line_naming_the_endpoint(short_tmp):
+    endpoint = f"ipc://{short_tmp}/nobody.sock"
+    for args in (["infer", "[1]"], ["status"], ["health"], ["scale", "2"], ["reload"], ["stop"]):
+        out = isopool(*args, "--endpoint", endpoint, timeout=30)
+        assert out.returncode == 1, (args, out.stdout, out.stderr)
+        said = (out.stderr + out.stdout).strip().splitlines()
+        assert len(said) == 1 and endpoint in said[0] and "isopool serve" in said[0], (args, said)
+
+
+def test_user_mistakes_are_one_line_and_no_traceback(short_tmp):
+    cases = [
+        (["status", "--endpoint", "foo://bar"], "is not one isopool serves"),
+        (["infer", "--endpoint", "tcp://", "[1]"], "is not one isopool serves"),
+        (["serve", "--model", "no_such_module_anywhere:Model", "--endpoint", f"ipc://{short_tmp}/m.sock"],
+         "no module named 'no_such_module_anywhere'"),
+        (["infer", "not json"], "is not JSON"),
+    ]
+    for args, words in cases:
+        out = isopool(*args, timeout=30)
+        assert out.returncode != 0 and "Traceback" not in out.stderr, (args, out.stderr)
+        assert words in out.stderr, (args, out.stderr)

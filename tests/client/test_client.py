@@ -94,13 +94,32 @@ def test_handler_exception_is_a_remote_error_and_the_worker_keeps_serving(faulty
     assert all(w["restarts"] == 0 for w in workers)
 
 
-def test_client_timeout_when_no_supervisor(short_tmp):
+def test_no_supervisor_is_unavailable_at_once_naming_the_endpoint_and_the_causes(short_tmp):
     endpoint = f"ipc://{short_tmp}/nobody.sock"
     with Client(endpoint) as c:
-        with pytest.raises(RequestTimeout):
-            c.infer([0.0] * 16, timeout=0.3)
-        with pytest.raises(RequestTimeout):
-            c.status(timeout=0.3)
+        for call in (lambda: c.infer([0.0] * 16), lambda: c.submit([0.0]).result(10), c.status):
+            with pytest.raises(Unavailable, match="no isopool supervisor answered at") as info:
+                call()
+            assert endpoint in str(info.value) and "isopool serve" in str(info.value)
+
+
+def test_the_async_client_finds_no_supervisor_at_once_too(short_tmp):
+    async def main() -> None:
+        async with AsyncClient(f"ipc://{short_tmp}/nobody.sock") as c:
+            with pytest.raises(Unavailable, match="no isopool supervisor answered"):
+                await asyncio.wait_for(c.infer([0.0]), 10)
+
+    asyncio.run(main())
+
+
+def test_a_stopped_supervisor_is_unavailable_at_once(start_pool):
+    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:make_echo")
+    with Client(pool.endpoint, timeout=30) as c:
+        assert c.infer(1) == 1
+        pool.terminate()
+        for _ in range(2):  # whether the drop was seen yet or not, never the 30 s timeout
+            with pytest.raises(Unavailable):
+                c.infer(2)
 
 
 def test_closed_client_refuses_work(pool):

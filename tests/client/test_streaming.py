@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from isopool import AsyncClient
-from isopool.errors import WorkerCrashed
+from isopool.errors import BadRequest, WorkerCrashed
 from tests.helpers import ROOT
 
 STREAMING = "isopool.examples.streaming:Countdown"
@@ -83,3 +83,32 @@ def test_cli_infer_stream_prints_parts_as_lines(start_pool):
                           json.dumps({"n": 3, "tag": "t"})], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     assert [json.loads(line) for line in out.stdout.splitlines()] == [{"tag": "t", "i": i} for i in range(3)]
+
+
+def test_infer_on_a_streaming_model_is_refused_before_any_part_runs(start_pool):
+    pool = start_pool("--workers", "1", "--model", STREAMING)
+    with pool.client() as c:
+        with pytest.raises(BadRequest, match=r"streams its answers.*stream\(\)") as info:
+            c.infer({"n": 5})
+        assert info.value.setting == "stream"
+        assert c.infer({"stats": True}) == {"parts": 0, "closed_early": 0, "finished": 0}  # nothing ran
+    out = subprocess.run([sys.executable, "-m", "isopool.cli", "infer", "--endpoint", pool.endpoint, '{"n": 2}'],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "--stream" in out.stderr
+
+
+def test_stream_on_a_plain_model_yields_its_answer_as_one_part(start_pool):
+    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:make_echo")
+    with pool.client() as c:
+        assert list(c.stream({"a": 1})) == [{"a": 1}]
+        assert list(c.stream(None)) == [None]  # even an answer of None is a part
+
+        async def main() -> list:
+            async with AsyncClient(pool.endpoint) as a:
+                return [p async for p in a.stream([1, 2])]
+
+        assert asyncio.run(main()) == [[1, 2]]
+    out = subprocess.run([sys.executable, "-m", "isopool.cli", "infer", "--endpoint", pool.endpoint, "--stream",
+                          '{"b": 2}'], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0 and [json.loads(line) for line in out.stdout.splitlines()] == [{"b": 2}]
