@@ -84,6 +84,7 @@ def serve(config_file: str | None, print_config: bool, log_level: str, log_forma
     SIGTERM or Ctrl-C drains (finishes queued work, then exits 0); a second one stops at
     once. SIGHUP replaces every worker, one at a time, with no failed request.
     """
+    _check_server_extra()
     config = load_config(config_file, {k: v for k, v in flags.items()})
     _check_model_module(config.model)
     if print_config:
@@ -98,6 +99,18 @@ def serve(config_file: str | None, print_config: bool, log_level: str, log_forma
         click.echo(f"isopool serve: {exc}", err=True)
         sys.exit(getattr(exc, "exit_code", 1))
     sys.exit(code)
+
+
+SERVER_NEEDS = ("torch", "psutil", "prometheus_client")  # the `server` extra
+
+
+def _check_server_extra() -> None:
+    import importlib.util
+
+    missing = [name for name in SERVER_NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        raise click.UsageError(f"`isopool serve` needs {', '.join(missing)}, which this install lacks: "
+                               "pip install 'isopool[server]' (the client commands work without them)")
 
 
 def _check_model_module(model: str) -> None:
