@@ -142,11 +142,13 @@ class SelfModifying:
 
 
 class WhereAmI:
-    """Answers with what its context says: the worker's id and device (after sleeping x
-    seconds when x is a number, so that concurrent requests occupy different workers)."""
+    """Answers with what its context says: the worker's id, generation, device and config
+    (after sleeping x seconds when x is a number, so that concurrent requests occupy
+    different workers)."""
 
     def __init__(self, context) -> None:
-        self.where = {"worker": context.worker_id, "device": context.device, "threads": context.threads}
+        self.where = {"worker": context.worker_id, "generation": context.generation, "device": context.device,
+                      "threads": context.threads, "config": context.config, "pid": os.getpid()}
 
     def __call__(self, x: Any) -> Any:
         if isinstance(x, (int, float)) and not isinstance(x, bool):

@@ -75,17 +75,22 @@ class JsonFormatter(logging.Formatter):
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="A TOML file of serve settings (keys as the flags, under [isopool]); flags override it.")
 @serve_options
-@click.option("--print-config", is_flag=True, help="Print the effective configuration as TOML and exit.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="A value for the model's context.config (repeatable; a.b=1 nests). VALUE is read as TOML "
+                   "(1, 2.5, true, \"text\", [1, 2]), else as text. Adds to [models.NAME.config].")
+@click.option("--print-config", is_flag=True, help="Print the effective configuration as TOML (what --config "
+                                                   "reads) and exit.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", default="text", type=click.Choice(["text", "json"]), help="Log lines as text or JSON.")
-def serve(config_file: str | None, print_config: bool, log_level: str, log_format: str, **flags: Any) -> None:
+def serve(config_file: str | None, sets: tuple[str, ...], print_config: bool, log_level: str, log_format: str,
+          **flags: Any) -> None:
     """Run the supervisor daemon in the foreground.
 
     SIGTERM or Ctrl-C drains (finishes queued work, then exits 0); a second one stops at
     once. SIGHUP replaces every worker, one at a time, with no failed request.
     """
     _check_server_extra()
-    config = load_config(config_file, {k: v for k, v in flags.items()})
+    config = load_config(config_file, flags, sets)
     _check_model_module(config.model)
     if print_config:
         click.echo(config_toml(config))
@@ -101,7 +106,7 @@ def serve(config_file: str | None, print_config: bool, log_level: str, log_forma
     sys.exit(code)
 
 
-SERVER_NEEDS = ("torch", "psutil", "prometheus_client")  # the `server` extra
+SERVER_NEEDS = ("torch", "psutil", "prometheus_client", "tomli_w")  # the `server` extra
 
 
 def _check_server_extra() -> None:

@@ -2,12 +2,21 @@
 
     defaults (supervisor/config.PoolConfig) < TOML file (--config) < flags
 
-Every serve flag is also a key of the file; sizes read as 512MiB, 2GB or bytes.
+Every serve flag is also a top-level key of the file (or of an [isopool] table); sizes
+read as 512MiB, 2GB or bytes. The model has a table of its own, as in ../shared/design.md:
+
+    workers = 4
+    [models.default]
+    model = "mypkg.models:Embedder"
+    max-batch-size = 16
+    [models.default.config]          # the factory's context.config; --set KEY=VALUE adds to it
+    checkpoint = "/srv/weights.pt"
+
+`--print-config` writes exactly this form, and reading it back gives the same settings.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import tomllib
 from dataclasses import fields
@@ -105,27 +114,39 @@ def serve_options(func):
     return func
 
 
-def load_config(path: str | None, flags: dict[str, Any]):
-    """Defaults < TOML file < flags. Unknown keys and bad values name the key."""
+# settings a [models.NAME] table may give its model (the rest are the daemon's)
+PER_MODEL = {"workers", "devices", "threads", "max_queue", "prefetch", "max_batch_size", "max_batch_wait_ms",
+             "request_timeout", "max_attempts", "max_requests", "max_requests_jitter", "max_rss", "arrays",
+             "isolation", "preload", "start_timeout", "integrity_interval", "integrity_every_request"}
+HIDDEN = {"model", "model_name", "user_config"}  # written in the [models.NAME] table, not as top-level keys
+
+
+def load_config(path: str | None, flags: dict[str, Any], sets: tuple[str, ...] = ()):
+    """Defaults < TOML file < flags (and --set for the model's config). Unknown keys and bad
+    values name the key."""
     from isopool.supervisor.config import PoolConfig
     from isopool.supervisor.devices import parse_devices
 
-    known = {f.name for f in fields(PoolConfig)}
+    known = {f.name for f in fields(PoolConfig)} - {"model_name", "user_config"}  # `model` is a flag: a key too
     values: dict[str, Any] = {}
     if path:
         try:
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--config") from None
+        models = data.pop("models", None)
         data = data.get("isopool", data)
+        if models is None:
+            models = data.pop("models", None)
+        if "user-config" in data or "user_config" in data:  # the older spelling of [models.default.config]
+            values["user_config"] = data.pop("user-config", None) or data.pop("user_config", None) or {}
         for key, value in data.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                raise click.BadParameter(f"unknown key {key!r} in {path}; known keys: "
-                                         f"{', '.join(sorted(k.replace('_', '-') for k in known))}",
-                                         param_hint="--config")
-            values[name] = value
+            values[_known(key, known, path)] = value
+        if models is not None:
+            values.update(_model_table(models, path, known))
     values.update({k: v for k, v in flags.items() if v is not None})
+    if sets:
+        values["user_config"] = _apply_sets(dict(values.get("user_config") or {}), sets)
     for name in SIZE_FIELDS & values.keys():
         try:
             values[name] = parse_size(values[name])
@@ -143,6 +164,67 @@ def load_config(path: str | None, flags: dict[str, Any]):
         raise click.BadParameter(str(exc)) from None
 
 
+def _known(key: str, known: set[str], path: str, where: str = "") -> str:
+    name = key.replace("-", "_")
+    if name not in known:
+        raise click.BadParameter(f"unknown key {key!r}{where} in {path}; known keys: "
+                                 f"{', '.join(sorted(k.replace('_', '-') for k in known))}", param_hint="--config")
+    return name
+
+
+def _model_table(models: Any, path: str, known: set[str]) -> dict[str, Any]:
+    """The settings of the one [models.NAME] table."""
+    if not isinstance(models, dict) or not all(isinstance(t, dict) for t in models.values()):
+        raise click.BadParameter(f"[models] in {path} must hold tables, as [models.default] with model = "
+                                 "\"MODULE:ATTR\"", param_hint="--config")
+    if len(models) != 1:
+        raise click.BadParameter(f"{path} names {len(models)} models ({', '.join(models) or 'none'}); this "
+                                 "daemon serves one: keep one [models.NAME] table, and run a daemon per model",
+                                 param_hint="--config")
+    (name, table), = models.items()
+    table = dict(table)
+    out: dict[str, Any] = {"model_name": name}
+    if "model" in table:
+        out["model"] = table.pop("model")
+    config = table.pop("config", None)
+    if config is not None:
+        if not isinstance(config, dict):
+            raise click.BadParameter(f"[models.{name}] config in {path} must be a table: [models.{name}.config]",
+                                     param_hint="--config")
+        out["user_config"] = config
+    for key, value in table.items():
+        field_name = _known(key, known - {"model"}, path, f" of [models.{name}]")
+        if field_name not in PER_MODEL:
+            raise click.BadParameter(f"{key!r} is a setting of the daemon, not of one model: move it out of "
+                                     f"[models.{name}] in {path} (a model's own: "
+                                     f"{', '.join(sorted(k.replace('_', '-') for k in PER_MODEL))})",
+                                     param_hint="--config")
+        out[field_name] = value
+    return out
+
+
+def _apply_sets(config: dict, sets: tuple[str, ...]) -> dict:
+    """--set KEY=VALUE (KEY may be dotted: a.b=1 makes {"a": {"b": 1}}); VALUE is read as a TOML
+    value (1, 2.5, true, "text", [1, 2]) and taken as text if it is none."""
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} should look like KEY=VALUE", param_hint="--set")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        *parents, leaf = [part.strip() for part in key.split(".")]
+        node = config
+        for part in parents:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                node[part] = child = {}
+            node = child
+        node[leaf] = value
+    return config
+
+
 def _type_ok(value: Any, want: str) -> bool:
     checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
               "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
@@ -155,12 +237,14 @@ def _type_ok(value: Any, want: str) -> bool:
 
 
 def config_toml(config) -> str:
-    lines = ["[isopool]"]
-    for key, value in config.to_dict().items():
-        if value is None:
-            lines.append(f"# {key.replace('_', '-')} = (default)")
-        elif isinstance(value, dict):
-            lines.append(f"{key.replace('_', '-')} = {json.dumps(value)}")
-        else:
-            lines.append(f"{key.replace('_', '-')} = {json.dumps(value)}")
-    return "\n".join(lines)
+    """The configuration as a TOML file that `serve --config` reads back to the same settings."""
+    import tomli_w
+
+    settings = config.to_dict()
+    top = {k.replace("_", "-"): v for k, v in settings.items() if k not in HIDDEN and v is not None}
+    unset = [k.replace("_", "-") for k, v in settings.items() if k not in HIDDEN and v is None]
+    model = {"model": config.model}
+    if config.user_config:
+        model["config"] = config.user_config
+    doc = tomli_w.dumps({**top, "models": {config.model_name: model}})
+    return "".join(f"# {key} = (not set)\n" for key in unset) + doc

@@ -57,7 +57,8 @@ class PoolConfig:
     integrity_every_request: bool = False  # also check after every request
     isolation: str = "none"  # none | tenant (a worker serves one tenant) | request (a fresh worker each)
     preload: str = "imports"  # none (fresh interpreter per worker) | imports | model (CPU: share weights)
-    user_config: dict = field(default_factory=dict)  # passed to the model factory's context
+    user_config: dict = field(default_factory=dict)  # [models.NAME.config] and --set: the factory's context.config
+    model_name: str = "default"  # the name of the one model served (its [models.NAME] table)
 
     def __post_init__(self) -> None:
         self.validate()

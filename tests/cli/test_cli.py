@@ -43,14 +43,6 @@ def test_status_table_and_watch_render_without_a_tty(pool):
     assert watch.stdout.count("healthy — serving") == 2
 
 
-def test_health_and_status_fail_clearly_when_nothing_serves(short_tmp):
-    endpoint = f"ipc://{short_tmp}/none.sock"
-    health = isopool("health", "--endpoint", endpoint, "--timeout", "0.5")
-    assert health.returncode == 1 and health.stdout.startswith("unhealthy")
-    status = isopool("status", "--endpoint", endpoint)
-    assert status.returncode == 1 and "RequestTimeout" in status.stderr
-
-
 def test_toml_config_equals_the_same_flags(short_tmp):
     cfg = short_tmp / "isopool.toml"
     cfg.write_text('[isopool]\nworkers = 3\nmax-queue = 50\nrequest-timeout = 12.5\nmax-rss = "1GiB"\n'
@@ -125,3 +117,33 @@ def test_user_mistakes_are_one_line_and_no_traceback(short_tmp):
         out = isopool(*args, timeout=30)
         assert out.returncode != 0 and "Traceback" not in out.stderr, (args, out.stderr)
         assert words in out.stderr, (args, out.stderr)
+
+
+def test_the_models_config_table_and_set_reach_the_factory_and_print_config_round_trips(start_pool, short_tmp):
+    cfg = short_tmp / "pool.toml"
+    cfg.write_text('workers = 1\nrequest-timeout = 20.0\n\n[models.default]\nmodel = "isopool.examples.faulty:WhereAmI"\n'
+                   'max-batch-size = 4\n\n[models.default.config]\ncheckpoint = "/srv/w.pt"\nlayers = [1, 2]\n'
+                   '[models.default.config.opts]\nfast = false\n')
+    sets = ["--set", "opts.fast=true", "--set", "scale=2.5", "--set", "label=plain words"]
+    printed = isopool("serve", "--config", str(cfg), *sets, "--print-config")
+    assert printed.returncode == 0, printed.stderr
+    again = short_tmp / "printed.toml"
+    again.write_text(printed.stdout)
+    reread = isopool("serve", "--config", str(again), "--print-config")
+    assert reread.returncode == 0 and reread.stdout == printed.stdout, reread.stderr  # the same settings
+    want = {"checkpoint": "/srv/w.pt", "layers": [1, 2], "opts": {"fast": True}, "scale": 2.5, "label": "plain words"}
+    pool = start_pool("--config", str(again))
+    with pool.client() as c:
+        assert c.infer("where")["config"] == want
+    status = pool.status()["pool"]
+    assert status["workers_target"] == 1
+
+
+def test_a_models_table_refuses_what_is_not_a_models_setting(short_tmp):
+    cfg = short_tmp / "bad.toml"
+    cfg.write_text('[models.default]\nmodel = "isopool.examples.faulty:WhereAmI"\nmetrics-port = 9000\n')
+    out = isopool("serve", "--config", str(cfg), "--print-config")
+    assert out.returncode == 2 and "setting of the daemon, not of one model" in out.stderr
+    cfg.write_text('[models.a]\nmodel = "x:Y"\n[models.b]\nmodel = "x:Z"\n')
+    out = isopool("serve", "--config", str(cfg), "--print-config")
+    assert out.returncode == 2 and "names 2 models" in out.stderr
