@@ -1,6 +1,6 @@
 """The benchmark suite: isopool against the executors people use today, in one process tree.
 
-    isopool bench [--quick] [--repeats 3] [--out bench/results] [--no-embeddings]
+    isopool bench [--quick] [--repeats 3] [--out DIR] [--only NAME ...] [--no-embeddings]
 
 Every mechanism runs the same model on the same number of worker processes (2), one
 mechanism after another:
@@ -20,16 +20,19 @@ requests (the Embedder has batch()), the executors' workers take one call at a t
 For each model, all mechanisms are started (and warmed up) first, then measured in rounds
 (each once per round), and each figure is the median of --repeats rounds. Every
 mechanism's answers are checked against the in-process model; speed is never asserted.
-Writes results.md (ratios to inproc and to ppe), results.json and results.png.
+Writes results.md (ratios to inproc and to ppe), results.json and results.png (median bars,
+min–max whiskers across the rounds) to --out, by default a new directory under
+~/.cache/isopool/bench; each says the date, the machine and whether it was a --quick run.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import concurrent.futures as cf
 import json
 import multiprocessing as mp
+import os
+import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -38,6 +41,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import MECHANISMS as ALL
 from . import peers
 from .models import DIM, POOL_MODELS, build, embeddings_available
 from .pool import in_flight_rate, sequential, serve
@@ -284,8 +288,34 @@ def rounds(names: list[str], sizes: Sizes, work: Workload) -> dict[str, dict]:
     finally:
         for mech in mechs.values():
             mech.close()
-    return {name: {"correct": correct[name], **{k: round(statistics.median(v), 1) for k, v in runs[name].items()}}
-            for name in mechs}
+    return {name: {"correct": correct[name], **spread(runs[name])} for name in mechs}
+
+
+def spread(runs: dict[str, list[float]]) -> dict[str, float]:
+    """Each figure's median across the rounds, with its min and max (KEY_min, KEY_max)."""
+    out: dict[str, float] = {}
+    for key, values in runs.items():
+        out[key] = round(statistics.median(values), 1)
+        out[f"{key}_min"], out[f"{key}_max"] = round(min(values), 1), round(max(values), 1)
+    return out
+
+
+def machine() -> str:
+    """One line on where the figures were measured."""
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = "none"
+    return (f"{os.cpu_count()} CPUs ({platform.machine()}), {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch_version}")
+
+
+def heading(quick: bool, sizes: "Sizes", when: str) -> str:
+    kind = ("QUICK run (small sizes, 1 round: a correctness check, not figures to compare)" if quick
+            else f"full run, median of {sizes.repeats} rounds")
+    return f"isopool bench — {kind} — {when} — {machine()}"
 
 
 def table(results: dict[str, dict], embeddings_note: str | None = None) -> str:
@@ -317,7 +347,7 @@ PANELS = [("req_per_s", "tiny requests/s (64 in flight), higher is better"),
           ("emb_per_s", "embeddings/s (1 sentence a request, 16 in flight), higher is better")]
 
 
-def plot(results: dict[str, dict], path: Path) -> None:
+def plot(results: dict[str, dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -325,54 +355,53 @@ def plot(results: dict[str, dict], path: Path) -> None:
 
     names = list(results)
     panels = [(k, t) for k, t in PANELS if any(k in row for row in results.values())]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    for ax, (key, title) in zip(axes, panels):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.6))
+    for ax, (key, panel) in zip(axes, panels):
         shown = [n for n in names if key in results[n] and not (key == "mib_per_s" and n == "inproc")]
-        ax.bar(shown, [results[n][key] for n in shown], color=["#4c72b0" if "isopool" in n else "#999999"
-                                                                for n in shown])
-        ax.set_title(title, fontsize=9)
+        mid = [results[n][key] for n in shown]
+        low = [m - results[n].get(f"{key}_min", m) for n, m in zip(shown, mid)]
+        high = [results[n].get(f"{key}_max", m) - m for n, m in zip(shown, mid)]
+        ax.bar(shown, mid, yerr=[low, high], capsize=3,
+               color=["#4c72b0" if "isopool" in n else "#999999" for n in shown])
+        ax.set_title(panel, fontsize=9)
         ax.tick_params(axis="x", rotation=45, labelsize=8)
+    fig.suptitle(title + "\nbars: median; whiskers: min–max across rounds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def run(names: list[str], sizes: Sizes, out: Path, embeddings: bool = True) -> dict[str, dict]:
+def run(names: list[str], sizes: Sizes, out: Path, embeddings: bool = True, quick: bool = False) -> dict[str, dict]:
     out.mkdir(parents=True, exist_ok=True)
+    when = time.strftime("%Y-%m-%d %H:%M %Z")
     results = rounds(names, sizes, WORKLOADS["tiny"])
     note = embeddings_available() if embeddings else "skipped (--no-embeddings)"
     if note is None:  # a second set of pools and executors, each worker holding the real model
         for name, row in rounds(names, sizes, WORKLOADS["embeddings"]).items():
             results[name]["correct"] = results[name]["correct"] and row.pop("correct")
             results[name].update(row)
-    report = table(results, note)
+    title = heading(quick, sizes, when)
+    report = f"{title}\n\n{table(results, note)}"
     (out / "results.md").write_text(report + "\n")
-    (out / "results.json").write_text(json.dumps({"workers": WORKERS, "in_flight": IN_FLIGHT,
-                                                  "embeddings_in_flight": EMBED_IN_FLIGHT, "embeddings": note or "run",
-                                                  "sizes": sizes.__dict__, "results": results}, indent=2))
-    plot(results, out / "results.png")
+    (out / "results.json").write_text(json.dumps({
+        "quick": quick, "date": when, "machine": machine(), "workers": WORKERS, "in_flight": IN_FLIGHT,
+        "embeddings_in_flight": EMBED_IN_FLIGHT, "embeddings": note or "run", "sizes": sizes.__dict__,
+        "results": results}, indent=2))
+    plot(results, out / "results.png", title)
     print(report)
+    print(f"\nwritten to {out}/results.md, .json and .png")
     return results
 
 
-ALL = ["inproc", "isopool", "isopool_async", "isopool_threads2", "ppe", "mp_pool", "loky", "pebble"]
+def default_out(quick: bool) -> Path:
+    """A new directory per run, outside any source tree."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "isopool" / "bench"
+    return base / (time.strftime("%Y%m%d-%H%M%S") + ("-quick" if quick else ""))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="isopool bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes, one repeat: checks correctness fast")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=Path("bench/results"))
-    ap.add_argument("--only", nargs="*", default=ALL, help=f"mechanisms to run (default all of {ALL})")
-    ap.add_argument("--no-embeddings", action="store_true",
-                    help="skip the real-model workload (all-MiniLM-L6-v2; it needs the embeddings extra)")
-    args = ap.parse_args(argv)
-    sizes = QUICK if args.quick else FULL
-    if args.repeats:
-        sizes = Sizes(sizes.requests, sizes.latency, sizes.big, args.repeats, sizes.sentences)
-    results = run(args.only, sizes, args.out, embeddings=not args.no_embeddings)
+def bench(quick: bool, repeats: int | None, out: Path | None, only: list[str], embeddings: bool) -> int:
+    sizes = QUICK if quick else FULL
+    if repeats:
+        sizes = Sizes(sizes.requests, sizes.latency, sizes.big, repeats, sizes.sentences)
+    results = run(only or ALL, sizes, out or default_out(quick), embeddings=embeddings, quick=quick)
     return 0 if all(r["correct"] for r in results.values()) else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -360,7 +360,7 @@ def close_watched(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:
         except zmq.ZMQError:
             pass
         monitor.close(linger=0)
-    sock.close(linger=0)
+    sock.close()  # with its LINGER: 0, unless a CANCEL must still get out (direct.py)
 
 
 def monitor_error(session: "Session", event: dict, endpoint: str) -> IsopoolError | None:

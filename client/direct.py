@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from .iothread import IOThread
 
 
+CANCEL_LINGER_MS = 500  # how long closing waits for a CANCEL still on its way out
+
+
 class _Answer(Call):
     """The outcome of one direct call."""
 
@@ -94,6 +97,8 @@ class Direct:
             if answer.error is None:
                 try:
                     send_frames(self.sock, session.op_frames(ops.CANCEL, cid), NOBLOCK)
+                    # a process that ends now (Ctrl-C) still gets the CANCEL out as it closes
+                    self.sock.setsockopt(zmq.LINGER, CANCEL_LINGER_MS)
                 except zmq.ZMQError:
                     pass
             raise

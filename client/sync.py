@@ -69,6 +69,9 @@ def _wait(future: Future, timeout: float) -> Any:
         return future.result(timeout=timeout + LOCAL_GRACE_S + BACKSTOP_S)
     except FuturesTimeout:
         raise Unavailable("the client's I/O thread did not answer; the client is broken, create a new one") from None
+    except KeyboardInterrupt:  # Ctrl-C: withdraw it, so its worker is told too
+        future.cancel()
+        raise
 
 
 class Client:

@@ -45,19 +45,19 @@ def parse_size(value: Any) -> int:
 
 # flag name -> (config field, click type, help). Every serve flag is also a config-file key.
 SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
-    ("model", str, "The model: MODULE:ATTR, a class or factory called once per worker. Default: the built-in model."),
+    ("model", str, "The model: MODULE:ATTR, a class or factory called once per worker."),
     ("workers", int, "Number of worker processes."),
     ("endpoint", str, ENDPOINT_HELP),
     ("devices", str, "Devices to spread workers over: cpu, cuda, cuda:0,cuda:1 or auto."),
     ("threads", int, "torch intra-op threads per worker (0: the cores divided by the workers)."),
-    ("max-queue", int, "Queued requests beyond which new ones are refused with Overloaded (default 4096); one "
+    ("max-queue", int, "Queued requests beyond which new ones are refused with Overloaded; one "
                        "client may fill 7/8 of it, the rest is kept for others."),
-    ("prefetch", int, "Requests a worker may hold at once (default 16), so it never waits on the "
+    ("prefetch", int, "Requests a worker may hold at once, so it never waits on the "
                       "supervisor; under load they travel, and their results return, in bundles. "
                       "Lower it (1-2) when request durations vary widely, so none waits behind a slow one."),
     ("spin-us", int, "After quick work, the supervisor and each worker look for the next message for up "
                      "to this many microseconds, yielding the core to any thread that wants it, before "
-                     "they sleep (default 300): a sleeping process costs every message a few thread "
+                     "they sleep: a sleeping process costs every message a few thread "
                      "wake-ups. Only while requests finish within ~2 ms; the window shrinks by itself "
                      "when requests come further apart. 0: always sleep at once, the least CPU."),
     ("max-batch-size", int, "Models with batch(list) -> list get up to this many requests at once."),
@@ -78,14 +78,14 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
     ("max-requests-jitter", int, "Add 0..N to --max-requests per worker so they don't recycle together."),
     ("max-rss", str, "Recycle a worker whose memory grows past this (e.g. 2GiB; 0: never)."),
     ("stats-interval", float, "Seconds between samples of worker memory and CPU."),
-    ("log-rate", str, "Bytes a second of each worker's output that are logged (e.g. 128KiB, the default; "
+    ("log-rate", str, "Bytes a second of each worker's output that are logged (e.g. 128KiB; "
                       "0: no limit); the rest are dropped and counted in status and metrics."),
     ("max-message-bytes", str, "Largest accepted message (e.g. 256MiB)."),
     ("max-depth", int, "Deepest accepted nesting of lists and maps in a payload."),
     ("max-elements", int, "Most array elements plus container items accepted in one payload."),
     ("arrays", click.Choice(["auto", "numpy", "torch"]), "How the model receives arrays."),
     ("metrics-port", int, "Serve Prometheus metrics at http://HOST:PORT/metrics (0: off)."),
-    ("metrics-host", str, "Address for --metrics-port (default 127.0.0.1: loopback only)."),
+    ("metrics-host", str, "Address for --metrics-port (127.0.0.1: loopback only)."),
     ("integrity-interval", float, "Seconds between checks of each idle worker's weights against their "
      "fingerprint at load (0: off). A changed model is recycled."),
     ("isolation", click.Choice(["none", "tenant", "request"]),
@@ -106,11 +106,51 @@ BOOL_FLAGS = [("integrity-every-request", "Also check the weights after every re
               ("insecure", "Allow a tcp:// endpoint without authentication (trusted networks only).")]
 
 
+COMMON = ("model", "workers", "endpoint")  # the flags most people give: listed first in --help
+# then these, in this order; the rest (tuning, limits, security) after them as SERVE_OPTIONS has them
+FREQUENT = ("devices", "max-batch-size", "max-batch-wait-ms", "request-timeout", "max-queue", "max-rss",
+            "max-requests", "metrics-port", "metrics-host", "preload", "isolation", "arrays", "log-rate")
+
+
+def _default_text(name: str) -> str:
+    """'[default: X]' for flag `name`, from PoolConfig's defaults."""
+    from isopool.supervisor.config import PoolConfig
+
+    field_name = name.replace("-", "_")
+    default = PoolConfig.__dataclass_fields__[field_name].default
+    if field_name == "model":
+        return "[default: the built-in model]"
+    if field_name == "endpoint":
+        return ""  # its help says it
+    if default is None or default == "":
+        return "[default: none]"
+    if field_name in SIZE_FIELDS and isinstance(default, int) and default:
+        for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+            if default % size == 0:
+                return f"[default: {default // size}{unit}]"
+    return f"[default: {default}]"
+
+
+def _option(name: str, typ: Any, help_text: str):
+    default = _default_text(name)
+    return click.option(f"--{name}", type=typ, default=None, help=f"{help_text} {default}".strip())
+
+
+def common_options(func):
+    """--model, --workers, --endpoint."""
+    for name, typ, help_text in reversed([o for o in SERVE_OPTIONS if o[0] in COMMON]):
+        func = _option(name, typ, help_text)(func)
+    return func
+
+
 def serve_options(func):
-    for name, typ, help_text in reversed(SERVE_OPTIONS):
-        func = click.option(f"--{name}", type=typ, default=None, help=help_text)(func)
+    """Every other serve flag, in the order of SERVE_OPTIONS, then the on/off ones."""
     for name, help_text in reversed(BOOL_FLAGS):
-        func = click.option(f"--{name}", is_flag=True, default=None, help=help_text)(func)
+        func = click.option(f"--{name}", is_flag=True, default=None, help=f"{help_text} [default: off]")(func)
+    rest = [o for o in SERVE_OPTIONS if o[0] not in COMMON]
+    rest.sort(key=lambda o: FREQUENT.index(o[0]) if o[0] in FREQUENT else len(FREQUENT))  # stable
+    for name, typ, help_text in reversed(rest):
+        func = _option(name, typ, help_text)(func)
     return func
 
 

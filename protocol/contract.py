@@ -32,6 +32,7 @@ class WorkerConfig:
     model: str
     parent_pid: int
     device: str = "cpu"
+    worker_id: int = 0  # 0..N-1, stable across restarts and reload: the model's context.worker_id
     threads: int = 1
     heartbeat_interval: float = 1.0
     integrity_interval: float = 0.0  # seconds between weight checks when idle (0: never)

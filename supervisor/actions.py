@@ -126,6 +126,7 @@ class Spawn:
     slot: int
     generation: int
     device: str
+    worker_id: int = 0  # what the model sees as context.worker_id
 
 
 @dataclass(slots=True)

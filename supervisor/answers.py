@@ -57,7 +57,7 @@ def broken(core: "Core", ident: bytes, why: str, now: float) -> None:
     w = worker_of(core, ident)
     if w is None:
         return
-    core.log(logging.WARNING, "worker %d sent an undecodable message (%s); replacing it", w.slot, why)
+    core.log(logging.WARNING, "worker %d sent an undecodable message (%s); replacing it", w.id, why)
     if w.state is not State.STOPPING:
         kill(core, w, "protocol", now)
 
@@ -80,14 +80,14 @@ def on_load_failure(core: "Core", w: Worker, body: list) -> None:
     err = decode_error(body)
     tb = getattr(err, "details", {}).get("traceback", "")
     w.last_error = str(err)
-    core.log(logging.ERROR, "worker %d: %s\n%s", w.slot, err, tb)
+    core.log(logging.ERROR, "worker %d: %s\n%s", w.id, err, tb)
     if core.phase is Phase.STARTING:
         core.fail_startup(f"{err}\n\n{tb}".rstrip(), EXIT_LOAD_FAILED)
 
 
 def on_integrity_failure(core: "Core", w: Worker, header: dict, now: float) -> None:
     """Its weights changed: no more work for it; what it holds finishes elsewhere."""
-    core.log(logging.ERROR, "worker %d (pid %s): model weights changed (%s); recycling it", w.slot, w.pid,
+    core.log(logging.ERROR, "worker %d (pid %s): model weights changed (%s); recycling it", w.id, w.pid,
              header.get("when"))
     core.emit("integrity", w, when=header.get("when"), expected=header.get("expected"), actual=header.get("actual"))
     retire(core, w, "integrity")

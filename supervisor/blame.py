@@ -66,9 +66,11 @@ def exited(core: "Core", w: Worker, info: dict, now: float) -> None:
     # a worker we killed for breaking the protocol is blamed like a crash: the request it
     # ran may be what drove it there, and must not come back to it for ever
     expected = w.state is State.STOPPING and w.leaving != "protocol"
-    info = {"pid": w.pid, "worker": w.slot, **info}
+    info = {"pid": w.pid, "worker": w.id, **info}
     if w.leaving == "protocol":
         info["reason"] = "killed by the supervisor: it sent a message that broke the protocol (see the log)"
+    elif w.signalled is not None and info.get("signal") in ("SIGTERM", "SIGKILL"):
+        info["reason"] = killed_by_us(core, w, info["signal"])
     w.last_exit = info
     culprit = None if expected else progress(core, w)[0]
     held = core.ledger.forget_worker(w.slot)
@@ -89,8 +91,27 @@ def exited(core: "Core", w: Worker, info: dict, now: float) -> None:
         core.emit(kind, w, stopped_for=reason, **fields)
     else:
         core.emit("crashed", w, during="start" if not was_ready else "serve", **fields)
-        core.log(logging.WARNING, "worker %d (pid %s) died: %s", w.slot, info["pid"], info["reason"])
+        core.log(logging.WARNING, "worker %d (pid %s) died: %s", w.id, info["pid"], info["reason"])
     after_exit(core, w, reason, now)
+
+
+# why the supervisor kills a worker, and the setting behind it
+KILLED_FOR = {
+    "timeout": "a request ran past its deadline (the client's timeout, capped by --request-timeout)",
+    "heartbeat": "it sent no heartbeat within --heartbeat-timeout",
+    "start_timeout": "it was not ready within --start-timeout",
+    "load_max_rss": "it passed --max-rss while loading",
+    "stop": "it was being stopped",
+    "shutdown": "the pool was stopping",
+}
+
+
+def killed_by_us(core: "Core", w: Worker, signal_name: str) -> str:
+    why = KILLED_FOR.get(w.leaving or "", f"it was being stopped ({w.leaving})")
+    if signal_name == "SIGKILL" and w.signalled == "KILL":
+        return (f"SIGKILL, sent by the supervisor: {why}, and it had not exited "
+                f"{core.config.kill_grace:g}s after SIGTERM (--kill-grace)")
+    return f"{signal_name}, sent by the supervisor: {why}"
 
 
 def after_exit(core: "Core", w: Worker, reason: str, now: float) -> None:
@@ -102,13 +123,13 @@ def after_exit(core: "Core", w: Worker, reason: str, now: float) -> None:
     if reason in NOT_LOADED and core.phase is Phase.STARTING and not core.startup_error:
         # a model that cannot load at start-up will not next time either: say so, and stop
         del core.workers[w.slot]
-        core.fail_startup(f"worker {w.slot} " + NOT_LOADED[reason].format(cfg=core.config), EXIT_LOAD_FAILED)
+        core.fail_startup(f"worker {w.id} " + NOT_LOADED[reason].format(cfg=core.config), EXIT_LOAD_FAILED)
         return
     if reason in BACKS_OFF:
         w.crashes_in_row += 1
         if core.phase is Phase.STARTING and w.crashes_in_row >= 2 and not core.startup_error:
             del core.workers[w.slot]
-            core.fail_startup(f"worker {w.slot} died twice before it was ready: {w.last_exit['reason']}",
+            core.fail_startup(f"worker {w.id} died twice before it was ready: {w.last_exit['reason']}",
                               EXIT_LOAD_FAILED)
             return
     delay = core.restarts.delay(w.crashes_in_row) if reason in BACKS_OFF else 0.0

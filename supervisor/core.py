@@ -60,6 +60,7 @@ class Core:
         self.ledger = Ledger()
         self.workers: dict[int, slots.Worker] = {}
         self.slot_numbers = itertools.count()
+        self.generations: dict[int, int] = {}  # worker id -> processes it has had
         self.credits = Credits()  # least-loaded worker first
         self.restarts = RestartPolicy(config.backoff_base, config.backoff_max, config.max_restarts,
                                       config.restart_window, self.rng)
@@ -165,7 +166,7 @@ class Core:
         """Every change worth an event is one the maintenance steps must look at."""
         self.dirty = True
         if w is not None:
-            fields = {"worker": w.slot, "pid": w.pid, "generation": w.generation, **fields}
+            fields = {"worker": w.id, "slot": w.slot, "pid": w.pid, "generation": w.generation, **fields}
         self.actions.append(Emit(kind, fields))
 
     def log(self, level: int, msg: str, *args: Any, extra: dict | None = None) -> None:

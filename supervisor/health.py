@@ -33,7 +33,7 @@ def expire(core: "Core", now: float) -> None:
         if running != req.key and req.seq and req.seq <= finished:
             core.fail(req, RequestTimeout(
                 f"the handler finished, but after {req.timeout:g}s its answer had not left worker "
-                f"{w.slot}, which holds finished answers to send them with those of the requests it "
+                f"{w.id}, which holds finished answers to send them with those of the requests it "
                 f"runs next and was still running one; lower --prefetch so quick requests do not wait "
                 f"behind slow ones, or {hint}", setting=req.timeout_setting, started=True))
         elif running != req.key:  # queued, or held behind another
@@ -43,7 +43,7 @@ def expire(core: "Core", now: float) -> None:
             # a worker holding it refuses it unstarted and gives back the credit
         else:
             core.fail(req, RequestTimeout(
-                f"the handler was still running after {req.timeout:g}s; its worker {w.slot} (pid {w.pid}) was "
+                f"the handler was still running after {req.timeout:g}s; its worker {w.id} (pid {w.pid}) was "
                 f"killed and replaced. {hint} if it needs longer", setting=req.timeout_setting, started=True))
             kill(core, w, "timeout", now)
     for slot, seq in core.ledger.orphans_due(now):
@@ -51,7 +51,7 @@ def expire(core: "Core", now: float) -> None:
         marks = core.boards(slot) if w is not None and w.pid is not None else None
         if w is not None and w.state is not State.STOPPING and marks is not None and marks[0] == seq > marks[1]:
             core.log(logging.WARNING, "worker %d (pid %s) still runs a request that was answered (cancelled, or "
-                     "timed out) and is past its deadline; replacing it", w.slot, w.pid)
+                     "timed out) and is past its deadline; replacing it", w.id, w.pid)
             kill(core, w, "timeout", now)
 
 
@@ -67,14 +67,15 @@ def check_workers(core: "Core", now: float) -> None:
     to_sample = []
     for w in list(core.workers.values()):
         if w.state is State.STOPPING and w.kill_at is not None and now >= w.kill_at:
-            core.log(logging.WARNING, "worker %d (pid %s) did not exit within %gs; sending SIGKILL", w.slot, w.pid,
+            core.log(logging.WARNING, "worker %d (pid %s) did not exit within %gs; sending SIGKILL", w.id, w.pid,
                      cfg.kill_grace)
             core.actions.append(Kill(w.slot, "KILL"))
+            w.signalled = "KILL"
             w.kill_at = None
         elif w.state is State.STARTING and now - w.started_at > cfg.start_timeout:
             kill(core, w, "start_timeout", now)
         elif now - w.last_seen > cfg.heartbeat_timeout and silent(core, w):
-            core.log(logging.WARNING, "worker %d (pid %s) sent no heartbeat for %.1fs; replacing it", w.slot, w.pid,
+            core.log(logging.WARNING, "worker %d (pid %s) sent no heartbeat for %.1fs; replacing it", w.id, w.pid,
                      now - w.last_seen)
             kill(core, w, "heartbeat", now)
         elif sample and (w.state in SERVING or w.state is State.STARTING and w.pid is not None):
@@ -106,10 +107,10 @@ def sampled(core: "Core", slot: int, rss: int, uss: int, cpu: float) -> None:
     max_rss = core.config.max_rss
     if max_rss and rss > max_rss and w.state is State.STARTING:
         core.log(logging.WARNING, "worker %d (pid %s) RSS %d MiB passed --max-rss %d MiB while its model loads; "
-                 "killing it", w.slot, w.pid, rss >> 20, max_rss >> 20)
+                 "killing it", w.id, w.pid, rss >> 20, max_rss >> 20)
         kill(core, w, "load_max_rss", core.now)
     elif max_rss and rss > max_rss and w.leaving is None:
-        core.log(logging.WARNING, "worker %d (pid %s) RSS %d MiB is over --max-rss %d MiB; recycling it", w.slot, w.pid,
+        core.log(logging.WARNING, "worker %d (pid %s) RSS %d MiB is over --max-rss %d MiB; recycling it", w.id, w.pid,
                  rss >> 20, max_rss >> 20)
         retire(core, w, "max_rss")
 

@@ -92,6 +92,12 @@ class Ledger:
         """Open requests a worker has been sent."""
         return len(self.open) - len(self.queue)
 
+    @property
+    def busy(self) -> int:
+        """Requests workers are running or hold: the open ones dispatched, and those answered
+        (cancelled, timed out) that their worker has not finished yet."""
+        return len(self.open) - len(self.queue) + len(self.orphans)
+
     def load(self, slot: int) -> int:
         """Requests the worker in `slot` holds (answered ones it still runs included)."""
         held = self.held.get(slot)

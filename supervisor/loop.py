@@ -274,7 +274,7 @@ class Supervisor:
         elif kind is act.Emit:
             self.io.events.emit(a.kind, a.fields)
         elif kind is act.Spawn:
-            core.handle(procs.spawn(a.slot, a.generation, a.device), now)
+            core.handle(procs.spawn(a.slot, a.generation, a.device, a.worker_id), now)
         elif kind is act.Kill:
             procs.kill(a.slot, a.sig)
         elif kind is act.Sample:

@@ -40,6 +40,7 @@ class Processes:
         self.dropped: dict[int, int] = {}  # slot -> bytes of output dropped (over --log-rate), all processes
         self.told_at = 0.0  # when dropped output was last reported
         self.boards: dict[int, str] = {}  # slot -> its current process's board file
+        self.worker_ids: dict[int, int] = {}  # slot -> the worker id it serves as (what logs and status say)
         self.template: spawner.Template | None = None
         self.strays: dict[int, float] = {}  # pid of an orphan we are ending -> when to KILL it
         # the template's forked workers become our children, and so does every process a worker
@@ -48,12 +49,12 @@ class Processes:
 
     # ------------------------------------------------------------ workers
 
-    def spawn(self, slot: int, generation: int, device: str) -> object:
+    def spawn(self, slot: int, generation: int, device: str, worker_id: int = 0) -> object:
         cfg = self.config
         path = os.path.join(self.private_dir, f"board.{slot}.{generation}")
         wc = WorkerConfig(
             backend=self.backend_endpoint, slot=slot, generation=generation, model=cfg.model,
-            parent_pid=os.getpid(), device=device, threads=cfg.worker_threads(),
+            parent_pid=os.getpid(), device=device, worker_id=worker_id, threads=cfg.worker_threads(),
             heartbeat_interval=cfg.heartbeat_interval, arrays=cfg.arrays, integrity_interval=cfg.integrity_interval,
             integrity_every_request=cfg.integrity_every_request, prefetch=cfg.prefetch,
             max_batch_size=cfg.max_batch_size, max_batch_wait_ms=cfg.max_batch_wait_ms, spin_us=cfg.spin_us,
@@ -72,6 +73,7 @@ class Processes:
             return SpawnFailed(slot, str(exc), template=isinstance(exc, spawner.TemplateError))
         self.procs[slot] = proc
         self.boards[slot] = path
+        self.worker_ids[slot] = worker_id
         self.poller.register(proc.pidfd, zmq.POLLIN)
         if proc.output >= 0:
             self.poller.register(proc.output, zmq.POLLIN)
@@ -114,6 +116,7 @@ class Processes:
                 self.outputs.pop(slot).close()
                 proc.output = -1
         _unlink(self.boards.pop(slot, None))
+        self.worker_ids.pop(slot, None)
         if proc is not None and proc.returncode is not None:
             self.end_strays(time.monotonic())  # its children are ours now
 
@@ -122,14 +125,15 @@ class Processes:
         over --log-rate is dropped, counted and said once a second at most."""
         out = self.outputs[slot]
         dropped = out.dropped
+        wid = self.worker_ids.get(slot, slot)
         for line in out.read(now, final):
-            worker_log.info("worker %d [%s] %s", slot, proc.pid, line, extra={"worker": slot, "pid": proc.pid})
+            worker_log.info("worker %d [%s] %s", wid, proc.pid, line, extra={"worker": wid, "pid": proc.pid})
         if out.dropped > dropped:
             self.dropped[slot] = self.dropped.get(slot, 0) + out.dropped - dropped
             if now - self.told_at >= 1.0 or final:
                 self.told_at = now
                 log.warning("worker %d (pid %s) writes more output than --log-rate %d bytes/s; %d bytes of "
-                            "it dropped so far", slot, proc.pid, self.config.log_rate, self.dropped[slot])
+                            "it dropped so far", wid, proc.pid, self.config.log_rate, self.dropped[slot])
 
     def end_strays(self, now: float) -> int:
         """End the processes workers left behind: every child of ours that is neither a worker

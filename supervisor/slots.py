@@ -7,8 +7,11 @@
        └─ STARTING (the fork failed: nothing was started)
 
 A slot keeps its record across restarts: the process fields are reset, the counters
-(restarts, requests, errors) carry on. `generation` counts the processes a slot has had;
-a message from an older generation is stale and dropped.
+(restarts, requests, errors) carry on. Slots are the supervisor's own handles, never
+reused. What a model and a user see is the worker's `id`: 0..N-1, the same across
+restarts, recycling and reload, since a replacement takes the id of the worker it replaces
+(for a moment both run, the old one finishing its work). `generation` counts the processes
+an id has had, so replacements are told apart; a message from an older one is stale.
 
 Why a worker is on its way out is one field, `leaving`, set by the first move that says
 so: retire() (serving on until its replacement is ready), drain(), stop() or kill().
@@ -71,6 +74,7 @@ class IllegalTransition(RuntimeError):
 @dataclass(eq=False)
 class Worker:
     slot: int
+    id: int = 0  # 0..N-1: stable across restarts, recycling and reload (context.worker_id)
     device: str = "cpu"
     generation: int = 0
     state: State = State.BACKOFF
@@ -91,6 +95,7 @@ class Worker:
     tenant: object = None  # with --isolation: the tenant (or request) this process is bound to
     leaving: str | None = None  # why this process is on its way out (None: it is kept)
     kill_at: float | None = None  # STOPPING: escalate TERM -> KILL at this time
+    signalled: str | None = None  # the last signal we sent it ("TERM", "KILL"): its death is ours
     last_exit: dict | None = None
     last_error: str | None = None  # the model's load error, if it would not start
     rss: int = 0
@@ -115,6 +120,7 @@ class Worker:
         self.tenant = None
         self.leaving = None
         self.kill_at = None
+        self.signalled = None
         self.rss = self.uss = 0
         self.cpu_percent = 0.0
 
@@ -155,6 +161,7 @@ def kill(core: "Core", w: Worker, reason: str, now: float) -> None:
         w.move(State.STOPPING, reason)
     w.leaving = w.leaving or reason
     core.actions.append(Kill(w.slot, "TERM"))
+    w.signalled = "TERM"
     if w.kill_at is None or w.kill_at > now + core.config.kill_grace:
         w.kill_at = now + core.config.kill_grace
     core.emit("timed_out" if reason == "timeout" else "killed", w, reason=reason)
@@ -163,13 +170,13 @@ def kill(core: "Core", w: Worker, reason: str, now: float) -> None:
 def start(core: "Core", w: Worker, now: float) -> None:
     if not core.template.can_fork():
         return  # stays in BACKOFF; the template's readiness wakes the loop
-    w.generation += 1
+    w.generation = core.generations[w.id] = core.generations.get(w.id, 0) + 1
     w.move(State.STARTING, "spawn")
     w.started_at = w.last_seen = now
     cfg = core.config
     jitter = cfg.max_requests_jitter
     w.max_requests = cfg.max_requests + (core.rng.randint(0, jitter) if jitter else 0) if cfg.max_requests else 0
-    core.actions.append(Spawn(w.slot, w.generation, w.device))
+    core.actions.append(Spawn(w.slot, w.generation, w.device, w.id))
 
 
 def spawned(core: "Core", w: Worker, pid: int) -> None:
@@ -190,15 +197,17 @@ def reconcile(core: "Core", now: float) -> None:
     workers = core.workers
     # a worker being killed or in backoff comes back in its own slot: it is kept
     kept = [w for w in workers.values() if w.leaving is None or w.leaving in RESTART_IN_PLACE]
-    for w in sorted(kept, key=lambda w: retire_order(core, w))[: max(0, len(kept) - core.target)]:
-        retire(core, w, "scale")
+    for w in sorted(kept, key=lambda w: -w.id)[: max(0, len(kept) - core.target)]:
+        retire(core, w, "scale")  # the highest ids go: those kept stay 0..N-1
     kept = [w for w in kept if w.leaving != "scale"]
     short = core.target - len(kept)
     surge = core.target if core.config.isolation == "request" else SURGE  # every request needs a fresh one
     room = core.target + surge - len(workers)
+    taken = {w.id for w in kept}
     for _ in range(max(0, min(short, room))):
-        slot = next(core.slot_numbers)
-        workers[slot] = Worker(slot=slot, device=core.devices[slot % len(core.devices)], spawn_at=now)
+        slot, wid = next(core.slot_numbers), next(i for i in range(len(taken) + 1) if i not in taken)
+        taken.add(wid)
+        workers[slot] = Worker(slot=slot, id=wid, device=core.devices[wid % len(core.devices)], spawn_at=now)
     for w in list(workers.values()):
         if w.state is State.BACKOFF and now >= w.spawn_at:
             if w.leaving is not None:

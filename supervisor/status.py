@@ -21,7 +21,7 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
     cfg = core.config
     dropped = facts.get("output_dropped", {})
     workers = [{**worker_status(core, w, now), "output_dropped_bytes": dropped.get(w.slot, 0)}
-               for w in sorted(core.workers.values(), key=lambda w: w.slot)]
+               for w in sorted(core.workers.values(), key=lambda w: (w.id, w.slot))]
     ready = ready_count(core)
     healthy, reason = health(core, ready, now, facts.get("connections_degraded"))
     uptime = now - facts["started_at"]
@@ -29,7 +29,8 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
         "workers_target": core.target,
         "workers_ready": ready,
         "queue_depth": core.ledger.queued,
-        "in_flight": core.ledger.running,
+        "in_flight": core.ledger.busy,  # held by workers, those already answered but still running included
+        "in_flight_answered": len(core.ledger.orphans),  # cancelled or timed out, their worker not yet free
         "requests_total": core.stats.total,
         "restarts_total": core.restarts_total,
         "healthy": healthy,
@@ -81,7 +82,8 @@ def worker_status(core: "Core", w, now: float) -> dict[str, Any]:
     key = progress(core, w)[0] if load else None
     running = core.ledger.get(key) if key is not None else None
     return {
-        "id": w.slot,
+        "id": w.id,  # 0..N-1, stable across restarts and reload (the model's context.worker_id)
+        "slot": w.slot,  # the supervisor's own handle, never reused
         "pid": w.pid,
         "state": w.state.value,
         "generation": w.generation,
@@ -110,8 +112,9 @@ def snapshot(core: "Core", output_dropped: dict | None = None, connections: int 
     stats = core.stats
     return Snapshot(
         outcomes=dict(stats.outcomes), latency_buckets=tuple(stats.buckets), latency_sum=stats.latency_sum,
-        queue_depth=core.ledger.queued, in_flight=core.ledger.running, workers=states,
-        restarts=dict(core.replacements), rss={w.slot: w.rss for w in core.workers.values() if w.pid is not None},
+        queue_depth=core.ledger.queued, in_flight=core.ledger.busy, workers=states,
+        restarts=dict(core.replacements),
+        rss={w.id: w.rss for w in sorted(core.workers.values(), key=lambda w: w.generation) if w.pid is not None},
         output_dropped=dict(output_dropped or {}), connections=connections, connections_shed=shed,
     )
 

@@ -351,14 +351,14 @@ class Worker:
     def remote_error(self, exc: BaseException) -> RemoteError:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         return RemoteError(f"{type(exc).__name__}: {exc}", remote_type=type(exc).__name__, traceback=tb,
-                           worker=self.config.slot, pid=os.getpid())
+                           worker=self.config.worker_id, pid=os.getpid())
 
 
 def report_load_failure(config: WorkerConfig, exc: BaseException) -> None:
     """Tell the supervisor why the model would not load, so `serve` can show it plainly."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     err = RemoteError(f"model {config.model} failed to load: {type(exc).__name__}: {exc}",
-                      remote_type=type(exc).__name__, traceback=tb, worker=config.slot, pid=os.getpid())
+                      remote_type=type(exc).__name__, traceback=tb, worker=config.worker_id, pid=os.getpid())
     ctx = zmq.Context(1)
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, config.ident)
@@ -382,7 +382,7 @@ def run(config: WorkerConfig, model: Any = None) -> None:
 
         torch.cuda.set_device(config.device)  # after fork: no CUDA state ever crossed it
     if model is None:
-        context = WorkerContext(worker_id=config.slot, generation=config.generation, device=config.device,
+        context = WorkerContext(worker_id=config.worker_id, generation=config.generation, device=config.device,
                                 threads=config.threads, config=config.user_config)
         try:
             model = build_model(config.model, context)

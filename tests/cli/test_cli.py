@@ -110,7 +110,7 @@ def test_user_mistakes_are_one_line_and_no_traceback(short_tmp):
         (["status", "--endpoint", "foo://bar"], "is not one isopool serves"),
         (["infer", "--endpoint", "tcp://", "[1]"], "is not one isopool serves"),
         (["serve", "--model", "no_such_module_anywhere:Model", "--endpoint", f"ipc://{short_tmp}/m.sock"],
-         "no module named 'no_such_module_anywhere'"),
+         "No module named 'no_such_module_anywhere'"),
         (["infer", "not json"], "is not JSON"),
     ]
     for args, words in cases:
@@ -147,3 +147,28 @@ def test_a_models_table_refuses_what_is_not_a_models_setting(short_tmp):
     cfg.write_text('[models.a]\nmodel = "x:Y"\n[models.b]\nmodel = "x:Z"\n')
     out = isopool("serve", "--config", str(cfg), "--print-config")
     assert out.returncode == 2 and "names 2 models" in out.stderr
+
+
+def test_every_option_of_every_command_says_what_it_does_and_its_default():
+    import click
+
+    from isopool.cli import main
+
+    for name, command in main.commands.items():
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.name == "help":
+                continue
+            assert param.help, f"isopool {name} {param.opts[0]} has no help"
+            takes_value = not param.is_flag and not param.multiple and param.name not in ("endpoint", "print_config")
+            if takes_value:
+                assert param.show_default or "[default" in param.help or "default" in param.help, \
+                    f"isopool {name} {param.opts[0]} does not say its default"
+    serve = [p.opts[0] for p in main.commands["serve"].params]
+    assert serve[:5] == ["--model", "--workers", "--endpoint", "--config", "--set"]  # the common ones first
+
+
+def test_timeout_hints_from_the_cli_name_the_cli_flag(start_pool):
+    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:Faulty")
+    out = isopool("infer", "--endpoint", pool.endpoint, "--timeout", "0.3", json.dumps({"do": "sleep", "s": 2}))
+    assert out.returncode == 1 and "RequestTimeout" in out.stderr
+    assert "--timeout" in out.stderr and "timeout=" not in out.stderr, out.stderr
