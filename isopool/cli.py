@@ -129,6 +129,8 @@ def _check_model_module(model: str) -> None:
     import importlib.util
 
     module = model.partition(":")[0]
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as the workers have it (worker/handler.py)
     try:
         found = importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:

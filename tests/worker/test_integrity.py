@@ -30,6 +30,7 @@ def test_scheduled_check_catches_it_too(start_pool):
         c.infer("corrupt")
         event = pool.wait_event("integrity")
         assert event["when"] == "scheduled"
-        replacement = pool.wait_event("ready")  # a recycled worker's replacement is a new slot
-        assert replacement["worker"] != event["worker"]
+        replacement = pool.wait_event("ready")  # a recycled worker's replacement: a new slot, the same id
+        assert replacement["slot"] != event["slot"] and replacement["worker"] == event["worker"]
+        assert replacement["generation"] > event["generation"]
         np.testing.assert_allclose(c.infer([1.0, 0.0, 0.0, 0.0]), SelfModifying()([1.0, 0.0, 0.0, 0.0]), rtol=1e-6)
