@@ -95,10 +95,10 @@ class AsyncClient:
 
     def __init__(self, endpoint: str | None = None, *, timeout: float = 30.0, arrays: str = "auto",
                  retry: bool = True, tenant: str | None = None, curve_secret_key: str | None = None,
-                 curve_server_key: str | None = None, limits: Limits | None = None):
+                 curve_server_key: str | None = None, limits: Limits | None = None, writable: bool = False):
         self.endpoint = resolve_endpoint(endpoint)
         self.retry, self.tenant = retry, tenant
-        self._session = Session(arrays=arrays, default_timeout=timeout, limits=limits)
+        self._session = Session(arrays=arrays, default_timeout=timeout, limits=limits, writable=writable)
         self._io = _Resources(self.endpoint, curve_keys(curve_secret_key, curve_server_key))
         self._finalizer = weakref.finalize(self, self._io.release)
         self._tasks: list[asyncio.Task] = []

@@ -91,8 +91,10 @@ class _Hello(Call):
 
 
 class Session:
-    def __init__(self, arrays: str = "auto", default_timeout: float = 30.0, limits: Limits | None = None):
+    def __init__(self, arrays: str = "auto", default_timeout: float = 30.0, limits: Limits | None = None,
+                 writable: bool = False):
         self.arrays = arrays
+        self.readonly = not writable  # numpy answers: read-only views (no copy) unless writable
         # what we decode: our own limits (the server's apply to what we send)
         self.decode_limits = CLIENT_LIMITS if limits is None else dataclasses.replace(limits, holder="client")
         self.default_timeout = default_timeout
@@ -208,7 +210,7 @@ class Session:
             call.reject(decode_error(body))
             return True
         try:
-            value = decode_payload(body, arrays=self.arrays, limits=self.decode_limits)
+            value = decode_payload(body, arrays=self.arrays, limits=self.decode_limits, readonly=self.readonly)
         except IsopoolError as err:
             call.reject(err)
             return True

@@ -81,15 +81,24 @@ class Client:
             y = c.infer(x, timeout=5.0)
             f = c.submit(x)            # concurrent.futures.Future
             for part in c.stream(x): ...
+
+    endpoint: the supervisor's (default: $ISOPOOL_ENDPOINT, else ipc:// in the per-user
+    runtime directory). timeout: seconds a call may take unless it says otherwise.
+    arrays: "auto" (arrays come back as the kind the model returned), "numpy" or "torch".
+    writable: copy numpy answers so they can be written (default: read-only views, no copy).
+    retry, tenant: defaults for every infer(). curve_secret_key, curve_server_key: the key
+    files for a tcp:// endpoint under CURVE. limits: what this client decodes
+    (isopool.Limits; the defaults unless given). With no supervisor at the endpoint a call
+    fails within a second with Unavailable.
     """
 
     def __init__(self, endpoint: str | None = None, *, timeout: float = 30.0, arrays: str = "auto",
                  retry: bool = True, tenant: str | None = None, curve_secret_key: str | None = None,
-                 curve_server_key: str | None = None, limits: Limits | None = None):
+                 curve_server_key: str | None = None, limits: Limits | None = None, writable: bool = False):
         self.endpoint = resolve_endpoint(endpoint)
         self.retry = retry
         self.tenant = tenant
-        self._session = Session(arrays=arrays, default_timeout=timeout, limits=limits)
+        self._session = Session(arrays=arrays, default_timeout=timeout, limits=limits, writable=writable)
         self._io = IOThread(self.endpoint, self._session, curve_keys(curve_secret_key, curve_server_key))
         self._finalizer = weakref.finalize(self, self._io.close)
 

@@ -58,6 +58,14 @@ class Faulty:
                     pass
         if action == "forge":
             _forge()
+        if action == "kind":  # what the model was handed: its type, and whether it may write to it
+            a = x["a"]
+            writable = a.flags.writeable if hasattr(a, "flags") else True  # torch has no read-only tensors
+            return {"type": f"{type(a).__module__}.{type(a).__name__}", "writable": writable}
+        if action == "tensor":  # a torch answer: a client without torch gets it as numpy
+            import torch
+
+            return torch.arange(int(x.get("n", 3)), dtype=torch.float32)
         if action == "grow":
             _HOARD.append(bytearray(b"\x01" * (int(x.get("mib", 64)) << 20)))
         return {"pid": os.getpid(), "echo": x}

@@ -336,15 +336,37 @@ class _Decoder:
 
 
 def _build_array(name: str, shape: tuple, origin: int, buf: memoryview, arrays: str, readonly: bool) -> Any:
-    if arrays == "torch" or (arrays == "auto" and origin == ORIGIN_TORCH) or DTYPES[name] is None:
+    if arrays == "torch" or DTYPES[name] is None or (arrays == "auto" and origin == ORIGIN_TORCH and _has_torch()):
         return _torch_array(name, shape, buf)
     if readonly:
         buf = buf.toreadonly()
-    return np.frombuffer(buf, dtype=DTYPES[name]).reshape(shape)
+    arr = np.frombuffer(buf, dtype=DTYPES[name]).reshape(shape)
+    return arr if readonly or not buf.readonly else arr.copy()  # writable asked of a read-only frame: a copy
+
+
+_torch_found: bool | None = None
+
+
+def _has_torch() -> bool:
+    """Whether this process can build torch tensors (a client-only install has no torch:
+    a tensor's answer comes as numpy there)."""
+    global _torch_found
+    if _torch_found is None:
+        if "torch" in sys.modules:
+            _torch_found = True
+        else:
+            import importlib.util
+
+            _torch_found = importlib.util.find_spec("torch") is not None
+    return _torch_found
 
 
 def _torch_array(name: str, shape: tuple, buf: memoryview) -> Any:
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise BadRequest(f"a {name} array needs torch, which this process lacks: install torch, or send "
+                         "another dtype") from None
 
     dtype = getattr(torch, name) if name != "bool" else torch.bool
     if len(buf) == 0:

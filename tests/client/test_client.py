@@ -189,3 +189,41 @@ def test_the_hello_answer_gives_the_servers_limits(start_pool):
         assert c._session.limits_known.wait(10)
         assert c._session.limits.max_message_bytes == 3 << 20 and c._session.limits.holder == "server"
         assert c._session.decode_limits.holder == "client"
+
+
+def test_answer_types_and_writability_are_as_documented(start_pool):
+    """numpy in, numpy out (a read-only view, or a writable copy with writable=True); a
+    torch answer stays torch (always writable) unless arrays="numpy"."""
+    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:Faulty")
+    x = np.arange(6.0).reshape(2, 3)
+    with pool.client() as c:
+        y = c.infer({"a": x})["echo"]["a"]
+        assert type(y) is np.ndarray and not y.flags.writeable
+        t = c.infer({"do": "tensor", "n": 3})
+        assert isinstance(t, torch.Tensor)
+        t += 1  # torch answers are writable
+        assert t.tolist() == [1.0, 2.0, 3.0]
+    with pool.client(writable=True) as c:
+        y = c.infer({"a": x})["echo"]["a"]
+        y += 1
+        assert y.tolist() == (x + 1).tolist()
+    with pool.client(arrays="numpy") as c:
+        assert type(c.infer({"do": "tensor", "n": 2})) is np.ndarray
+
+    async def main() -> bool:
+        async with AsyncClient(pool.endpoint, writable=True) as a:
+            z = (await a.infer({"a": x}))["echo"]["a"]
+            return z.flags.writeable
+
+    assert asyncio.run(main())
+
+
+def test_a_model_gets_read_only_numpy_or_with_arrays_torch_writable_tensors(start_pool):
+    x = np.arange(4.0)
+    plain = start_pool("--workers", "1", "--model", "isopool.examples.faulty:Faulty")
+    with plain.client() as c:
+        assert c.infer({"do": "kind", "a": x}) == {"type": "numpy.ndarray", "writable": False}
+    as_torch = start_pool("--workers", "1", "--model", "isopool.examples.faulty:Faulty", "--arrays", "torch")
+    with as_torch.client() as c:
+        assert c.infer({"do": "kind", "a": x}) == {"type": "torch.Tensor", "writable": True}
+    assert "not writable" not in as_torch.output()  # torch's warning about read-only arrays
