@@ -393,10 +393,10 @@ def not_running(endpoint: str) -> Unavailable:
         where = (f"Either it is not running (start it with `isopool serve`), or it runs with another runtime "
                  f"directory: this client looked in {runtime_dir()} (XDG_RUNTIME_DIR="
                  f"{os.environ.get('XDG_RUNTIME_DIR') or 'unset'}). Give the endpoint `isopool serve` printed "
-                 f"(--endpoint, or ${ENV_ENDPOINT})")
+                 f"(--endpoint, or ${ENV_ENDPOINT}).")
     else:
         where = ("Either it is not running (start it with `isopool serve --endpoint " + endpoint + "`), or it "
-                 "serves another endpoint: check the one `isopool serve` printed")
+                 "serves another endpoint: check the one `isopool serve` printed.")
     return Unavailable(f"no isopool supervisor answered at {endpoint} within {CONNECT_S:g}s. {where}",
                        endpoint=endpoint)
 
