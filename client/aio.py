@@ -94,10 +94,11 @@ class AsyncClient:
     """
 
     def __init__(self, endpoint: str | None = None, *, timeout: float = 30.0, arrays: str = "auto",
-                 retry: bool = True, tenant: str | None = None, curve_secret_key: str | None = None,
-                 curve_server_key: str | None = None, limits: Limits | None = None, writable: bool = False):
+                 retry: bool = True, tenant: str | None = None, model: str | None = None,
+                 curve_secret_key: str | None = None, curve_server_key: str | None = None,
+                 limits: Limits | None = None, writable: bool = False):
         self.endpoint = resolve_endpoint(endpoint)
-        self.retry, self.tenant = retry, tenant
+        self.retry, self.tenant, self.model = retry, tenant, model
         self._session = Session(arrays=arrays, default_timeout=timeout, limits=limits, writable=writable)
         self._io = _Resources(self.endpoint, curve_keys(curve_secret_key, curve_server_key))
         self._finalizer = weakref.finalize(self, self._io.release)
@@ -166,15 +167,15 @@ class AsyncClient:
                 call.reject(self._session.refused or not_running(self.endpoint))
 
     def _request(self, x: Any, timeout: float | None, retry: bool | None, tenant: str | None,
-                 stream: bool) -> tuple[Any, list, float]:
+                 stream: bool, model: str | None = None) -> tuple[Any, list, float]:
         cid, frames, _, deadline = self._session.request(
             x, timeout, self.retry if retry is None else retry, tenant if tenant is not None else self.tenant, stream,
-            wait=False)
+            wait=False, model=model if model is not None else self.model)
         return cid, frames, deadline
 
     async def infer(self, x: Any, *, timeout: float | None = None, retry: bool | None = None,
-                    tenant: str | None = None) -> Any:
-        cid, frames, deadline = self._request(x, timeout, retry, tenant, stream=False)
+                    tenant: str | None = None, model: str | None = None) -> Any:
+        cid, frames, deadline = self._request(x, timeout, retry, tenant, stream=False, model=model)
         future = self._start(frames, cid, deadline)
         try:
             return await future
@@ -182,8 +183,9 @@ class AsyncClient:
             self._cancel(cid)
             raise
 
-    async def stream(self, x: Any, *, timeout: float | None = None, tenant: str | None = None) -> AsyncIterator[Any]:
-        cid, frames, deadline = self._request(x, timeout, None, tenant, stream=True)
+    async def stream(self, x: Any, *, timeout: float | None = None, tenant: str | None = None,
+                     model: str | None = None) -> AsyncIterator[Any]:
+        cid, frames, deadline = self._request(x, timeout, None, tenant, stream=True, model=model)
         parts: asyncio.Queue = asyncio.Queue()
         self._start(frames, cid, deadline, stream=True, parts=parts)
         finished = False
@@ -214,13 +216,25 @@ class AsyncClient:
     async def control(self, action: str, timeout: float = 10.0, **args: Any) -> dict:
         return await self._call(ops.CONTROL, timeout, action=action, args=args)
 
-    async def scale(self, workers: int) -> dict:
-        """Run `workers` workers from now on."""
-        return await self.control(ops.SCALE, workers=workers)
+    async def scale(self, workers: int, model: str | None = None) -> dict:
+        """Run `workers` workers of `model` (needed when several are served) from now on."""
+        return await self.control(ops.SCALE, workers=workers, **({} if model is None else {"model": model}))
 
-    async def reload(self) -> dict:
-        """Replace every worker, one at a time, with no failed request (new code and weights)."""
-        return await self.control(ops.RELOAD)
+    async def reload(self, model: str | None = None) -> dict:
+        """Replace every worker (of `model`, else of every model), one at a time, with no failed request."""
+        return await self.control(ops.RELOAD, **({} if model is None else {"model": model}))
+
+    async def load(self, name: str, model: str, workers: int | None = None) -> dict:
+        """Serve `model` (MODULE:ATTR) as `name` from now on (a rolling replace if `name` is served)."""
+        return await self.control(ops.LOAD, name=name, model=model, **({"workers": workers} if workers else {}))
+
+    async def unload(self, name: str) -> dict:
+        """Stop serving model `name` once its queued and running requests are answered."""
+        return await self.control(ops.UNLOAD, name=name)
+
+    async def models(self) -> dict:
+        """The models served: name -> their status summary."""
+        return (await self.status())["models"]
 
     async def stop(self) -> dict:
         """Drain the pool and stop it."""

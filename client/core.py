@@ -126,12 +126,12 @@ class Session:
                 call.reject(err)
 
     def request(self, x: Any, timeout: float | None, retry: bool, tenant: str | None,
-                stream: bool, wait: bool = True) -> tuple[Any, list, float, float]:
+                stream: bool, wait: bool = True, model: str | None = None) -> tuple[Any, list, float, float]:
         """(id, frames, timeout, local deadline) of one infer request, encoded on the caller's
         thread; both clients build every request here."""
         t = self.timeout_of(timeout)
         cid = next(self.ids)
-        frames = self.infer_frames(x, cid, t, retry, stream, tenant)
+        frames = self.infer_frames(x, cid, t, retry, stream, tenant, model)
         self.check_size(frames, t if wait else 0.0)
         return cid, frames, t, self.deadline(t)
 
@@ -158,7 +158,7 @@ class Session:
         return self.op_frames(ops.HELLO, self.greeting.cid)
 
     def infer_frames(self, value: Any, cid: Any, timeout: float, retry: bool, stream: bool,
-                     tenant: str | None) -> list:
+                     tenant: str | None, model: str | None = None) -> list:
         fields: dict[str, Any] = {"timeout": timeout, "bundles": True}  # we read bundled replies
         if not retry:
             fields["retry"] = False
@@ -166,6 +166,8 @@ class Session:
             fields["stream"] = True
         if tenant is not None:
             fields["tenant"] = tenant
+        if model is not None:
+            fields["model"] = model
         return encode(ops.INFER, cid, value, **fields)
 
     def op_frames(self, op: str, cid: Any, **fields: Any) -> list:

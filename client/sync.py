@@ -64,6 +64,10 @@ class _CallFuture(Future):
 BACKSTOP_S = 5.0  # the I/O thread answers every call by its deadline; this only guards against its death
 
 
+def _named(model: str | None) -> dict:
+    return {} if model is None else {"model": model}
+
+
 def _wait(future: Future, timeout: float) -> Any:
     try:
         return future.result(timeout=timeout + LOCAL_GRACE_S + BACKSTOP_S)
@@ -93,36 +97,39 @@ class Client:
     """
 
     def __init__(self, endpoint: str | None = None, *, timeout: float = 30.0, arrays: str = "auto",
-                 retry: bool = True, tenant: str | None = None, curve_secret_key: str | None = None,
+                 retry: bool = True, tenant: str | None = None, model: str | None = None,
+                 curve_secret_key: str | None = None,
                  curve_server_key: str | None = None, limits: Limits | None = None, writable: bool = False):
         self.endpoint = resolve_endpoint(endpoint)
         self.retry = retry
         self.tenant = tenant
+        self.model = model  # the model a call names when it names none (needed when several are served)
         self._session = Session(arrays=arrays, default_timeout=timeout, limits=limits, writable=writable)
         self._io = IOThread(self.endpoint, self._session, curve_keys(curve_secret_key, curve_server_key))
         self._finalizer = weakref.finalize(self, self._io.close)
 
     def submit(self, x: Any, *, timeout: float | None = None, retry: bool | None = None,
-               tenant: str | None = None) -> Future:
-        return self._submit(x, timeout, retry, tenant, sink=None)
+               tenant: str | None = None, model: str | None = None) -> Future:
+        return self._submit(x, timeout, retry, tenant, sink=None, model=model)
 
     def infer(self, x: Any, *, timeout: float | None = None, retry: bool | None = None,
-              tenant: str | None = None) -> Any:
+              tenant: str | None = None, model: str | None = None) -> Any:
         """Run the model on x and return its output. Raises an isopool.errors type on failure."""
         direct = self._io.checkout()
         if direct is None:  # closing, or DIRECT_SOCKETS other threads are in infer(): queue it
-            future = self._submit(x, timeout, retry, tenant, sink=None)
+            future = self._submit(x, timeout, retry, tenant, sink=None, model=model)
             return _wait(future, self._session.timeout_of(timeout))
         try:
-            return direct.call(self._io, *self._request(x, timeout, retry, tenant, stream=False))
+            return direct.call(self._io, *self._request(x, timeout, retry, tenant, stream=False, model=model))
         finally:
             self._io.checkin(direct)
 
-    def stream(self, x: Any, *, timeout: float | None = None, tenant: str | None = None) -> Iterator[Any]:
+    def stream(self, x: Any, *, timeout: float | None = None, tenant: str | None = None,
+               model: str | None = None) -> Iterator[Any]:
         """Yield the parts a generator handler produces, in order. Closing early cancels it."""
         parts: queue.SimpleQueue = queue.SimpleQueue()
         # retried only if its worker dies before the first part (the supervisor enforces that)
-        future = self._submit(x, timeout, None, tenant, sink=parts.put, stream=True)
+        future = self._submit(x, timeout, None, tenant, sink=parts.put, stream=True, model=model)
         return self._iterate(future, parts)
 
     def _iterate(self, future: Future, parts: queue.SimpleQueue) -> Iterator[Any]:
@@ -140,16 +147,17 @@ class Client:
                 future.cancel()
 
     def _request(self, x: Any, timeout: float | None, retry: bool | None, tenant: str | None,
-                 stream: bool) -> tuple[Any, list, float]:
+                 stream: bool, model: str | None = None) -> tuple[Any, list, float]:
         """(id, frames, local deadline) of one infer request, encoded on the caller's thread."""
         self._session.ensure_up(self.endpoint)
         cid, frames, _, deadline = self._session.request(
-            x, timeout, self.retry if retry is None else retry, tenant if tenant is not None else self.tenant, stream)
+            x, timeout, self.retry if retry is None else retry, tenant if tenant is not None else self.tenant, stream,
+            model=model if model is not None else self.model)
         return cid, frames, deadline
 
     def _submit(self, x: Any, timeout: float | None, retry: bool | None, tenant: str | None,
-                sink=None, stream: bool = False) -> Future:
-        cid, frames, deadline = self._request(x, timeout, retry, tenant, stream)
+                sink=None, stream: bool = False, model: str | None = None) -> Future:
+        cid, frames, deadline = self._request(x, timeout, retry, tenant, stream, model)
         future = _CallFuture(self, cid)
         self._io.send(frames, _FutureCall(cid, deadline, stream, future, sink))
         return future
@@ -173,13 +181,27 @@ class Client:
     def control(self, action: str, timeout: float = 10.0, **args: Any) -> dict:
         return self._call(ops.CONTROL, timeout, action=action, args=args)
 
-    def scale(self, workers: int) -> dict:
-        """Run `workers` workers from now on."""
-        return self.control(ops.SCALE, workers=workers)
+    def scale(self, workers: int, model: str | None = None) -> dict:
+        """Run `workers` workers of `model` (needed when several are served) from now on."""
+        return self.control(ops.SCALE, workers=workers, **_named(model))
 
-    def reload(self) -> dict:
-        """Replace every worker, one at a time, with no failed request (new code and weights)."""
-        return self.control(ops.RELOAD)
+    def reload(self, model: str | None = None) -> dict:
+        """Replace every worker (of `model`, else of every model), one at a time, with no failed
+        request: new code and weights load."""
+        return self.control(ops.RELOAD, **_named(model))
+
+    def load(self, name: str, model: str, workers: int | None = None) -> dict:
+        """Serve `model` (MODULE:ATTR) as `name` from now on; under a name already served, its
+        workers roll over to the new implementation with no failed request."""
+        return self.control(ops.LOAD, name=name, model=model, **({"workers": workers} if workers else {}))
+
+    def unload(self, name: str) -> dict:
+        """Stop serving model `name`: its queued and running requests are answered, then its workers stop."""
+        return self.control(ops.UNLOAD, name=name)
+
+    def models(self) -> dict:
+        """The models served: name -> their status summary (`isopool models`)."""
+        return self.status()["models"]
 
     def stop(self) -> dict:
         """Drain the pool and stop it."""

@@ -97,7 +97,8 @@ def serve(config_file: str | None, sets: tuple[str, ...], print_config: bool, lo
     """
     _check_server_extra()
     config = load_config(config_file, flags, sets)
-    _check_model_module(config.model)
+    for model in config.models:
+        _check_model_module(model.model)
     if print_config:
         click.echo(config_toml(config))
         return
@@ -190,9 +191,11 @@ def _fail(exc: Exception, code: int = 1) -> None:
 @main.command()
 @endpoint_option
 @click.option("--timeout", "-t", type=float, default=30.0, show_default=True, help="Seconds to wait for the answer.")
+@click.option("--model", "-m", "model", default=None,
+              help="The model to ask, by name (needed when the daemon serves several). [default: the only one]")
 @click.option("--stream", is_flag=True, help="Print each part of a streaming handler as it arrives.")
 @click.argument("input_", metavar="INPUT")
-def infer(endpoint: str | None, timeout: float, stream: bool, input_: str) -> None:
+def infer(endpoint: str | None, timeout: float, model: str | None, stream: bool, input_: str) -> None:
     """Send one request and print the model's output as JSON.
 
     INPUT is JSON (e.g. '[0.1, 0.2, ...]') or @FILE holding JSON. The built-in model takes
@@ -204,10 +207,10 @@ def infer(endpoint: str | None, timeout: float, stream: bool, input_: str) -> No
     with _client(endpoint, timeout) as client:
         try:
             if stream:
-                for part in client.stream(value, timeout=timeout):
+                for part in client.stream(value, timeout=timeout, model=model):
                     click.echo(json.dumps(part, default=_json_default))
             else:
-                click.echo(json.dumps(client.infer(value, timeout=timeout), default=_json_default))
+                click.echo(json.dumps(client.infer(value, timeout=timeout, model=model), default=_json_default))
         except IsopoolError as exc:
             _fail(exc)
 
@@ -243,15 +246,24 @@ def status(endpoint: str | None, as_json: bool, watch: bool, interval: float, co
 @endpoint_option
 @click.option("--timeout", type=float, default=5.0, show_default=True,
               help="Seconds to wait for the supervisor's answer before saying unhealthy.")
-def health(endpoint: str | None, timeout: float) -> None:
-    """Exit 0 when the pool is serving, 1 when it is degraded or unreachable (for probes)."""
+@click.option("--model", "-m", "model", default=None,
+              help="The health of this model alone. [default: the whole daemon: every model]")
+def health(endpoint: str | None, timeout: float, model: str | None) -> None:
+    """Exit 0 when the pool (or --model) is serving, 1 when it is degraded or unreachable (for probes)."""
     from isopool.errors import IsopoolError
 
     with _client(endpoint, timeout) as client:
         try:
-            pool = client.status(timeout=timeout)["pool"]
+            status = client.status(timeout=timeout)
         except IsopoolError as exc:
             click.echo(f"unhealthy: {exc}")
+            sys.exit(EXIT_UNREACHABLE)
+    pool = status["pool"]
+    if model is not None:
+        pool = status.get("models", {}).get(model)
+        if pool is None:
+            click.echo(f"unhealthy: no model named {model!r} is served here; the models are: "
+                       f"{', '.join(status.get('models', {}))}")
             sys.exit(EXIT_UNREACHABLE)
     click.echo(("healthy: " if pool["healthy"] else "unhealthy: ") + pool["health_reason"])
     sys.exit(0 if pool["healthy"] else 1)
@@ -333,19 +345,71 @@ def _control(endpoint: str | None, action: str, **args: Any) -> None:
             _fail(exc)
 
 
+model_option = click.option("--model", "-m", "model", default=None,
+                            help="The model, by name (needed when the daemon serves several). [default: the only one]")
+
+
 @main.command()
 @endpoint_option
+@model_option
 @click.argument("workers", type=click.IntRange(min=1))
-def scale(endpoint: str | None, workers: int) -> None:
-    """Change the number of workers at runtime."""
-    _control(endpoint, "scale", workers=workers)
+def scale(endpoint: str | None, model: str | None, workers: int) -> None:
+    """Change the number of workers of a model at runtime."""
+    _control(endpoint, "scale", workers=workers, **({"model": model} if model else {}))
 
 
 @main.command()
 @endpoint_option
-def reload(endpoint: str | None) -> None:
+@click.option("--model", "-m", "model", default=None,
+              help="Reload only this model. [default: every model]")
+def reload(endpoint: str | None, model: str | None) -> None:
     """Replace every worker one at a time (picks up new code and weights); no request fails."""
-    _control(endpoint, "reload")
+    _control(endpoint, "reload", **({"model": model} if model else {}))
+
+
+@main.command()
+@endpoint_option
+@click.argument("spec", metavar="NAME=MODULE:ATTR")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Its worker count. [default: --workers of the daemon]")
+def load(endpoint: str | None, spec: str, workers: int | None) -> None:
+    """Start serving a model while serving the others.
+
+    Requests to it queue until its first worker is ready. Under a NAME already served, its
+    workers roll over to the new implementation with no failed request.
+    """
+    name, sep, target = spec.partition("=")
+    if not sep or not name or ":" not in target:
+        raise click.BadParameter(f"{spec!r} should look like NAME=MODULE:ATTR", param_hint="NAME=MODULE:ATTR")
+    _control(endpoint, "load", name=name, model=target, **({"workers": workers} if workers else {}))
+
+
+@main.command()
+@endpoint_option
+@click.argument("name")
+def unload(endpoint: str | None, name: str) -> None:
+    """Stop serving a model: its queued and running requests are answered, then its workers stop."""
+    _control(endpoint, "unload", name=name)
+
+
+@main.command()
+@endpoint_option
+@click.option("--json", "as_json", is_flag=True, help="Print the models map as JSON.")
+def models(endpoint: str | None, as_json: bool) -> None:
+    """List the models served: name, implementation, workers and readiness."""
+    from isopool.errors import IsopoolError
+
+    with _client(endpoint, 10.0) as client:
+        try:
+            served = client.models()
+        except IsopoolError as exc:
+            _fail(exc)
+    if as_json:
+        click.echo(json.dumps(served))
+        return
+    for name, m in served.items():
+        click.echo(f"{name}\t{m['model']}\t{m['workers_ready']}/{m['workers_target']} ready\t{m['phase']}\t"
+                   + ("healthy" if m["healthy"] else "unhealthy: " + m["health_reason"]))
 
 
 @main.command()

@@ -13,11 +13,12 @@ from isopool.protocol.errors import (  # noqa: F401
     RequestTimeout,
     ShuttingDown,
     Unavailable,
+    UnknownModel,
     WorkerCrashed,
 )
 
 __all__ = [
     "IsopoolError", "RemoteError", "RemoteTraceback", "WorkerCrashed", "PoisonRequest",
     "RequestTimeout", "Overloaded", "ShuttingDown", "BadRequest", "Unavailable", "Cancelled",
-    "NotAllowed", "InternalError",
+    "NotAllowed", "InternalError", "UnknownModel",
 ]

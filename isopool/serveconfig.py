@@ -45,8 +45,9 @@ def parse_size(value: Any) -> int:
 
 # flag name -> (config field, click type, help). Every serve flag is also a config-file key.
 SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
-    ("model", str, "The model: MODULE:ATTR, a class or factory called once per worker."),
-    ("workers", int, "Number of worker processes."),
+    ("model", str, "A model to serve: [NAME=]MODULE:ATTR, a class or factory called once per worker. "
+                   "Repeat it to serve several; without NAME= the model is named default."),
+    ("workers", str, "Worker processes: N for each model, or NAME=N for one model (repeatable)."),
     ("endpoint", str, ENDPOINT_HELP),
     ("devices", str, "Devices to spread workers over: cpu, cuda, cuda:0,cuda:1 or auto."),
     ("threads", int, "torch intra-op threads per worker (0: the cores divided by the workers)."),
@@ -131,8 +132,13 @@ def _default_text(name: str) -> str:
     return f"[default: {default}]"
 
 
+REPEATED = {"model": "[NAME=]MODULE:ATTR", "workers": "[NAME=]N"}  # flags given once per model
+
+
 def _option(name: str, typ: Any, help_text: str):
     default = _default_text(name)
+    if name in REPEATED:
+        return click.option(f"--{name}", multiple=True, metavar=REPEATED[name], help=f"{help_text} {default}".strip())
     return click.option(f"--{name}", type=typ, default=None, help=f"{help_text} {default}".strip())
 
 
@@ -162,46 +168,103 @@ HIDDEN = {"model", "model_name", "user_config"}  # written in the [models.NAME] 
 
 
 def load_config(path: str | None, flags: dict[str, Any], sets: tuple[str, ...] = ()):
-    """Defaults < TOML file < flags (and --set for the model's config). Unknown keys and bad
-    values name the key."""
-    from isopool.supervisor.config import PoolConfig
+    """Defaults < TOML file < flags (and --set for a model's config): a ServeConfig with one
+    PoolConfig per model. Unknown keys and bad values name the key.
+
+    --model is repeatable: NAME=MODULE:ATTR, or MODULE:ATTR for the model named "default".
+    --workers is repeatable: N for every model without its own count, NAME=N for one."""
+    from isopool.protocol.contract import DEFAULT_MODEL
+    from isopool.supervisor.config import PoolConfig, ServeConfig
     from isopool.supervisor.devices import parse_devices
 
     known = {f.name for f in fields(PoolConfig)} - {"model_name", "user_config"}  # `model` is a flag: a key too
-    values: dict[str, Any] = {}
+    base: dict[str, Any] = {}
+    models: dict[str, dict[str, Any]] = {}
     if path:
         try:
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--config") from None
-        models = data.pop("models", None)
+        tables = data.pop("models", None)
         data = data.get("isopool", data)
-        if models is None:
-            models = data.pop("models", None)
+        if tables is None:
+            tables = data.pop("models", None)
         if "user-config" in data or "user_config" in data:  # the older spelling of [models.default.config]
-            values["user_config"] = data.pop("user-config", None) or data.pop("user_config", None) or {}
+            base["user_config"] = data.pop("user-config", None) or data.pop("user_config", None) or {}
         for key, value in data.items():
-            values[_known(key, known, path)] = value
-        if models is not None:
-            values.update(_model_table(models, path, known))
-    values.update({k: v for k, v in flags.items() if v is not None})
+            base[_known(key, known, path)] = value
+        if tables is not None:
+            models = _model_tables(tables, path, known)
+    flags = {k: v for k, v in flags.items() if v is not None and v != ()}
+    for spec in flags.pop("model", ()):
+        name, sep, target = spec.partition("=")
+        name, target = (name.strip(), target.strip()) if sep else ("default", spec.strip())
+        models.setdefault(name, {})["model"] = target
+    for count in flags.pop("workers", ()):
+        name, sep, n = count.rpartition("=")
+        n = _count(n, count)
+        if not sep:
+            base["workers"] = n
+        elif name.strip() not in models:
+            raise click.BadParameter(f"--workers {count}: no model named {name.strip()!r} "
+                                     f"(models: {', '.join(models) or 'none'})", param_hint="--workers")
+        else:
+            models[name.strip()]["workers"] = n
+    base.update(flags)
+    if "model" in base:  # a top-level `model = ...` key: the default model
+        models.setdefault("default", {}).setdefault("model", base.pop("model"))
+    if not models:
+        models["default"] = {"model": DEFAULT_MODEL}
     if sets:
-        values["user_config"] = _apply_sets(dict(values.get("user_config") or {}), sets)
-    for name in SIZE_FIELDS & values.keys():
+        _set_model_config(models, base, sets)
+    configs = []
+    for name, own in models.items():
+        values = {**base, **own, "model_name": name}
+        if "model" not in values:
+            raise click.BadParameter(f"[models.{name}] has no model = \"MODULE:ATTR\"", param_hint="--config")
+        for field_name in SIZE_FIELDS & values.keys():
+            try:
+                values[field_name] = parse_size(values[field_name])
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint=f"--{field_name.replace('_', '-')}") from None
+        for field_name, value in values.items():
+            want = PoolConfig.__dataclass_fields__[field_name].type
+            if not _type_ok(value, want):
+                raise click.BadParameter(f"{field_name.replace('_', '-')} = {value!r} should be {want}",
+                                         param_hint="--config")
         try:
-            values[name] = parse_size(values[name])
+            config = PoolConfig(**values)
+            parse_devices(config.devices)
         except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint=f"--{name.replace('_', '-')}") from None
-    for name, value in values.items():
-        want = PoolConfig.__dataclass_fields__[name].type
-        if not _type_ok(value, want):
-            raise click.BadParameter(f"{name.replace('_', '-')} = {value!r} should be {want}", param_hint="--config")
+            raise click.BadParameter(f"model {name!r}: {exc}" if len(models) > 1 else str(exc)) from None
+        configs.append(config)
     try:
-        config = PoolConfig(**values)
-        parse_devices(config.devices)
-        return config
+        return ServeConfig(configs)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def _count(text: str, flag: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise click.BadParameter(f"{flag!r} should be N or NAME=N (a worker count)", param_hint="--workers") from None
+
+
+def _set_model_config(models: dict, base: dict, sets: tuple[str, ...]) -> None:
+    """--set KEY=VALUE: with one model, into its config; with several, KEY begins with the
+    model's name (embed.batch=4)."""
+    if len(models) == 1:
+        (own,) = models.values()
+        own["user_config"] = _apply_sets(dict(own.get("user_config") or base.get("user_config") or {}), sets)
+        return
+    for item in sets:
+        name, dot, rest = item.partition(".")
+        if not dot or name not in models:
+            raise click.BadParameter(f"{item!r}: with several models, --set takes NAME.KEY=VALUE "
+                                     f"(models: {', '.join(models)})", param_hint="--set")
+        own = models[name]
+        own["user_config"] = _apply_sets(dict(own.get("user_config") or {}), (rest,))
 
 
 def _known(key: str, known: set[str], path: str, where: str = "") -> str:
@@ -212,34 +275,32 @@ def _known(key: str, known: set[str], path: str, where: str = "") -> str:
     return name
 
 
-def _model_table(models: Any, path: str, known: set[str]) -> dict[str, Any]:
-    """The settings of the one [models.NAME] table."""
-    if not isinstance(models, dict) or not all(isinstance(t, dict) for t in models.values()):
+def _model_tables(tables: Any, path: str, known: set[str]) -> dict[str, dict[str, Any]]:
+    """name -> the settings of each [models.NAME] table."""
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
         raise click.BadParameter(f"[models] in {path} must hold tables, as [models.default] with model = "
                                  "\"MODULE:ATTR\"", param_hint="--config")
-    if len(models) != 1:
-        raise click.BadParameter(f"{path} names {len(models)} models ({', '.join(models) or 'none'}); this "
-                                 "daemon serves one: keep one [models.NAME] table, and run a daemon per model",
-                                 param_hint="--config")
-    (name, table), = models.items()
-    table = dict(table)
-    out: dict[str, Any] = {"model_name": name}
-    if "model" in table:
-        out["model"] = table.pop("model")
-    config = table.pop("config", None)
-    if config is not None:
-        if not isinstance(config, dict):
-            raise click.BadParameter(f"[models.{name}] config in {path} must be a table: [models.{name}.config]",
-                                     param_hint="--config")
-        out["user_config"] = config
-    for key, value in table.items():
-        field_name = _known(key, known - {"model"}, path, f" of [models.{name}]")
-        if field_name not in PER_MODEL:
-            raise click.BadParameter(f"{key!r} is a setting of the daemon, not of one model: move it out of "
-                                     f"[models.{name}] in {path} (a model's own: "
-                                     f"{', '.join(sorted(k.replace('_', '-') for k in PER_MODEL))})",
-                                     param_hint="--config")
-        out[field_name] = value
+    out: dict[str, dict[str, Any]] = {}
+    for name, table in tables.items():
+        table = dict(table)
+        own: dict[str, Any] = {}
+        if "model" in table:
+            own["model"] = table.pop("model")
+        config = table.pop("config", None)
+        if config is not None:
+            if not isinstance(config, dict):
+                raise click.BadParameter(f"[models.{name}] config in {path} must be a table: [models.{name}.config]",
+                                         param_hint="--config")
+            own["user_config"] = config
+        for key, value in table.items():
+            field_name = _known(key, known - {"model"}, path, f" of [models.{name}]")
+            if field_name not in PER_MODEL:
+                raise click.BadParameter(f"{key!r} is a setting of the daemon, not of one model: move it out of "
+                                         f"[models.{name}] in {path} (a model's own: "
+                                         f"{', '.join(sorted(k.replace('_', '-') for k in PER_MODEL))})",
+                                         param_hint="--config")
+            own[field_name] = value
+        out[name] = own
     return out
 
 
@@ -277,14 +338,21 @@ def _type_ok(value: Any, want: str) -> bool:
 
 
 def config_toml(config) -> str:
-    """The configuration as a TOML file that `serve --config` reads back to the same settings."""
+    """A ServeConfig as a TOML file that `serve --config` reads back to the same settings: the
+    daemon's settings at the top, each model's own in its [models.NAME] table."""
     import tomli_w
 
-    settings = config.to_dict()
-    top = {k.replace("_", "-"): v for k, v in settings.items() if k not in HIDDEN and v is not None}
-    unset = [k.replace("_", "-") for k, v in settings.items() if k not in HIDDEN and v is None]
-    model = {"model": config.model}
-    if config.user_config:
-        model["config"] = config.user_config
-    doc = tomli_w.dumps({**top, "models": {config.model_name: model}})
+    daemon = config.daemon.to_dict()
+    top = {k.replace("_", "-"): v for k, v in daemon.items()
+           if k not in HIDDEN and k not in PER_MODEL and v is not None}
+    unset = [k.replace("_", "-") for k, v in daemon.items() if k not in HIDDEN and v is None]
+    models = {}
+    for m in config.models:
+        settings = m.to_dict()
+        table = {"model": m.model, **{k.replace("_", "-"): settings[k] for k in sorted(PER_MODEL)
+                                      if settings[k] is not None}}
+        if m.user_config:
+            table["config"] = m.user_config
+        models[m.model_name] = table
+    doc = tomli_w.dumps({**top, "models": models})
     return "".join(f"# {key} = (not set)\n" for key in unset) + doc

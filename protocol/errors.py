@@ -93,6 +93,10 @@ class NotAllowed(IsopoolError):
     """The caller's key may not run this operation (control ops need an admin key)."""
 
 
+class UnknownModel(IsopoolError):
+    """No model of that name is served here. details: models (the names that are)."""
+
+
 class InternalError(IsopoolError):
     """The supervisor failed while handling this request: a bug in isopool, not in the request
     or the model. The pool keeps serving; the supervisor's log has the traceback."""
@@ -102,7 +106,7 @@ _REGISTRY: dict[str, type[IsopoolError]] = {
     cls.__name__: cls
     for cls in (
         IsopoolError, RemoteError, WorkerCrashed, PoisonRequest, RequestTimeout, Overloaded,
-        ShuttingDown, BadRequest, Unavailable, Cancelled, NotAllowed, InternalError,
+        ShuttingDown, BadRequest, Unavailable, Cancelled, NotAllowed, InternalError, UnknownModel,
     )
 }
 

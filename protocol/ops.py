@@ -32,3 +32,6 @@ SCALE = "scale"
 RELOAD = "reload"
 DRAIN = "drain"
 SHUTDOWN = "stop"
+LOAD = "load"  # start a model while serving: args name, model (MODULE:ATTR), workers
+UNLOAD = "unload"  # drain a model and stop its workers: args name
+ACTIONS = frozenset({SCALE, RELOAD, DRAIN, SHUTDOWN, LOAD, UNLOAD})

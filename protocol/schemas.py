@@ -66,19 +66,21 @@ def _opt_str(v: Any) -> bool:
 
 
 ID = (_id, "an int, or a str or bytes of at most 256 bytes")
+MAX_MODEL_NAME = 64
+MODEL = (lambda v: type(v) is str and 0 < len(v) <= MAX_MODEL_NAME, "a model name: a str of 1 to 64 characters")
 SECONDS = (_seconds, "a finite number of seconds above 0")
 BOOL = (_bool, "true or false")
 
 # op -> {field: (required, test, what it expects)}
 CLIENT: dict[str, dict[str, tuple]] = {
     ops.INFER: {"id": (True, *ID), "timeout": (False, *SECONDS), "retry": (False, *BOOL), "stream": (False, *BOOL),
-                "bundles": (False, *BOOL), "tenant": (False, _tenant, "a str of at most 256 characters")},
-    ops.CANCEL: {"id": (True, *ID)},
+                "bundles": (False, *BOOL), "tenant": (False, _tenant, "a str of at most 256 characters"),
+                "model": (False, *MODEL)},
+    ops.CANCEL: {"id": (True, *ID), "model": (False, *MODEL)},
     ops.STATUS: {"id": (True, *ID)},
     ops.HELLO: {"id": (True, *ID)},
     ops.CONTROL: {"id": (True, *ID),
-                  "action": (True, lambda v: v in (ops.SCALE, ops.RELOAD, ops.DRAIN, ops.SHUTDOWN),
-                             "one of scale, reload, drain, stop"),
+                  "action": (True, lambda v: type(v) is str and v in ops.ACTIONS, "one of " + ", ".join(sorted(ops.ACTIONS))),
                   "args": (False, _args, "a map of at most 16 names to plain values (null, bool, number, str)")},
 }
 WORKER: dict[str, dict[str, tuple]] = {

@@ -99,6 +99,9 @@ def messages(frames: list, limits: Limits, at: int = 0, side: dict | None = None
             out.append((header, m[at + 1:], None))
         except BadRequest as err:
             out.append((peek_id(raw), None, err))
+        except Exception as exc:  # a bug of ours in a check: the message is refused, the receiver lives
+            out.append((peek_id(raw), None, BadRequest(f"the message could not be checked ({type(exc).__name__}: "
+                                                       f"{exc}); this is a bug in isopool, please report it")))
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -11,6 +12,7 @@ from isopool.protocol.limits import Limits
 from isopool.protocol.schemas import MAX_WORKERS
 from isopool.protocol.contract import DEFAULT_MODEL
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 MAX_SPIN_US = 100_000  # a spin longer than a tenth of a second would be a busy loop, not a wait
 
 
@@ -100,6 +102,8 @@ class PoolConfig:
                             "it needs --devices cpu (use --preload imports with GPUs)")
         if ":" not in self.model:
             problems.append(f"model must look like MODULE:ATTR, got {self.model!r}")
+        if not MODEL_NAME.fullmatch(self.model_name):
+            problems.append(f"a model's name is 1 to 64 letters, digits, '_', '-' or '.', got {self.model_name!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -119,3 +123,26 @@ class PoolConfig:
     @classmethod
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+@dataclass
+class ServeConfig:
+    """What `isopool serve` runs: one PoolConfig per model, in order. The daemon's own
+    settings (endpoint, keys, metrics, limits, timers) are the same in each; the first
+    model's are read for them."""
+
+    models: list[PoolConfig]
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("no model to serve")
+        names = [m.model_name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must differ, got {', '.join(names)}")
+
+    @property
+    def daemon(self) -> PoolConfig:
+        return self.models[0]
+
+    def names(self) -> list[str]:
+        return [m.model_name for m in self.models]

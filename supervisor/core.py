@@ -27,7 +27,7 @@ import itertools
 import logging
 import random
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from isopool.protocol import InternalError, IsopoolError, encode_error, ops, pack_header
 
@@ -49,8 +49,9 @@ Boards = Callable[[int], "tuple[int, int] | None"]  # slot -> (started, finished
 
 class Core:
     def __init__(self, config: PoolConfig, devices: list[str], boards: Boards, rng: random.Random | None = None,
-                 now: float = 0.0):
+                 now: float = 0.0, slot_numbers: Iterator[int] | None = None):
         self.config = config
+        self.name = config.model_name  # the model this core serves (one core per model)
         self.limits = config.limits
         self.devices = devices
         self.boards = boards
@@ -59,7 +60,7 @@ class Core:
         self.now = now
         self.ledger = Ledger()
         self.workers: dict[int, slots.Worker] = {}
-        self.slot_numbers = itertools.count()
+        self.slot_numbers = slot_numbers or itertools.count()  # shared by the cores of one daemon: slots stay unique
         self.generations: dict[int, int] = {}  # worker id -> processes it has had
         self.credits = Credits()  # least-loaded worker first
         self.restarts = RestartPolicy(config.backoff_base, config.backoff_max, config.max_restarts,
@@ -167,7 +168,7 @@ class Core:
         self.dirty = True
         if w is not None:
             fields = {"worker": w.id, "slot": w.slot, "pid": w.pid, "generation": w.generation, **fields}
-        self.actions.append(Emit(kind, fields))
+        self.actions.append(Emit(kind, {"model": self.name, **fields}))
 
     def log(self, level: int, msg: str, *args: Any, extra: dict | None = None) -> None:
         self.actions.append(Log(level, msg, args, extra or {}))

@@ -8,11 +8,12 @@
                                 core (core.py): decisions ──► actions ──► sends, spawns, kills, events
 
 Each pass runs short steps, each only when it has work: read_frontend and read_backend
-(messages, decoded and checked by protocol/, handed to the core), read_other (signals,
-subscriptions, ZAP, worker output and exits, the template), tick (the core's timers,
-reconcile, phases, dispatch), then carry out the actions and send, a burst as one bundle.
-All decisions are the core's; this file turns what it sees into events and does what it
-is told (actions.py lists both).
+(messages, decoded and checked by protocol/, handed to the core of the model they name),
+read_other (signals, subscriptions, ZAP, worker output and exits, the templates), tick
+(each core's timers, reconcile, phases, dispatch), then carry out the actions and send, a
+burst as one bundle. All decisions are the cores'; this file turns what it sees into
+events and does what it is told (actions.py lists both). Several models are several cores
+(models.py), one per model, sharing the sockets and the processes.
 """
 
 from __future__ import annotations
@@ -26,24 +27,26 @@ from typing import Any
 
 import zmq
 
-from isopool.protocol import encode, ops, schemas
+from isopool.protocol import encode, encode_error, ops, schemas
 from isopool.protocol.pacing import Pacing
 from isopool.protocol.codec import peek_id
-from isopool.protocol.errors import BadRequest
+from isopool.protocol.contract import parse_ident
+from isopool.protocol.errors import BadRequest, IsopoolError
 from isopool.protocol.transport import Outbox, Oversized, bounds, data, drain, messages
 
 from . import actions as act
 from .auth import is_admin
 from .blame import wants_last_words
-from .config import PoolConfig
-from .phase import Phase
+from .config import PoolConfig, ServeConfig
 from .core import Core
 from .devices import parse_devices
+from .models import Models, Served
+from .phase import Phase
 from .notify import sd_notify
 from .processes import Processes
 from .replies import RETRY_S, ClientOutbox
 from .sockets import Sockets, StartupError
-from .status import build_status, snapshot
+from .status import build_status, merge_status, snapshot
 
 log = logging.getLogger("isopool.supervisor")
 
@@ -52,26 +55,30 @@ LAST_WORDS_S = 0.005  # how long a crash waits for the dead worker's already-sen
 
 
 class Supervisor:
-    def __init__(self, config: PoolConfig):
-        self.config = config
-        self.limits = config.limits
-        self.bounds = bounds(config.limits)  # the most one message may hold: more is read and let go
-        try:
-            self.devices = parse_devices(config.devices)
-        except ValueError as exc:
-            raise StartupError(str(exc), exit_code=2) from None
+    def __init__(self, config: ServeConfig | PoolConfig):
+        self.config = config if isinstance(config, ServeConfig) else ServeConfig([config])
+        self.daemon = daemon = self.config.daemon  # the settings every model shares: sockets, limits, timers
+        self.limits = daemon.limits
+        self.bounds = bounds(daemon.limits)  # the most one message may hold: more is read and let go
+        for cfg in self.config.models:
+            try:
+                parse_devices(cfg.devices)
+            except ValueError as exc:
+                raise StartupError(str(exc), exit_code=2) from None
         self.pending_signals: list[int] = []
         self.started_at = time.monotonic()
         self.started_wall = time.time()
         self.worked = False  # the last pass read a client's or a worker's message
-        self.core: Core | None = None
+        self.models: Models | None = None
+        self.startup_error: tuple[str, int] | None = None
+        self.ready_said = False
 
     # ------------------------------------------------------------ setup
 
     def open(self) -> None:
-        self.io = io = Sockets(self.config)
+        self.io = io = Sockets(self.daemon)
         self.endpoint = io.endpoint
-        self.pacing = Pacing(io.io_threads, self.config.spin_us)  # fed with core.work_s each pass
+        self.pacing = Pacing(io.io_threads, self.daemon.spin_us)  # fed with the cores' work_s each pass
         # everything for a peer leaves at the end of the pass, a burst as one bundle
         self.reports: list = []  # what sending found out: clients that stall, recover or are gone
         self.to_clients = ClientOutbox(io.frontend, report=self.reports.append)
@@ -82,8 +89,10 @@ class Supervisor:
         for fd in (io.frontend, io.backend, io.wake_r.fileno(), io.auth and io.auth.zap, io.events.pub):
             if fd is not None:
                 self.poller.register(fd, zmq.POLLIN)
-        self.procs = Processes(self.config, self.poller, io.backend_endpoint, io.private_dir)
-        self.core = Core(self.config, self.devices, self.procs.marks, random.Random(), now=time.monotonic())
+        self.procs = Processes(self.daemon, self.poller, io.backend_endpoint, io.private_dir)
+        self.models = Models(self.procs.marks, time.monotonic())
+        for cfg in self.config.models:
+            self.models.add(cfg, time.monotonic(), initial=True)
 
     def close(self) -> None:
         if getattr(self, "procs", None) is not None:
@@ -91,52 +100,62 @@ class Supervisor:
         if getattr(self, "io", None) is not None:
             self.io.close()
 
+    @property
+    def core(self) -> Core:
+        """The first model's core (the only one, when one model is served)."""
+        return self.models.first.core
+
     # ------------------------------------------------------------ the loop
 
     def run(self) -> int:
         try:
             self.open()
-            log.info("isopool %s: %d worker(s) of %s, frontend %s", os.getpid(), self.config.workers,
-                     self.config.model, self.endpoint)
-            core = self.core
+            for served in self.models:
+                log.info("isopool %s: %d worker(s) of %s (%s), frontend %s", os.getpid(), served.config.workers,
+                         served.config.model, served.name, self.endpoint)
             timeout_ms = 0
-            while core.phase is not Phase.STOPPED:
+            while any(s.core.phase is not Phase.STOPPED for s in self.models):
                 timeout_ms = self.step(timeout_ms)
         finally:
             self.close()
-        if self.core.startup_error:
-            raise StartupError(self.core.startup_error, self.core.exit_code)
-        return self.core.exit_code
+        if self.startup_error is not None:
+            raise StartupError(*self.startup_error)
+        return max((s.core.exit_code for s in self.models), default=0)
 
     def step(self, timeout_ms: int) -> int:
         """One pass; returns how long the next may sleep (ms)."""
         ready = dict(self.wait(timeout_ms))
         now = time.monotonic()
-        io, core = self.io, self.core
+        io = self.io
         front, back = io.frontend in ready, io.backend in ready
         self.worked = front or back
         if front:
             self.read_frontend(now)
         if back:
             self.read_backend(now)
-            if core.to_clients:
-                self.carry_out(now)
-                self.to_clients.flush()  # answers leave first: nothing below is for their clients
+            self.carry_out(now)
+            self.to_clients.flush()  # answers leave first: nothing below is for their clients
         if len(ready) > front + back:
             try:
                 self.read_other(ready, now)
             except Exception:  # a bug of ours: said, counted; the next pass goes on
-                self.internal_error("a signal, an exit or the template", None, None)
-        try:
-            maintained = (core.ledger.queue or core.next_due() <= now) and core.tick(now)
-            if core.to_clients or core.to_workers or core.actions:
-                self.carry_out(now)
-        except Exception:  # a bug of ours: said, counted; the next pass goes on
-            self.internal_error("the timers or an action", None, None)
-            maintained = False
+                self.internal_error("a signal, an exit or the template", None, None, None)
+        maintained = False
+        for served in self.models:
+            core = served.core
+            try:
+                maintained = ((core.ledger.queue or core.next_due() <= now) and core.tick(now)) or maintained
+                if core.to_clients or core.to_workers or core.actions:
+                    self.carry_out_for(served, now)
+            except Exception:  # a bug of ours: said, counted; the next pass goes on
+                self.internal_error("the timers or an action", served, None, None)
+        self.settle_models(now)
         if maintained and io.metrics is not None:
-            io.metrics.snapshot = snapshot(core, self.procs.dropped, len(io.connections.open), io.connections.shed)
-        self.pacing.pace(core.work_s, core.answer_s, len(core.ledger))  # before the sends that wake the I/O thread
+            io.metrics.snapshot = {s.name: snapshot(s.core, self.procs.dropped_of(s.name), len(io.connections.open),
+                                                    io.connections.shed) for s in self.models}
+        cores = self.models.cores()
+        self.pacing.pace(min(c.work_s for c in cores), min(c.answer_s for c in cores),
+                         sum(len(c.ledger) for c in cores))  # before the sends that wake the I/O thread
         self.to_workers.flush()
         self.to_clients.flush()
         for _ in range(3):  # what the sends found out (bounded: each round only follows the last)
@@ -144,15 +163,40 @@ class Supervisor:
                 break
             reports = self.reports[:]
             self.reports.clear()
-            for event in reports:
-                try:
-                    core.handle(event, now)
-                except Exception:
-                    self.internal_error(type(event).__name__, None, None)
+            for event in reports:  # a client stalled, recovered or gone: every model holds its requests
+                for served in self.models:
+                    try:
+                        served.core.handle(event, now)
+                    except Exception:
+                        self.internal_error(type(event).__name__, served, None, None)
             self.carry_out(now)
             self.to_workers.flush()
             self.to_clients.flush()
         return self.poll_timeout()
+
+    def settle_models(self, now: float) -> None:
+        """Models whose core stopped on its own: unloaded, or failed to load."""
+        models = self.models
+        for served in models.stopped():
+            core = served.core
+            if core.startup_error and served.initial and self.startup_error is None:
+                # a model given at start did not load: `serve` fails, the other models stop too
+                self.startup_error = (f"model {served.name}: {core.startup_error}" if len(models) > 1
+                                      else core.startup_error, core.exit_code)
+                for other in models:
+                    if other is not served:
+                        other.core.handle(act.SignalReceived("SIGTERM"), now)
+                        self.carry_out_for(other, now)
+            elif not served.initial or served.unloading:
+                if core.startup_error:
+                    log.error("model %s did not load: %s", served.name, core.startup_error)
+                    io_event = {"model": served.name, "error": core.startup_error}
+                    self.io.events.emit("load_failed", io_event)
+                else:
+                    self.io.events.emit("unloaded", {"model": served.name})
+                self.procs.stop_template(served.name)
+                if len(models) > 1:
+                    models.remove(served)
 
     def wait(self, timeout_ms: int) -> list:
         """What is ready to read, waiting at most timeout_ms. While answers come quickly, a pass
@@ -167,8 +211,8 @@ class Supervisor:
         return self.poller.poll(0)
 
     def poll_timeout(self) -> int:
-        """Sleep until the core's next timer is due, or replies waiting for a client are tried again."""
-        due = self.core.next_due()
+        """Sleep until a core's next timer is due, or replies waiting for a client are tried again."""
+        due = min(s.core.next_due() for s in self.models)
         if self.to_clients.backlog:
             due = min(due, time.monotonic() + RETRY_S)
         return max(0, int((due - time.monotonic()) * 1000) + 1)
@@ -179,28 +223,48 @@ class Supervisor:
     # ------------------------------------------------------------ reading
 
     def read_frontend(self, now: float) -> None:
-        core, auth, limits = self.core, self.io.auth, self.limits
+        auth, limits, models = self.io.auth, self.limits, self.models
         for frames in drain(self.io.frontend, MAX_BATCH, *self.bounds):
             ident = frames[0].bytes
             if type(frames) is Oversized:
                 rid = peek_id(data(frames[1])) if len(frames) > 1 else None
-                core.handle(act.ClientGarbage(ident, rid, oversized(frames, limits)), now)
+                models.first.core.handle(act.ClientGarbage(ident, rid, oversized(frames, limits)), now)
                 continue
             # the frame a message came in (its own, or its bundle's) holds its CURVE identity
             admin = auth is None or is_admin(frames[1] if len(frames) > 1 else frames[0])
             for header, body, err in messages(frames, limits, at=1, side=schemas.CLIENT):
+                served = None
                 try:
-                    if err is None:
-                        core.client_message(ident, header, body, admin, now)
-                    else:
-                        core.handle(act.ClientGarbage(ident, header, err), now)
+                    if err is not None:
+                        models.first.core.handle(act.ClientGarbage(ident, header, err), now)
+                        continue
+                    op = header["op"]
+                    if op == ops.INFER:
+                        served = models.route(header.get("model"))
+                        served.core.client_message(ident, header, body, admin, now)
+                    elif op == ops.CANCEL:
+                        name = header.get("model")
+                        for served in (models.route(name),) if name is not None else models:
+                            served.core.client_message(ident, header, body, admin, now)
+                    elif op == ops.CONTROL:
+                        result = models.control(header["action"], header.get("args") or {}, admin, now)
+                        self.to_clients.post([ident, *encode(ops.RESULT, header["id"], result)], False)
+                    else:  # status, hello: about the daemon; any core answers (status is merged here)
+                        models.first.core.client_message(ident, header, body, admin, now)
+                except IsopoolError as refused:  # no such model, or a control op refused
+                    self.to_clients.post([ident, *encode_error(header.get("id"), refused)], header.get("bundles") is True)
                 except Exception:  # a bug of ours: this request fails, the pool goes on
-                    self.internal_error("a client message", ident, header.get("id") if err is None else header)
+                    self.internal_error("a client message", served, ident, header.get("id") if err is None else header)
 
     def read_backend(self, now: float) -> None:
-        core, limits = self.core, self.limits
+        limits, by_slot = self.limits, self.models.by_slot
         for frames in drain(self.io.backend, MAX_BATCH, *self.bounds):
             ident = frames[0].bytes
+            parsed = parse_ident(ident)
+            served = by_slot.get(parsed[0]) if parsed else None
+            if served is None:
+                continue  # not a worker of any model now served: stale
+            core = served.core
             if type(frames) is Oversized:
                 core.handle(act.WorkerGarbage(ident, str(oversized(frames, limits))), now)
                 continue
@@ -212,16 +276,18 @@ class Supervisor:
                         core.handle(act.WorkerGarbage(ident, str(err)), now)
                 except Exception:  # a bug of ours: the request it answered fails, the pool goes on
                     rid = header.get("id") if err is None else None
-                    self.internal_error("a worker message", *(rid if isinstance(rid, list) and len(rid) == 2
-                                                              else (None, None)))
+                    self.internal_error("a worker message", served, *(rid if isinstance(rid, list) and len(rid) == 2
+                                                                      else (None, None)))
 
     def read_other(self, ready: dict, now: float) -> None:
-        """The rare sources: signals, event subscriptions, ZAP, pidfds, output and the template."""
-        io, core = self.io, self.core
+        """The rare sources: signals, event subscriptions, ZAP, pidfds, output and the templates."""
+        io, models = self.io, self.models
         if io.wake_r.fileno() in ready:
             io.drain_wake()
             while self.pending_signals:
-                core.handle(act.SignalReceived(signal.Signals(self.pending_signals.pop(0)).name), now)
+                name = signal.Signals(self.pending_signals.pop(0)).name
+                for served in models:
+                    served.core.handle(act.SignalReceived(name), now)
             fields = io.connections.event()
             if fields is not None:
                 log.warning("shed client connections to keep descriptors for restarts: %s", fields)
@@ -230,26 +296,40 @@ class Supervisor:
             io.events.read_subscriptions()
         if io.auth is not None and io.auth.zap in ready:
             io.auth.handle()
-        for event in self.procs.template_events():
-            core.handle(event, now)
+        for name, event in self.procs.template_events():
+            served = models.by_name.get(name)
+            if served is not None:
+                served.core.handle(event, now)
         for event in self.procs.ready(ready, now):
-            if wants_last_words(core, event.slot):
-                self.collect_last_words(event.slot, now)
-            core.handle(event, now)
+            served = models.by_slot.get(event.slot)
+            if served is None:  # its model was removed meanwhile
+                self.procs.forget(event.slot)
+                continue
+            if wants_last_words(served.core, event.slot):
+                self.collect_last_words(served, event.slot, now)
+            served.core.handle(event, now)
             self.procs.forget(event.slot)
+            if event.slot not in served.core.workers:
+                models.by_slot.pop(event.slot, None)
 
-    def collect_last_words(self, slot: int, now: float) -> None:
+    def collect_last_words(self, served: Served, slot: int, now: float) -> None:
         """Read what a dead worker sent before it died, so the right request takes the blame."""
         end = time.monotonic() + LAST_WORDS_S
-        while wants_last_words(self.core, slot) and \
+        while wants_last_words(served.core, slot) and \
                 self.io.backend.poll(max(0, int((end - time.monotonic()) * 1000)), zmq.POLLIN):
             self.read_backend(now)
 
     # ------------------------------------------------------------ acting
 
     def carry_out(self, now: float) -> None:
-        """Do what the core decided, in order; what it reports back is handled at once."""
-        core = self.core
+        for served in self.models:
+            core = served.core
+            if core.to_clients or core.to_workers or core.actions:
+                self.carry_out_for(served, now)
+
+    def carry_out_for(self, served: Served, now: float) -> None:
+        """Do what one model's core decided, in order; what it reports back is handled at once."""
+        core = served.core
         while core.to_clients or core.to_workers or core.actions:
             to_clients, to_workers, actions = core.take()
             if to_clients:
@@ -262,19 +342,20 @@ class Supervisor:
                     post([ident, *frames])
             for a in actions:
                 try:
-                    self.perform(a, now)
+                    self.perform(a, served, now)
                 except Exception:  # a bug of ours, or a process call that failed: said, counted
-                    self.internal_error(f"the action {type(a).__name__}", None, None)
+                    self.internal_error(f"the action {type(a).__name__}", served, None, None)
 
-    def perform(self, a: Any, now: float) -> None:
-        core, procs = self.core, self.procs
+    def perform(self, a: Any, served: Served, now: float) -> None:
+        core, procs = served.core, self.procs
         kind = type(a)
         if kind is act.Log:
             log.log(a.level, a.msg, *a.args, extra=a.extra)
         elif kind is act.Emit:
             self.io.events.emit(a.kind, a.fields)
         elif kind is act.Spawn:
-            core.handle(procs.spawn(a.slot, a.generation, a.device, a.worker_id), now)
+            self.models.by_slot[a.slot] = served
+            core.handle(procs.spawn(a.slot, a.generation, a.device, a.worker_id, served.config), now)
         elif kind is act.Kill:
             procs.kill(a.slot, a.sig)
         elif kind is act.Sample:
@@ -283,23 +364,39 @@ class Supervisor:
                 if measured is not None:
                     core.handle(act.Sampled(slot, *measured), now)
         elif kind is act.AnswerStatus:
-            status = build_status(core, self.facts(), now)
+            status = self.status(now)
             self.to_clients.post([a.ident, *encode(ops.RESULT, a.rid, status)], False)
         elif kind is act.StartTemplate:
-            procs.start_template()
+            procs.start_template(served.config)
         elif kind is act.StopTemplate:
-            procs.stop_template()
+            procs.stop_template(served.name)
         elif kind is act.ReapStrays:
             procs.end_strays(now)
         elif kind is act.Notify:
-            sd_notify(a.state)
+            self.notify(served, a.state)
 
-    def internal_error(self, what: str, ident: bytes | None, rid: Any) -> None:
+    def notify(self, served: Served, state: str) -> None:
+        """READY=1 once every model given at start is ready; anything else as it comes."""
+        if state != "READY=1":
+            sd_notify(state)
+            return
+        served.ready_said = True
+        if not self.ready_said and all(s.ready_said for s in self.models if s.initial):
+            self.ready_said = True
+            sd_notify(state)
+
+    def status(self, now: float) -> dict:
+        facts = self.facts()
+        per = {s.name: build_status(s.core, {**facts, "output_dropped": self.procs.dropped_of(s.name)}, now)
+               for s in self.models}
+        return merge_status(per, {s.name: s.core for s in self.models}, facts, now)
+
+    def internal_error(self, what: str, served: Served | None, ident: bytes | None, rid: Any) -> None:
         """The last line: an exception escaped the handling of one event. Log its traceback;
         the core counts it and fails the request it concerned; the loop goes on."""
         log.exception("internal error handling %s; the pool goes on", what)
         try:
-            self.core.internal_error(what, ident, rid)
+            (served or self.models.first).core.internal_error(what, ident, rid)
         except Exception:
             log.exception("could not fail the request either")
 

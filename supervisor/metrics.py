@@ -34,45 +34,49 @@ class Snapshot:
 
 
 class PoolCollector:
+    """Renders the current snapshots: one per model, every series labelled with its model."""
+
     def __init__(self) -> None:
-        self.snapshot = Snapshot()
+        self.snapshot: dict[str, Snapshot] = {}  # model name -> its figures; replaced whole, never changed
 
     def collect(self):
-        s = self.snapshot
-        requests = CounterMetricFamily("isopool_requests", "Requests answered, by outcome.", labels=["outcome"])
-        for outcome, n in sorted(s.outcomes.items()):
-            requests.add_metric([outcome], n)
-        yield requests
-        cumulative, buckets = 0, []
-        for le, n in zip((*map(str, BUCKETS), "+Inf"), s.latency_buckets or (0,) * (len(BUCKETS) + 1)):
-            cumulative += n
-            buckets.append((le, cumulative))
-        yield HistogramMetricFamily("isopool_request_duration_seconds",
-                                    "Time from accepting a request to its answer.", buckets=buckets,
-                                    sum_value=s.latency_sum)
-        yield GaugeMetricFamily("isopool_queue_depth", "Requests waiting for a worker.", value=s.queue_depth)
-        yield GaugeMetricFamily("isopool_in_flight", "Requests held by workers.", value=s.in_flight)
-        workers = GaugeMetricFamily("isopool_workers", "Worker slots by state.", labels=["state"])
-        for state in WORKER_STATES:
-            workers.add_metric([state], s.workers.get(state, 0))
-        yield workers
+        snaps = self.snapshot
+        requests = CounterMetricFamily("isopool_requests", "Requests answered, by outcome.", labels=["model", "outcome"])
+        queue = GaugeMetricFamily("isopool_queue_depth", "Requests waiting for a worker.", labels=["model"])
+        in_flight = GaugeMetricFamily("isopool_in_flight", "Requests held by workers.", labels=["model"])
+        workers = GaugeMetricFamily("isopool_workers", "Worker slots by state.", labels=["model", "state"])
         restarts = CounterMetricFamily("isopool_worker_restarts", "Worker replacements, by reason.",
-                                       labels=["reason"])
-        for reason, n in sorted(s.restarts.items()):
-            restarts.add_metric([reason], n)
-        yield restarts
-        rss = GaugeMetricFamily("isopool_worker_rss_bytes", "Resident memory of each worker.", labels=["worker"])
-        for worker, n in sorted(s.rss.items()):
-            rss.add_metric([str(worker)], n)
-        yield rss
+                                       labels=["model", "reason"])
+        rss = GaugeMetricFamily("isopool_worker_rss_bytes", "Resident memory of each worker.",
+                                labels=["model", "worker"])
         dropped = CounterMetricFamily("isopool_worker_output_dropped_bytes",
-                                      "Bytes of a worker slot's output not logged: over --log-rate.", labels=["worker"])
-        for worker, n in sorted(s.output_dropped.items()):
-            dropped.add_metric([str(worker)], n)
-        yield dropped
-        yield GaugeMetricFamily("isopool_connections", "Client connections open on the frontend.", value=s.connections)
+                                      "Bytes of a worker slot's output not logged: over --log-rate.",
+                                      labels=["model", "worker"])
+        histogram = HistogramMetricFamily("isopool_request_duration_seconds",
+                                          "Time from accepting a request to its answer.", labels=["model"])
+        for model, s in snaps.items():
+            for outcome, n in sorted(s.outcomes.items()):
+                requests.add_metric([model, outcome], n)
+            cumulative, buckets = 0, []
+            for le, n in zip((*map(str, BUCKETS), "+Inf"), s.latency_buckets or (0,) * (len(BUCKETS) + 1)):
+                cumulative += n
+                buckets.append((le, cumulative))
+            histogram.add_metric([model], buckets, s.latency_sum)
+            queue.add_metric([model], s.queue_depth)
+            in_flight.add_metric([model], s.in_flight)
+            for state in WORKER_STATES:
+                workers.add_metric([model, state], s.workers.get(state, 0))
+            for reason, n in sorted(s.restarts.items()):
+                restarts.add_metric([model, reason], n)
+            for worker, n in sorted(s.rss.items()):
+                rss.add_metric([model, str(worker)], n)
+            for worker, n in sorted(s.output_dropped.items()):
+                dropped.add_metric([model, str(worker)], n)
+        yield from (requests, histogram, queue, in_flight, workers, restarts, rss, dropped)
+        first = next(iter(snaps.values()), Snapshot())  # the daemon's own figures: the same in each
+        yield GaugeMetricFamily("isopool_connections", "Client connections open on the frontend.", value=first.connections)
         yield CounterMetricFamily("isopool_connections_shed", "Client connections shut down to keep file "
-                                  "descriptors free for restarts.", value=s.connections_shed)
+                                  "descriptors free for restarts.", value=first.connections_shed)
 
 
 def serve_metrics(host: str, port: int) -> tuple[PoolCollector, int]:

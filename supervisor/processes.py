@@ -1,4 +1,4 @@
-"""The shell's processes: the template and one process (with its board) per worker slot.
+"""The shell's processes: a template per model and one process (with its board) per worker slot.
 
 The core says what to start, signal and sample (actions.Spawn, Kill, Sample, StartTemplate,
 StopTemplate); this carries it out and reports back as events. Each process's pidfd and
@@ -41,7 +41,8 @@ class Processes:
         self.told_at = 0.0  # when dropped output was last reported
         self.boards: dict[int, str] = {}  # slot -> its current process's board file
         self.worker_ids: dict[int, int] = {}  # slot -> the worker id it serves as (what logs and status say)
-        self.template: spawner.Template | None = None
+        self.model_of: dict[int, str] = {}  # slot -> its model's name, kept with `dropped` (a counter per slot)
+        self.templates: dict[str, spawner.Template] = {}  # model name -> its template, while running
         self.strays: dict[int, float] = {}  # pid of an orphan we are ending -> when to KILL it
         # the template's forked workers become our children, and so does every process a worker
         # leaves behind (even one that called setsid()), to be ended (end_strays)
@@ -49,8 +50,8 @@ class Processes:
 
     # ------------------------------------------------------------ workers
 
-    def spawn(self, slot: int, generation: int, device: str, worker_id: int = 0) -> object:
-        cfg = self.config
+    def spawn(self, slot: int, generation: int, device: str, worker_id: int, cfg: PoolConfig) -> object:
+        """Start a worker of the model `cfg` describes, from its template or afresh."""
         path = os.path.join(self.private_dir, f"board.{slot}.{generation}")
         wc = WorkerConfig(
             backend=self.backend_endpoint, slot=slot, generation=generation, model=cfg.model,
@@ -64,21 +65,26 @@ class Processes:
             board.create(path)  # only for a process about to exist
             if cfg.preload == "none":
                 proc = spawner.spawn_fresh(wc)
-            elif self.template is None:
+            elif cfg.model_name not in self.templates:
                 raise spawner.TemplateError("the template is not running")
             else:
-                proc = self.template.spawn(wc)
+                proc = self.templates[cfg.model_name].spawn(wc)
         except (spawner.TemplateError, OSError) as exc:
             _unlink(path)
             return SpawnFailed(slot, str(exc), template=isinstance(exc, spawner.TemplateError))
         self.procs[slot] = proc
         self.boards[slot] = path
         self.worker_ids[slot] = worker_id
+        self.model_of[slot] = cfg.model_name
         self.poller.register(proc.pidfd, zmq.POLLIN)
         if proc.output >= 0:
             self.poller.register(proc.output, zmq.POLLIN)
             self.outputs[slot] = Output(proc.output, cfg.log_rate, time.monotonic())
         return Spawned(slot, proc.pid)
+
+    def dropped_of(self, name: str) -> dict[int, int]:
+        """Output bytes dropped, by slot, for the workers of model `name`."""
+        return {slot: n for slot, n in self.dropped.items() if self.model_of.get(slot) == name}
 
     def marks(self, slot: int) -> tuple[int, int] | None:
         path = self.boards.get(slot)
@@ -165,19 +171,18 @@ class Processes:
 
     def known_pids(self) -> set[int]:
         known = {p.pid for p in self.procs.values()}
-        if self.template is not None:
-            known.add(self.template.proc.pid)
+        known.update(t.proc.pid for t in self.templates.values())
         return known
 
     # ------------------------------------------------------------ the template
 
-    def start_template(self) -> None:
-        self.template = t = spawner.Template(self.config.model, self.config.preload, self.config.user_config)
+    def start_template(self, cfg: PoolConfig) -> None:
+        self.templates[cfg.model_name] = t = spawner.Template(cfg.model, cfg.preload, cfg.user_config)
         self.poller.register(t.fileno(), zmq.POLLIN)
         self.poller.register(t.proc.pidfd, zmq.POLLIN)
 
-    def stop_template(self) -> None:
-        t, self.template = self.template, None
+    def stop_template(self, name: str) -> None:
+        t = self.templates.pop(name, None)
         if t is None:
             return
         self.poller.unregister(t.fileno())
@@ -185,24 +190,22 @@ class Processes:
             self.poller.unregister(t.proc.pidfd)
         t.close()
 
-    def template_events(self) -> list:
-        """What the template said or did since last asked."""
-        t = self.template
-        if t is None:
-            return []
+    def template_events(self) -> list[tuple[str, object]]:
+        """(model name, event) for what each template said or did since last asked."""
         out: list = []
-        for msg in t.read():
-            if msg.get("ready"):
-                log.info("template (pid %d) is ready", t.proc.pid)
-                out.append(TemplateReady())
-            elif "error" in msg:
-                out.append(TemplateFailed(msg["error"], msg.get("traceback", "")))
-        if t.proc.poll() is not None:
-            self.poller.unregister(t.proc.pidfd)
-            self.poller.unregister(t.fileno())
-            self.template = None
-            t.sock.close()
-            out.append(TemplateExited(t.proc.pid, exit_fields(t.proc.returncode)))
+        for name, t in list(self.templates.items()):
+            for msg in t.read():
+                if msg.get("ready"):
+                    log.info("template of %s (pid %d) is ready", name, t.proc.pid)
+                    out.append((name, TemplateReady()))
+                elif "error" in msg:
+                    out.append((name, TemplateFailed(msg["error"], msg.get("traceback", ""))))
+            if t.proc.poll() is not None:
+                self.poller.unregister(t.proc.pidfd)
+                self.poller.unregister(t.fileno())
+                del self.templates[name]
+                t.sock.close()
+                out.append((name, TemplateExited(t.proc.pid, exit_fields(t.proc.returncode))))
         return out
 
     # ------------------------------------------------------------ the end
@@ -214,7 +217,8 @@ class Processes:
                 spawner.kill_now(proc)
                 proc.wait(5)
             self.forget(slot)
-        self.stop_template()
+        for name in list(self.templates):
+            self.stop_template(name)
         self.kill_strays()
 
     def kill_strays(self) -> None:

@@ -75,6 +75,14 @@ class Stats:
         }
 
 
+def merged_window(stats: list[Stats], now: float, uptime: float) -> dict:
+    """Stats.window() over several models' requests together (their histograms merged)."""
+    both = Stats()
+    for st in stats:
+        both.seconds.extend(st.seconds)
+    return both.window(now, uptime)
+
+
 def _percentile(bins: Counter[int], n: int, q: float) -> float:
     """The latency of the request ranked q*n (0-based) in the merged histogram."""
     rank = min(n - 1, int(q * n))

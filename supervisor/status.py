@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .blame import progress
 from .metrics import Snapshot
 from .slots import State, ready_count
+from .stats import merged_window
 from .phase import Phase
 
 if TYPE_CHECKING:
@@ -61,6 +62,45 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
         **core.stats.window(now, uptime),
     }
     return {"pool": pool, "workers": workers, "time": facts["time"]}
+
+
+SUMMED = ("workers_target", "workers_ready", "queue_depth", "in_flight", "in_flight_answered", "requests_total",
+          "restarts_total", "max_queue", "restarts_in_window")
+MODEL_KEYS = ("workers_target", "workers_ready", "queue_depth", "in_flight", "in_flight_answered", "requests_total",
+              "restarts_total", "healthy", "health_reason", "phase", "template", "max_queue", "outcomes",
+              "throughput_rps", "latency_p50_ms", "latency_p99_ms", "restarts_by_reason")
+
+
+def merge_status(per: dict[str, dict], cores: dict[str, "Core"], facts: dict, now: float) -> dict[str, Any]:
+    """The daemon's status from each model's (build_status): `pool` adds them up, `models` has
+    each model's summary, and every worker says its model."""
+    names = list(per)
+    pools = [per[n]["pool"] for n in names]
+    pool = dict(pools[0])
+    for key in SUMMED:
+        pool[key] = sum(p[key] for p in pools)
+    sick = [(n, p["health_reason"]) for n, p in zip(names, pools) if not p["healthy"]]
+    pool["healthy"] = not sick
+    if len(names) > 1:
+        pool["health_reason"] = ("; ".join(f"{n}: {why}" for n, why in sick) if sick
+                                 else f"serving {len(names)} models: " + ", ".join(
+                                     f"{n} {p['workers_ready']}/{p['workers_target']}" for n, p in zip(names, pools)))
+        phases = {p["phase"] for p in pools}
+        pool["phase"] = pools[0]["phase"] if len(phases) == 1 else "serving" if "serving" in phases else pools[0]["phase"]
+        pool["model"] = ", ".join(p["model"] for p in pools)
+        outcomes: dict[str, int] = {}
+        by_reason: dict[str, int] = {}
+        for p in pools:
+            for k, v in p["outcomes"].items():
+                outcomes[k] = outcomes.get(k, 0) + v
+            for k, v in p["restarts_by_reason"].items():
+                by_reason[k] = by_reason.get(k, 0) + v
+        pool["outcomes"], pool["restarts_by_reason"] = outcomes, by_reason
+        pool["clients_stalled"] = max(p["clients_stalled"] for p in pools)
+        pool.update(merged_window([c.stats for c in cores.values()], now, now - facts["started_at"]))
+    models = {n: {"model": p["model"], **{k: p[k] for k in MODEL_KEYS}} for n, p in zip(names, pools)}
+    workers = [{**w, "model": n} for n in names for w in per[n]["workers"]]
+    return {"pool": pool, "models": models, "workers": workers, "time": facts["time"]}
 
 
 def health(core: "Core", ready: int, now: float, shedding: str | None = None) -> tuple[bool, str]:

@@ -41,13 +41,17 @@ def test_metrics_count_requests_and_the_crash_exactly(start_pool):
             c.infer({"do": "exit", "code": 3}, retry=False)
     pool.all_ready()
     m = scrape(url)
-    assert m[("isopool_requests_total", (("outcome", "ok"),))] == 25
-    assert m[("isopool_requests_total", (("outcome", "crashed"),))] == 1
-    assert m[("isopool_worker_restarts_total", (("reason", "crash"),))] == 1
-    assert m[("isopool_request_duration_seconds_count", ())] == 25
-    assert m[("isopool_workers", (("state", "idle"),))] == 2
-    assert m[("isopool_queue_depth", ())] == 0 and m[("isopool_in_flight", ())] == 0
-    assert all(m[("isopool_worker_rss_bytes", (("worker", str(w)),))] > 0 for w in (0, 1))
+
+    def of(**labels: str) -> tuple:  # every series has its model's label
+        return tuple(sorted({"model": "default", **labels}.items()))
+
+    assert m[("isopool_requests_total", of(outcome="ok"))] == 25
+    assert m[("isopool_requests_total", of(outcome="crashed"))] == 1
+    assert m[("isopool_worker_restarts_total", of(reason="crash"))] == 1
+    assert m[("isopool_request_duration_seconds_count", of())] == 25
+    assert m[("isopool_workers", of(state="idle"))] == 2
+    assert m[("isopool_queue_depth", of())] == 0 and m[("isopool_in_flight", of())] == 0
+    assert all(m[("isopool_worker_rss_bytes", of(worker=str(w)))] > 0 for w in (0, 1))
 
 
 def test_events_crash_restart_ready_in_order_with_pids(faulty):
