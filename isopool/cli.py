@@ -1,4 +1,4 @@
-"""The `isopool` command: serve, infer, status, health, events, scale, reload, stop."""
+"""The `isopool` command: serve, infer, status, health, events, models, load, unload, scale, reload, stop."""
 
 from __future__ import annotations
 

@@ -32,14 +32,16 @@ def _secs(s: float | None) -> str:
 def status_table(status: dict[str, Any]) -> Group:
     pool = status["pool"]
     table = Table(title="workers", title_justify="left", expand=False)
-    for col in ("id", "pid", "state", "device", "uptime", "requests", "errors", "restarts", "RSS", "USS",
-                "CPU%", "request age", "heartbeat", "last exit"):
-        table.add_column(col, justify="right" if col not in ("state", "device", "last exit") else "left")
+    several = len(status.get("models", {})) > 1
+    for col in (("model",) if several else ()) + ("id", "pid", "state", "device", "uptime", "requests", "errors",
+                                                  "restarts", "RSS", "USS", "CPU%", "request age", "heartbeat",
+                                                  "last exit"):
+        table.add_column(col, justify="right" if col not in ("model", "state", "device", "last exit") else "left")
     for w in status["workers"]:
         exit_reason = (w.get("last_exit") or {}).get("reason", "-")
         state = w["state"] + (f" ({w['retiring']})" if w.get("retiring") else "")
         table.add_row(
-            str(w["id"]), str(w["pid"] or "-"), Text(state, style=STATE_STYLE.get(w["state"], "")),
+            *((w.get("model", "-"),) if several else ()), str(w["id"]), str(w["pid"] or "-"), Text(state, style=STATE_STYLE.get(w["state"], "")),
             w.get("device", "cpu"), _secs(w["uptime_s"]), str(w["requests"]), str(w["errors"]), str(w["restarts"]),
             _mib(w["rss_bytes"]), _mib(w.get("uss_bytes")), f"{w.get('cpu_percent', 0):.0f}",
             _secs(w.get("current_request_age_s")), _secs(w.get("last_heartbeat_s")), exit_reason,

@@ -101,7 +101,7 @@ SIZE_FIELDS = {"max_rss", "max_message_bytes", "log_rate"}
 SERVE_OPTIONS += [
     ("curve-secret-key", str, "The server's .key_secret file (from `isopool keygen`): require CURVE."),
     ("curve-clients", str, "Directory of client public keys (*.key) allowed to infer and read status."),
-    ("curve-admins", str, "Directory of public keys also allowed control ops (scale, reload, stop)."),
+    ("curve-admins", str, "Directory of public keys also allowed control ops (scale, reload, load, unload, stop)."),
 ]
 BOOL_FLAGS = [("integrity-every-request", "Also check the weights after every request (costs a hash of them)."),
               ("insecure", "Allow a tcp:// endpoint without authentication (trusted networks only).")]

@@ -4,7 +4,7 @@ pyzmq's Authenticator serves ZAP from a thread or an asyncio loop; the superviso
 thread and one poll loop, so it answers the (rare) ZAP requests itself and uses pyzmq only
 for what it does well: certificate files and z85. A connection is let in only with a CURVE
 key from the clients or admins directory; its messages then carry a User-Id saying which,
-and control ops (scale, reload, stop) need an admin key.
+and control ops (scale, reload, load, unload, stop) need an admin key.
 """
 
 from __future__ import annotations

@@ -144,9 +144,10 @@ def test_a_models_table_refuses_what_is_not_a_models_setting(short_tmp):
     cfg.write_text('[models.default]\nmodel = "isopool.examples.faulty:WhereAmI"\nmetrics-port = 9000\n')
     out = isopool("serve", "--config", str(cfg), "--print-config")
     assert out.returncode == 2 and "setting of the daemon, not of one model" in out.stderr
-    cfg.write_text('[models.a]\nmodel = "x:Y"\n[models.b]\nmodel = "x:Z"\n')
+    cfg.write_text('[models.a]\nmodel = "isopool.examples.faulty:Faulty"\n[models.b]\nmodel = "x:Z"\nmax-queue = 2\n'
+                   'workers = 0\n')
     out = isopool("serve", "--config", str(cfg), "--print-config")
-    assert out.returncode == 2 and "names 2 models" in out.stderr
+    assert out.returncode == 2 and "model 'b'" in out.stderr and "workers" in out.stderr  # names the model
 
 
 def test_every_option_of_every_command_says_what_it_does_and_its_default():

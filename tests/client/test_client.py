@@ -165,7 +165,7 @@ def test_async_client_has_the_control_ops_of_the_sync_client(start_pool):
             return await c.scale(2), await c.reload()
 
     scaled, reloaded = asyncio.run(main())
-    assert scaled == {"workers_target": 2, "previous": 1} and reloaded["reloading"] >= 1
+    assert {"workers_target": 2, "previous": 1}.items() <= scaled.items() and reloaded["reloading"] >= 1
     assert pool.status()["pool"]["workers_target"] == 2
 
 
