@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import signal
 import time
 from typing import Any

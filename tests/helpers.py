@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -184,3 +185,32 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
             pass
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     return [p.pid for p in alive if pid_exists(p.pid)]
+
+
+class Background:
+    """Honest requests (to the faulty example model) from another thread while something happens;
+    all must succeed."""
+
+    def __init__(self, client, limit: int = 5000, model: str | None = None):
+        self.client, self.limit, self.model = client, limit, model
+        self.ok, self.failed = 0, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run)
+
+    def run(self) -> None:
+        while not self.stop.is_set() and self.ok + len(self.failed) < self.limit:
+            try:
+                reply = self.client.infer({"do": "ok", "n": self.ok}, timeout=30, model=self.model)
+                assert reply["echo"]["n"] == self.ok
+                self.ok += 1
+            except Exception as exc:  # noqa: BLE001 - recorded and asserted on
+                self.failed.append(repr(exc))
+
+    def __enter__(self) -> "Background":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(60)
+        assert not self.thread.is_alive()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from isopool import AsyncClient, Client, Limits
-from isopool.errors import BadRequest, RemoteError, RequestTimeout, Unavailable
+from isopool.errors import BadRequest, RemoteError, Unavailable
 from isopool.models.default import DefaultModel
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from isopool.protocol import ops, pack_header
+from isopool.protocol import ops
 from isopool.supervisor import actions as ev
 from isopool.supervisor.config import PoolConfig
 from isopool.supervisor.phase import Phase

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -23,37 +22,9 @@ from isopool.errors import (
     Unavailable,
     WorkerCrashed,
 )
-from tests.helpers import ROOT, wait_gone
+from tests.helpers import ROOT, Background, wait_gone
 
 FAULTY = "isopool.examples.faulty:Faulty"
-
-
-class Background:
-    """Honest requests from another thread while a fault happens; all must succeed."""
-
-    def __init__(self, client, limit: int = 5000):
-        self.client, self.limit = client, limit
-        self.ok, self.failed = 0, []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run)
-
-    def run(self) -> None:
-        while not self.stop.is_set() and self.ok + len(self.failed) < self.limit:
-            try:
-                reply = self.client.infer({"do": "ok", "n": self.ok}, timeout=30)
-                assert reply["echo"]["n"] == self.ok
-                self.ok += 1
-            except Exception as exc:  # noqa: BLE001 - recorded and asserted on
-                self.failed.append(repr(exc))
-
-    def __enter__(self) -> "Background":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(60)
-        assert not self.thread.is_alive()
 
 
 def back_to_full_strength(pool) -> dict:

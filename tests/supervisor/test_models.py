@@ -12,38 +12,11 @@ import pytest
 
 from isopool.errors import BadRequest, Overloaded, UnknownModel, WorkerCrashed
 from isopool.models.default import DefaultModel
-from tests.helpers import ROOT
+from tests.helpers import ROOT, Background
 
 FAULTY = "isopool.examples.faulty:Faulty"
 ECHO = "isopool.examples.faulty:make_echo"
 WHERE = "isopool.examples.faulty:WhereAmI"
-
-
-class Steady:
-    """Requests to one model from another thread while something happens; all must succeed."""
-
-    def __init__(self, client, model: str, limit: int = 5000):
-        self.client, self.model, self.limit = client, model, limit
-        self.ok, self.failed = 0, []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run)
-
-    def run(self) -> None:
-        while not self.stop.is_set() and self.ok + len(self.failed) < self.limit:
-            try:
-                assert self.client.infer({"do": "ok", "n": self.ok}, model=self.model, timeout=30)["echo"]["n"] == self.ok
-                self.ok += 1
-            except Exception as exc:  # noqa: BLE001 - recorded and asserted on
-                self.failed.append(repr(exc))
-
-    def __enter__(self) -> "Steady":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(60)
-        assert not self.thread.is_alive()
 
 
 def test_two_models_on_one_client_every_reply_from_the_right_model(start_pool):
@@ -133,13 +106,13 @@ def test_a_model_that_always_crashes_degrades_only_itself(start_pool):
 
 def test_load_scale_reload_unload_under_load_fail_nothing(start_pool):
     pool = start_pool("--model", f"steady={FAULTY}", "--workers", "1")
-    with pool.client() as c, pool.client() as bg_client, Steady(bg_client, "steady") as steady:
+    with pool.client() as c, pool.client() as bg_client, Background(bg_client, model="steady") as steady:
         assert c.load("extra", FAULTY, workers=1)["loading"] is True
         assert c.infer({"do": "ok"}, model="extra", timeout=60)["echo"] == {"do": "ok"}  # queued until ready
         pool.wait_until(lambda s: s["models"].get("extra", {}).get("workers_ready") == 1, "ready")
         assert c.scale(2, model="extra")["workers_target"] == 2
         pool.wait_until(lambda s: s["models"]["extra"]["workers_ready"] == 2, "ready", timeout=60)
-        with pool.client() as own, Steady(own, "extra") as own_load:  # reload of the loaded model, under its load
+        with pool.client() as own, Background(own, model="extra") as own_load:  # reload of the loaded model, under its load
             before = {w["pid"] for w in pool.status()["workers"] if w["model"] == "extra"}
             assert c.reload(model="extra")["reloading"] == 2
             pool.wait_until(lambda s: not before & {w["pid"] for w in s["workers"]}
