@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 serve: $(STAMP)
-	$(VENV)/bin/isopool serve
+	$(VENV)/bin/isopool serve --http 127.0.0.1:8000
 
 serve-embeddings: $(STAMP)
 	$(VENV)/bin/isopool serve --model isopool.examples.embeddings:Embedder

@@ -85,6 +85,9 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
     ("max-depth", int, "Deepest accepted nesting of lists and maps in a payload."),
     ("max-elements", int, "Most array elements plus container items accepted in one payload."),
     ("arrays", click.Choice(["auto", "numpy", "torch"]), "How the model receives arrays."),
+    ("http", str, "Serve the Open Inference Protocol (v2 REST) on HOST:PORT, e.g. 127.0.0.1:8000, from gateway "
+                  "processes of their own; a non-loopback address needs --insecure (no TLS yet)."),
+    ("http-workers", int, "HTTP gateway processes (0: half the cores, at least 1)."),
     ("metrics-port", int, "Serve Prometheus metrics at http://HOST:PORT/metrics (0: off)."),
     ("metrics-host", str, "Address for --metrics-port (127.0.0.1: loopback only)."),
     ("integrity-interval", float, "Seconds between checks of each idle worker's weights against their "
@@ -109,7 +112,7 @@ BOOL_FLAGS = [("integrity-every-request", "Also check the weights after every re
 
 COMMON = ("model", "workers", "endpoint")  # the flags most people give: listed first in --help
 # then these, in this order; the rest (tuning, limits, security) after them as SERVE_OPTIONS has them
-FREQUENT = ("devices", "max-batch-size", "max-batch-wait-ms", "request-timeout", "max-queue", "max-rss",
+FREQUENT = ("http", "devices", "max-batch-size", "max-batch-wait-ms", "request-timeout", "max-queue", "max-rss",
             "max-requests", "metrics-port", "metrics-host", "preload", "isolation", "arrays", "log-rate")
 
 

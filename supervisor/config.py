@@ -53,6 +53,8 @@ class PoolConfig:
     max_depth: int = Limits.max_depth
     max_elements: int = Limits.max_elements
     arrays: str = "auto"  # how handlers receive arrays: auto | numpy | torch
+    http: str | None = None  # HOST:PORT: serve the Open Inference Protocol there (gateway processes)
+    http_workers: int = 0  # gateway processes (0: half the cores, at least 1)
     metrics_port: int = 0  # serve Prometheus /metrics here (0: off)
     metrics_host: str = "127.0.0.1"
     integrity_interval: float = 0.0  # seconds between weight fingerprint checks of idle workers (0: off)
@@ -82,6 +84,8 @@ class PoolConfig:
                 problems.append(f"{f.name.replace('_', '-')} must be a finite number, got {value}")
         if self.workers > MAX_WORKERS:
             problems.append(f"workers must be at most {MAX_WORKERS}, got {self.workers}")
+        if self.http_workers < 0 or self.http_workers > 64:
+            problems.append(f"http-workers must be 0 (half the cores) to 64, got {self.http_workers}")
         if not 0 <= self.metrics_port <= 65535:
             problems.append(f"metrics-port must be 0 (off) to 65535, got {self.metrics_port}")
         if not 0 <= self.spin_us <= MAX_SPIN_US:
@@ -111,6 +115,9 @@ class PoolConfig:
     def limits(self) -> Limits:
         return Limits(max_message_bytes=self.max_message_bytes, max_depth=self.max_depth,
                       max_elements=self.max_elements)
+
+    def gateway_count(self) -> int:
+        return self.http_workers or max(1, (os.cpu_count() or 1) // 2)
 
     def worker_threads(self) -> int:
         if self.threads:

@@ -39,6 +39,7 @@ from .blame import wants_last_words
 from .config import PoolConfig, ServeConfig
 from .core import Core
 from .devices import parse_devices
+from .gateways import Gateways, is_loopback, parse_address
 from .models import Models, Served
 from .phase import Phase
 from .notify import sd_notify
@@ -71,6 +72,7 @@ class Supervisor:
         self.models: Models | None = None
         self.startup_error: tuple[str, int] | None = None
         self.ready_said = False
+        self.gateways: Gateways | None = None
 
     # ------------------------------------------------------------ setup
 
@@ -92,8 +94,35 @@ class Supervisor:
         self.models = Models(self.procs.marks, time.monotonic())
         for cfg in self.config.models:
             self.models.add(cfg, time.monotonic(), initial=True)
+        self.gateways = self.open_gateways()
+
+    def open_gateways(self) -> Gateways | None:
+        cfg = self.daemon
+        if not cfg.http:
+            return None
+        try:
+            host, _ = parse_address(cfg.http)
+        except ValueError as exc:
+            raise StartupError(str(exc), exit_code=2) from None
+        if not is_loopback(host) and not cfg.insecure:
+            raise StartupError(f"refusing to serve HTTP on {cfg.http} without TLS and tokens, which are not built yet: "
+                               "bind 127.0.0.1, or pass --insecure on a trusted network", exit_code=2)
+        if not self.endpoint.startswith("ipc://"):
+            raise StartupError("--http needs an ipc:// endpoint for its gateways (they connect to it as clients); "
+                               f"{self.endpoint} is not one", exit_code=2)
+        try:
+            gateways = Gateways(cfg.http, cfg.gateway_count(), self.endpoint, cfg.max_message_bytes + (64 << 10),
+                                self.poller)
+        except OSError as exc:
+            raise StartupError(f"cannot serve HTTP on {cfg.http}: {exc}; choose another --http", exit_code=1) from None
+        log.info("HTTP (Open Inference Protocol) on http://%s with %d gateway(s)", gateways.address,
+                 len(gateways.gateways))
+        self.procs.also_known = gateways.pids  # children of ours that no worker left behind
+        return gateways
 
     def close(self) -> None:
+        if getattr(self, "gateways", None) is not None:
+            self.gateways.close()
         if getattr(self, "procs", None) is not None:
             self.procs.close()
         if getattr(self, "io", None) is not None:
@@ -149,6 +178,8 @@ class Supervisor:
             except Exception:  # a bug of ours: said, counted; the next pass goes on
                 self.internal_error("the timers or an action", served, None, None)
         self.settle_models(now)
+        if self.gateways is not None:
+            self.emit_all(self.gateways.tick(now))
         if maintained and io.metrics is not None:
             io.metrics.snapshot = {s.name: snapshot(s.core, self.procs.dropped_of(s.name), len(io.connections.open),
                                                     io.connections.shed) for s in self.models}
@@ -172,6 +203,10 @@ class Supervisor:
             self.to_workers.flush()
             self.to_clients.flush()
         return self.poll_timeout()
+
+    def emit_all(self, events: list[tuple[str, dict]]) -> None:
+        for kind, fields in events:
+            self.io.events.emit(kind, fields)
 
     def settle_models(self, now: float) -> None:
         """Models whose core stopped on its own: unloaded, or failed to load."""
@@ -212,6 +247,8 @@ class Supervisor:
     def poll_timeout(self) -> int:
         """Sleep until a core's next timer is due, or replies waiting for a client are tried again."""
         due = min(s.core.next_due() for s in self.models)
+        if self.gateways is not None:
+            due = min(due, self.gateways.next_due())
         if self.to_clients.backlog:
             due = min(due, time.monotonic() + RETRY_S)
         return max(0, int((due - time.monotonic()) * 1000) + 1)
@@ -295,6 +332,8 @@ class Supervisor:
             io.events.read_subscriptions()
         if io.auth is not None and io.auth.zap in ready:
             io.auth.handle()
+        if self.gateways is not None:
+            self.emit_all(self.gateways.ready(ready, now))
         for name, event in self.procs.template_events():
             served = models.by_name.get(name)
             if served is not None:
@@ -406,7 +445,8 @@ class Supervisor:
                 "events_endpoint": io.events.endpoint, "event_subscribers": io.events.subscribers,
                 "metrics_url": io.metrics_url, "auth_denied": io.auth.denied if io.auth is not None else None,
                 "output_dropped": self.procs.dropped, "replies_waiting": self.to_clients.waiting(),
-                "replies_dropped": self.to_clients.dropped, **io.connections.facts(time.monotonic())}
+                "replies_dropped": self.to_clients.dropped, **io.connections.facts(time.monotonic()),
+                **(self.gateways.facts() if self.gateways is not None else {"http": None, "gateways": []})}
 
 
 def oversized(frames: Oversized, limits) -> BadRequest:

@@ -43,6 +43,7 @@ class Processes:
         self.worker_ids: dict[int, int] = {}  # slot -> the worker id it serves as (what logs and status say)
         self.model_of: dict[int, str] = {}  # slot -> its model's name, kept with `dropped` (a counter per slot)
         self.templates: dict[str, spawner.Template] = {}  # model name -> its template, while running
+        self.also_known = lambda: ()  # pids of our other children (the HTTP gateways): never strays
         self.strays: dict[int, float] = {}  # pid of an orphan we are ending -> when to KILL it
         # the template's forked workers become our children, and so does every process a worker
         # leaves behind (even one that called setsid()), to be ended (end_strays)
@@ -172,6 +173,7 @@ class Processes:
     def known_pids(self) -> set[int]:
         known = {p.pid for p in self.procs.values()}
         known.update(t.proc.pid for t in self.templates.values())
+        known.update(self.also_known())
         return known
 
     # ------------------------------------------------------------ the template

@@ -45,6 +45,8 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
         "events_endpoint": facts["events_endpoint"],
         "event_subscribers": facts["event_subscribers"],
         "metrics_url": facts["metrics_url"],
+        "http": facts.get("http"),  # HOST:PORT of the Open Inference Protocol, when served
+        "gateways": facts.get("gateways", []),  # its gateway processes: id, pid, restarts, last_exit
         "auth_denied": facts["auth_denied"],  # CURVE handshakes refused
         "restarts_by_reason": dict(core.replacements),
         "output_dropped_bytes": sum(dropped.values()),  # workers' output over --log-rate

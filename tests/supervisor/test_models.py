@@ -154,3 +154,18 @@ def test_two_models_in_toml_with_their_own_settings_round_trip(start_pool, short
     assert models["echo"]["max_queue"] == 16
     with pool.client() as c:
         assert c.infer("?", model="where")["config"] == {"shard": "a"}
+
+
+def test_loading_a_new_implementation_under_a_served_name_rolls_it_over(start_pool):
+    """Requests in flight finish on the old workers, new ones go to the new implementation."""
+    pool = start_pool("--model", f"m={FAULTY}", "--model", f"other={FAULTY}", "--workers", "1")
+    with pool.client() as c, pool.client() as bg_client, Background(bg_client, model="other") as other:
+        slow = c.submit({"do": "sleep", "s": 0.5}, model="m")
+        pool.running(lambda w: w["model"] == "m")  # in flight on the old implementation
+        assert c.load("m", WHERE)["replacing"] == 1
+        assert slow.result(timeout=60)["echo"] == {"do": "sleep", "s": 0.5}
+        pool.wait_until(lambda s: s["models"]["m"]["model"] == WHERE and s["models"]["m"]["workers_ready"] == 1
+                        and all(w["generation"] > 1 for w in s["workers"] if w["model"] == "m"), "reload_finished",
+                        timeout=60)
+        assert set(c.infer(1, model="m")) >= {"worker", "generation", "config"}  # WhereAmI's answer
+    assert other.failed == [] and other.ok > 0

@@ -1,0 +1,237 @@
+"""Open Inference Protocol (v2) tensors: JSON and the binary tensor extension, to and from numpy.
+
+    request body = JSON [+ binary blobs]      (Inference-Header-Content-Length: the JSON's length)
+    inputs[i]    = {name, shape, datatype, data | parameters.binary_data_size}
+    the model gets one input's array, or {name: array} for several (and "parameters" when sent)
+    outputs      = the model's array as OUTPUT0, or one output per key of the map it returns
+
+Every check raises BadInput with what was wrong; the app answers it with 400.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+# OIP datatype <-> numpy dtype (BF16 has no numpy dtype; BYTES are object arrays of bytes)
+DATATYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+             "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
+             "FP32": np.float32, "FP64": np.float64}
+OF_DTYPE = {np.dtype(v).name: k for k, v in DATATYPES.items()}
+MAX_DIMS = 32
+DEFAULT_OUTPUT = "OUTPUT0"
+
+
+class BadInput(ValueError):
+    """The request does not follow the protocol; the message says how."""
+
+
+def parse_request(body: bytes, header_length: int | None, max_elements: int) -> dict:
+    """The request's JSON, with each input's `array` decoded (from JSON data or its binary blob)."""
+    if header_length is not None:
+        if not 0 <= header_length <= len(body):
+            raise BadInput(f"Inference-Header-Content-Length {header_length} does not fit a body of {len(body)} bytes")
+        head, blobs = body[:header_length], memoryview(body)[header_length:]
+    else:
+        head, blobs = body, memoryview(b"")
+    try:
+        request = json.loads(head)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadInput(f"the request body is not JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise BadInput("the request must be a JSON object with \"inputs\"")
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise BadInput("\"inputs\" must be a non-empty list of {name, shape, datatype, data}")
+    at = 0
+    for i, item in enumerate(inputs):
+        if not isinstance(item, dict):
+            raise BadInput(f"inputs[{i}] must be an object")
+        at = _decode_input(item, i, blobs, at, max_elements)
+    if at != len(blobs):
+        raise BadInput(f"{len(blobs) - at} bytes of binary data follow the JSON but no input's binary_data_size "
+                       "accounts for them")
+    for key in ("parameters",):
+        if key in request and not isinstance(request[key], dict):
+            raise BadInput(f"\"{key}\" must be an object")
+    outputs = request.get("outputs")
+    if outputs is not None and (not isinstance(outputs, list)
+                                or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs)):
+        raise BadInput("\"outputs\" must be a list of {\"name\": ...} objects")
+    return request
+
+
+def _decode_input(item: dict, i: int, blobs: memoryview, at: int, max_elements: int) -> int:
+    name, shape, datatype = item.get("name"), item.get("shape"), item.get("datatype")
+    where = f"input {name!r}" if isinstance(name, str) else f"inputs[{i}]"
+    if not isinstance(name, str) or not name:
+        raise BadInput(f"inputs[{i}] needs a \"name\" (a string)")
+    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+            or not all(type(d) is int and 0 <= d for d in shape)):
+        raise BadInput(f"{where}: \"shape\" must be a list of at most {MAX_DIMS} non-negative ints, got {shape!r}")
+    count = math.prod(shape)
+    if count > max_elements:
+        raise BadInput(f"{where}: {count} elements, over max_elements={max_elements}")
+    if datatype != "BYTES" and datatype not in DATATYPES:
+        raise BadInput(f"{where}: datatype {datatype!r} is not one of {', '.join([*DATATYPES, 'BYTES'])}")
+    params = item.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadInput(f"{where}: \"parameters\" must be an object")
+    size = params.get("binary_data_size")
+    if size is not None:
+        if type(size) is not int or size < 0 or at + size > len(blobs):
+            raise BadInput(f"{where}: binary_data_size {size!r} does not fit the {len(blobs) - at} bytes left")
+        item["array"] = _from_binary(bytes(blobs[at:at + size]), datatype, shape, where)
+        return at + size
+    if "data" not in item:
+        raise BadInput(f"{where}: needs \"data\", or parameters.binary_data_size with the bytes after the JSON")
+    item["array"] = _from_json(item["data"], datatype, shape, count, where)
+    return at
+
+
+def _from_json(data: Any, datatype: str, shape: list, count: int, where: str) -> np.ndarray:
+    flat = _flatten(data, where)
+    if len(flat) != count:
+        raise BadInput(f"{where}: shape {shape} holds {count} elements, data has {len(flat)}")
+    if datatype == "BYTES":
+        return np.array([_bytes_of(v, where) for v in flat], dtype=object).reshape(shape)
+    dtype = DATATYPES[datatype]
+    if datatype == "BOOL":
+        if not all(type(v) is bool for v in flat):
+            raise BadInput(f"{where}: BOOL data must be true or false")
+    elif not all(type(v) in (int, float) for v in flat):
+        raise BadInput(f"{where}: {datatype} data must be numbers")
+    try:
+        return np.array(flat, dtype=dtype).reshape(shape)
+    except (OverflowError, ValueError) as exc:
+        raise BadInput(f"{where}: data does not fit {datatype}: {exc}") from None
+
+
+def _flatten(data: Any, where: str, depth: int = 0) -> list:
+    if not isinstance(data, list):
+        return [data]
+    if depth > MAX_DIMS:
+        raise BadInput(f"{where}: data nests deeper than {MAX_DIMS}")
+    out: list = []
+    for v in data:
+        out.extend(_flatten(v, where, depth + 1) if isinstance(v, list) else (v,))
+    return out
+
+
+def _bytes_of(value: Any, where: str) -> bytes:
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, dict) and isinstance(value.get("b64"), str):  # the spec's base64 form
+        try:
+            return base64.b64decode(value["b64"], validate=True)
+        except ValueError:
+            raise BadInput(f"{where}: \"b64\" is not base64") from None
+    raise BadInput(f"{where}: BYTES data must be strings (or {{\"b64\": ...}})")
+
+
+def _from_binary(raw: bytes, datatype: str, shape: list, where: str) -> np.ndarray:
+    count = math.prod(shape)
+    if datatype == "BYTES":  # each element: a 4-byte little-endian length, then its bytes
+        items, at = [], 0
+        while at < len(raw):
+            if at + 4 > len(raw):
+                raise BadInput(f"{where}: BYTES binary data is cut short")
+            n = int.from_bytes(raw[at:at + 4], "little")
+            items.append(raw[at + 4:at + 4 + n])
+            at += 4 + n
+        if len(items) != count or at != len(raw):
+            raise BadInput(f"{where}: shape {shape} holds {count} elements, the binary data {len(items)}")
+        return np.array(items, dtype=object).reshape(shape)
+    dtype = np.dtype(DATATYPES[datatype]).newbyteorder("<")
+    if len(raw) != count * dtype.itemsize:
+        raise BadInput(f"{where}: shape {shape} of {datatype} needs {count * dtype.itemsize} bytes, got {len(raw)}")
+    return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=True).reshape(shape)
+
+
+def model_input(request: dict) -> Any:
+    """What the model is called with: one input's array, else {name: array}; with request
+    parameters, those under "parameters" beside the inputs."""
+    inputs = request["inputs"]
+    arrays = {item["name"]: _for_model(item["array"]) for item in inputs}
+    params = request.get("parameters")
+    params = {k: v for k, v in (params or {}).items() if k != "binary_data_output"}
+    if len(arrays) == 1 and not params:
+        return next(iter(arrays.values()))
+    return {**arrays, **({"parameters": params} if params else {})}
+
+
+def _for_model(array: np.ndarray) -> Any:
+    if array.dtype == object:  # BYTES: a list of bytes (the wire has no object arrays)
+        return [bytes(v) for v in array.reshape(-1)] if array.ndim == 1 else array.tolist()
+    return array
+
+
+def outputs_of(result: Any) -> dict[str, np.ndarray]:
+    """The model's answer as named output tensors."""
+    if isinstance(result, dict):
+        return {str(k): _tensor(v, str(k)) for k, v in result.items()}
+    return {DEFAULT_OUTPUT: _tensor(result, DEFAULT_OUTPUT)}
+
+
+def _tensor(value: Any, name: str) -> np.ndarray:
+    if hasattr(value, "numpy") and not isinstance(value, np.ndarray):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    if isinstance(value, (bytes, str)) or (isinstance(value, list) and value and isinstance(value[0], (bytes, str))):
+        items = value if isinstance(value, list) else [value]
+        return np.array([v.encode() if isinstance(v, str) else v for v in items], dtype=object)
+    array = np.asarray(value)
+    if array.dtype.name not in OF_DTYPE and array.dtype != object:
+        raise ValueError(f"output {name!r} has dtype {array.dtype}, which the protocol cannot carry")
+    return array
+
+
+def response(model: str, request: dict, outputs: dict[str, np.ndarray]) -> tuple[bytes, bytes]:
+    """(JSON, binary blobs) of the response: the outputs asked for (all, if none were named),
+    as binary where the request asked for it."""
+    wanted = request.get("outputs")
+    every_binary = bool((request.get("parameters") or {}).get("binary_data_output"))
+    if wanted:
+        missing = [o["name"] for o in wanted if o["name"] not in outputs]
+        if missing:
+            raise BadInput(f"output(s) {', '.join(missing)} are not among the model's: {', '.join(outputs)}")
+        chosen = [(o["name"], bool((o.get("parameters") or {}).get("binary_data", every_binary))) for o in wanted]
+    else:
+        chosen = [(name, every_binary) for name in outputs]
+    out, blobs = [], []
+    for name, binary in chosen:
+        array = outputs[name]
+        entry: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": _datatype(array)}
+        if binary:
+            raw = _to_binary(array)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = _to_json(array)
+        out.append(entry)
+    body: dict[str, Any] = {"model_name": model, "outputs": out}
+    if "id" in request:
+        body["id"] = request["id"]
+    return json.dumps(body, separators=(",", ":")).encode(), b"".join(blobs)
+
+
+def _datatype(array: np.ndarray) -> str:
+    return "BYTES" if array.dtype == object else OF_DTYPE[array.dtype.name]
+
+
+def _to_json(array: np.ndarray) -> list:
+    flat = array.reshape(-1)
+    if array.dtype == object:
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat]
+    if array.dtype == np.float16:
+        flat = flat.astype(np.float32)
+    return flat.tolist()
+
+
+def _to_binary(array: np.ndarray) -> bytes:
+    if array.dtype == object:
+        return b"".join(len(v).to_bytes(4, "little") + v for v in (bytes(x) for x in array.reshape(-1)))
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()

@@ -1,0 +1,137 @@
+"""HTTP gateway processes: started, watched (a pidfd each) and restarted by the shell.
+
+    listening socket (bound here, once) ──inherited──► gateway 0..N-1 (python -m isopool.gateway)
+                                                          │ AsyncClient over the ipc frontend
+    a gateway exits ──pidfd──► gateway_exited event ──► restarted after a backoff
+
+A gateway is a client of the supervisor like any other, so none of this touches the cores:
+a crashed gateway costs only the HTTP requests it had open, and the models never notice.
+Its output goes to the supervisor's stderr.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from isopool.protocol.exits import exit_fields
+
+log = logging.getLogger("isopool.supervisor")
+
+BACKOFF_S = (0.1, 0.5, 2.0, 5.0)  # restart delays after quick successive deaths
+STABLE_S = 10.0  # a gateway that lived this long starts its backoff over
+STOP_S = 5.0  # TERM, then KILL after this long, at the end
+
+
+@dataclass
+class Gateway:
+    index: int
+    proc: subprocess.Popen | None = None
+    pidfd: int = -1
+    started_at: float = 0.0
+    restarts: int = 0
+    quick_deaths: int = 0
+    due: float | None = None  # when to start it (again)
+    last_exit: dict | None = None
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--http {address!r} should be HOST:PORT, e.g. 127.0.0.1:8000")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Gateways:
+    def __init__(self, address: str, count: int, endpoint: str, max_body: int, poller: zmq.Poller):
+        host, port = parse_address(address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.create_server((host, port), family=family, backlog=1024)
+        self.sock.set_inheritable(True)
+        self.address = "%s:%d" % self.sock.getsockname()[:2]
+        self.endpoint, self.max_body, self.poller = endpoint, max_body, poller
+        self.gateways = [Gateway(i, due=0.0) for i in range(count)]
+
+    def tick(self, now: float) -> list[tuple[str, dict]]:
+        """Start the gateways that are due; (event kind, fields) of what happened."""
+        out = []
+        for g in self.gateways:
+            if g.proc is None and g.due is not None and now >= g.due:
+                out.append(self.start(g, now))
+        return out
+
+    def next_due(self) -> float:
+        return min((g.due for g in self.gateways if g.proc is None and g.due is not None), default=float("inf"))
+
+    def start(self, g: Gateway, now: float) -> tuple[str, dict]:
+        env = {**os.environ, "ISOPOOL_GATEWAY_FD": str(self.sock.fileno()), "ISOPOOL_GATEWAY_ENDPOINT": self.endpoint,
+               "ISOPOOL_GATEWAY_MAX_BODY": str(self.max_body)}
+        try:
+            g.proc = subprocess.Popen([sys.executable, "-m", "isopool.gateway"], env=env, stdin=subprocess.DEVNULL,
+                                      pass_fds=(self.sock.fileno(),))
+            g.pidfd = os.pidfd_open(g.proc.pid)
+        except OSError as exc:  # EMFILE, EAGAIN: try again later
+            g.proc, g.due = None, now + BACKOFF_S[-1]
+            return "gateway_failed", {"gateway": g.index, "error": str(exc)}
+        self.poller.register(g.pidfd, zmq.POLLIN)
+        g.started_at, g.due = now, None
+        return "gateway_started", {"gateway": g.index, "pid": g.proc.pid, "address": self.address}
+
+    def ready(self, ready: dict, now: float) -> list[tuple[str, dict]]:
+        out = []
+        for g in self.gateways:
+            if g.proc is not None and g.pidfd in ready and g.proc.poll() is not None:
+                self.poller.unregister(g.pidfd)
+                os.close(g.pidfd)
+                g.last_exit = {"pid": g.proc.pid, **exit_fields(g.proc.returncode)}
+                g.quick_deaths = g.quick_deaths + 1 if now - g.started_at < STABLE_S else 0
+                g.due = now + BACKOFF_S[min(g.quick_deaths, len(BACKOFF_S) - 1)]
+                g.restarts += 1
+                g.proc, g.pidfd = None, -1
+                log.warning("HTTP gateway %d (pid %s) exited: %s; restarting it", g.index, g.last_exit["pid"],
+                            g.last_exit["reason"])
+                out.append(("gateway_exited", {"gateway": g.index, **g.last_exit}))
+        return out
+
+    def pids(self) -> list[int]:
+        return [g.proc.pid for g in self.gateways if g.proc is not None]
+
+    def facts(self) -> dict:
+        return {"http": self.address, "gateways": [
+            {"id": g.index, "pid": g.proc.pid if g.proc is not None else None, "restarts": g.restarts,
+             "last_exit": g.last_exit} for g in self.gateways]}
+
+    def close(self) -> None:
+        running = [g for g in self.gateways if g.proc is not None]
+        for g in running:
+            g.proc.terminate()
+        end = time.monotonic() + STOP_S
+        for g in running:
+            try:
+                g.proc.wait(max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                g.proc.kill()
+                g.proc.wait(5)
+            try:
+                self.poller.unregister(g.pidfd)
+            except KeyError:
+                pass
+            os.close(g.pidfd)
+        self.sock.close()
