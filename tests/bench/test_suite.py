@@ -1,5 +1,6 @@
-"""`isopool bench --quick`: every mechanism answers correctly, on the tiny model and the real
-one (all-MiniLM-L6-v2, installed by `make test`). It asserts correctness, never speed."""
+"""`isopool bench --quick`: every mechanism answers correctly on the tiny model (the real
+model through isopool is tests/examples/test_embeddings.py's; through the executors it is
+the full bench's, which loads it in 16 processes). It asserts correctness, never speed."""
 
 from __future__ import annotations
 
@@ -11,15 +12,15 @@ from tests.helpers import ROOT
 
 
 def test_bench_quick_checks_every_mechanism(short_tmp):
-    out = subprocess.run([sys.executable, "-m", "isopool.cli", "bench", "--quick", "--out", str(short_tmp)],
+    out = subprocess.run([sys.executable, "-m", "isopool.cli", "bench", "--quick", "--no-embeddings", "--out",
+                          str(short_tmp)],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     written = json.loads((short_tmp / "results.json").read_text())
     results = written["results"]
     assert written["quick"] is True and written["date"] and "CPUs" in written["machine"]
     assert {"inproc", "isopool", "isopool_async", "ppe", "mp_pool", "loky", "pebble"} <= set(results)
-    assert all(r["correct"] for r in results.values())  # tiny model, 16 MiB echo and embeddings
-    assert all(r["emb_per_s"] > 0 for r in results.values())  # the real model ran through every mechanism
+    assert all(r["correct"] for r in results.values())  # tiny model and the 16 MiB echo
     report = (short_tmp / "results.md").read_text()
     assert report.startswith("isopool bench — QUICK run") and "| mechanism |" in report
     assert all(r["req_per_s_min"] <= r["req_per_s"] <= r["req_per_s_max"] for r in results.values())

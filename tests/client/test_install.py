@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -24,8 +25,9 @@ def test_a_client_only_install_calls_a_running_pool(start_pool, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     src = tmp_path / "src"  # the wheel is built from a copy: the checkout stays as it is
     src.mkdir()
-    subprocess.run(["cp", "-r", *[str(ROOT / p) for p in ("pyproject.toml", "README.md", "isopool", "protocol",
-                    "supervisor", "worker", "client", "bench", "examples")], str(src)], check=True, timeout=60)
+    dirs = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    subprocess.run(["cp", "-r", *[str(ROOT / p) for p in ("pyproject.toml", "README.md", *sorted(dirs))], str(src)],
+                   check=True, timeout=60)
     installed = subprocess.run([str(py), "-m", "pip", "install", "-v", "--disable-pip-version-check", str(src)],
                                capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=PIP_S)
     assert installed.returncode == 0, installed.stdout + installed.stderr
