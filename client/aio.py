@@ -22,22 +22,9 @@ from isopool.protocol import Limits, Unavailable, ops
 from isopool.protocol.iothread import io_context
 from isopool.protocol.pacing import Pacing
 
-from .core import (
-    CONNECT_S,
-    Call,
-    Session,
-    close_watched,
-    closed_early,
-    configure_socket,
-    connect,
-    curve_keys,
-    not_running,
-    on_monitor_event,
-    resolve_endpoint,
-    send_bundled,
-    stream_ended,
-    watch_disconnects,
-)
+from .connection import (CONNECT_S, close_watched, closed_early, configure_socket, connect, curve_keys, not_running,
+                         on_monitor_event, resolve_endpoint, watch_disconnects)
+from .core import Call, Session, send_bundled, stream_ended
 
 
 class _AsyncCall(Call):

@@ -17,7 +17,8 @@ from zmq.utils.monitor import recv_monitor_message
 from isopool.protocol import IsopoolError, ops
 from isopool.protocol.transport import NOBLOCK, drain, messages, send_frames
 
-from .core import Call, Session, close_watched, closed_early, configure_socket, monitor_error, no_reply, watch_disconnects
+from .connection import close_watched, closed_early, configure_socket, monitor_error, watch_disconnects
+from .core import Call, Session, no_reply
 
 if TYPE_CHECKING:
     from .iothread import IOThread

@@ -22,8 +22,8 @@ from isopool.protocol.iothread import io_context
 from isopool.protocol.pacing import Pacing
 from isopool.protocol.transport import NOBLOCK, drain, send_frames
 
-from .core import (Call, Session, close_watched, closed_early, configure_socket, connect, on_monitor_event, send_bundled,
-                   watch_disconnects)
+from .connection import close_watched, closed_early, configure_socket, connect, on_monitor_event, watch_disconnects
+from .core import Call, Session, send_bundled
 from .direct import Direct
 
 log = logging.getLogger("isopool.client")

@@ -17,7 +17,8 @@ from typing import Any, Iterator
 
 from isopool.protocol import Limits, Cancelled, IsopoolError, Unavailable, ops
 
-from .core import LOCAL_GRACE_S, Call, Session, curve_keys, resolve_endpoint, stream_ended
+from .connection import curve_keys, resolve_endpoint
+from .core import LOCAL_GRACE_S, Call, Session, stream_ended
 from .iothread import IOThread
 
 

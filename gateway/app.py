@@ -33,6 +33,7 @@ Send = Callable[[dict], Awaitable[None]]
 HEADER_LENGTH = b"inference-header-content-length"
 STATUS_TTL_S = 0.5  # how long one status answer serves health and metadata requests
 RETRY_AFTER_S = 1
+DRAIN_MAX = 64 << 20  # bytes of a too-large body read (and dropped) before the 413
 # the typed errors and their HTTP status (../shared/design.md, "HTTP")
 ERRORS: list[tuple[type, int]] = [(BadRequest, 400), (UnknownModel, 404), (Overloaded, 503), (ShuttingDown, 503),
                                   (Unavailable, 503), (RequestTimeout, 504), (IsopoolError, 500)]
@@ -156,8 +157,7 @@ class App:
 
     async def body(self, receive: Receive, headers: dict) -> bytes:
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            raise HTTPError(413, f"the body is {int(declared)} bytes, over max_message_bytes={self.max_body}")
+        too_big = declared is not None and declared.isdigit() and int(declared) > self.max_body
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -166,10 +166,17 @@ class App:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                raise HTTPError(413, f"the body is over max_message_bytes={self.max_body}")
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                return b"".join(chunks)
+                too_big = True
+            if not too_big:
+                chunks.append(chunk)
+            # past the limit the rest is read and let go (up to DRAIN_MAX), so the client, still
+            # sending, reads the 413 instead of a reset connection
+            if not message.get("more_body") or size > DRAIN_MAX:
+                break
+        if too_big:
+            raise HTTPError(413, f"the body is {int(declared) if declared and declared.isdigit() else size} bytes, "
+                                 f"over max_message_bytes={self.max_body}; send less, or raise --max-message-bytes")
+        return b"".join(chunks)
 
     def connect(self) -> AsyncClient:
         if self.client is None:

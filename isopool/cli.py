@@ -13,13 +13,12 @@ from typing import Any
 import click
 
 from isopool.bench import MECHANISMS
-from isopool.protocol.endpoints import ENV_ENDPOINT
 from isopool.protocol.exits import EXIT_LOAD_FAILED
 
-from .serveconfig import ENDPOINT_HELP, common_options, config_toml, load_config, serve_options
-EXIT_UNREACHABLE = 1
+from .cliutil import EXIT_UNREACHABLE, _client, _fail, endpoint_option
+from .manage import register
+from .serveconfig import common_options, config_toml, load_config, serve_options
 
-endpoint_option = click.option("--endpoint", "-e", envvar=ENV_ENDPOINT, default=None, help=ENDPOINT_HELP)
 
 
 class _Commands(click.Group):
@@ -164,30 +163,6 @@ def _read_input(value: str) -> Any:
         raise click.BadParameter(f"INPUT is not JSON ({exc}); pass JSON, or @file with JSON in it") from None
 
 
-def _client(endpoint: str | None, timeout: float = 30.0):
-    from isopool.client import Client
-
-    try:
-        return Client(endpoint, timeout=timeout)
-    except ValueError as exc:  # a malformed endpoint, a bad key file
-        _fail(exc, code=2)
-
-
-# the Python client's words for a setting, and what the CLI calls it
-CLI_WORDS = (("raise the client's timeout=", "raise --timeout"), ("or raise timeout=", "or raise --timeout"))
-
-
-def _fail(exc: Exception, code: int = 1) -> None:
-    text = str(exc)
-    for python, flag in CLI_WORDS:
-        text = text.replace(python, flag)
-    click.echo(f"isopool: {type(exc).__name__}: {text}", err=True)
-    cause = exc.__cause__
-    if cause is not None and str(cause).strip():
-        click.echo(f"remote traceback:{cause}", err=True)
-    sys.exit(code)
-
-
 @main.command()
 @endpoint_option
 @click.option("--timeout", "-t", type=float, default=30.0, show_default=True, help="Seconds to wait for the answer.")
@@ -308,117 +283,6 @@ def events(endpoint: str | None, count: int, timeout: float) -> None:
         ctx.term()
 
 
-# ---------------------------------------------------------------- keys
-
-
-@main.command()
-@click.argument("name")
-@click.option("--dir", "directory", type=click.Path(file_okay=False), default=".", show_default=True,
-              help="Directory to write the two key files in (created 0700 if missing).")
-def keygen(name: str, directory: str) -> None:
-    """Write a CURVE key pair: NAME.key (public: share it) and NAME.key_secret (keep it private).
-
-    The server uses its .key_secret (--curve-secret-key); clients use their own .key_secret
-    and the server's .key ($ISOPOOL_CURVE_SECRET_KEY, $ISOPOOL_CURVE_SERVER_KEY). Put client
-    .key files in the server's --curve-clients or --curve-admins directory to let them in.
-    """
-    import os
-
-    import zmq.auth
-
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(directory, name)
-    os.chmod(secret, 0o600)
-    click.echo(f"public key: {public}\nsecret key: {secret}")
-
-
-# ---------------------------------------------------------------- control
-
-
-def _control(endpoint: str | None, action: str, **args: Any) -> None:
-    from isopool.errors import IsopoolError
-
-    with _client(endpoint, 10.0) as client:
-        try:
-            click.echo(json.dumps(client.control(action, **args)))
-        except IsopoolError as exc:
-            _fail(exc)
-
-
-model_option = click.option("--model", "-m", "model", default=None,
-                            help="The model, by name (needed when the daemon serves several). [default: the only one]")
-
-
-@main.command()
-@endpoint_option
-@model_option
-@click.argument("workers", type=click.IntRange(min=1))
-def scale(endpoint: str | None, model: str | None, workers: int) -> None:
-    """Change the number of workers of a model at runtime."""
-    _control(endpoint, "scale", workers=workers, **({"model": model} if model else {}))
-
-
-@main.command()
-@endpoint_option
-@click.option("--model", "-m", "model", default=None,
-              help="Reload only this model. [default: every model]")
-def reload(endpoint: str | None, model: str | None) -> None:
-    """Replace every worker one at a time (picks up new code and weights); no request fails."""
-    _control(endpoint, "reload", **({"model": model} if model else {}))
-
-
-@main.command()
-@endpoint_option
-@click.argument("spec", metavar="NAME=MODULE:ATTR")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Its worker count. [default: --workers of the daemon]")
-def load(endpoint: str | None, spec: str, workers: int | None) -> None:
-    """Start serving a model while serving the others.
-
-    Requests to it queue until its first worker is ready. Under a NAME already served, its
-    workers roll over to the new implementation with no failed request.
-    """
-    name, sep, target = spec.partition("=")
-    if not sep or not name or ":" not in target:
-        raise click.BadParameter(f"{spec!r} should look like NAME=MODULE:ATTR", param_hint="NAME=MODULE:ATTR")
-    _control(endpoint, "load", name=name, model=target, **({"workers": workers} if workers else {}))
-
-
-@main.command()
-@endpoint_option
-@click.argument("name")
-def unload(endpoint: str | None, name: str) -> None:
-    """Stop serving a model: its queued and running requests are answered, then its workers stop."""
-    _control(endpoint, "unload", name=name)
-
-
-@main.command()
-@endpoint_option
-@click.option("--json", "as_json", is_flag=True, help="Print the models map as JSON.")
-def models(endpoint: str | None, as_json: bool) -> None:
-    """List the models served: name, implementation, workers and readiness."""
-    from isopool.errors import IsopoolError
-
-    with _client(endpoint, 10.0) as client:
-        try:
-            served = client.models()
-        except IsopoolError as exc:
-            _fail(exc)
-    if as_json:
-        click.echo(json.dumps(served))
-        return
-    for name, m in served.items():
-        click.echo(f"{name}\t{m['model']}\t{m['workers_ready']}/{m['workers_target']} ready\t{m['phase']}\t"
-                   + ("healthy" if m["healthy"] else "unhealthy: " + m["health_reason"]))
-
-
-@main.command()
-@endpoint_option
-def stop(endpoint: str | None) -> None:
-    """Drain and stop the supervisor, like SIGTERM."""
-    _control(endpoint, "stop")
-
-
 @main.command()
 @click.option("--quick", is_flag=True, help="Small sizes and one round: checks every mechanism's answers fast; "
                                             "its figures are labelled QUICK and are not for comparison.")
@@ -441,6 +305,8 @@ def bench(quick: bool, repeats: int | None, out: Path | None, only: tuple[str, .
 
     sys.exit(run_bench(quick, repeats, out, list(only), embeddings=not no_embeddings))
 
+
+register(main)
 
 if __name__ == "__main__":
     main()

@@ -17,12 +17,10 @@ from .codec import (
     encode_error,
     encode_payload,
     frame_view,
-    pack_header,
-    peek_id,
     total_bytes,
-    unpack_header,
     validate_payload,
 )
+from .headers import pack_header, peek_id, unpack_header
 from .errors import (
     BadRequest,
     Cancelled,

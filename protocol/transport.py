@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence
 import msgpack
 import zmq
 
-from .codec import peek_id, unpack_header
+from .headers import peek_id, unpack_header
 from .errors import BadRequest
 from .limits import Limits
 from .schemas import check
@@ -43,6 +43,15 @@ class Oversized(list):
     def __init__(self, frames: list, size: int, count: int):
         super().__init__(frames[:self.kept])
         self.size, self.count = size, count
+
+
+def oversized(frames: Oversized, limits: Limits) -> BadRequest:
+    """The refusal of a message past the read bounds; its sender's size (the routing frame not counted)."""
+    size, count = frames.size - len(frames[0]), frames.count - 1
+    return BadRequest(f"a message of {size} bytes in {count} frames was refused: over "
+                      f"max_message_bytes={limits.max_message_bytes} (or its frame bound) and read no further. "
+                      f"Send less, or raise {limits.flag('max_message_bytes')}",
+                      setting="max_message_bytes", limit=limits.max_message_bytes)
 
 
 UNBOUNDED = 1 << 62

@@ -135,3 +135,27 @@ class Gateways:
                 pass
             os.close(g.pidfd)
         self.sock.close()
+
+
+def open_gateways(cfg, endpoint: str, poller: zmq.Poller) -> Gateways | None:
+    """The HTTP gateways `cfg.http` asks for (None without it); StartupError saying why not."""
+    from .sockets import StartupError
+
+    if not cfg.http:
+        return None
+    try:
+        host, _ = parse_address(cfg.http)
+    except ValueError as exc:
+        raise StartupError(str(exc), exit_code=2) from None
+    if not is_loopback(host) and not cfg.insecure:
+        raise StartupError(f"refusing to serve HTTP on {cfg.http} without TLS and tokens, which are not built yet: "
+                           "bind 127.0.0.1, or pass --insecure on a trusted network", exit_code=2)
+    if not endpoint.startswith("ipc://"):
+        raise StartupError("--http needs an ipc:// endpoint for its gateways (they connect to it as clients); "
+                           f"{endpoint} is not one", exit_code=2)
+    try:
+        gateways = Gateways(cfg.http, cfg.gateway_count(), endpoint, cfg.max_message_bytes + (64 << 10), poller)
+    except OSError as exc:
+        raise StartupError(f"cannot serve HTTP on {cfg.http}: {exc}; choose another --http", exit_code=1) from None
+    log.info("HTTP (Open Inference Protocol) on http://%s with %d gateway(s)", gateways.address, len(gateways.gateways))
+    return gateways

@@ -28,25 +28,24 @@ import zmq
 
 from isopool.protocol import encode, encode_error, ops, schemas
 from isopool.protocol.pacing import Pacing
-from isopool.protocol.codec import peek_id
+from isopool.protocol.headers import peek_id
 from isopool.protocol.contract import parse_ident
-from isopool.protocol.errors import BadRequest, IsopoolError
-from isopool.protocol.transport import Outbox, Oversized, bounds, data, drain, messages
+from isopool.protocol.errors import IsopoolError
+from isopool.protocol.transport import Outbox, Oversized, bounds, data, drain, messages, oversized
 
 from . import actions as act
 from .auth import is_admin
 from .blame import wants_last_words
 from .config import PoolConfig, ServeConfig
-from .core import Core
 from .devices import parse_devices
-from .gateways import Gateways, is_loopback, parse_address
+from .gateways import Gateways, open_gateways
 from .models import Models, Served
 from .phase import Phase
 from .notify import sd_notify
 from .processes import Processes
 from .replies import RETRY_S, ClientOutbox
 from .sockets import Sockets, StartupError
-from .status import build_status, merge_status, snapshot
+from .status import daemon_status, snapshot
 
 log = logging.getLogger("isopool.supervisor")
 
@@ -71,7 +70,6 @@ class Supervisor:
         self.worked = False  # the last pass read a client's or a worker's message
         self.models: Models | None = None
         self.startup_error: tuple[str, int] | None = None
-        self.ready_said = False
         self.gateways: Gateways | None = None
 
     # ------------------------------------------------------------ setup
@@ -94,31 +92,9 @@ class Supervisor:
         self.models = Models(self.procs.marks, time.monotonic())
         for cfg in self.config.models:
             self.models.add(cfg, time.monotonic(), initial=True)
-        self.gateways = self.open_gateways()
-
-    def open_gateways(self) -> Gateways | None:
-        cfg = self.daemon
-        if not cfg.http:
-            return None
-        try:
-            host, _ = parse_address(cfg.http)
-        except ValueError as exc:
-            raise StartupError(str(exc), exit_code=2) from None
-        if not is_loopback(host) and not cfg.insecure:
-            raise StartupError(f"refusing to serve HTTP on {cfg.http} without TLS and tokens, which are not built yet: "
-                               "bind 127.0.0.1, or pass --insecure on a trusted network", exit_code=2)
-        if not self.endpoint.startswith("ipc://"):
-            raise StartupError("--http needs an ipc:// endpoint for its gateways (they connect to it as clients); "
-                               f"{self.endpoint} is not one", exit_code=2)
-        try:
-            gateways = Gateways(cfg.http, cfg.gateway_count(), self.endpoint, cfg.max_message_bytes + (64 << 10),
-                                self.poller)
-        except OSError as exc:
-            raise StartupError(f"cannot serve HTTP on {cfg.http}: {exc}; choose another --http", exit_code=1) from None
-        log.info("HTTP (Open Inference Protocol) on http://%s with %d gateway(s)", gateways.address,
-                 len(gateways.gateways))
-        self.procs.also_known = gateways.pids  # children of ours that no worker left behind
-        return gateways
+        self.gateways = open_gateways(self.daemon, self.endpoint, self.poller)
+        if self.gateways is not None:
+            self.procs.also_known = self.gateways.pids  # children of ours that no worker left behind
 
     def close(self) -> None:
         if getattr(self, "gateways", None) is not None:
@@ -127,11 +103,6 @@ class Supervisor:
             self.procs.close()
         if getattr(self, "io", None) is not None:
             self.io.close()
-
-    @property
-    def core(self) -> Core:
-        """The first model's core (the only one, when one model is served)."""
-        return self.models.first.core
 
     # ------------------------------------------------------------ the loop
 
@@ -177,7 +148,11 @@ class Supervisor:
                     self.carry_out_for(served, now)
             except Exception:  # a bug of ours: said, counted; the next pass goes on
                 self.internal_error("the timers or an action", served, None, None)
-        self.settle_models(now)
+        failed = self.models.settle(now, self.io.events.emit, self.procs.stop_template)
+        if failed is not None and self.startup_error is None:  # a model given at start did not load
+            self.startup_error = failed
+            for served in self.models:
+                self.carry_out_for(served, now)
         if self.gateways is not None:
             self.emit_all(self.gateways.tick(now))
         if maintained and io.metrics is not None:
@@ -207,30 +182,6 @@ class Supervisor:
     def emit_all(self, events: list[tuple[str, dict]]) -> None:
         for kind, fields in events:
             self.io.events.emit(kind, fields)
-
-    def settle_models(self, now: float) -> None:
-        """Models whose core stopped on its own: unloaded, or failed to load."""
-        models = self.models
-        for served in models.stopped():
-            core = served.core
-            if core.startup_error and served.initial and self.startup_error is None:
-                # a model given at start did not load: `serve` fails, the other models stop too
-                self.startup_error = (f"model {served.name}: {core.startup_error}" if len(models) > 1
-                                      else core.startup_error, core.exit_code)
-                for other in models:
-                    if other is not served:
-                        other.core.handle(act.SignalReceived("SIGTERM"), now)
-                        self.carry_out_for(other, now)
-            elif not served.initial or served.unloading:
-                if core.startup_error:
-                    log.error("model %s did not load: %s", served.name, core.startup_error)
-                    io_event = {"model": served.name, "error": core.startup_error}
-                    self.io.events.emit("load_failed", io_event)
-                else:
-                    self.io.events.emit("unloaded", {"model": served.name})
-                self.procs.stop_template(served.name)
-                if len(models) > 1:
-                    models.remove(served)
 
     def wait(self, timeout_ms: int) -> list:
         """What is ready to read, waiting at most timeout_ms. While answers come quickly, a pass
@@ -415,19 +366,11 @@ class Supervisor:
 
     def notify(self, served: Served, state: str) -> None:
         """READY=1 once every model given at start is ready; anything else as it comes."""
-        if state != "READY=1":
-            sd_notify(state)
-            return
-        served.ready_said = True
-        if not self.ready_said and all(s.ready_said for s in self.models if s.initial):
-            self.ready_said = True
+        if state != "READY=1" or self.models.all_ready(served):
             sd_notify(state)
 
     def status(self, now: float) -> dict:
-        facts = self.facts()
-        per = {s.name: build_status(s.core, {**facts, "output_dropped": self.procs.dropped_of(s.name)}, now)
-               for s in self.models}
-        return merge_status(per, {s.name: s.core for s in self.models}, facts, now)
+        return daemon_status(self.models, self.facts(), self.procs.dropped_of, now)
 
     def internal_error(self, what: str, served: Served | None, ident: bytes | None, rid: Any) -> None:
         """The last line: an exception escaped the handling of one event. Log its traceback;
@@ -447,15 +390,6 @@ class Supervisor:
                 "output_dropped": self.procs.dropped, "replies_waiting": self.to_clients.waiting(),
                 "replies_dropped": self.to_clients.dropped, **io.connections.facts(time.monotonic()),
                 **(self.gateways.facts() if self.gateways is not None else {"http": None, "gateways": []})}
-
-
-def oversized(frames: Oversized, limits) -> BadRequest:
-    """The refusal of a message past the read bounds; its sender's size (the routing frame not counted)."""
-    size, count = frames.size - len(frames[0]), frames.count - 1
-    return BadRequest(f"a message of {size} bytes in {count} frames was refused: over "
-                      f"max_message_bytes={limits.max_message_bytes} (or its frame bound) and read no further. "
-                      f"Send less, or raise {limits.flag('max_message_bytes')}",
-                      setting="max_message_bytes", limit=limits.max_message_bytes)
 
 
 def _reply_dropped(peer: bytes | None, exc: zmq.ZMQError) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import random
 from typing import Any, Callable
 
@@ -23,10 +24,13 @@ from isopool.protocol.errors import BadRequest, NotAllowed, UnknownModel
 from isopool.protocol.schemas import MAX_WORKERS
 
 from . import control as ctl
+from .actions import SignalReceived
 from .config import MODEL_NAME, PoolConfig
 from .core import Core
 from .devices import parse_devices
 from .phase import Phase
+
+log = logging.getLogger("isopool.supervisor")
 
 
 class Served:
@@ -38,6 +42,7 @@ class Served:
         self.initial = initial  # given at start: its failure to load fails `serve`
         self.unloading = False
         self.ready_said = False  # its core said READY=1
+        self.stopping_for: str | None = None  # stopped because the model named failed to load at start
 
     @property
     def name(self) -> str:
@@ -51,6 +56,7 @@ class Models:
         self.by_name: dict[str, Served] = {}
         self.by_slot: dict[int, Served] = {}
         self.started_at = now
+        self.ready_said = False  # READY=1 went out
 
     def add(self, config: PoolConfig, now: float, initial: bool) -> Served:
         devices = parse_devices(config.devices)
@@ -89,9 +95,45 @@ class Models:
                                model=name, models=self.names())
         return served
 
+    def all_ready(self, served: Served) -> bool:
+        """`served` said READY=1: True the first time every model given at start has."""
+        served.ready_said = True
+        if self.ready_said or not all(s.ready_said for s in self if s.initial):
+            return False
+        self.ready_said = True
+        return True
+
     def stopped(self) -> list[Served]:
         """Models whose core has stopped: unloaded ones, and ones that failed to load."""
         return [s for s in self.by_name.values() if s.core.phase is Phase.STOPPED]
+
+    def settle(self, now: float, emit: Callable[[str, dict], Any], stop_template: Callable[[str], None]
+               ) -> tuple[str, int] | None:
+        """Models whose core stopped on its own: unloaded ones, and ones that failed to load. A
+        model given at start that failed stops every other model too, and is returned as
+        (message, exit code) for `serve` to fail with."""
+        failed = None
+        for served in self.stopped():
+            core = served.core
+            if core.startup_error and served.initial:
+                if served.stopping_for is None:  # said once
+                    served.stopping_for = served.name
+                    failed = (f"model {served.name}: {core.startup_error}" if len(self) > 1 else core.startup_error,
+                              core.exit_code)
+                    for other in self:
+                        if other is not served:
+                            other.stopping_for = served.name
+                            other.core.handle(SignalReceived("SIGTERM"), now)
+            elif not served.initial or served.unloading:
+                if core.startup_error:
+                    log.error("model %s did not load: %s", served.name, core.startup_error)
+                    emit("load_failed", {"model": served.name, "error": core.startup_error})
+                else:
+                    emit("unloaded", {"model": served.name})
+                stop_template(served.name)
+                if len(self) > 1:
+                    self.remove(served)
+        return failed
 
     def remove(self, served: Served) -> None:
         del self.by_name[served.name]

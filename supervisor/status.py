@@ -73,6 +73,12 @@ MODEL_KEYS = ("workers_target", "workers_ready", "queue_depth", "in_flight", "in
               "throughput_rps", "latency_p50_ms", "latency_p99_ms", "restarts_by_reason")
 
 
+def daemon_status(models, facts: dict, dropped_of, now: float) -> dict[str, Any]:
+    """The status of every model (models.Models), merged; `dropped_of(name)` is a model's dropped output."""
+    per = {s.name: build_status(s.core, {**facts, "output_dropped": dropped_of(s.name)}, now) for s in models}
+    return merge_status(per, {s.name: s.core for s in models}, facts, now)
+
+
 def merge_status(per: dict[str, dict], cores: dict[str, "Core"], facts: dict, now: float) -> dict[str, Any]:
     """The daemon's status from each model's (build_status): `pool` adds them up, `models` has
     each model's summary, and every worker says its model."""

@@ -214,3 +214,17 @@ class Background:
         self.stop.set()
         self.thread.join(60)
         assert not self.thread.is_alive()
+
+
+def need(tool: str, package: str | None = None) -> str:
+    """The path of command `tool`, installed with apt-get (Debian's `package`) if it is missing."""
+    import shutil
+
+    found = shutil.which(tool)
+    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300)
+        subprocess.run(["apt-get", "install", "-y", "-qq", package or tool], capture_output=True, timeout=300,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        found = shutil.which(tool)
+    assert found is not None, f"{tool} is needed and could not be installed (apt-get install {package or tool})"
+    return found

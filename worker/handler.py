@@ -62,3 +62,16 @@ def build_model(spec: str, context: WorkerContext) -> Any:
         raise TypeError(f"{spec} built a {type(model).__name__}, which is neither callable nor has batch(); "
                         "the model is called once per request, or batch(list) once per batch")
     return model
+
+
+class NotAStream(Exception):
+    """A generator's answer to a request that is not a stream: refused before any of it runs."""
+
+    def __init__(self, parts: Any):
+        super().__init__("not a stream")
+        self.parts = parts
+
+    def close(self) -> None:
+        close = getattr(self.parts, "close", None)
+        if close is not None:
+            close()  # a generator not yet started runs nothing; one that had, runs its finally blocks

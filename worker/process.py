@@ -36,7 +36,7 @@ from isopool.protocol.limits import Limits
 from isopool.protocol.pacing import Pacing
 from isopool.protocol.transport import EVENTS, POLLIN, Outbox, drain, messages
 
-from .handler import WorkerContext, build_model
+from .handler import NotAStream, WorkerContext, build_model
 from .integrity import fingerprint
 
 log = logging.getLogger("isopool.worker")
@@ -49,19 +49,6 @@ PR_SET_PDEATHSIG = 1
 HOLD_S = 0.002
 # results that are certainly not a stream, told without the (slower) iterator ABC check
 PLAIN = frozenset((np.ndarray, dict, list, tuple, str, bytes, int, float, bool, type(None)))
-
-
-class NotAStream(Exception):
-    """A generator's answer to a request that is not a stream: refused before any of it runs."""
-
-    def __init__(self, parts: Any):
-        super().__init__("not a stream")
-        self.parts = parts
-
-    def close(self) -> None:
-        close = getattr(self.parts, "close", None)
-        if close is not None:
-            close()  # a generator not yet started runs nothing; one that had, runs its finally blocks
 
 
 def die_with_parent(parent_pid: int) -> None:

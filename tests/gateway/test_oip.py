@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 import tritonclient.http as triton
 
 from isopool.models.default import DefaultModel
-from tests.helpers import ROOT, Background
+from tests.helpers import ROOT, Background, need
 
 FAULTY = "isopool.examples.faulty:Faulty"
 
@@ -51,9 +50,7 @@ def test_tritonclient_health_metadata_and_infer_json_and_binary(start_pool):
 
 
 def test_curl_gets_json_and_typed_errors(start_pool):
-    curl = shutil.which("curl")
-    if curl is None:
-        pytest.skip("curl is not installed on this machine (a platform limit; tritonclient covers the API)")
+    curl = need("curl")
     pool = http_pool(start_pool, "--model", FAULTY)
     base = f"http://{pool.address}/v2/models/default/infer"
 

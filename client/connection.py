@@ -1,0 +1,142 @@
+"""The client's connection to the supervisor: the endpoint, CURVE keys, socket options, and
+what its socket monitor says (connected, dropped, refused) with the error each means."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import zmq
+
+from isopool.protocol import IsopoolError, NotAllowed, Unavailable
+from isopool.protocol.endpoints import ENV_ENDPOINT, default_endpoint, runtime_dir
+
+if TYPE_CHECKING:
+    from .core import Session
+
+CONNECT_S = 1.0  # how long a call waits for the connection to the supervisor before Unavailable
+
+
+ENDPOINT_SCHEMES = ("ipc://", "tcp://")
+
+
+def resolve_endpoint(endpoint: str | None) -> str:
+    """The endpoint a client connects to (the default one if None); ValueError if it is malformed."""
+    endpoint = endpoint or default_endpoint()
+    if not endpoint.startswith(ENDPOINT_SCHEMES) or len(endpoint) <= len("ipc://"):
+        raise ValueError(f"endpoint {endpoint!r} is not one isopool serves: give ipc:///path/to/pool.sock or "
+                         "tcp://host:port (the one `isopool serve` printed)")
+    return endpoint
+
+
+ENV_SECRET_KEY = "ISOPOOL_CURVE_SECRET_KEY"
+ENV_SERVER_KEY = "ISOPOOL_CURVE_SERVER_KEY"
+
+
+def curve_keys(secret_key: str | None, server_key: str | None) -> dict | None:
+    """CURVE keys from `isopool keygen` files (arguments, else the environment); None for plain."""
+    import os
+
+    import zmq.auth
+
+    secret_key = secret_key or os.environ.get(ENV_SECRET_KEY)
+    server_key = server_key or os.environ.get(ENV_SERVER_KEY)
+    if not secret_key and not server_key:
+        return None
+    if not (secret_key and server_key):
+        raise ValueError("CURVE needs both the client's .key_secret file and the server's public .key file")
+    public, secret = zmq.auth.load_certificate(secret_key)
+    if secret is None:
+        raise ValueError(f"{secret_key} holds no secret key; pass the .key_secret file")
+    server, _ = zmq.auth.load_certificate(server_key)
+    return {"public": public, "secret": secret, "server": server}
+
+
+def connect(sock: zmq.Socket, endpoint: str) -> None:
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        raise ValueError(f"cannot connect to {endpoint}: {exc}; give ipc:///path/to/pool.sock or "
+                         "tcp://host:port (the one `isopool serve` printed)") from None
+
+
+def configure_socket(sock: zmq.Socket, curve: dict | None) -> None:
+    """Options every client socket gets: never block, never linger, CURVE when given keys."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    if curve:
+        sock.curve_secretkey = curve["secret"]
+        sock.curve_publickey = curve["public"]
+        sock.curve_serverkey = curve["server"]
+
+
+def closed_early() -> Unavailable:
+    return Unavailable("the client was closed before the reply arrived")
+
+
+def lost(endpoint: str) -> Unavailable:
+    return Unavailable(f"lost the connection to the supervisor at {endpoint}; in-flight requests were not "
+                       "answered. Is `isopool serve` running?", endpoint=endpoint)
+
+
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+def watch_disconnects(sock: zmq.Socket) -> zmq.Socket:
+    return sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
+
+
+def close_watched(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:
+    """Close a socket and the monitor that watch_disconnects gave it (None: it has none yet)."""
+    if monitor is not None:
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        monitor.close(linger=0)
+    sock.close()  # with its LINGER: 0, unless a CANCEL must still get out (direct.py)
+
+
+def monitor_error(session: "Session", event: dict, endpoint: str) -> IsopoolError | None:
+    """What a monitor event means for the connection's calls: lost (it dropped), a refusal
+    (the server refused our handshake; kept on the session, every later call gets it) or nothing."""
+    if event["event"] == zmq.EVENT_DISCONNECTED:
+        return lost(endpoint)
+    if event["event"] & HANDSHAKE_FAILED:
+        session.refused = refusal(endpoint)
+        return session.refused
+    return None
+
+
+def on_monitor_event(session: "Session", event: dict, endpoint: str) -> None:
+    """Track the connection; fail what is pending when it drops or the server refuses us."""
+    if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        session.up.set()
+        return
+    err = monitor_error(session, event, endpoint)
+    if err is not None:
+        session.up.clear()
+        session.fail_all(err)
+
+
+def not_running(endpoint: str) -> Unavailable:
+    """The error of a call that found no supervisor at its endpoint, with the likely causes."""
+    if endpoint == default_endpoint() and not os.environ.get(ENV_ENDPOINT):
+        where = (f"Either it is not running (start it with `isopool serve`), or it runs with another runtime "
+                 f"directory: this client looked in {runtime_dir()} (XDG_RUNTIME_DIR="
+                 f"{os.environ.get('XDG_RUNTIME_DIR') or 'unset'}). Give the endpoint `isopool serve` printed "
+                 f"(--endpoint, or ${ENV_ENDPOINT}).")
+    else:
+        where = ("Either it is not running (start it with `isopool serve --endpoint " + endpoint + "`), or it "
+                 "serves another endpoint: check the one `isopool serve` printed.")
+    return Unavailable(f"no isopool supervisor answered at {endpoint} within {CONNECT_S:g}s. {where}",
+                       endpoint=endpoint)
+
+
+def refusal(endpoint: str) -> NotAllowed:
+    return NotAllowed(
+        f"the supervisor at {endpoint} refused the connection's security handshake: it requires CURVE "
+        "and this client's key is missing or not authorised (set curve_secret_key/curve_server_key, "
+        "or $ISOPOOL_CURVE_SECRET_KEY and $ISOPOOL_CURVE_SERVER_KEY)", endpoint=endpoint)

@@ -1,0 +1,55 @@
+"""Headers: the small msgpack map {v, op, id, ...} every hop decodes first."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from .errors import BadRequest
+from .limits import DEFAULT_LIMITS, Limits
+from .ops import ALL_OPS, VERSION
+
+
+def pack_header(op: str, rid: Any, **fields: Any) -> bytes:
+    fields["v"] = VERSION
+    fields["op"] = op
+    fields["id"] = rid
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def unpack_header(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """Decode and check a header: a map with the current version and a known op."""
+    if len(data) > limits.max_header_bytes:
+        raise BadRequest(
+            f"header is {len(data)} bytes, over max_header_bytes={limits.max_header_bytes}",
+            setting="max_header_bytes",
+        )
+    try:
+        header = msgpack.unpackb(data, raw=False, max_ext_len=0)
+    except Exception as exc:
+        raise BadRequest(f"header is not valid msgpack ({exc}); is the sender an isopool client?") from None
+    if not isinstance(header, dict):
+        raise BadRequest("header must be a msgpack map with keys v, op, id")
+    version = header.get("v")
+    if version != VERSION:
+        raise BadRequest(
+            f"protocol version {version!r} is not supported (this supervisor speaks v{VERSION}); "
+            "upgrade the client and the server to the same isopool release",
+            version=VERSION,
+        )
+    op = header.get("op")
+    if type(op) is not str or op not in ALL_OPS:  # a list or map is unhashable: never look it up
+        raise BadRequest(f"unknown op {op!r}; known ops: {', '.join(sorted(ALL_OPS))}")
+    return header
+
+
+def peek_id(data: bytes) -> Any:
+    """Best-effort request id from an undecodable header, so an error can still be routed."""
+    try:
+        header = msgpack.unpackb(data, raw=False, max_bin_len=0, max_ext_len=0, max_str_len=1024,
+                                 max_array_len=0, max_map_len=64)
+        rid = header.get("id") if isinstance(header, dict) else None
+        return rid if type(rid) in (int, str, bytes) else None
+    except Exception:
+        return None
