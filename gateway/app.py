@@ -6,6 +6,7 @@
     GET  /v2/models/{name}[/versions/{v}]             model metadata
     GET  /v2/models/{name}[/versions/{v}]/ready       200 when that model can serve
     POST /v2/models/{name}[/versions/{v}]/infer       JSON tensors, or the binary tensor extension
+    POST /v2/models/{name}/generate_stream            a streaming model's parts as server-sent events
 
 It talks to the supervisor as any client does (AsyncClient over the private ipc endpoint):
 the supervisor never parses HTTP, and a gateway that dies costs only its own open requests.
@@ -24,7 +25,7 @@ from isopool.client import AsyncClient
 from isopool.errors import (BadRequest, IsopoolError, Overloaded, RequestTimeout, ShuttingDown, Unavailable,
                             UnknownModel)
 
-from . import oip
+from . import oip, sse
 
 Scope = dict
 Receive = Callable[[], Awaitable[dict]]
@@ -58,7 +59,10 @@ class App:
         if scope["type"] != "http":
             return
         try:
-            status, body, headers = await self.route(scope, receive)
+            answer = await self.route(scope, receive, send)
+            if answer is None:
+                return  # streamed: sent already
+            status, body, headers = answer
         except HTTPError as err:
             status, body, headers = err.status, _error(str(err)), []
         except oip.BadInput as err:
@@ -89,7 +93,7 @@ class App:
 
     # ------------------------------------------------------------ routes
 
-    async def route(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
+    async def route(self, scope: Scope, receive: Receive, send: Send) -> tuple[int, bytes, list] | None:
         method, parts = scope["method"], [p for p in scope["path"].split("/") if p]
         if parts[:1] != ["v2"]:
             raise HTTPError(404, f"no route {scope['path']}; this server speaks the Open Inference Protocol under /v2")
@@ -114,6 +118,8 @@ class App:
                 return (200 if ready else 503), _json({"name": name, "ready": ready}), []
             if tail == ["infer"] and method == "POST":
                 return await self.infer(name, scope, receive)
+            if tail == ["generate_stream"] and method == "POST":
+                return await sse.generate_stream(self, name, scope, receive, send)
         raise HTTPError(404 if method in ("GET", "POST") else 405, f"no route {method} {scope['path']}")
 
     async def status(self) -> dict:

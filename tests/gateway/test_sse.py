@@ -1,0 +1,71 @@
+"""generate_stream: a streaming model's parts as server-sent events, over a real HTTP connection."""
+
+from __future__ import annotations
+
+import http.client
+import json
+
+from tests.gateway.test_oip import http_pool
+
+STREAMING = "isopool.examples.streaming:Countdown"
+
+
+def events(pool, body: dict, limit: int | None = None) -> list[tuple[str, dict]]:
+    """(event kind, data) of each server-sent event, reading at most `limit` before hanging up."""
+    host, port = pool.address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v2/models/default/generate_stream", body=json.dumps(body))
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("content-type") == "text/event-stream"
+    out, kind = [], "message"
+    while limit is None or len(out) < limit:
+        line = resp.readline()
+        if not line:
+            break
+        line = line.decode().rstrip("\n")
+        if line.startswith("event: "):
+            kind = line[len("event: "):]
+        elif line.startswith("data: "):
+            out.append((kind, json.loads(line[len("data: "):])))
+            kind = "message"
+    conn.close()
+    return out
+
+
+def test_parts_arrive_in_order_as_events(start_pool):
+    pool = http_pool(start_pool, "--model", STREAMING, "--workers", "1")
+    got = events(pool, {"n": 5, "tag": "s"})
+    assert got == [("message", {"tag": "s", "i": i}) for i in range(5)]
+
+
+def test_a_worker_dying_mid_stream_ends_it_with_an_error_event(start_pool):
+    pool = http_pool(start_pool, "--model", STREAMING, "--workers", "1")
+    # each part has 50 ms to leave before the next step (a part sent an instant before the
+    # crash may die with its worker: the README says so)
+    got = events(pool, {"n": 10, "crash_after": 3, "delay": 0.05})
+    assert got[:3] == [("message", {"tag": None, "i": i}) for i in range(3)]
+    kind, error = got[-1]
+    assert len(got) == 4 and kind == "error" and error["type"] == "WorkerCrashed" and error["parts_delivered"] == 3
+
+
+def test_the_http_client_going_away_stops_the_generator_in_the_worker(start_pool):
+    pool = http_pool(start_pool, "--model", STREAMING, "--workers", "1")
+    assert len(events(pool, {"n": 1000, "delay": 0.01}, limit=3)) == 3  # then hangs up
+    with pool.client() as c:
+        for _ in range(500):  # the worker closes it at its next part: bounded polling of its own counters
+            stats = c.infer({"stats": True})
+            if stats["closed_early"]:
+                break
+    assert stats["closed_early"] == 1 and stats["parts"] < 1000
+
+
+def test_unknown_model_or_bad_body_is_an_http_error_not_a_stream(start_pool):
+    pool = http_pool(start_pool, "--model", STREAMING, "--workers", "1")
+    host, port = pool.address.rsplit(":", 1)
+    for path, body, status in [("/v2/models/nope/generate_stream", "{}", 404),
+                               ("/v2/models/default/generate_stream", "{bad", 400)]:
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.request("POST", path, body=body)
+        resp = conn.getresponse()
+        assert resp.status == status and "error" in json.loads(resp.read())
+        conn.close()
