@@ -43,6 +43,8 @@ def sentences(x: Any) -> list[str]:
 
 
 class Embedder:
+    kind = "embedding"  # served at /v1/embeddings too (OpenAI-compatible), with --http
+
     def __init__(self, context) -> None:
         self.model = load(context.device)
 

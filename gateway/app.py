@@ -7,6 +7,7 @@
     GET  /v2/models/{name}[/versions/{v}]/ready       200 when that model can serve
     POST /v2/models/{name}[/versions/{v}]/infer       JSON tensors, or the binary tensor extension
     POST /v2/models/{name}/generate_stream            a streaming model's parts as server-sent events
+    GET  /v1/models, POST /v1/embeddings              OpenAI-compatible, for embedding models (openai_compat.py)
 
 It talks to the supervisor as any client does (AsyncClient over the private ipc endpoint):
 the supervisor never parses HTTP, and a gateway that dies costs only its own open requests.
@@ -25,7 +26,7 @@ from isopool.client import AsyncClient
 from isopool.errors import (BadRequest, IsopoolError, Overloaded, RequestTimeout, ShuttingDown, Unavailable,
                             UnknownModel)
 
-from . import oip, sse
+from . import oip, openai_compat, sse
 
 Scope = dict
 Receive = Callable[[], Awaitable[dict]]
@@ -58,22 +59,24 @@ class App:
             return await self.lifespan(receive, send)
         if scope["type"] != "http":
             return
+        error = _openai_error if scope["path"].startswith("/v1/") else _error  # each API's own error shape
         try:
             answer = await self.route(scope, receive, send)
             if answer is None:
                 return  # streamed: sent already
             status, body, headers = answer
         except HTTPError as err:
-            status, body, headers = err.status, _error(str(err)), []
+            status, body, headers = err.status, error(str(err), err.status), []
         except oip.BadInput as err:
-            status, body, headers = 400, _error(str(err)), []
+            status, body, headers = 400, error(str(err), 400), []
         except IsopoolError as err:
             status = next(code for kind, code in ERRORS if isinstance(err, kind))
-            body, headers = _error(f"{type(err).__name__}: {err}"), []
+            body, headers = error(f"{type(err).__name__}: {err}", status), []
             if status == 503:
                 headers = [(b"retry-after", str(RETRY_AFTER_S).encode())]
         except Exception as exc:  # a bug of ours: said as a 500, the gateway serves on
-            status, body, headers = 500, _error(f"internal error in the gateway: {type(exc).__name__}: {exc}"), []
+            status, headers = 500, []
+            body = error(f"internal error in the gateway: {type(exc).__name__}: {exc}", 500)
         if not any(k == b"content-type" for k, _ in headers):
             headers = [(b"content-type", b"application/json"), *headers]
         await send({"type": "http.response.start", "status": status,
@@ -95,6 +98,10 @@ class App:
 
     async def route(self, scope: Scope, receive: Receive, send: Send) -> tuple[int, bytes, list] | None:
         method, parts = scope["method"], [p for p in scope["path"].split("/") if p]
+        if parts == ["v1", "models"] and method == "GET":
+            return 200, _json(await openai_compat.models(self)), []
+        if parts == ["v1", "embeddings"] and method == "POST":
+            return 200, _json(await openai_compat.embeddings(self, scope, receive)), []
         if parts[:1] != ["v2"]:
             raise HTTPError(404, f"no route {scope['path']}; this server speaks the Open Inference Protocol under /v2")
         rest = parts[1:]
@@ -194,5 +201,11 @@ def _json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
-def _error(message: str) -> bytes:
+def _error(message: str, status: int = 400) -> bytes:
     return _json({"error": message})
+
+
+def _openai_error(message: str, status: int) -> bytes:
+    """The error shape OpenAI's clients read (their message comes from error.message)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return _json({"error": {"message": message, "type": kind, "param": None, "code": status}})

@@ -85,7 +85,8 @@ CLIENT: dict[str, dict[str, tuple]] = {
 }
 WORKER: dict[str, dict[str, tuple]] = {
     ops.READY: {"capacity": (False, _int_between(1, 1024), "an int from 1 to 1024"),
-                "pid": (False, _int_between(1, 2**31), "a process id"), "device": (False, _opt_str, "a str")},
+                "pid": (False, _int_between(1, 2**31), "a process id"), "device": (False, _opt_str, "a str"),
+                "kind": (False, _opt_str, "a str: what the model is, e.g. embedding")},
     ops.HEARTBEAT: {},
     ops.RESULT: {"id": (True, _worker_rid, "[client id (bytes), request id] as sent in run"),
                  "attempt": (True, _int_between(0, MAX_ATTEMPT), "the int sent in run")},

@@ -72,6 +72,8 @@ def on_ready(core: "Core", w: Worker, header: dict, now: float) -> None:
     ok = isinstance(capacity, int) and not isinstance(capacity, bool) and 1 <= capacity <= MAX_CAPACITY
     w.capacity = capacity if ok else core.config.prefetch
     core.credits.offer(w.slot, w.generation, w.capacity)
+    kind = header.get("kind")
+    core.kind = kind if isinstance(kind, str) else None  # what the model says it is (the gateway reads it)
     core.emit("ready", w, startup_s=round(now - w.started_at, 4), device=w.device)
     serving(core)
 

@@ -52,6 +52,7 @@ class Core:
                  now: float = 0.0, slot_numbers: Iterator[int] | None = None):
         self.config = config
         self.name = config.model_name  # the model this core serves (one core per model)
+        self.kind: str | None = None  # what its model says it is (READY's kind: "embedding", ...)
         self.limits = config.limits
         self.devices = devices
         self.boards = boards

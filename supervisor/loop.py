@@ -366,7 +366,7 @@ class Supervisor:
 
     def notify(self, served: Served, state: str) -> None:
         """READY=1 once every model given at start is ready; anything else as it comes."""
-        if state != "READY=1" or self.models.all_ready(served):
+        if not state.startswith("READY=1") or self.models.all_ready(served):
             sd_notify(state)
 
     def status(self, now: float) -> dict:

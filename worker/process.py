@@ -145,7 +145,9 @@ class Worker:
         log.error("could not send to the supervisor (%s); it will notice our silence", exc)
 
     def serve(self) -> None:
-        self.send([pack_header(ops.READY, None, pid=os.getpid(), device=self.config.device, capacity=self.capacity)])
+        kind = getattr(self.model, "kind", None)  # what the model says it is ("embedding": /v1/embeddings)
+        self.send([pack_header(ops.READY, None, pid=os.getpid(), device=self.config.device, capacity=self.capacity,
+                               **({"kind": kind} if isinstance(kind, str) else {}))])
         interval_ms = int(self.config.heartbeat_interval * 1000)
         with self.inference_mode():  # once for every request: entering it per call costs µs each
             self.loop(interval_ms)
