@@ -21,6 +21,7 @@ WHERE = "isopool.examples.faulty:WhereAmI"
 
 def test_two_models_on_one_client_every_reply_from_the_right_model(start_pool):
     pool = start_pool("--model", "isopool.models.default:DefaultModel", "--model", f"echo={ECHO}", "--workers", "1")
+    assert all(m["workers_ready"] == 1 for m in pool.status()["models"].values())  # READY=1 waits for every model
     model = DefaultModel()
     wrong: list[str] = []
     done = [0] * 16
