@@ -15,22 +15,14 @@ import json
 from typing import Any
 
 from isopool.errors import IsopoolError
+from isopool.protocol.codec import json_default
 
 END = object()
 
 
 def event(data: Any, kind: str | None = None) -> bytes:
-    line = json.dumps(data, separators=(",", ":"), default=_plain)
+    line = json.dumps(data, separators=(",", ":"), default=json_default)
     return (f"event: {kind}\n" if kind else "").encode() + b"data: " + line.encode() + b"\n\n"
-
-
-def _plain(value: Any) -> Any:
-    tolist = getattr(value, "tolist", None)
-    if tolist is not None:
-        return tolist()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    raise TypeError(f"a {type(value).__name__} cannot be sent as JSON")
 
 
 async def generate_stream(app, name: str, scope: dict, receive, send) -> None:

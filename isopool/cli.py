@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from isopool.bench import MECHANISMS
+from isopool.protocol.codec import json_default
 from isopool.protocol.exits import EXIT_LOAD_FAILED
 
 from .cliutil import EXIT_UNREACHABLE, _client, _fail, endpoint_option
@@ -146,15 +147,6 @@ def _check_model_module(model: str) -> None:
 # ---------------------------------------------------------------- requests
 
 
-def _json_default(obj: Any) -> Any:
-    tolist = getattr(obj, "tolist", None)
-    if tolist is not None:
-        return tolist()
-    if isinstance(obj, bytes):
-        return obj.decode("utf-8", "replace")
-    raise TypeError(f"cannot print a {type(obj).__name__} as JSON")
-
-
 def _read_input(value: str) -> Any:
     text = Path(value[1:]).read_text() if value.startswith("@") else value
     try:
@@ -183,9 +175,9 @@ def infer(endpoint: str | None, timeout: float, model: str | None, stream: bool,
         try:
             if stream:
                 for part in client.stream(value, timeout=timeout, model=model):
-                    click.echo(json.dumps(part, default=_json_default))
+                    click.echo(json.dumps(part, default=json_default))
             else:
-                click.echo(json.dumps(client.infer(value, timeout=timeout, model=model), default=_json_default))
+                click.echo(json.dumps(client.infer(value, timeout=timeout, model=model), default=json_default))
         except IsopoolError as exc:
             _fail(exc)
 
@@ -210,7 +202,7 @@ def status(endpoint: str | None, as_json: bool, watch: bool, interval: float, co
             if watch:
                 watch_status(client, interval, count, as_json)
             elif as_json:
-                click.echo(json.dumps(client.status(), indent=2, default=_json_default))
+                click.echo(json.dumps(client.status(), indent=2, default=json_default))
             else:
                 render_status(client.status())
         except IsopoolError as exc:

@@ -370,5 +370,15 @@ def decode_error(frames: Sequence[Frame]) -> Exception:
         return IsopoolError(f"undecodable error reply: {exc}")
 
 
+def json_default(value: Any) -> Any:
+    """json.dumps(default=...) for decoded answers: arrays and tensors as nested lists, bytes as text."""
+    tolist = getattr(value, "tolist", None)
+    if tolist is not None:
+        return tolist()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    raise TypeError(f"a {type(value).__name__} cannot be written as JSON")
+
+
 def total_bytes(frames: Iterable[Frame]) -> int:
     return sum(len(frame_view(f)) for f in frames)
