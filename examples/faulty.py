@@ -180,6 +180,15 @@ class FailsToLoad:
         raise RuntimeError("weights file /models/missing.pt not found")
 
 
+class BadSignature:
+    """Declares a signature that is not one (a datatype the protocol does not have)."""
+
+    signature = {"inputs": [{"name": "x", "datatype": "float32", "shape": [4]}]}
+
+    def __call__(self, x: Any) -> Any:
+        return x
+
+
 class SlowToLoad:
     """Takes context.config['load_s'] seconds (default 2) to build, like a large model."""
 

@@ -3,31 +3,101 @@
 It serves the listening socket it inherited (ISOPOOL_GATEWAY_FD; every gateway accepts on
 the same one, the kernel spreads connections) with uvicorn on uvloop and httptools, and
 calls the supervisor at ISOPOOL_GATEWAY_ENDPOINT. It dies with the supervisor.
+
+Slow clients are bounded here: a request's headers must arrive within the client timeout
+(--http-client-timeout) of its first byte (or of the connection, for the first request),
+else 408 and the connection is closed; a body that pauses longer than it is a 408 too
+(app.App.body); an idle keep-alive connection is closed after KEEP_ALIVE_S; past
+MAX_CONNECTIONS open at once, a new one gets 503.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+import resource
 import signal
 import socket
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 ENV_FD = "ISOPOOL_GATEWAY_FD"
 ENV_ENDPOINT = "ISOPOOL_GATEWAY_ENDPOINT"
 ENV_MAX_BODY = "ISOPOOL_GATEWAY_MAX_BODY"
+ENV_TOKENS = "ISOPOOL_GATEWAY_TOKENS"
+ENV_CERT, ENV_KEY = "ISOPOOL_GATEWAY_CERT", "ISOPOOL_GATEWAY_KEY"
+ENV_ACCESS_LOG = "ISOPOOL_GATEWAY_ACCESS_LOG"
+ENV_LOG = "ISOPOOL_GATEWAY_LOG"  # LEVEL:FORMAT, as the daemon logs
+ENV_CLIENT_TIMEOUT = "ISOPOOL_GATEWAY_CLIENT_TIMEOUT"
 PR_SET_PDEATHSIG = 1
+KEEP_ALIVE_S = 5
+MAX_CONNECTIONS = 4096
+
+
+class GuardedHttp(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline on each request's headers (uvicorn has none)."""
+
+    header_timer = None
+    timeout_s = 10.0  # set from --http-client-timeout at start
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.header_timer = self.loop.call_later(self.timeout_s, self.headers_late, False)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.stop_header_timer()
+        self.header_timer = self.loop.call_later(self.timeout_s, self.headers_late, True)
+
+    def on_headers_complete(self) -> None:
+        self.stop_header_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc) -> None:
+        self.stop_header_timer()
+        super().connection_lost(exc)
+
+    def stop_header_timer(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def headers_late(self, begun: bool) -> None:
+        self.header_timer = None
+        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+            return  # a request is being answered: the keep-alive and body deadlines apply
+        if begun:  # a request started and its headers did not follow: say so before closing
+            body = b'{"error":"the request headers did not arrive within %g s"}' % self.timeout_s
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        self.transport.close()
 
 
 def main() -> None:
     import uvicorn
 
+    from isopool.logs import setup_logging
+
     from .app import App
+    from .auth import Tokens
+    from .metrics import ENV_DIR, HttpMetrics
 
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # no gateway outlives its supervisor
+    level, _, fmt = os.environ.get(ENV_LOG, "info:text").partition(":")
+    setup_logging(level, fmt)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, MAX_CONNECTIONS + 256)), hard))
     sock = socket.socket(fileno=int(os.environ[ENV_FD]))
-    app = App(os.environ[ENV_ENDPOINT], max_body=int(os.environ.get(ENV_MAX_BODY, 256 << 20)))
-    config = uvicorn.Config(app, loop="uvloop", http="httptools", lifespan="on", log_level="warning",
-                            access_log=False, timeout_keep_alive=5, timeout_graceful_shutdown=5)
+    GuardedHttp.timeout_s = client_timeout = float(os.environ.get(ENV_CLIENT_TIMEOUT, GuardedHttp.timeout_s))
+    tokens = Tokens(os.environ[ENV_TOKENS]) if os.environ.get(ENV_TOKENS) else None
+    app = App(os.environ[ENV_ENDPOINT], max_body=int(os.environ.get(ENV_MAX_BODY, 256 << 20)), tokens=tokens,
+              metrics=HttpMetrics() if os.environ.get(ENV_DIR) else None,
+              access_log=os.environ.get(ENV_ACCESS_LOG) == "1", body_timeout=client_timeout)
+    config = uvicorn.Config(app, loop="uvloop", http=GuardedHttp, lifespan="on", log_level=logging.WARNING,
+                            access_log=False, log_config=None, timeout_keep_alive=KEEP_ALIVE_S,
+                            timeout_graceful_shutdown=5, limit_concurrency=MAX_CONNECTIONS,
+                            ssl_certfile=os.environ.get(ENV_CERT) or None, ssl_keyfile=os.environ.get(ENV_KEY) or None)
     uvicorn.Server(config).run(sockets=[sock])
 
 

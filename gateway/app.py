@@ -17,7 +17,9 @@ sent wrong is a 4xx, never a 500.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from typing import Any, Awaitable, Callable
 
@@ -26,12 +28,15 @@ from isopool.client import AsyncClient
 from isopool.errors import (BadRequest, IsopoolError, Overloaded, RequestTimeout, ShuttingDown, Unavailable,
                             UnknownModel)
 
-from . import oip, openai_compat, sse
+from . import auth, oip, openai_compat, openapi, repository, sse
+from .auth import Tokens
+from .metrics import HttpMetrics
 
 Scope = dict
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
+access = logging.getLogger("isopool.http")
 HEADER_LENGTH = b"inference-header-content-length"
 STATUS_TTL_S = 0.5  # how long one status answer serves health and metadata requests
 RETRY_AFTER_S = 1
@@ -41,16 +46,46 @@ ERRORS: list[tuple[type, int]] = [(BadRequest, 400), (UnknownModel, 404), (Overl
                                   (Unavailable, 503), (RequestTimeout, 504), (IsopoolError, 500)]
 
 
+MODEL_KEY = "isopool.model"  # where a route that reads its model from the body leaves its name, in the scope
+ADMIN_ROUTES = {"/v2/repository/models/{name}/load", "/v2/repository/models/{name}/unload"}
+# (method, template) of every route; a path's template is what metrics and logs name
+ROUTES = [("GET", "/v1/models"), ("POST", "/v1/embeddings"), ("GET", "/openapi.json"), ("GET", "/v2"),
+          ("GET", "/v2/health/live"), ("GET", "/v2/health/ready"), ("GET", "/v2/models/{name}"),
+          ("GET", "/v2/models/{name}/ready"), ("POST", "/v2/models/{name}/infer"),
+          ("POST", "/v2/models/{name}/generate_stream"), ("POST", "/v2/repository/index"),
+          ("POST", "/v2/repository/models/{name}/load"), ("POST", "/v2/repository/models/{name}/unload")]
+TEMPLATES = {t for _, t in ROUTES}
+
+
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: list | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers or []
+
+
+def resolve(path: str) -> tuple[str, str | None]:
+    """(the route's template, the model it names) of a path; ("", None) if it is no route."""
+    parts = [p for p in path.split("/") if p]
+    model = None
+    if parts[:2] == ["v2", "models"] and len(parts) >= 3:
+        model, tail = parts[2], parts[3:]
+        if tail[:1] == ["versions"] and len(tail) >= 2:
+            tail = tail[2:]  # one version per model: any version names it
+        parts = ["v2", "models", "{name}", *tail]
+    elif parts[:3] == ["v2", "repository", "models"] and len(parts) == 5:
+        model, parts = parts[3], ["v2", "repository", "models", "{name}", parts[4]]
+    template = "/" + "/".join(parts)
+    return (template, model) if template in TEMPLATES else ("", None)
 
 
 class App:
-    def __init__(self, endpoint: str, max_body: int = 256 << 20):
+    def __init__(self, endpoint: str, max_body: int = 256 << 20, tokens: Tokens | None = None,
+                 metrics: HttpMetrics | None = None, access_log: bool = False, body_timeout: float = 10.0):
         self.endpoint = endpoint
         self.max_body = max_body
+        self.tokens, self.metrics, self.access_log = tokens, metrics, access_log
+        self.body_timeout = body_timeout  # a body that sends nothing this long is given up (a slow client)
         self.client: AsyncClient | None = None
         self.status_cache: tuple[float, dict] | None = None
 
@@ -59,6 +94,34 @@ class App:
             return await self.lifespan(receive, send)
         if scope["type"] != "http":
             return
+        if self.metrics is None and not self.access_log:
+            return await self.answer(scope, receive, send)
+        began, answered = time.perf_counter(), [0]
+
+        async def sending(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                answered[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.answer(scope, receive, sending)
+        finally:
+            self.record(scope, answered[0], time.perf_counter() - began)
+
+    def record(self, scope: Scope, status: int, seconds: float) -> None:
+        route, model = resolve(scope["path"])
+        served = self.status_cache[1].get("models", {}) if self.status_cache else {}
+        model = model if model in served else scope.get(MODEL_KEY, "")  # a served model's, never a new series
+        if self.metrics is not None:
+            self.metrics.record(route or "unmatched", scope["method"], status, model or "", seconds)
+        if self.access_log:
+            client = scope.get("client")
+            access.info("%s %s %d %.1fms", scope["method"], scope["path"], status, seconds * 1e3,
+                        extra={"method": scope["method"], "path": scope["path"], "route": route or "unmatched",
+                               "model": model or "", "status": status, "duration_ms": round(seconds * 1e3, 3),
+                               "client": f"{client[0]}:{client[1]}" if client else ""})
+
+    async def answer(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = _openai_error if scope["path"].startswith("/v1/") else _error  # each API's own error shape
         try:
             answer = await self.route(scope, receive, send)
@@ -66,7 +129,7 @@ class App:
                 return  # streamed: sent already
             status, body, headers = answer
         except HTTPError as err:
-            status, body, headers = err.status, error(str(err), err.status), []
+            status, body, headers = err.status, error(str(err), err.status), err.headers
         except oip.BadInput as err:
             status, body, headers = 400, error(str(err), 400), []
         except IsopoolError as err:
@@ -96,56 +159,88 @@ class App:
 
     # ------------------------------------------------------------ routes
 
+    def authorize(self, method: str, template: str, headers: dict) -> None:
+        """HTTPError 401 without a known token, 403 for a client token on an admin route."""
+        if self.tokens is None:
+            if template in ADMIN_ROUTES:
+                raise HTTPError(403, "loading and unloading models over HTTP needs --http-tokens with an admin "
+                                     "token; or use `isopool load` / `isopool unload` on the daemon's host")
+            return
+        if (method, template) in auth.OPEN_ROUTES:
+            return
+        role = self.tokens.role(headers.get(b"authorization"))
+        if role is None:
+            raise HTTPError(401, "this server needs a bearer token: send 'Authorization: Bearer TOKEN' with a "
+                                 "token from its --http-tokens file", [(b"www-authenticate", b'Bearer realm="isopool"')])
+        if template in ADMIN_ROUTES and role != "admin":
+            raise HTTPError(403, f"{template} needs an admin token; this one is a client's")
+
     async def route(self, scope: Scope, receive: Receive, send: Send) -> tuple[int, bytes, list] | None:
-        method, parts = scope["method"], [p for p in scope["path"].split("/") if p]
-        if parts == ["v1", "models"] and method == "GET":
+        method = scope["method"]
+        template, name = resolve(scope["path"])
+        allowed = [m for m, t in ROUTES if t == template]
+        if not allowed:
+            raise HTTPError(404, f"no route {scope['path']}; this server speaks the Open Inference Protocol under "
+                                 "/v2 (GET /openapi.json lists its routes)")
+        if method not in allowed:
+            raise HTTPError(405, f"{template} takes {', '.join(allowed)}, not {method}",
+                            [(b"allow", ", ".join(allowed).encode())])
+        headers = dict(scope["headers"])
+        self.authorize(method, template, headers)
+        if template == "/v1/models":
             return 200, _json(await openai_compat.models(self)), []
-        if parts == ["v1", "embeddings"] and method == "POST":
+        if template == "/v1/embeddings":
             return 200, _json(await openai_compat.embeddings(self, scope, receive)), []
-        if parts[:1] != ["v2"]:
-            raise HTTPError(404, f"no route {scope['path']}; this server speaks the Open Inference Protocol under /v2")
-        rest = parts[1:]
-        if rest == [] and method == "GET":
-            return 200, _json({"name": "isopool", "version": __version__, "extensions": ["binary_tensor_data"]}), []
-        if rest == ["health", "live"] and method == "GET":
+        if template == "/openapi.json":
+            return 200, _json(openapi.document()), []
+        if template == "/v2":
+            return 200, _json({"name": "isopool", "version": __version__,
+                               "extensions": ["binary_tensor_data", "model_repository"]}), []
+        if template == "/v2/health/live":
             return 200, _json({"live": True}), []
-        if rest == ["health", "ready"] and method == "GET":
+        if template == "/v2/health/ready":
             pool = (await self.status())["pool"]
             ready = pool["healthy"] and pool["workers_ready"] > 0
             return (200 if ready else 503), _json({"ready": ready, "reason": pool["health_reason"]}), []
-        if rest[:1] == ["models"] and len(rest) >= 2:
-            name, tail = rest[1], rest[2:]
-            if tail[:1] == ["versions"] and len(tail) >= 2:
-                tail = tail[2:]  # one version per model: any version names it
-            if tail == [] and method == "GET":
-                return 200, _json(await self.metadata(name)), []
-            if tail == ["ready"] and method == "GET":
-                model = await self.model(name)
-                ready = model["healthy"] and model["workers_ready"] > 0
-                return (200 if ready else 503), _json({"name": name, "ready": ready}), []
-            if tail == ["infer"] and method == "POST":
-                return await self.infer(name, scope, receive)
-            if tail == ["generate_stream"] and method == "POST":
-                return await sse.generate_stream(self, name, scope, receive, send)
-        raise HTTPError(404 if method in ("GET", "POST") else 405, f"no route {method} {scope['path']}")
+        if template == "/v2/models/{name}":
+            return 200, _json(await self.metadata(name)), []
+        if template == "/v2/models/{name}/ready":
+            model = await self.model(name)
+            ready = model["healthy"] and model["workers_ready"] > 0
+            return (200 if ready else 503), _json({"name": name, "ready": ready}), []
+        if template == "/v2/models/{name}/infer":
+            return await self.infer(name, scope, receive)
+        if template == "/v2/models/{name}/generate_stream":
+            return await sse.generate_stream(self, name, scope, receive, send)
+        body = await self.body(receive, headers)
+        if template == "/v2/repository/index":
+            return 200, _json(await repository.index(self, body)), []
+        if template.endswith("/load"):
+            return 200, _json(await repository.load(self, name, body)), []
+        return 200, _json(await repository.unload(self, name)), []
 
-    async def status(self) -> dict:
+    async def status(self, fresh: bool = False) -> dict:
         now = time.monotonic()
-        if self.status_cache is None or now - self.status_cache[0] > STATUS_TTL_S:
+        if fresh or self.status_cache is None or now - self.status_cache[0] > STATUS_TTL_S:
             self.status_cache = (now, await self.connect().status())
         return self.status_cache[1]
 
-    async def model(self, name: str) -> dict:
-        models = (await self.status()).get("models", {})
+    async def model(self, name: str, fresh: bool = False) -> dict:
+        models = (await self.status(fresh)).get("models", {})
         if name not in models:
             raise HTTPError(404, f"no model named {name!r} is served here; the models are: {', '.join(models)}")
         return models[name]
 
     async def metadata(self, name: str) -> dict:
-        model = await self.model(name)
+        model = await self.model(name, fresh=True)  # asked rarely: never from a cache a load or unload outdated
+        signature = model.get("signature")
+        if signature:
+            return {"name": name, "versions": ["1"], "platform": "isopool", **signature,
+                    "parameters": {"implementation": model["model"], "signature": "declared"}}
         return {"name": name, "versions": ["1"], "platform": "isopool", "inputs": [], "outputs": [],
                 "parameters": {"implementation": model["model"],
-                               "signature": "not declared: any tensors the model accepts"}}
+                               "signature": "not declared: the model takes any tensors; a model declares its "
+                                            "own with a `signature` attribute"}}
 
     async def infer(self, name: str, scope: Scope, receive: Receive) -> tuple[int, bytes, list]:
         headers = dict(scope["headers"])
@@ -157,6 +252,9 @@ class App:
         body = await self.body(receive, headers)
         client = self.connect()
         request = oip.parse_request(body, header_length, client._session.limits.max_elements)
+        signature = (await self.model(name)).get("signature")
+        if signature:
+            oip.check_inputs(request, signature, name)
         result = await client.infer(oip.model_input(request), model=name)
         try:
             outputs = oip.outputs_of(result)
@@ -173,7 +271,11 @@ class App:
         too_big = declared is not None and declared.isdigit() and int(declared) > self.max_body
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                raise HTTPError(408, f"the request body stalled: nothing arrived for {self.body_timeout:g} s; "
+                                     "send it faster, or raise --http-client-timeout") from None
             if message["type"] == "http.disconnect":
                 raise HTTPError(400, "the client went away before sending its body")
             chunk = message.get("body", b"")

@@ -152,6 +152,28 @@ def _from_binary(raw: bytes, datatype: str, shape: list, where: str) -> np.ndarr
     return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=True).reshape(shape)
 
 
+def check_inputs(request: dict, signature: dict, model: str) -> None:
+    """BadInput unless the inputs are the ones `model` declares (protocol/signature.py):
+    known names, the declared datatype, the declared rank and sizes (-1: any)."""
+    declared = {t["name"]: t for t in signature.get("inputs", [])}
+    if not declared:
+        return
+    for item in request["inputs"]:
+        want = declared.get(item["name"])
+        if want is None:
+            raise BadInput(f"model {model!r} takes input(s) {', '.join(declared)}, not {item['name']!r} "
+                           f"(GET /v2/models/{model} has its signature)")
+        shape = list(item["array"].shape)
+        if item["datatype"] != want["datatype"]:
+            raise BadInput(f"input {item['name']!r} of model {model!r} is {want['datatype']}, not {item['datatype']}")
+        if len(shape) != len(want["shape"]) or any(w not in (-1, g) for w, g in zip(want["shape"], shape)):
+            raise BadInput(f"input {item['name']!r} of model {model!r} has shape {want['shape']} (-1: any size), "
+                           f"not {shape}")
+    missing = [n for n in declared if n not in {i["name"] for i in request["inputs"]}]
+    if missing:
+        raise BadInput(f"model {model!r} needs input(s) {', '.join(missing)} as well")
+
+
 def model_input(request: dict) -> Any:
     """What the model is called with: one input's array, else {name: array}; with request
     parameters, those under "parameters" beside the inputs."""

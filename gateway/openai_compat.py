@@ -40,6 +40,7 @@ async def embeddings(app, scope: dict, receive) -> dict:
     if not isinstance(name, str):
         raise HTTPError(400, '"model" must name an embedding model (GET /v1/models lists them)')
     model = await app.model(name)
+    scope["isopool.model"] = name  # for the metrics and the access log (app.MODEL_KEY)
     if model.get("kind") != EMBEDDING:
         raise HTTPError(400, f"model {name!r} is not an embedding model (its kind is {model.get('kind')!r}); "
                              "an embedding model says kind = \"embedding\"")

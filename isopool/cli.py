@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -17,6 +16,7 @@ from isopool.protocol.codec import json_default
 from isopool.protocol.exits import EXIT_LOAD_FAILED
 
 from .cliutil import EXIT_UNREACHABLE, _client, _fail, endpoint_option
+from .logs import setup_logging
 from .manage import register
 from .serveconfig import common_options, config_toml, load_config, serve_options
 
@@ -49,29 +49,6 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------- serve
-
-def setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": round(record.created, 6), "level": record.levelname.lower(), "logger": record.name,
-               "msg": record.getMessage()}
-        for key in ("worker", "pid", "request"):
-            if hasattr(record, key):
-                out[key] = getattr(record, key)
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
 
 @main.command()
 @common_options

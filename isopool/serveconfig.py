@@ -86,8 +86,15 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
     ("max-elements", int, "Most array elements plus container items accepted in one payload."),
     ("arrays", click.Choice(["auto", "numpy", "torch"]), "How the model receives arrays."),
     ("http", str, "Serve the Open Inference Protocol (v2 REST) on HOST:PORT, e.g. 127.0.0.1:8000, from gateway "
-                  "processes of their own; a non-loopback address needs --insecure (no TLS yet)."),
+                  "processes of their own; a non-loopback address needs --http-cert, --http-key and "
+                  "--http-tokens (or --insecure)."),
     ("http-workers", int, "HTTP gateway processes (0: half the cores, at least 1)."),
+    ("http-client-timeout", float, "Seconds an HTTP client may take to send a request's headers, and may "
+                                   "pause while sending its body; then 408 and the connection is closed."),
+    ("http-cert", str, "TLS certificate (PEM) for --http: serve https."),
+    ("http-key", str, "The private key (PEM) of --http-cert."),
+    ("http-tokens", str, "File of bearer tokens for --http, one 'client TOKEN' or 'admin TOKEN' per line "
+                         "(mode 0600; `isopool keygen NAME --http-tokens FILE` adds one)."),
     ("metrics-port", int, "Serve Prometheus metrics at http://HOST:PORT/metrics (0: off)."),
     ("metrics-host", str, "Address for --metrics-port (127.0.0.1: loopback only)."),
     ("integrity-interval", float, "Seconds between checks of each idle worker's weights against their "
@@ -107,7 +114,10 @@ SERVE_OPTIONS += [
     ("curve-admins", str, "Directory of public keys also allowed control ops (scale, reload, load, unload, stop)."),
 ]
 BOOL_FLAGS = [("integrity-every-request", "Also check the weights after every request (costs a hash of them)."),
-              ("insecure", "Allow a tcp:// endpoint without authentication (trusted networks only).")]
+              ("insecure", "Allow a tcp:// endpoint, or a non-loopback --http, without authentication "
+                           "(trusted networks only)."),
+              ("http-access-log", "Log one line per HTTP request (method, route, model, status, time) "
+                                  "in --log-format.")]
 
 
 COMMON = ("model", "workers", "endpoint")  # the flags most people give: listed first in --help

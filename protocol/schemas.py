@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from . import ops
 from .errors import BadRequest
+from .signature import valid_signature
 
 MAX_ID_LEN = 256  # bytes of a str or bytes request id
 MAX_TENANT_LEN = 256
@@ -86,7 +87,9 @@ CLIENT: dict[str, dict[str, tuple]] = {
 WORKER: dict[str, dict[str, tuple]] = {
     ops.READY: {"capacity": (False, _int_between(1, 1024), "an int from 1 to 1024"),
                 "pid": (False, _int_between(1, 2**31), "a process id"), "device": (False, _opt_str, "a str"),
-                "kind": (False, _opt_str, "a str: what the model is, e.g. embedding")},
+                "kind": (False, _opt_str, "a str: what the model is, e.g. embedding"),
+                "signature": (False, lambda v: valid_signature(v) is not None,
+                              "a signature (protocol/signature.py): inputs and outputs of name, datatype, shape")},
     ops.HEARTBEAT: {},
     ops.RESULT: {"id": (True, _worker_rid, "[client id (bytes), request id] as sent in run"),
                  "attempt": (True, _int_between(0, MAX_ATTEMPT), "the int sent in run")},

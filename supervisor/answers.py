@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from isopool.protocol import decode_error, ops, pack_header
 from isopool.protocol.contract import parse_ident
 from isopool.protocol.exits import EXIT_LOAD_FAILED
+from isopool.protocol.signature import valid_signature
 
 from .actions import Sample
 from .control import serving
@@ -74,6 +75,7 @@ def on_ready(core: "Core", w: Worker, header: dict, now: float) -> None:
     core.credits.offer(w.slot, w.generation, w.capacity)
     kind = header.get("kind")
     core.kind = kind if isinstance(kind, str) else None  # what the model says it is (the gateway reads it)
+    core.signature = valid_signature(header.get("signature"))  # the tensors it declares (protocol/signature.py)
     core.emit("ready", w, startup_s=round(now - w.started_at, 4), device=w.device)
     serving(core)
 

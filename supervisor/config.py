@@ -55,6 +55,11 @@ class PoolConfig:
     arrays: str = "auto"  # how handlers receive arrays: auto | numpy | torch
     http: str | None = None  # HOST:PORT: serve the Open Inference Protocol there (gateway processes)
     http_workers: int = 0  # gateway processes (0: half the cores, at least 1)
+    http_cert: str | None = None  # TLS certificate (PEM) for --http
+    http_key: str | None = None  # its private key (PEM)
+    http_tokens: str | None = None  # file of "ROLE TOKEN" lines: bearer tokens for --http (gateway/auth.py)
+    http_access_log: bool = False  # one log line per HTTP request (in --log-format)
+    http_client_timeout: float = 10.0  # seconds for a request's headers, and between pieces of its body
     metrics_port: int = 0  # serve Prometheus /metrics here (0: off)
     metrics_host: str = "127.0.0.1"
     integrity_interval: float = 0.0  # seconds between weight fingerprint checks of idle workers (0: off)
@@ -75,7 +80,7 @@ class PoolConfig:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("request_timeout", "heartbeat_interval", "heartbeat_timeout", "start_timeout",
-                     "restart_window", "stats_interval"):
+                     "restart_window", "stats_interval", "http_client_timeout"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         for f in fields(self):

@@ -53,6 +53,7 @@ class Core:
         self.config = config
         self.name = config.model_name  # the model this core serves (one core per model)
         self.kind: str | None = None  # what its model says it is (READY's kind: "embedding", ...)
+        self.signature: dict | None = None  # the tensors it declares (READY's signature), or None
         self.limits = config.limits
         self.devices = devices
         self.boards = boards

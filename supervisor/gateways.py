@@ -15,12 +15,14 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
 import zmq
+import zmq.auth
 
 from isopool.protocol.exits import exit_fields
 
@@ -60,13 +62,14 @@ def is_loopback(host: str) -> bool:
 
 
 class Gateways:
-    def __init__(self, address: str, count: int, endpoint: str, max_body: int, poller: zmq.Poller):
+    def __init__(self, address: str, count: int, env: dict[str, str], poller: zmq.Poller, tls: bool = False):
         host, port = parse_address(address)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.create_server((host, port), family=family, backlog=1024)
         self.sock.set_inheritable(True)
         self.address = "%s:%d" % self.sock.getsockname()[:2]
-        self.endpoint, self.max_body, self.poller = endpoint, max_body, poller
+        self.url = f"{'https' if tls else 'http'}://{self.address}"
+        self.env, self.poller = env, poller  # what every gateway is told (gateway/__main__.py)
         self.gateways = [Gateway(i, due=0.0) for i in range(count)]
 
     def tick(self, now: float) -> list[tuple[str, dict]]:
@@ -81,8 +84,7 @@ class Gateways:
         return min((g.due for g in self.gateways if g.proc is None and g.due is not None), default=float("inf"))
 
     def start(self, g: Gateway, now: float) -> tuple[str, dict]:
-        env = {**os.environ, "ISOPOOL_GATEWAY_FD": str(self.sock.fileno()), "ISOPOOL_GATEWAY_ENDPOINT": self.endpoint,
-               "ISOPOOL_GATEWAY_MAX_BODY": str(self.max_body)}
+        env = {**os.environ, **self.env, "ISOPOOL_GATEWAY_FD": str(self.sock.fileno())}
         try:
             g.proc = subprocess.Popen([sys.executable, "-m", "isopool.gateway"], env=env, stdin=subprocess.DEVNULL,
                                       pass_fds=(self.sock.fileno(),))
@@ -114,7 +116,7 @@ class Gateways:
         return [g.proc.pid for g in self.gateways if g.proc is not None]
 
     def facts(self) -> dict:
-        return {"http": self.address, "gateways": [
+        return {"http": self.address, "http_url": self.url, "gateways": [
             {"id": g.index, "pid": g.proc.pid if g.proc is not None else None, "restarts": g.restarts,
              "last_exit": g.last_exit} for g in self.gateways]}
 
@@ -137,8 +139,12 @@ class Gateways:
         self.sock.close()
 
 
-def open_gateways(cfg, endpoint: str, poller: zmq.Poller) -> Gateways | None:
-    """The HTTP gateways `cfg.http` asks for (None without it); StartupError saying why not."""
+def open_gateways(cfg, io, poller: zmq.Poller) -> Gateways | None:
+    """The HTTP gateways `cfg.http` asks for (None without it); StartupError saying why not.
+
+    `io` is the daemon's Sockets: its endpoint (the gateways connect to it as clients; for
+    tcp:// with CURVE, with a key of their own made here and let in as an admin's), its
+    private directory and where the gateways' metrics go."""
     from .sockets import StartupError
 
     if not cfg.http:
@@ -147,15 +153,84 @@ def open_gateways(cfg, endpoint: str, poller: zmq.Poller) -> Gateways | None:
         host, _ = parse_address(cfg.http)
     except ValueError as exc:
         raise StartupError(str(exc), exit_code=2) from None
-    if not is_loopback(host) and not cfg.insecure:
-        raise StartupError(f"refusing to serve HTTP on {cfg.http} without TLS and tokens, which are not built yet: "
-                           "bind 127.0.0.1, or pass --insecure on a trusted network", exit_code=2)
-    if not endpoint.startswith("ipc://"):
-        raise StartupError("--http needs an ipc:// endpoint for its gateways (they connect to it as clients); "
-                           f"{endpoint} is not one", exit_code=2)
+    secured = bool(cfg.http_cert and cfg.http_key and cfg.http_tokens)
+    if not is_loopback(host) and not secured and not cfg.insecure:
+        raise StartupError(f"refusing to serve HTTP on {cfg.http} in the clear: anyone who can reach it could call "
+                           "the models. Give --http-cert, --http-key and --http-tokens, bind 127.0.0.1, or pass "
+                           "--insecure on a trusted network", exit_code=2)
+    env = {"ISOPOOL_GATEWAY_ENDPOINT": _connect_endpoint(io.endpoint),
+           "ISOPOOL_GATEWAY_MAX_BODY": str(cfg.max_message_bytes + (64 << 10)),
+           "ISOPOOL_GATEWAY_LOG": f"{logging.getLevelName(logging.getLogger().level).lower()}:{_log_format()}",
+           "ISOPOOL_GATEWAY_ACCESS_LOG": "1" if cfg.http_access_log else "0",
+           "ISOPOOL_GATEWAY_CLIENT_TIMEOUT": str(cfg.http_client_timeout),
+           **_tls_env(cfg), **_tokens_env(cfg), **_curve_env(io)}
+    if io.http_metrics_dir:
+        env["PROMETHEUS_MULTIPROC_DIR"] = io.http_metrics_dir
     try:
-        gateways = Gateways(cfg.http, cfg.gateway_count(), endpoint, cfg.max_message_bytes + (64 << 10), poller)
+        gateways = Gateways(cfg.http, cfg.gateway_count(), env, poller, tls=bool(cfg.http_cert))
     except OSError as exc:
         raise StartupError(f"cannot serve HTTP on {cfg.http}: {exc}; choose another --http", exit_code=1) from None
-    log.info("HTTP (Open Inference Protocol) on http://%s with %d gateway(s)", gateways.address, len(gateways.gateways))
+    log.info("HTTP (Open Inference Protocol) on %s with %d gateway(s)%s", gateways.url, len(gateways.gateways),
+             ", bearer tokens required" if cfg.http_tokens else "")
     return gateways
+
+
+def _tls_env(cfg) -> dict[str, str]:
+    from .sockets import StartupError
+
+    if bool(cfg.http_cert) != bool(cfg.http_key):
+        raise StartupError("TLS needs both --http-cert and --http-key (PEM files)", exit_code=2)
+    if not cfg.http_cert:
+        return {}
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cfg.http_cert, cfg.http_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"cannot use --http-cert {cfg.http_cert} with --http-key {cfg.http_key}: {exc}",
+                           exit_code=2) from None
+    return {"ISOPOOL_GATEWAY_CERT": os.path.abspath(cfg.http_cert), "ISOPOOL_GATEWAY_KEY": os.path.abspath(cfg.http_key)}
+
+
+def _tokens_env(cfg) -> dict[str, str]:
+    from isopool.gateway.auth import TokenFileError, read_tokens
+
+    from .sockets import StartupError
+
+    if not cfg.http_tokens:
+        return {}
+    try:
+        read_tokens(cfg.http_tokens)  # each gateway reads it again, and when it changes
+    except TokenFileError as exc:
+        raise StartupError(str(exc), exit_code=2) from None
+    return {"ISOPOOL_GATEWAY_TOKENS": os.path.abspath(cfg.http_tokens)}
+
+
+def _curve_env(io) -> dict[str, str]:
+    """For a CURVE frontend: a key pair for the gateways, written to the private directory
+    and let in as an admin's (the gateways check HTTP roles themselves)."""
+    if io.auth is None:
+        return {}
+    public, secret = zmq.auth.create_certificates(io.private_dir, "gateway")
+    server = os.path.join(io.private_dir, "server.key")
+    with open(server, "w") as f:
+        f.write(f'curve\n    public-key = "{io.auth.public.decode()}"\n')
+    public_key, _ = zmq.auth.load_certificate(public)
+    io.auth.admins.add(public_key)
+    io.auth.clients.add(public_key)
+    return {"ISOPOOL_CURVE_SECRET_KEY": secret, "ISOPOOL_CURVE_SERVER_KEY": server}
+
+
+def _connect_endpoint(endpoint: str) -> str:
+    """Where a gateway on this host reaches a frontend bound at `endpoint`."""
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        if host in ("*", "0.0.0.0", ""):
+            return f"tcp://127.0.0.1:{port}"
+        if host in ("[::]", "::"):
+            return f"tcp://[::1]:{port}"
+    return endpoint
+
+
+def _log_format() -> str:
+    from isopool.logs import JsonFormatter
+
+    return "json" if any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers) else "text"

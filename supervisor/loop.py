@@ -92,7 +92,7 @@ class Supervisor:
         self.models = Models(self.procs.marks, time.monotonic())
         for cfg in self.config.models:
             self.models.add(cfg, time.monotonic(), initial=True)
-        self.gateways = open_gateways(self.daemon, self.endpoint, self.poller)
+        self.gateways = open_gateways(self.daemon, io, self.poller)
         if self.gateways is not None:
             self.procs.also_known = self.gateways.pids  # children of ours that no worker left behind
 
@@ -389,7 +389,7 @@ class Supervisor:
                 "metrics_url": io.metrics_url, "auth_denied": io.auth.denied if io.auth is not None else None,
                 "output_dropped": self.procs.dropped, "replies_waiting": self.to_clients.waiting(),
                 "replies_dropped": self.to_clients.dropped, **io.connections.facts(time.monotonic()),
-                **(self.gateways.facts() if self.gateways is not None else {"http": None, "gateways": []})}
+                **(self.gateways.facts() if self.gateways is not None else {"http": None, "http_url": None, "gateways": []})}
 
 
 def _reply_dropped(peer: bytes | None, exc: zmq.ZMQError) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from .stats import BUCKETS
@@ -79,10 +80,13 @@ class PoolCollector:
                                   "descriptors free for restarts.", value=first.connections_shed)
 
 
-def serve_metrics(host: str, port: int) -> tuple[PoolCollector, int]:
-    """Start the exporter; returns the collector to publish to and the bound port."""
+def serve_metrics(host: str, port: int, http_dir: str | None = None) -> tuple[PoolCollector, int]:
+    """Start the exporter; returns the collector to publish to and the bound port. With
+    `http_dir`, it also sums the HTTP gateways' figures written there (gateway/metrics.py)."""
     collector = PoolCollector()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    if http_dir is not None:
+        MultiProcessCollector(registry, path=http_dir)
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return collector, server.server_address[1]

@@ -75,9 +75,13 @@ class Sockets:
         self.backend.bind(self.backend_endpoint)
         path = ipc_path(self.endpoint)
         self.events = EventLog(self.ctx, f"ipc://{path}.events" if path is not None else None)
+        self.http_metrics_dir: str | None = None  # the gateways' metrics files (gateway/metrics.py)
+        if config.metrics_port and config.http:
+            self.http_metrics_dir = os.path.join(self.private_dir, "http-metrics")
+            os.mkdir(self.http_metrics_dir, 0o700)
         if config.metrics_port:
             try:
-                self.metrics, port = serve_metrics(config.metrics_host, config.metrics_port)
+                self.metrics, port = serve_metrics(config.metrics_host, config.metrics_port, self.http_metrics_dir)
             except OSError as exc:
                 raise StartupError(f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {exc}; "
                                    "choose another --metrics-port") from None

@@ -42,6 +42,7 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
         "started_at": facts["started_wall"],
         "model": cfg.model,
         "kind": core.kind,  # what the model says it is ("embedding": served at /v1/embeddings), or None
+        "signature": core.signature,  # the tensors it declares (protocol/signature.py), or None
         "endpoint": facts["endpoint"],
         "events_endpoint": facts["events_endpoint"],
         "event_subscribers": facts["event_subscribers"],
@@ -69,8 +70,8 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
 
 SUMMED = ("workers_target", "workers_ready", "queue_depth", "in_flight", "in_flight_answered", "requests_total",
           "restarts_total", "max_queue", "restarts_in_window")
-MODEL_KEYS = ("kind", "workers_target", "workers_ready", "queue_depth", "in_flight", "in_flight_answered", "requests_total",
-              "restarts_total", "healthy", "health_reason", "phase", "template", "max_queue", "outcomes",
+MODEL_KEYS = ("kind", "signature", "workers_target", "workers_ready", "queue_depth", "in_flight",
+              "in_flight_answered", "requests_total", "restarts_total", "healthy", "health_reason", "phase", "template", "max_queue", "outcomes",
               "throughput_rps", "latency_p50_ms", "latency_p99_ms", "restarts_by_reason")
 
 

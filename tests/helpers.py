@@ -228,3 +228,19 @@ def need(tool: str, package: str | None = None) -> str:
         found = shutil.which(tool)
     assert found is not None, f"{tool} is needed and could not be installed (apt-get install {package or tool})"
     return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_pool(start_pool, *args: str, workers: int = 2, **kw) -> PoolProc:
+    """A pool serving HTTP on a loopback port, its gateways running; pool.address is HOST:PORT."""
+    pool = start_pool("--http", "127.0.0.1:0", "--http-workers", str(workers), *args, **kw)
+    pool.address = pool.status()["pool"]["http"]
+    for _ in range(200):  # the gateways start beside the pool: bounded, each a round trip
+        if all(g["pid"] for g in pool.status()["pool"]["gateways"]):
+            break
+    return pool

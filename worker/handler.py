@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from isopool.protocol.contract import DEFAULT_MODEL  # noqa: E402,F401 - re-exported
+from isopool.protocol.signature import check_signature
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,12 @@ def build_model(spec: str, context: WorkerContext) -> Any:
     if not callable(model) and not callable(getattr(model, "batch", None)):
         raise TypeError(f"{spec} built a {type(model).__name__}, which is neither callable nor has batch(); "
                         "the model is called once per request, or batch(list) once per batch")
+    signature = getattr(model, "signature", None)
+    if signature is not None:
+        try:
+            check_signature(signature)
+        except ValueError as exc:
+            raise ValueError(f"{spec} declares a signature that is not valid: {exc}") from None
     return model
 
 

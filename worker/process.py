@@ -29,6 +29,7 @@ from isopool.protocol import decode_payload, encode_payload, ops, pack_header
 from isopool.protocol.codec import encode_error
 from isopool.protocol.errors import BadRequest, RemoteError, RequestTimeout
 from isopool.protocol.exits import EXIT_LOAD_FAILED, EXIT_ORPHANED
+from isopool.protocol.signature import valid_signature
 from isopool.protocol.board import Board
 from isopool.protocol.contract import WorkerConfig
 from isopool.protocol.iothread import io_context
@@ -146,8 +147,10 @@ class Worker:
 
     def serve(self) -> None:
         kind = getattr(self.model, "kind", None)  # what the model says it is ("embedding": /v1/embeddings)
+        signature = valid_signature(getattr(self.model, "signature", None))  # checked at load (handler.py)
         self.send([pack_header(ops.READY, None, pid=os.getpid(), device=self.config.device, capacity=self.capacity,
-                               **({"kind": kind} if isinstance(kind, str) else {}))])
+                               **({"kind": kind} if isinstance(kind, str) else {}),
+                               **({"signature": signature} if signature else {}))])
         interval_ms = int(self.config.heartbeat_interval * 1000)
         with self.inference_mode():  # once for every request: entering it per call costs µs each
             self.loop(interval_ms)

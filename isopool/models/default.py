@@ -19,6 +19,10 @@ SEED = 0
 
 
 class DefaultModel:
+    # the tensors it takes and gives (protocol/signature.py): GET /v2/models/default says so
+    signature = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, IN_FEATURES]}],
+                 "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, OUT_FEATURES]}]}
+
     def __init__(self) -> None:
         gen = torch.Generator().manual_seed(SEED)
         self.net = torch.nn.Sequential(torch.nn.Linear(IN_FEATURES, 32), torch.nn.ReLU(), torch.nn.Linear(32, OUT_FEATURES))

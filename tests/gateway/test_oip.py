@@ -13,18 +13,9 @@ import pytest
 import tritonclient.http as triton
 
 from isopool.models.default import DefaultModel
-from tests.helpers import ROOT, Background, need
+from tests.helpers import ROOT, Background, http_pool, need
 
 FAULTY = "isopool.examples.faulty:Faulty"
-
-
-def http_pool(start_pool, *args: str):
-    pool = start_pool("--http", "127.0.0.1:0", "--http-workers", "2", *args)
-    pool.address = pool.status()["pool"]["http"]
-    for _ in range(200):  # the gateways start beside the pool: bounded, each a round trip
-        if all(g["pid"] for g in pool.status()["pool"]["gateways"]):
-            break
-    return pool
 
 
 def test_tritonclient_health_metadata_and_infer_json_and_binary(start_pool):
@@ -33,7 +24,9 @@ def test_tritonclient_health_metadata_and_infer_json_and_binary(start_pool):
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("default")
     meta = client.get_model_metadata("default")
     assert meta["name"] == "default" and meta["platform"] == "isopool"
-    assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+    assert meta["inputs"] == [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, 16]}]  # its declared signature
+    assert meta["outputs"] == [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, 4]}]
+    assert client.get_server_metadata()["extensions"] == ["binary_tensor_data", "model_repository"]
     model = DefaultModel()
     x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
     for binary_in in (False, True):

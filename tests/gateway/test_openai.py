@@ -6,7 +6,7 @@ import numpy as np
 import openai
 
 from isopool.examples.embeddings import Embedder
-from tests.gateway.test_oip import http_pool
+from tests.helpers import http_pool
 
 SENTENCES = ["the supervisor restarts a crashed worker", "requests are data, never code", "a third, shorter one"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 
-from tests.gateway.test_oip import http_pool
+from tests.helpers import http_pool
 
 STREAMING = "isopool.examples.streaming:Countdown"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 
 from isopool import Client
 from isopool.errors import NotAllowed, RequestTimeout, Unavailable
-from tests.helpers import ROOT
+from tests.helpers import ROOT, free_port
 
 
 def keygen(directory, name: str) -> tuple[str, str]:
@@ -19,12 +18,6 @@ def keygen(directory, name: str) -> tuple[str, str]:
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     return str(directory / f"{name}.key"), str(directory / f"{name}.key_secret")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import urllib.request
 
 import psutil
@@ -12,14 +11,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from isopool.errors import WorkerCrashed
+from tests.helpers import free_port
 
 FAULTY = "isopool.examples.faulty:Faulty"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(url: str) -> dict:

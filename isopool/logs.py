@@ -1,0 +1,33 @@
+"""Log output for the daemon and its gateways: text, or one JSON object a line (--log-format)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+FIELDS = ("worker", "pid", "request", "gateway", "method", "path", "route", "model", "status", "duration_ms",
+          "client", "bytes")  # a record's extra fields that JSON lines carry
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 6), "level": record.levelname.lower(), "logger": record.name,
+               "msg": record.getMessage()}
+        for key in FIELDS:
+            if hasattr(record, key):
+                out[key] = getattr(record, key)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)

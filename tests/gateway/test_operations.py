@@ -1,0 +1,97 @@
+"""Operating the HTTP front: its metrics and access log, slow clients, declared signatures, tcp://."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import ROOT, free_port, http_pool
+
+INFER = "/v2/models/{}/infer"
+GOOD = {"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": [0.25] * 16}]}
+
+
+def post(address: str, path: str, body: dict) -> int:
+    request = urllib.request.Request(f"http://{address}{path}", data=json.dumps(body).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_http_requests_are_counted_by_route_status_and_model_and_logged_as_json(start_pool):
+    pool = http_pool(start_pool, "--metrics-port", str(free_port()), "--http-access-log", "--log-format", "json")
+    calls = [(INFER.format("default"), GOOD, 200)] * 5 + [
+        (INFER.format("default"), {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}, 400),
+        (INFER.format("no-such-model"), GOOD, 404),
+        ("/v2/nowhere", {}, 404)]
+    for path, body, status in calls:
+        assert post(pool.address, path, body) == status
+    text = urllib.request.urlopen(pool.status()["pool"]["metrics_url"], timeout=10).read().decode()
+    counts = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "isopool_http_requests_total":
+                counts[(s.labels["route"], s.labels["status"], s.labels["model"])] = s.value
+    assert counts == {("/v2/models/{name}/infer", "200", "default"): 5, ("/v2/models/{name}/infer", "400", "default"): 1,
+                      ("/v2/models/{name}/infer", "404", ""): 1, ("unmatched", "404", ""): 1}  # summed over gateways
+    lines = [json.loads(line) for line in pool.output().splitlines()
+             if line.startswith("{") and '"isopool.http"' in line]
+    assert sorted((r["path"], r["status"]) for r in lines) == sorted((p, s) for p, _, s in calls)
+    assert all(r["route"] and r["duration_ms"] >= 0 and r["client"].startswith("127.0.0.1:") for r in lines)
+
+
+def test_slow_clients_get_408_and_never_hold_the_gateway(start_pool):
+    pool = http_pool(start_pool, "--http-client-timeout", "1", workers=1)
+    host, port = pool.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as slow_headers, \
+            socket.create_connection((host, int(port)), timeout=30) as slow_body, \
+            socket.create_connection((host, int(port)), timeout=30) as silent:
+        slow_headers.sendall(b"POST /v2/models/default/infer HTTP/1.1\r\nHost: x\r\n")  # and no more
+        slow_body.sendall(b"POST /v2/models/default/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        assert post(pool.address, INFER.format("default"), GOOD) == 200  # the one gateway serves others meanwhile
+        assert b" 408 " in slow_headers.recv(4096).split(b"\r\n")[0]
+        head = slow_body.recv(4096)
+        assert b" 408 " in head.split(b"\r\n")[0] and b"stalled" in head
+        assert silent.recv(4096) == b""  # a connection that never sends is closed, without an answer
+    assert pool.status()["pool"]["gateways"][0]["restarts"] == 0
+
+
+def test_a_declared_signature_is_checked_and_a_bad_one_stops_the_load(start_pool, short_tmp):
+    pool = http_pool(start_pool)
+    wrong = [({"name": "x", "shape": [1, 16], "datatype": "FP32"}, "takes input(s) INPUT0"),
+             ({"name": "INPUT0", "shape": [16], "datatype": "FP32"}, "has shape [-1, 16]"),
+             ({"name": "INPUT0", "shape": [1, 16], "datatype": "FP64"}, "is FP32, not FP64")]
+    for tensor, words in wrong:
+        request = urllib.request.Request(f"http://{pool.address}{INFER.format('default')}", method="POST",
+                                         data=json.dumps({"inputs": [{**tensor, "data": [0.0] * 16}]}).encode())
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=60)
+        assert info.value.code == 400 and words in json.loads(info.value.read())["error"]
+    out = subprocess.run([sys.executable, "-m", "isopool.cli", "serve", "--model", "isopool.examples.faulty:BadSignature",
+                          "--workers", "1", "--endpoint", f"ipc://{short_tmp}/bad.sock"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode != 0 and "declares a signature that is not valid" in out.stderr
+    assert "datatype must be one of" in out.stderr
+
+
+def test_http_in_front_of_a_tcp_endpoint_with_curve(start_pool, short_tmp):
+    keys = short_tmp / "keys"
+    for name, directory in (("server", keys), ("alice", short_tmp / "clients")):
+        subprocess.run([sys.executable, "-m", "isopool.cli", "keygen", name, "--dir", str(directory)], check=True,
+                       capture_output=True, timeout=60, cwd=ROOT)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    pool = http_pool(start_pool, "--curve-secret-key", str(keys / "server.key_secret"), "--curve-clients",
+                     str(short_tmp / "clients"), endpoint=endpoint,
+                     client_kw={"curve_secret_key": str(short_tmp / "clients" / "alice.key_secret"),
+                                "curve_server_key": str(keys / "server.key")})
+    assert post(pool.address, INFER.format("default"), GOOD) == 200  # the gateways hold a key of their own
+    assert pool.status()["pool"]["auth_denied"] == 0
