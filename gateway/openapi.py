@@ -27,7 +27,7 @@ INPUT = {"type": "object", "required": ["name", "shape", "datatype"], "propertie
     "datatype": {"type": "string", "enum": list(DATATYPES)}, "parameters": PARAMETERS,
     "data": {"description": "the tensor's elements, nested or flat, in row-major order"}}}
 INFER_REQUEST = {"type": "object", "required": ["inputs"], "properties": {
-    "id": {"type": "string"}, "parameters": PARAMETERS, "inputs": {"type": "array", "items": INPUT},
+    "id": {"type": "string"}, "parameters": PARAMETERS, "inputs": {"type": "array", "items": INPUT, "minItems": 1},
     "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
         "name": {"type": "string"}, "parameters": PARAMETERS}}}}}
 INFER_RESPONSE = {"type": "object", "required": ["model_name", "outputs"], "properties": {
@@ -63,6 +63,9 @@ def _answers(ok: dict | None, *codes: int, error: dict = ERROR, ok_text: str = "
 
 NAME = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
 VERSION = [{"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}]
+BINARY = [{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
+           "description": "the binary tensor extension: the JSON part's length; binary tensors follow it",
+           "schema": {"type": "integer", "minimum": 0}}]
 MODEL_ROUTES = {
     "": {"get": {"summary": "Model metadata: its inputs and outputs when it declares a signature",
                  "responses": _answers({"type": "object", "required": ["name", "platform", "inputs", "outputs"],
@@ -109,9 +112,10 @@ def document() -> dict:
                                                           error=OPENAI_ERROR)}},
     }
     for tail, operations in MODEL_ROUTES.items():
-        paths[f"/v2/models/{{name}}{tail}"] = {m: {**op, "parameters": NAME} for m, op in operations.items()}
+        extra = BINARY if tail == "/infer" else []
+        paths[f"/v2/models/{{name}}{tail}"] = {m: {**op, "parameters": NAME + extra} for m, op in operations.items()}
         paths[f"/v2/models/{{name}}/versions/{{version}}{tail}"] = {
-            m: {**op, "parameters": NAME + VERSION} for m, op in operations.items()}
+            m: {**op, "parameters": NAME + VERSION + extra} for m, op in operations.items()}
     for action in ("load", "unload"):
         paths[f"/v2/repository/models/{{name}}/{action}"] = {"post": {
             "summary": f"{action.capitalize()} a model (admin token; only with --http-tokens)", "parameters": NAME,

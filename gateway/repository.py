@@ -32,7 +32,11 @@ def _object(body: bytes) -> dict:
 
 
 async def index(app, body: bytes) -> list[dict[str, Any]]:
-    ready_only = _object(body).get("ready") is True
+    ready_only = _object(body).get("ready", False)
+    if type(ready_only) is not bool:
+        from .app import HTTPError
+
+        raise HTTPError(400, f'"ready" must be true or false, got {ready_only!r:.40}')
     models = (await app.status(fresh=True)).get("models", {})
     out = []
     for name, m in models.items():

@@ -20,15 +20,31 @@ from .cliutil import _client, _fail, endpoint_option
 @click.argument("name")
 @click.option("--dir", "directory", type=click.Path(file_okay=False), default=".", show_default=True,
               help="Directory to write the two key files in (created 0700 if missing).")
-def keygen(name: str, directory: str) -> None:
+@click.option("--http-tokens", "tokens_file", type=click.Path(dir_okay=False), default=None,
+              help="Instead of a CURVE pair, add a bearer token for NAME to this --http-tokens file "
+                   "(created 0600) and print it.")
+@click.option("--admin", is_flag=True, help="With --http-tokens: an admin token (may load and unload models).")
+def keygen(name: str, directory: str, tokens_file: str | None, admin: bool) -> None:
     """Write a CURVE key pair: NAME.key (public: share it) and NAME.key_secret (keep it private).
 
     The server uses its .key_secret (--curve-secret-key); clients use their own .key_secret
     and the server's .key ($ISOPOOL_CURVE_SECRET_KEY, $ISOPOOL_CURVE_SERVER_KEY). Put client
     .key files in the server's --curve-clients or --curve-admins directory to let them in.
+
+    With --http-tokens FILE, add a bearer token for the HTTP front instead: a running
+    daemon's gateways read the file again when it changes.
     """
     import os
 
+    if tokens_file is not None:
+        from isopool.gateway.auth import new_token
+
+        token = new_token()
+        fd = os.open(tokens_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a") as f:
+            f.write(f"{'admin' if admin else 'client'} {token}  # {name}\n")
+        click.echo(token)
+        return
     import zmq.auth
 
     os.makedirs(directory, mode=0o700, exist_ok=True)

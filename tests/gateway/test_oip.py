@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -69,18 +72,68 @@ def test_curl_gets_json_and_typed_errors(start_pool):
     assert out.stdout == "404"
 
 
-def test_a_gateway_killed_under_load_is_restarted_and_the_models_never_notice(start_pool):
+class HTTPLoad:
+    """Threads that each call the pool over one keep-alive HTTP connection, until stopped;
+    a connection that breaks is counted and opened again."""
+
+    def __init__(self, address: str, threads: int = 4, limit: int = 20000):
+        self.host, port = address.rsplit(":", 1)
+        self.port, self.limit = int(port), limit
+        self.ok = self.broken = 0
+        self.statuses: list[int] = []  # answers other than 200
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(threads)]
+        self.body = json.dumps({"inputs": [{"name": "do", "shape": [1], "datatype": "BYTES", "data": ["ok"]}]})
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        while not self.stop.is_set() and self.ok < self.limit:
+            try:
+                conn.request("POST", "/v2/models/default/infer", self.body)
+                answer = conn.getresponse()
+                answer.read()
+            except (OSError, http.client.HTTPException):
+                self.broken += 1  # its gateway died under it: reconnect (another gateway accepts)
+                conn.close()
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+                continue
+            if answer.status == 200:
+                self.ok += 1
+            else:
+                self.statuses.append(answer.status)
+        conn.close()
+
+    def wait_ok(self, n: int, timeout: float = 60.0) -> None:
+        """Until n requests have been answered 200 (polled: the threads count without an event)."""
+        end = time.monotonic() + timeout
+        while self.ok < n and time.monotonic() < end:
+            self.stop.wait(0.01)
+        assert self.ok >= n, f"{self.ok} of {n} HTTP requests answered in {timeout}s; broken {self.broken}"
+
+    def __enter__(self) -> "HTTPLoad":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+
+def test_a_gateway_killed_under_http_load_is_restarted_and_the_models_never_notice(start_pool):
     pool = http_pool(start_pool, "--model", FAULTY)
-    client = triton.InferenceServerClient(pool.address)
+    pool.subscribe()
     victim = pool.status()["pool"]["gateways"][0]["pid"]
-    with pool.client() as native, Background(native) as bg:
+    with pool.client() as native, Background(native) as bg, HTTPLoad(pool.address) as load:
+        load.wait_ok(200)
         os.kill(victim, signal.SIGKILL)
         pool.wait_event("gateway_exited", pid=victim, timeout=60)
+        before = load.ok
         pool.wait_event("gateway_started", gateway=0, timeout=60)
-        inp = triton.InferInput("do", [1], "BYTES")
-        inp.set_data_from_numpy(np.array([b"ok"], dtype=object), binary_data=False)
-        for _ in range(20):  # every request served, by whichever gateway accepts it
-            assert client.infer("default", [inp]).get_response()["outputs"]
+        load.wait_ok(before + 200)
+    assert load.statuses == [] and load.ok >= before + 200  # the other gateway served on
+    assert load.broken <= len(load.threads)  # only the connections the dead gateway held: one each at most
     assert bg.failed == [] and bg.ok > 0
     status = pool.status()
     assert status["pool"]["restarts_total"] == 0 and status["pool"]["gateways"][0]["restarts"] == 1

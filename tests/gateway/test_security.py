@@ -15,7 +15,7 @@ import tritonclient.http as triton
 from isopool.gateway.auth import new_token
 from tests.helpers import ROOT, http_pool, need
 
-CLIENT, ADMIN = new_token(), new_token()
+CLIENT = new_token()
 
 
 @pytest.fixture
@@ -27,11 +27,15 @@ def secured(start_pool, short_tmp):
                     "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True, timeout=60)
     tokens = short_tmp / "tokens"
-    tokens.write_text(f"# test tokens\nclient {CLIENT}\nadmin {ADMIN}  # may load and unload\n")
+    tokens.write_text(f"# test tokens\nclient {CLIENT}\n")
     tokens.chmod(0o600)
+    made = subprocess.run([sys.executable, "-m", "isopool.cli", "keygen", "root", "--http-tokens", str(tokens), "--admin"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT, check=True)
+    admin = made.stdout.strip()
+    assert tokens.stat().st_mode & 0o777 == 0o600 and f"admin {admin}  # root" in tokens.read_text()
     pool = http_pool(start_pool, "--http-cert", str(cert), "--http-key", str(key), "--http-tokens", str(tokens))
     pool.subscribe()
-    pool.cert, pool.tokens = cert, tokens
+    pool.cert, pool.tokens, pool.admin = cert, tokens, admin
 
     def call(path: str, token: str | None = None, method: str = "GET", body: str | None = None):
         args = [curl, "-s", "--cacert", str(cert), "-X", method, f"https://{pool.address}{path}",
@@ -61,13 +65,13 @@ def test_tokens_and_roles_over_tls(secured):
     code, body, _ = secured.curl("/v2/repository/models/twice/load", CLIENT, "POST",
                                  '{"parameters": {"model": "isopool.examples.batched:Doubler"}}')
     assert code == 403 and "admin token" in body["error"]
-    code, body, _ = secured.curl("/v2/repository/models/twice/load", ADMIN, "POST",
+    code, body, _ = secured.curl("/v2/repository/models/twice/load", secured.admin, "POST",
                                  '{"parameters": {"model": "isopool.examples.batched:Doubler", "workers": 1}}')
     assert code == 200, body
     secured.wait_until(lambda s: s["models"].get("twice", {}).get("workers_ready", 0) >= 1, "ready", timeout=60)
     index = secured.curl("/v2/repository/index", CLIENT, "POST", '{"ready": true}')[1]
     assert {m["name"] for m in index} == {"default", "twice"}
-    assert secured.curl("/v2/repository/models/twice/unload", ADMIN, "POST")[0] == 200
+    assert secured.curl("/v2/repository/models/twice/unload", secured.admin, "POST")[0] == 200
     secured.wait_until(lambda s: "twice" not in s["models"], "unloaded", timeout=60)
     assert secured.curl("/v2/models/twice", CLIENT)[0] == 404
 
