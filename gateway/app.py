@@ -18,10 +18,11 @@ sent wrong is a 4xx, never a 500.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any, Awaitable, Callable
+
+import orjson
 
 from isopool import __version__
 from isopool.client import AsyncClient
@@ -300,7 +301,7 @@ class App:
 
 
 def _json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def _error(message: str, status: int = 400) -> bytes:

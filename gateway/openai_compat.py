@@ -13,9 +13,9 @@ white space): isopool does not know the model's tokenizer.
 from __future__ import annotations
 
 import base64
-import json
 
 import numpy as np
+import orjson
 
 EMBEDDING = "embedding"
 
@@ -31,7 +31,7 @@ async def embeddings(app, scope: dict, receive) -> dict:
 
     body = await app.body(receive, dict(scope["headers"]))
     try:
-        request = json.loads(body)
+        request = orjson.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise HTTPError(400, f"the request body is not JSON: {exc}") from None
     if not isinstance(request, dict):
@@ -55,7 +55,7 @@ async def embeddings(app, scope: dict, receive) -> dict:
         raise HTTPError(500, f"model {name!r} answered shape {list(vectors.shape)} for {len(texts)} input(s); an "
                              "embedding model answers one row per input")
     data = [{"object": "embedding", "index": i,
-             "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()}
+             "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v}
             for i, v in enumerate(vectors)]
     words = sum(len(t.split()) for t in texts)
     return {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": words, "total_tokens": words}}

@@ -263,13 +263,23 @@ def events(endpoint: str | None, count: int, timeout: float) -> None:
               help="Run only this mechanism (repeatable; default: all).")
 @click.option("--no-embeddings", is_flag=True,
               help="Skip the real-model workload (all-MiniLM-L6-v2, which needs the embeddings extra).")
-def bench(quick: bool, repeats: int | None, out: Path | None, only: tuple[str, ...], no_embeddings: bool) -> None:
+@click.option("--http", "http", is_flag=True,
+              help="Instead: isopool over HTTP (JSON, binary) beside its native client, LitServe and Ray Serve, "
+                   "driven by wrk; writes http.md and http.json.")
+def bench(quick: bool, repeats: int | None, out: Path | None, only: tuple[str, ...], no_embeddings: bool,
+          http: bool) -> None:
     """Benchmark isopool against ProcessPoolExecutor, multiprocessing.Pool, loky and pebble.
 
     Every mechanism runs the same model on 2 worker processes; answers are checked against
     the model in-process. Tiny requests (throughput at 64 in flight, p50/p99 latency), a
-    16 MiB round trip, and the real embedding model when installed.
+    16 MiB round trip, and the real embedding model when installed. With --http, the HTTP
+    front against LitServe and Ray Serve (bench/http.py).
     """
+    if http:
+        from isopool.bench.http import run as run_http
+        from isopool.bench.suite import default_out
+
+        sys.exit(run_http(quick, out or default_out(quick), with_embeddings=not no_embeddings))
     from isopool.bench.suite import bench as run_bench
 
     sys.exit(run_bench(quick, repeats, out, list(only), embeddings=not no_embeddings))
