@@ -183,7 +183,7 @@ def kill_one(pids) -> None:
     os.kill(pids()[0], signal.SIGKILL)
 
 
-def tiny(seconds: float, quick: bool) -> dict[str, dict]:
+def tiny(seconds: float, quick: bool, peers: list[str]) -> dict[str, dict]:
     x = np.random.default_rng(0).standard_normal(DIM).astype(np.float32)
     expected = build("tiny")(x)
     out: dict[str, dict] = {}
@@ -209,7 +209,7 @@ def tiny(seconds: float, quick: bool) -> dict[str, dict]:
                                             "p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3}
         out["isopool HTTP, JSON"]["kill"] = wrk(url, oip_json(x), "application/json", seconds,
                                                 during=lambda: kill_one(s["pids"]))
-    for name in PEERS:
+    for name in peers:
         with peer(name, "tiny") as p:
             body, kind = peer_body("tiny")
             got = np.asarray(json.loads(post(p["base"] + "/predict", body, kind))["output"], np.float32)
@@ -220,7 +220,7 @@ def tiny(seconds: float, quick: bool) -> dict[str, dict]:
     return out
 
 
-def embeddings(seconds: float) -> dict[str, dict]:
+def embeddings(seconds: float, peers: list[str]) -> dict[str, dict]:
     model = build("embeddings")
     expected = np.asarray(model(SENTENCE), np.float32).reshape(-1)
     out: dict[str, dict] = {}
@@ -233,7 +233,7 @@ def embeddings(seconds: float) -> dict[str, dict]:
         body = json.dumps({"model": "default", "input": SENTENCE}).encode()
         close(json.loads(post(s["base"] + "/v1/embeddings", body, "application/json"))["data"][0]["embedding"])
         out["isopool HTTP, JSON"] = wrk(s["base"] + "/v1/embeddings", body, "application/json", seconds)
-    for name in PEERS:
+    for name in peers:
         with peer(name, "embeddings") as p:
             body, kind = peer_body("embeddings")
             close(json.loads(post(p["base"] + "/predict", body, kind))["embedding"])
@@ -269,16 +269,17 @@ def table(t: dict, e: dict | None) -> str:
     return "\n".join(lines)
 
 
-def run(quick: bool, out: Path, with_embeddings: bool = True) -> int:
+def run(quick: bool, out: Path, with_embeddings: bool = True, peers: list[str] | None = None) -> int:
     from .suite import machine
 
     seconds = 3.0 if quick else 10.0
-    missing = [m for m in ("litserve", "ray") if importlib.util.find_spec(m) is None]
+    peers = list(PEERS) if peers is None else peers
+    missing = [m for m in peers if importlib.util.find_spec(m) is None]
     if missing:
         raise SystemExit(f"{', '.join(missing)} missing: pip install -e '.[bench]'")
-    t = tiny(seconds, quick)
+    t = tiny(seconds, quick, peers)
     why = embeddings_available() if with_embeddings else "skipped (--no-embeddings)"
-    e = embeddings(seconds) if why is None else None
+    e = embeddings(seconds, peers) if why is None else None
     out.mkdir(parents=True, exist_ok=True)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     text = (f"# HTTP benchmark{' (QUICK: not for comparison)' if quick else ''}\n\n{when}, {machine()}; "

@@ -36,7 +36,9 @@ def load(device: str = "cpu") -> Any:
 
 
 def sentences(x: Any) -> list[str]:
-    texts = [x] if isinstance(x, str) else x
+    texts = [x] if isinstance(x, (str, bytes)) else x
+    if isinstance(texts, list):  # BYTES tensors over HTTP arrive as bytes: UTF-8 text
+        texts = [t.decode("utf-8", "replace") if isinstance(t, bytes) else t for t in texts]
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         raise TypeError("send a string or a list of strings")
     return texts

@@ -266,8 +266,10 @@ def events(endpoint: str | None, count: int, timeout: float) -> None:
 @click.option("--http", "http", is_flag=True,
               help="Instead: isopool over HTTP (JSON, binary) beside its native client, LitServe and Ray Serve, "
                    "driven by wrk; writes http.md and http.json.")
+@click.option("--peer", "peers", multiple=True, type=click.Choice(["litserve", "ray"]),
+              help="With --http: compare with this peer only (repeatable; default: both).")
 def bench(quick: bool, repeats: int | None, out: Path | None, only: tuple[str, ...], no_embeddings: bool,
-          http: bool) -> None:
+          http: bool, peers: tuple[str, ...]) -> None:
     """Benchmark isopool against ProcessPoolExecutor, multiprocessing.Pool, loky and pebble.
 
     Every mechanism runs the same model on 2 worker processes; answers are checked against
@@ -279,7 +281,8 @@ def bench(quick: bool, repeats: int | None, out: Path | None, only: tuple[str, .
         from isopool.bench.http import run as run_http
         from isopool.bench.suite import default_out
 
-        sys.exit(run_http(quick, out or default_out(quick), with_embeddings=not no_embeddings))
+        sys.exit(run_http(quick, out or default_out(quick), with_embeddings=not no_embeddings,
+                          peers=list(peers) or None))
     from isopool.bench.suite import bench as run_bench
 
     sys.exit(run_bench(quick, repeats, out, list(only), embeddings=not no_embeddings))

@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, need
 
 
 def test_bench_quick_checks_every_mechanism(short_tmp):
@@ -25,3 +25,16 @@ def test_bench_quick_checks_every_mechanism(short_tmp):
     assert report.startswith("isopool bench — QUICK run") and "| mechanism |" in report
     assert all(r["req_per_s_min"] <= r["req_per_s"] <= r["req_per_s_max"] for r in results.values())
     assert (short_tmp / "results.png").stat().st_size > 10_000
+
+
+def test_bench_http_quick_checks_answers_and_loses_nothing_on_a_kill(short_tmp):
+    need("wrk")
+    out = subprocess.run([sys.executable, "-m", "isopool.cli", "bench", "--http", "--quick", "--no-embeddings",
+                          "--peer", "litserve", "--out", str(short_tmp)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    tiny = json.loads((short_tmp / "http.json").read_text())["tiny"]  # every answer was checked before timing
+    assert set(tiny) == {"isopool native Client", "isopool HTTP, JSON", "isopool HTTP, binary", "LitServe"}
+    kill = tiny["isopool HTTP, JSON"]["kill"]
+    assert kill["failed"] == 0 and kill["requests"] > 0  # a worker SIGKILLed under HTTP load: nothing lost
+    assert "| isopool HTTP, binary |" in (short_tmp / "http.md").read_text()
