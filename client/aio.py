@@ -25,6 +25,7 @@ from isopool.protocol.pacing import Pacing
 from .connection import (CONNECT_S, close_watched, closed_early, configure_socket, connect, curve_keys, not_running,
                          on_monitor_event, resolve_endpoint, watch_disconnects)
 from .core import Call, Session, send_bundled, stream_ended
+from .spread import endpoints_of, one_of
 
 
 class _AsyncCall(Call):
@@ -80,11 +81,19 @@ class AsyncClient:
             async for part in c.stream(x): ...
     """
 
+    def __new__(cls, endpoint: Any = None, **kw: Any):
+        several = endpoints_of(endpoint)
+        if cls is AsyncClient and several is not None:  # several daemons: spread over them (several.py)
+            from .several import SeveralAsyncClient
+
+            return SeveralAsyncClient(several, **kw)
+        return super().__new__(cls)
+
     def __init__(self, endpoint: str | None = None, *, timeout: float = 30.0, arrays: str = "auto",
                  retry: bool = True, tenant: str | None = None, model: str | None = None,
                  curve_secret_key: str | None = None, curve_server_key: str | None = None,
                  limits: Limits | None = None, writable: bool = False):
-        self.endpoint = resolve_endpoint(endpoint)
+        self.endpoint = resolve_endpoint(one_of(endpoint))
         self.retry, self.tenant, self.model = retry, tenant, model
         self._session = Session(arrays=arrays, default_timeout=timeout, limits=limits, writable=writable)
         self._io = _Resources(self.endpoint, curve_keys(curve_secret_key, curve_server_key))

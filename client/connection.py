@@ -60,11 +60,21 @@ def connect(sock: zmq.Socket, endpoint: str) -> None:
                          "tcp://host:port (the one `isopool serve` printed)") from None
 
 
+HEARTBEAT_MS = 1000  # a ZMTP ping each second on a quiet connection...
+HEARTBEAT_TIMEOUT_MS = 3000  # ...and one unanswered this long drops it: a cut link is noticed, not waited out
+CONNECT_TIMEOUT_MS = 2000  # a TCP connect unanswered this long is tried again (not left to SYN backoff,
+                           # which would keep a mended link unused for up to a minute)
+
+
 def configure_socket(sock: zmq.Socket, curve: dict | None) -> None:
-    """Options every client socket gets: never block, never linger, CURVE when given keys."""
+    """Options every client socket gets: never block, never linger, heartbeats (so a host
+    that vanishes from the network is a lost connection within seconds), CURVE when given keys."""
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
     if curve:
         sock.curve_secretkey = curve["secret"]
         sock.curve_publickey = curve["public"]
@@ -100,19 +110,25 @@ def close_watched(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:
 
 
 def monitor_error(session: "Session", event: dict, endpoint: str) -> IsopoolError | None:
-    """What a monitor event means for the connection's calls: lost (it dropped), a refusal
-    (the server refused our handshake; kept on the session, every later call gets it) or nothing."""
+    """What a monitor event means for the connection's calls: lost (it dropped, or a handshake
+    broke off: both may pass), a refusal (the server's authenticator refused our key; kept on
+    the session, every later call gets it until a handshake succeeds) or nothing."""
     if event["event"] == zmq.EVENT_DISCONNECTED:
         return lost(endpoint)
-    if event["event"] & HANDSHAKE_FAILED:
+    if event["event"] & zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         session.refused = refusal(endpoint)
         return session.refused
+    if event["event"] & HANDSHAKE_FAILED:
+        return Unavailable(f"the security handshake with {endpoint} broke off: the server may require CURVE "
+                           "keys this client does not have (curve_secret_key, curve_server_key), or something "
+                           "other than an isopool supervisor answered there", endpoint=endpoint)
     return None
 
 
 def on_monitor_event(session: "Session", event: dict, endpoint: str) -> None:
     """Track the connection; fail what is pending when it drops or the server refuses us."""
     if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        session.refused = None  # a key refused before may be let in now
         session.up.set()
         return
     err = monitor_error(session, event, endpoint)

@@ -22,7 +22,8 @@ from isopool.protocol.iothread import io_context
 from isopool.protocol.pacing import Pacing
 from isopool.protocol.transport import NOBLOCK, drain, send_frames
 
-from .connection import close_watched, closed_early, configure_socket, connect, on_monitor_event, watch_disconnects
+from .connection import (CONNECT_S, close_watched, closed_early, configure_socket, connect, not_running,
+                         on_monitor_event, watch_disconnects)
 from .core import Call, Session, send_bundled
 from .direct import Direct
 
@@ -38,6 +39,10 @@ class IOThread:
         self.session = session
         self.curve = curve
         self.outbox: deque = deque()
+        # calls sent while no connection was up: (when to give up on it, id). ZeroMQ queues
+        # them for a reconnection that may never come (a host that died), so each is failed
+        # after CONNECT_S unless a connection comes up first (as AsyncClient._check_up does)
+        self.unconfirmed: deque = deque()
         self.ctx, self.io_threads = io_context()
         self.pacing = Pacing(self.io_threads, work_s=0.0)  # a client relays no work of its own: always quick
         self.wake = self.closed = -1
@@ -81,6 +86,8 @@ class IOThread:
         self._send_now(session.hello())  # the server's limits, before any large request needs them
         while not self.closing:
             due = session.next_deadline()
+            if self.unconfirmed:
+                due = self.unconfirmed[0][0] if due is None else min(due, self.unconfirmed[0][0])
             timeout = None if due is None else max(0, int((due - time.monotonic()) * 1000) + 1)
             events = dict(poller.poll(timeout if timeout is not None else 1000))
             if self.wake in events:
@@ -96,13 +103,28 @@ class IOThread:
                 self._read()
             for cid in session.expire(time.monotonic()):
                 self._send_now(session.op_frames(ops.CANCEL, cid))
+            if self.unconfirmed:
+                self._unconfirmed(time.monotonic())
         session.fail_all(closed_early())
         self._release()
 
     def _flush(self) -> None:
         """Send what the callers queued: a burst leaves as bundles, one wake-up per hop."""
         self.pacing.observe(len(self.session.pending) + len(self.outbox))
+        if self.outbox and not self.session.up.is_set():
+            due = time.monotonic() + CONNECT_S
+            self.unconfirmed.extend((due, call.cid) for _, call in self.outbox if call is not None)
         send_bundled(self.session, self.endpoint, self.outbox, self._send_now, add=True)
+
+    def _unconfirmed(self, now: float) -> None:
+        """Fail the calls sent while down whose connection did not come up in time."""
+        if self.session.up.is_set():
+            self.unconfirmed.clear()
+            return
+        while self.unconfirmed and self.unconfirmed[0][0] <= now:
+            call = self.session.pending.pop(self.unconfirmed.popleft()[1], None)
+            if call is not None:
+                call.reject(self.session.refused or not_running(self.endpoint))
 
     def _send_now(self, frames: list) -> zmq.ZMQError | None:
         try:

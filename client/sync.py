@@ -20,6 +20,7 @@ from isopool.protocol import Limits, Cancelled, IsopoolError, Unavailable, ops
 from .connection import curve_keys, resolve_endpoint
 from .core import LOCAL_GRACE_S, Call, Session, stream_ended
 from .iothread import IOThread
+from .spread import endpoints_of, one_of
 
 
 class _FutureCall(Call):
@@ -88,7 +89,8 @@ class Client:
             for part in c.stream(x): ...
 
     endpoint: the supervisor's (default: $ISOPOOL_ENDPOINT, else ipc:// in the per-user
-    runtime directory). timeout: seconds a call may take unless it says otherwise.
+    runtime directory); a list of several builds a client of all of them, which spreads
+    requests by outstanding count and fails over when a daemon dies (several.py). timeout: seconds a call may take unless it says otherwise.
     arrays: "auto" (arrays come back as the kind the model returned), "numpy" or "torch".
     writable: copy numpy answers so they can be written (default: read-only views, no copy).
     retry, tenant: defaults for every infer(). curve_secret_key, curve_server_key: the key
@@ -97,11 +99,19 @@ class Client:
     fails within a second with Unavailable.
     """
 
+    def __new__(cls, endpoint: Any = None, **kw: Any):
+        several = endpoints_of(endpoint)
+        if cls is Client and several is not None:  # several daemons: spread over them (several.py)
+            from .several import SeveralClient
+
+            return SeveralClient(several, **kw)
+        return super().__new__(cls)
+
     def __init__(self, endpoint: str | None = None, *, timeout: float = 30.0, arrays: str = "auto",
                  retry: bool = True, tenant: str | None = None, model: str | None = None,
                  curve_secret_key: str | None = None,
                  curve_server_key: str | None = None, limits: Limits | None = None, writable: bool = False):
-        self.endpoint = resolve_endpoint(endpoint)
+        self.endpoint = resolve_endpoint(one_of(endpoint))
         self.retry = retry
         self.tenant = tenant
         self.model = model  # the model a call names when it names none (needed when several are served)

@@ -180,6 +180,13 @@ class FailsToLoad:
         raise RuntimeError("weights file /models/missing.pt not found")
 
 
+class Echo:
+    """Answers with its input and the pid that served it: who answered what, across hosts."""
+
+    def __call__(self, x: Any) -> Any:
+        return {"echo": x, "pid": os.getpid()}
+
+
 class BadSignature:
     """Declares a signature that is not one (a datatype the protocol does not have)."""
 

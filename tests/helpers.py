@@ -32,7 +32,7 @@ class PoolProc:
     """One `isopool serve` process under test."""
 
     def __init__(self, tmp: Path, args: list[str], env: dict | None = None, endpoint: str | None = None,
-                 client_kw: dict | None = None, fd_limit: int | None = None):
+                 client_kw: dict | None = None, fd_limit: int | None = None, prefix: list[str] | None = None):
         self.tmp = tmp
         self.endpoint = endpoint or f"ipc://{tmp}/pool.sock"
         self.client_kw = client_kw or {}
@@ -44,7 +44,7 @@ class PoolProc:
         full_env.pop("ISOPOOL_ENDPOINT", None)
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "isopool.cli", "serve", "--endpoint", self.endpoint, *args],
+            [*(prefix or []), sys.executable, "-m", "isopool.cli", "serve", "--endpoint", self.endpoint, *args],
             stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, stdin=subprocess.DEVNULL,
             preexec_fn=None if fd_limit is None else lambda: _limit_files(fd_limit),
         )
