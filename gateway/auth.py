@@ -6,7 +6,8 @@ The token file (--http-tokens) holds one token per line, with its role first:
     client 7Qm3...   any route but the admin ones
     admin  k9Zp...   also the model repository's load and unload
 
-It must be readable by its owner only (mode 0600), as ssh wants of a private key. A
+No other user may read it, and only its owner may write it (0600, or 0440 for a group the
+daemon runs in, as a Kubernetes Secret mounted with fsGroup gives it). A
 gateway reads it at start and again when it changes (checked at most once a second), so
 a token is added or revoked without a restart. Tokens are kept as SHA-256 digests and
 compared in constant time. The health routes (/v2/health/live, /v2/health/ready) need
@@ -44,9 +45,9 @@ def read_tokens(path: str) -> dict[bytes, str]:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise TokenFileError(f"cannot read the token file {path}: {exc}") from None
-    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise TokenFileError(f"the token file {path} is readable by others (mode {stat.S_IMODE(info.st_mode):o}); "
-                             f"chmod 600 {path}")
+    if info.st_mode & (stat.S_IRWXO | stat.S_IWGRP):
+        raise TokenFileError(f"the token file {path} is open to other users (mode {stat.S_IMODE(info.st_mode):o}: "
+                             f"readable by all, or writable by its group); chmod 600 {path}")
     tokens = {}
     for number, line in enumerate(lines, 1):
         words = line.split("#", 1)[0].split()

@@ -94,7 +94,7 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
     ("http-cert", str, "TLS certificate (PEM) for --http: serve https."),
     ("http-key", str, "The private key (PEM) of --http-cert."),
     ("http-tokens", str, "File of bearer tokens for --http, one 'client TOKEN' or 'admin TOKEN' per line "
-                         "(mode 0600; `isopool keygen NAME --http-tokens FILE` adds one)."),
+                         "(no other user may read it: 0600; `isopool keygen NAME --http-tokens FILE` adds one)."),
     ("metrics-port", int, "Serve Prometheus metrics at http://HOST:PORT/metrics (0: off)."),
     ("metrics-host", str, "Address for --metrics-port (127.0.0.1: loopback only)."),
     ("integrity-interval", float, "Seconds between checks of each idle worker's weights against their "
