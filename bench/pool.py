@@ -21,15 +21,19 @@ import psutil
 
 
 @contextlib.contextmanager
-def serve(*args: str, timeout: float = 120.0) -> Iterator[str]:
-    """Run `isopool serve ARGS` on a private ipc endpoint; yield the endpoint; stop it after."""
+def serve(*args: str, timeout: float = 120.0, endpoint: str | None = None, prefix: list[str] | None = None,
+          started: list | None = None) -> Iterator[str]:
+    """Run `isopool serve ARGS` on a private ipc endpoint (or `endpoint`; under `prefix`, e.g.
+    `ip netns exec NS`); yield the endpoint; stop it after. `started` gets the process."""
     tmp = tempfile.mkdtemp(prefix="iso-bench-")
-    endpoint = f"ipc://{tmp}/pool.sock"
+    endpoint = endpoint or f"ipc://{tmp}/pool.sock"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(f"{tmp}/notify.sock")
     env = {**os.environ, "NOTIFY_SOCKET": f"{tmp}/notify.sock"}
-    proc = subprocess.Popen([sys.executable, "-m", "isopool.cli", "serve", "--endpoint", endpoint,
+    proc = subprocess.Popen([*(prefix or []), sys.executable, "-m", "isopool.cli", "serve", "--endpoint", endpoint,
                              "--log-level", "error", *args], env=env, stdin=subprocess.DEVNULL)
+    if started is not None:
+        started.append(proc)
     try:
         while True:
             if not select.select([notify], [], [], timeout)[0]:

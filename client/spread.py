@@ -17,7 +17,6 @@ what each endpoint said.
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from typing import Any, Callable
@@ -56,21 +55,21 @@ class Spread:
         self.avoided: dict[str, str] = {}  # endpoint -> why
         self.failovers = 0
         self.lock = threading.Lock()
-        self.turn = itertools.count()
+        self.last: str | None = None
 
     def pick(self, tried: set[str]) -> str | None:
-        """The endpoint for an attempt: healthy, not tried yet, fewest outstanding (ties taken
-        in turn); an avoided one if no healthy one is left; None when all were tried."""
+        """The endpoint for an attempt: healthy, not tried yet, fewest outstanding; of those
+        tied, the one used last (a daemon that just answered is awake: one call at a time
+        keeps to one host, load spreads as soon as calls overlap); an avoided one if no
+        healthy one is left; None when all were tried."""
         with self.lock:
             left = [e for e in self.endpoints if e not in tried]
             if not left:
                 return None
             healthy = [e for e in left if e not in self.avoided] or left
-            start = next(self.turn)
-            n = len(healthy)
-            best = min(range(n), key=lambda i: (self.outstanding[healthy[(start + i) % n]], i))
-            chosen = healthy[(start + best) % n]
+            chosen = min(healthy, key=lambda e: (self.outstanding[e], e != self.last))
             self.outstanding[chosen] += 1
+            self.last = chosen
             return chosen
 
     def done(self, endpoint: str) -> None:

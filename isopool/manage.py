@@ -22,8 +22,8 @@ from .cliutil import _client, _fail, endpoint_option
               help="Directory to write the two key files in (created 0700 if missing).")
 @click.option("--http-tokens", "tokens_file", type=click.Path(dir_okay=False), default=None,
               help="Instead of a CURVE pair, add a bearer token for NAME to this --http-tokens file "
-                   "(created 0600) and print it.")
-@click.option("--admin", is_flag=True, help="With --http-tokens: an admin token (may load and unload models).")
+                   "(created 0600) and print it. [default: none]")
+@click.option("--admin", is_flag=True, help="With --http-tokens: an admin token (may load and unload models). [default: off]")
 def keygen(name: str, directory: str, tokens_file: str | None, admin: bool) -> None:
     """Write a CURVE key pair: NAME.key (public: share it) and NAME.key_secret (keep it private).
 
