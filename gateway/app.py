@@ -1,6 +1,6 @@
 """The HTTP front: the Open Inference Protocol (v2) REST API as a plain ASGI application.
 
-    GET  /v2/health/live                              200 while this gateway runs
+    GET  /v2/health/live                              200 while the supervisor answers (its loop runs)
     GET  /v2/health/ready                             200 when every model can serve (isopool health)
     GET  /v2                                          server metadata and extensions
     GET  /v2/models/{name}[/versions/{v}]             model metadata
@@ -40,6 +40,7 @@ Send = Callable[[dict], Awaitable[None]]
 access = logging.getLogger("isopool.http")
 HEADER_LENGTH = b"inference-header-content-length"
 STATUS_TTL_S = 0.5  # how long one status answer serves health and metadata requests
+STATUS_TIMEOUT_S = 2.0  # a supervisor that does not answer status within this is not live
 RETRY_AFTER_S = 1
 DRAIN_MAX = 64 << 20  # bytes of a too-large body read (and dropped) before the 413
 # the typed errors and their HTTP status (../shared/design.md, "HTTP")
@@ -197,7 +198,12 @@ class App:
         if template == "/v2":
             return 200, _json({"name": "isopool", "version": __version__,
                                "extensions": ["binary_tensor_data", "model_repository"]}), []
-        if template == "/v2/health/live":
+        if template == "/v2/health/live":  # the supervisor answers: its loop runs (a gateway alone is not live)
+            try:
+                await self.status(fresh=True)
+            except IsopoolError as err:
+                raise HTTPError(503, f"the supervisor did not answer within {STATUS_TIMEOUT_S:g} s: {err}",
+                                [(b"retry-after", str(RETRY_AFTER_S).encode())]) from None
             return 200, _json({"live": True}), []
         if template == "/v2/health/ready":
             pool = (await self.status())["pool"]
@@ -223,7 +229,7 @@ class App:
     async def status(self, fresh: bool = False) -> dict:
         now = time.monotonic()
         if fresh or self.status_cache is None or now - self.status_cache[0] > STATUS_TTL_S:
-            self.status_cache = (now, await self.connect().status())
+            self.status_cache = (now, await self.connect().status(timeout=STATUS_TIMEOUT_S))
         return self.status_cache[1]
 
     async def model(self, name: str, fresh: bool = False) -> dict:

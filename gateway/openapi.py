@@ -87,8 +87,8 @@ MODEL_ROUTES = {
 @lru_cache(maxsize=1)
 def document() -> dict:
     paths = {
-        "/v2/health/live": {"get": {"summary": "200 while the gateway runs (no token needed)",
-                                    "responses": _answers({"type": "object", "required": ["live"]})}},
+        "/v2/health/live": {"get": {"summary": "200 while the supervisor answers (no token needed)",
+                                    "responses": _answers({"type": "object", "required": ["live"]}, 503)}},
         "/v2/health/ready": {"get": {"summary": "200 when every model can serve, else 503 (no token needed)",
                                      "responses": {**_answers({"type": "object", "required": ["ready"]}),
                                                    "503": {"description": "not ready", **_json({"type": "object"})}}}},

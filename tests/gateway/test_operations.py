@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -95,3 +97,17 @@ def test_http_in_front_of_a_tcp_endpoint_with_curve(start_pool, short_tmp):
                                 "curve_server_key": str(keys / "server.key")})
     assert post(pool.address, INFER.format("default"), GOOD) == 200  # the gateways hold a key of their own
     assert pool.status()["pool"]["auth_denied"] == 0
+
+
+def test_liveness_asks_the_supervisor_so_a_stopped_loop_is_not_live(start_pool):
+    pool = http_pool(start_pool, workers=1)
+    url = f"http://{pool.address}/v2/health/live"
+    assert urllib.request.urlopen(url, timeout=30).status == 200
+    os.kill(pool.pid, signal.SIGSTOP)  # the supervisor's loop stands still; its gateway runs on
+    try:
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(url, timeout=30)
+        assert info.value.code == 503 and "did not answer" in json.loads(info.value.read())["error"]
+    finally:
+        os.kill(pool.pid, signal.SIGCONT)
+    assert urllib.request.urlopen(url, timeout=30).status == 200
