@@ -4,7 +4,7 @@
     supervisor ──env ISOPOOL_TEMPLATE = TemplateSpec, fd ISOPOOL_TEMPLATE_FD─► template
     supervisor ──{"config": WorkerConfig} + the worker's output fd──► template ──fork──► worker
     template ──{"ready"} | {"error", "traceback"} | {"pid", "slot"} | {"error", "slot"}──► supervisor
-    worker ──DEALER identity worker_ident(slot, generation)──► backend ROUTER
+    worker ──DEALER identity worker_ident(slot, generation, token)──► backend ROUTER
 
 Each JSON message to or from the template is one line. Exit codes are in exits.py.
 """
@@ -19,7 +19,7 @@ from typing import Any
 DEFAULT_MODEL = "isopool.models.default:DefaultModel"  # what `serve` runs without --model
 WORKER_MAIN = "isopool.worker"  # `python -m` this: a fresh worker (--preload none)
 TEMPLATE_MAIN = "isopool.worker.template"  # `python -m` this: the template
-ENV_CONFIG = "ISOPOOL_WORKER"  # a fresh worker's WorkerConfig
+ENV_CONFIG_FD = "ISOPOOL_WORKER_FD"  # a fresh worker's WorkerConfig: the fd of a memfd holding its JSON
 ENV_TEMPLATE = "ISOPOOL_TEMPLATE"  # the template's spec: {model, preload, user_config, parent_pid}
 ENV_TEMPLATE_FD = "ISOPOOL_TEMPLATE_FD"  # the template's end of its command socket
 
@@ -46,27 +46,35 @@ class WorkerConfig:
     limits: dict = field(default_factory=dict)
     board: str | None = None  # the file this worker marks each request's start and end in
 
+    token: str = ""  # the secret part of its identity (supervisor/slots.py)
+
     @property
     def ident(self) -> bytes:
-        return worker_ident(self.slot, self.generation)
+        return worker_ident(self.slot, self.generation, self.token)
 
     def to_env(self) -> str:
         return json.dumps(self.__dict__)
 
     @classmethod
     def from_env(cls) -> "WorkerConfig":
-        return cls(**json.loads(os.environ[ENV_CONFIG]))
+        """A fresh worker's config, from the memfd the supervisor passed it (ENV_CONFIG_FD: read,
+        then closed; the environment, which other processes of the user can read, holds only its number)."""
+        fd = int(os.environ.pop(ENV_CONFIG_FD))
+        with os.fdopen(fd, "rb") as f:
+            return cls(**json.loads(f.read()))
 
 
-def worker_ident(slot: int, generation: int) -> bytes:
-    """A worker process's identity on the backend socket."""
-    return f"{slot}.{generation}".encode()
+def worker_ident(slot: int, generation: int, token: str = "") -> bytes:
+    """A worker process's identity on the backend socket: SLOT.GENERATION.TOKEN. The token
+    (128 random bits, hex) is what makes it unguessable: another process that connects under
+    a worker's slot and generation without it is refused (answers.worker_of)."""
+    return f"{slot}.{generation}.{token}".encode()
 
 
 def parse_ident(ident: bytes) -> tuple[int, int] | None:
     """(slot, generation) of a backend identity; None if it is not one."""
     try:
-        slot, gen = ident.split(b".")
+        slot, gen, _token = ident.split(b".")
         return int(slot), int(gen)
     except ValueError:
         return None

@@ -127,6 +127,7 @@ class Spawn:
     generation: int
     device: str
     worker_id: int = 0  # what the model sees as context.worker_id
+    token: str = ""  # the secret part of its backend identity (handed to it privately, never in argv or env)
 
 
 @dataclass(slots=True)

@@ -22,6 +22,8 @@ from .control import serving
 from .slots import SERVING, State, Worker, kill, retire, stop
 from .phase import Phase
 
+log = logging.getLogger("isopool.supervisor")
+
 if TYPE_CHECKING:
     from .core import Core
 
@@ -29,12 +31,36 @@ MAX_CAPACITY = 1024
 
 
 def worker_of(core: "Core", ident: bytes) -> Worker | None:
-    """The live worker that owns `ident`, or None (a stale message from a process given up on)."""
+    """The live worker that owns `ident`, or None: a stale message from a process given up
+    on, or a forgery (a live worker's slot and generation without its token: reported)."""
     parsed = parse_ident(ident)
     w = core.workers.get(parsed[0]) if parsed else None
     if w is None or w.generation != parsed[1] or w.pid is None:
         return None
+    if w.ident != ident:
+        intruder(core, w)
+        return None
     return w
+
+
+def stranger(seen: int) -> int:
+    """A backend message under an identity the supervisor never gives: ignored, and said
+    (the first, the 100th, the 10,000th). Returns how many there have been."""
+    seen += 1
+    if seen in (1, 100, 10000):
+        log.warning("a process on the backend that is no worker of ours sent %d message(s); ignored. A compromised "
+                    "model may be probing the pool", seen)
+    return seen
+
+
+def intruder(core: "Core", w: Worker) -> None:
+    """Someone connected to the backend as worker w without its token: refused, and said."""
+    core.intruders += 1
+    if core.intruders == 1 or core.intruders % 100 == 0:  # a flood of them is one line in a hundred
+        core.log(logging.WARNING, "a process on the backend claimed worker %d's identity without its token "
+                 "(%d such message(s) so far); refused. A compromised model may be probing the pool", w.id,
+                 core.intruders)
+        core.emit("intruder", w, messages=core.intruders)
 
 
 def on_worker(core: "Core", ident: bytes, header: dict, body: list, now: float) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import secrets
 from collections import Counter
 from typing import Any, Callable, Iterator
 
@@ -49,7 +50,8 @@ Boards = Callable[[int], "tuple[int, int] | None"]  # slot -> (started, finished
 
 class Core:
     def __init__(self, config: PoolConfig, devices: list[str], boards: Boards, rng: random.Random | None = None,
-                 now: float = 0.0, slot_numbers: Iterator[int] | None = None):
+                 now: float = 0.0, slot_numbers: Iterator[int] | None = None,
+                 tokens: Callable[[], str] | None = None):
         self.config = config
         self.name = config.model_name  # the model this core serves (one core per model)
         self.kind: str | None = None  # what its model says it is (READY's kind: "embedding", ...)
@@ -58,6 +60,10 @@ class Core:
         self.devices = devices
         self.boards = boards
         self.rng = rng or random.Random()
+        # each process's secret part of its backend identity (slots.Worker.ident): unguessable
+        # in a daemon (secrets), reproducible in the simulator (its seeded rng)
+        self.tokens = tokens or (lambda: secrets.token_hex(16))
+        self.intruders = 0  # backend messages under a live worker's slot and generation with a wrong token
         self.target = config.workers
         self.now = now
         self.ledger = Ledger()

@@ -34,6 +34,7 @@ from isopool.protocol.errors import IsopoolError
 from isopool.protocol.transport import Outbox, Oversized, bounds, data, drain, messages, oversized
 
 from . import actions as act
+from .answers import stranger
 from .auth import is_admin
 from .blame import wants_last_words
 from .config import PoolConfig, ServeConfig
@@ -66,6 +67,7 @@ class Supervisor:
                 raise StartupError(str(exc), exit_code=2) from None
         self.pending_signals: list[int] = []
         self.started_at = time.monotonic()
+        self.strangers = 0  # backend messages under identities the supervisor never gave
         self.started_wall = time.time()
         self.worked = False  # the last pass read a client's or a worker's message
         self.models: Models | None = None
@@ -249,8 +251,9 @@ class Supervisor:
             ident = frames[0].bytes
             parsed = parse_ident(ident)
             served = by_slot.get(parsed[0]) if parsed else None
-            if served is None:
-                continue  # not a worker of any model now served: stale
+            if served is None:  # a stale worker of a model no longer served, or a stranger (counted)
+                self.strangers = stranger(self.strangers) if parsed is None else self.strangers
+                continue
             core = served.core
             if type(frames) is Oversized:
                 core.handle(act.WorkerGarbage(ident, str(oversized(frames, limits))), now)
@@ -344,7 +347,7 @@ class Supervisor:
             self.io.events.emit(a.kind, a.fields)
         elif kind is act.Spawn:
             self.models.by_slot[a.slot] = served
-            core.handle(procs.spawn(a.slot, a.generation, a.device, a.worker_id, served.config), now)
+            core.handle(procs.spawn(a.slot, a.generation, a.device, a.worker_id, served.config, a.token), now)
         elif kind is act.Kill:
             procs.kill(a.slot, a.sig)
         elif kind is act.Sample:
@@ -378,20 +381,21 @@ class Supervisor:
         log.exception("internal error handling %s; the pool goes on", what)
         try:
             (served or self.models.first).core.internal_error(what, ident, rid)
-        except Exception:
+        except Exception:  # noqa: BLE001 - the last line has no line behind it
             log.exception("could not fail the request either")
 
     def facts(self) -> dict:
         """What only the shell knows, for status."""
         io = self.io
-        return {"pid": os.getpid(), "time": time.time(), "started_at": self.started_at, "started_wall": self.started_wall, "endpoint": self.endpoint,
-                "events_endpoint": io.events.endpoint, "event_subscribers": io.events.subscribers,
-                "metrics_url": io.metrics_url, "auth_denied": io.auth.denied if io.auth is not None else None,
+        return {"pid": os.getpid(), "time": time.time(), "started_at": self.started_at,
+                "started_wall": self.started_wall, "endpoint": self.endpoint, "events_endpoint": io.events.endpoint,
+                "event_subscribers": io.events.subscribers, "metrics_url": io.metrics_url,
+                "auth_denied": io.auth.denied if io.auth is not None else None, "backend_strangers": self.strangers,
                 "output_dropped": self.procs.dropped, "replies_waiting": self.to_clients.waiting(),
                 "replies_dropped": self.to_clients.dropped, **io.connections.facts(time.monotonic()),
                 **(self.gateways.facts() if self.gateways is not None else {"http": None, "http_url": None, "gateways": []})}
 
 
-def _reply_dropped(peer: bytes | None, exc: zmq.ZMQError) -> None:
-    log.debug("messages to a departed peer %r dropped: %s", peer, exc)  # nothing to tell it
+def _reply_dropped(peer: bytes | None, exc: zmq.ZMQError) -> None:  # a departed peer: nothing to tell it
+    log.debug("messages to a departed peer %r dropped: %s", peer, exc)
 

@@ -51,7 +51,8 @@ class Processes:
 
     # ------------------------------------------------------------ workers
 
-    def spawn(self, slot: int, generation: int, device: str, worker_id: int, cfg: PoolConfig) -> object:
+    def spawn(self, slot: int, generation: int, device: str, worker_id: int, cfg: PoolConfig,
+              token: str = "") -> object:
         """Start a worker of the model `cfg` describes, from its template or afresh."""
         path = os.path.join(self.private_dir, f"board.{slot}.{generation}")
         wc = WorkerConfig(
@@ -60,7 +61,7 @@ class Processes:
             heartbeat_interval=cfg.heartbeat_interval, arrays=cfg.arrays, integrity_interval=cfg.integrity_interval,
             integrity_every_request=cfg.integrity_every_request, prefetch=cfg.prefetch,
             max_batch_size=cfg.max_batch_size, max_batch_wait_ms=cfg.max_batch_wait_ms, spin_us=cfg.spin_us,
-            user_config=cfg.user_config, limits=cfg.limits.__dict__, board=path,
+            user_config=cfg.user_config, limits=cfg.limits.__dict__, board=path, token=token,
         )
         try:
             board.create(path)  # only for a process about to exist

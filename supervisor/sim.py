@@ -69,7 +69,9 @@ class World(Processes):
         self.pids = itertools.count(100)
         self.timeline: list = []  # (time, seq, action) of things the world will do
         self.seq = itertools.count()
-        self.core = Core(self.config, ["cpu"], self.marks, random.Random(seed + 1), now=self.now)
+        rng = random.Random(seed + 1)
+        self.core = Core(self.config, ["cpu"], self.marks, rng, now=self.now,
+                         tokens=lambda: "%032x" % rng.getrandbits(128))
         self.clients = [b"c%d" % i for i in range(rng.randint(1, 3))]
         self.gone: set[bytes] = set()  # clients that disconnected
         self.next_id = itertools.count(1)

@@ -91,7 +91,7 @@ class Processes:
                 core.handle(ev.SpawnFailed(a.slot, "EMFILE", template=self.config.preload != "none"), self.now)
                 return
             pid = next(self.pids)
-            w = SimWorker(a.slot, a.generation, pid, b"%d.%d" % (a.slot, a.generation), capacity=self.config.prefetch)
+            w = SimWorker(a.slot, a.generation, pid, b"%d.%d.%s" % (a.slot, a.generation, a.token.encode()), capacity=self.config.prefetch)
             self.workers[a.slot] = w
             core.handle(ev.Spawned(a.slot, pid), self.now)
             self.later(rng.choice((0.001, 0.01, 0.3)), lambda: self.ready(w))

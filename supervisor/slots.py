@@ -102,9 +102,11 @@ class Worker:
     uss: int = 0
     cpu_percent: float = 0.0
 
+    token: str = ""  # its current process's secret (core.tokens): the backend identity cannot be guessed
+
     @property
     def ident(self) -> bytes:
-        return worker_ident(self.slot, self.generation)
+        return worker_ident(self.slot, self.generation, self.token)
 
     def move(self, new: State, why: str = "") -> None:
         if new not in TRANSITIONS[self.state]:
@@ -171,12 +173,13 @@ def start(core: "Core", w: Worker, now: float) -> None:
     if not core.template.can_fork():
         return  # stays in BACKOFF; the template's readiness wakes the loop
     w.generation = core.generations[w.id] = core.generations.get(w.id, 0) + 1
+    w.token = core.tokens()
     w.move(State.STARTING, "spawn")
     w.started_at = w.last_seen = now
     cfg = core.config
     jitter = cfg.max_requests_jitter
     w.max_requests = cfg.max_requests + (core.rng.randint(0, jitter) if jitter else 0) if cfg.max_requests else 0
-    core.actions.append(Spawn(w.slot, w.generation, w.device, w.id))
+    core.actions.append(Spawn(w.slot, w.generation, w.device, w.id, w.token))
 
 
 def spawned(core: "Core", w: Worker, pid: int) -> None:

@@ -21,7 +21,7 @@ import sys
 
 import psutil
 
-from isopool.protocol.contract import (ENV_CONFIG, ENV_TEMPLATE, ENV_TEMPLATE_FD, TEMPLATE_MAIN, WORKER_MAIN, WorkerConfig,
+from isopool.protocol.contract import (ENV_CONFIG_FD, ENV_TEMPLATE, ENV_TEMPLATE_FD, TEMPLATE_MAIN, WORKER_MAIN, WorkerConfig,
                                        spawn_request)
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -96,17 +96,25 @@ def output_pipe() -> tuple[int, int]:
 
 def spawn_fresh(config: WorkerConfig) -> Process:
     """A worker in a fresh interpreter (`--preload none`): seconds to start, nothing shared."""
-    env = {**os.environ, ENV_CONFIG: config.to_env()}
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    r, w = output_pipe()
+    # the config (with the identity's secret) goes in a memfd only the child inherits: not in
+    # its environment or argv, which /proc shows every process of the user
+    memfd = os.memfd_create("isopool-worker-config")
     try:
-        popen = subprocess.Popen([sys.executable, "-m", WORKER_MAIN], env=env, stdin=subprocess.DEVNULL,
-                                 stdout=w, stderr=w, close_fds=True, start_new_session=True)
-    except BaseException:
-        os.close(r)
-        raise
+        os.write(memfd, config.to_env().encode())
+        os.lseek(memfd, 0, os.SEEK_SET)
+        env = {**os.environ, ENV_CONFIG_FD: str(memfd)}
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        r, w = output_pipe()
+        try:
+            popen = subprocess.Popen([sys.executable, "-m", WORKER_MAIN], env=env, stdin=subprocess.DEVNULL,
+                                     stdout=w, stderr=w, pass_fds=(memfd,), start_new_session=True)
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
     finally:
-        os.close(w)
+        os.close(memfd)
     return Process(popen.pid, popen, output=r)
 
 

@@ -34,6 +34,7 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
         "in_flight_answered": len(core.ledger.orphans),  # cancelled or timed out, their worker not yet free
         "requests_total": core.stats.total,
         "restarts_total": core.restarts_total,
+        "intruders": core.intruders,  # backend messages under a worker's identity without its token
         "healthy": healthy,
         "health_reason": reason,
         "phase": core.phase.value,
@@ -50,6 +51,7 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
         "http": facts.get("http"),  # HOST:PORT of the Open Inference Protocol, when served
         "gateways": facts.get("gateways", []),  # its gateway processes: id, pid, restarts, last_exit
         "auth_denied": facts["auth_denied"],  # CURVE handshakes refused
+        "backend_strangers": facts.get("backend_strangers", 0),  # backend messages under no identity we gave
         "restarts_by_reason": dict(core.replacements),
         "output_dropped_bytes": sum(dropped.values()),  # workers' output over --log-rate
         "clients_stalled": len(core.stalled),  # clients not reading their replies: new requests refused
@@ -69,7 +71,7 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
 
 
 SUMMED = ("workers_target", "workers_ready", "queue_depth", "in_flight", "in_flight_answered", "requests_total",
-          "restarts_total", "max_queue", "restarts_in_window")
+          "restarts_total", "max_queue", "restarts_in_window", "intruders")
 MODEL_KEYS = ("kind", "signature", "workers_target", "workers_ready", "queue_depth", "in_flight",
               "in_flight_answered", "requests_total", "restarts_total", "healthy", "health_reason", "phase", "template", "max_queue", "outcomes",
               "throughput_rps", "latency_p50_ms", "latency_p99_ms", "restarts_by_reason")

@@ -10,6 +10,7 @@ import msgpack
 import pytest
 
 from isopool.protocol import ops
+from isopool.protocol.contract import worker_ident
 from isopool.supervisor import actions as ev
 from isopool.supervisor.config import PoolConfig
 from isopool.supervisor.phase import Phase
@@ -59,7 +60,7 @@ class Pool:
                 if isinstance(a, ev.Spawn):
                     self.spawns.append(a)
                     self.core.handle(ev.Spawned(a.slot, 1000 + len(self.spawns)), self.now)
-                    self.core.handle(ev.WorkerMessage(_ident(a.slot, a.generation),
+                    self.core.handle(ev.WorkerMessage(worker_ident(a.slot, a.generation, a.token),
                                                       {"op": ops.READY, "capacity": 4}, []), self.now)
                 elif isinstance(a, ev.Kill):
                     self.kills.append(a)
@@ -81,10 +82,6 @@ class Pool:
     def error_type(self, rid) -> str:
         [(_, h, body)] = [r for r in self.replies if r[1].get("id") == rid]
         return msgpack.unpackb(body[0])["type"]
-
-
-def _ident(slot: int, generation: int) -> bytes:
-    return b"%d.%d" % (slot, generation)
 
 
 # ------------------------------------------------------------ purity
