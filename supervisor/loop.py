@@ -248,8 +248,7 @@ class Supervisor:
     def read_backend(self, now: float) -> None:
         limits, by_slot = self.limits, self.models.by_slot
         for frames in drain(self.io.backend, MAX_BATCH, *self.bounds):
-            ident = frames[0].bytes
-            parsed = parse_ident(ident)
+            parsed = parse_ident(ident := frames[0].bytes)
             served = by_slot.get(parsed[0]) if parsed else None
             if served is None:  # a stale worker of a model no longer served, or a stranger (counted)
                 self.strangers = stranger(self.strangers) if parsed is None else self.strangers
