@@ -32,7 +32,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 log = logging.getLogger("isopool.supervisor")
 
-POLL_MS = 200  # how often the guard looks whether it is asked to stop
+POLL_MS = 200  # the guard's longest wait; close() wakes it at once (stop_fd)
 MAX_EVENTS = 4096  # monitor events read before the reserve is looked at
 EVENT_EVERY_S = 1.0  # connections_shed events: at most one this often
 DEGRADED_S = 10.0  # after the last shed connection, status says degraded this long
@@ -71,16 +71,20 @@ class Connections:
         self.monitor.setsockopt(zmq.LINGER, 0)
         self.monitor.connect(addr)
         self.stopping = threading.Event()
+        self.stop_fd = os.eventfd(0, os.EFD_NONBLOCK)  # close() wakes the guard at once with it
         self.thread = threading.Thread(target=self._guard, name="isopool-connections", daemon=True)
         self.thread.start()  # from here on the monitor socket is the guard's alone
 
     # ---- the guard thread
 
     def _guard(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.monitor, zmq.POLLIN)
+        poller.register(self.stop_fd, zmq.POLLIN)
         try:
             while not self.stopping.is_set():
                 try:
-                    if self.monitor.poll(POLL_MS, zmq.POLLIN):
+                    if self.monitor in dict(poller.poll(POLL_MS)):
                         self.read(time.monotonic())
                 except zmq.ZMQError:
                     return  # the context is ending
@@ -162,7 +166,9 @@ class Connections:
     def close(self) -> None:
         """Stop the guard (it closes its monitor socket); before the frontend closes."""
         self.stopping.set()
+        os.eventfd_write(self.stop_fd, 1)
         self.thread.join(timeout=5 * POLL_MS / 1000)
+        os.close(self.stop_fd)
         try:
             self.frontend.disable_monitor()
         except zmq.ZMQError:
