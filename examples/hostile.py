@@ -2,6 +2,10 @@
 
 Hostile answers like faulty.Echo ({"echo": x, "pid": ...}) until a request asks it to attack:
 
+    {"attack": NAME, "pid": PID | "pids": [...] | "path": PATH}    one of ATTACKS: signal, trace or read the memory
+        of a process, connect to a unix socket, write into a directory, leave a process behind;
+        answers {"refused": the error that stopped it, or None, "done": what it did}
+
     {"attack": "impersonate", "backend": "ipc://...", "slot": S, "generation": G, "victim": PID, "seconds": 2}
         kill the worker PID, then connect to the backend as slot S's next process (the identity
         an older isopool would have given it: "S.G", and "S.G.<a guessed token>"), say READY every
@@ -11,8 +15,11 @@ Hostile answers like faulty.Echo ({"echo": x, "pid": ...}) until a request asks 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import socket
+import subprocess
 import time
 from typing import Any
 
@@ -26,7 +33,71 @@ class Hostile:
     def __call__(self, x: Any) -> Any:
         if isinstance(x, dict) and x.get("attack") == "impersonate":
             return impersonate(x)
+        if isinstance(x, dict) and x.get("attack") in ATTACKS:
+            return attempt(x)
         return {"echo": x, "pid": os.getpid()}
+
+
+def attempt(x: dict) -> dict:
+    """One attack of ATTACKS: {"refused": the error that stopped it} or {"refused": None, ...}."""
+    try:
+        done = ATTACKS[x["attack"]](x)
+    except OSError as exc:
+        return {"refused": f"{type(exc).__name__}: {exc}", "errno": exc.errno}
+    return {"refused": None, "done": done}
+
+
+def _ptrace(pid: int) -> str:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.ptrace(16, pid, 0, 0) != 0:  # PTRACE_ATTACH
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return "attached"
+
+
+def _read_mem(pid: int) -> str:
+    with open(f"/proc/{pid}/mem", "rb"):  # opening it is what the kernel checks (ptrace access)
+        return "opened"
+
+
+def _connect(path: str) -> str:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    finally:
+        s.close()
+    return "connected"
+
+
+def _write(directory: str) -> str:
+    path = os.path.join(directory, "planted")
+    with open(path, "w") as f:
+        f.write("x")
+    return f"wrote {path}"
+
+
+def _another(x: dict) -> int:
+    """Another worker's pid, of those the request lists (never this one's)."""
+    return next(int(p) for p in x["pids"] if int(p) != os.getpid())
+
+
+def _leave_behind(x: dict) -> str:
+    child = subprocess.Popen(["sleep", "1000"], start_new_session=True, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return str(child.pid)
+
+
+ATTACKS = {
+    "signal_supervisor": lambda x: os.kill(int(x["pid"]), signal.SIGKILL) or "signalled",
+    "signal_worker": lambda x: os.kill(_another(x), signal.SIGKILL) or "signalled",
+    "ptrace_supervisor": lambda x: _ptrace(int(x["pid"])),
+    "read_supervisor_memory": lambda x: _read_mem(int(x["pid"])),
+    "read_worker_memory": lambda x: _read_mem(_another(x)),
+    "connect": lambda x: _connect(x["path"]),
+    "write_runtime_dir": lambda x: _write(x["path"]),
+    "leave_a_process": _leave_behind,
+    "connect_tcp": lambda x: socket.create_connection(("127.0.0.1", int(x["port"])), timeout=5).close() or "connected",
+}
 
 
 def impersonate(x: dict) -> dict:

@@ -102,6 +102,8 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
     ("isolation", click.Choice(["none", "tenant", "request"]),
      "none: any worker serves any request; tenant: a worker serves one tenant until it is recycled; "
      "request: every request runs in a fresh worker."),
+    ("sandbox-network", click.Choice(["host", "none"]),
+     "With --sandbox: none gives each worker an empty network namespace (no network at all)."),
     ("preload", click.Choice(["none", "imports", "model"]),
      "Start workers by fork from a template that has imported torch and the handler (imports, the "
      "default: a restart takes milliseconds), that has also built the model so workers share its weights "
@@ -116,6 +118,9 @@ SERVE_OPTIONS += [
 BOOL_FLAGS = [("integrity-every-request", "Also check the weights after every request (costs a hash of them)."),
               ("insecure", "Allow a tcp:// endpoint, or a non-loopback --http, without authentication "
                            "(trusted networks only)."),
+              ("sandbox", "Run each worker under a uid of its own, with no_new_privs and a seccomp filter, so "
+                          "a compromised model cannot touch the supervisor or other workers (root needed; "
+                          "SECURITY.md)."),
               ("http-access-log", "Log one line per HTTP request (method, route, model, status, time) "
                                   "in --log-format.")]
 

@@ -47,6 +47,7 @@ class WorkerConfig:
     board: str | None = None  # the file this worker marks each request's start and end in
 
     token: str = ""  # the secret part of its identity (supervisor/slots.py)
+    sandbox: dict | None = None  # {"uid", "gid", "home", "network", "supervisor"}: worker/sandbox.py enters it
 
     @property
     def ident(self) -> bytes:

@@ -71,6 +71,9 @@ def exited(core: "Core", w: Worker, info: dict, now: float) -> None:
         info["reason"] = "killed by the supervisor: it sent a message that broke the protocol (see the log)"
     elif w.signalled is not None and info.get("signal") in ("SIGTERM", "SIGKILL"):
         info["reason"] = killed_by_us(core, w, info["signal"])
+    elif info.get("signal") == "SIGSYS" and core.config.sandbox:
+        info["reason"] = ("killed by its sandbox (SIGSYS): it made a forbidden system call: ptrace, another "
+                          "process's memory, or a signal to the supervisor. Its model may be compromised")
     w.last_exit = info
     culprit = None if expected else progress(core, w)[0]
     held = core.ledger.forget_worker(w.slot)

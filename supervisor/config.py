@@ -66,6 +66,8 @@ class PoolConfig:
     integrity_every_request: bool = False  # also check after every request
     isolation: str = "none"  # none | tenant (a worker serves one tenant) | request (a fresh worker each)
     preload: str = "imports"  # none (fresh interpreter per worker) | imports | model (CPU: share weights)
+    sandbox: bool = False  # workers under uids of their own, no_new_privs, seccomp (supervisor/sandbox.py)
+    sandbox_network: str = "host"  # host | none: with --sandbox, none gives each worker an empty network namespace
     user_config: dict = field(default_factory=dict)  # [models.NAME.config] and --set: the factory's context.config
     model_name: str = "default"  # the name of the one model served (its [models.NAME] table)
 
@@ -104,6 +106,11 @@ class PoolConfig:
             problems.append(f"arrays must be auto, numpy or torch, got {self.arrays!r}")
         if self.isolation not in ("none", "tenant", "request"):
             problems.append(f"isolation must be none, tenant or request, got {self.isolation!r}")
+        if self.sandbox_network not in ("host", "none"):
+            problems.append(f"sandbox-network must be host or none, got {self.sandbox_network!r}")
+        if self.sandbox and self.preload == "model":
+            problems.append("--sandbox with --preload model would build the model outside the sandbox (in the "
+                            "template, with the supervisor's rights); use --preload imports or none")
         if self.preload not in ("none", "imports", "model"):
             problems.append(f"preload must be none, imports or model, got {self.preload!r}")
         elif self.preload == "model" and self.devices.strip().lower() != "cpu":

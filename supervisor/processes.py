@@ -20,6 +20,7 @@ from isopool.protocol.contract import WorkerConfig
 from isopool.protocol.exits import exit_fields
 
 from . import spawner
+from . import sandbox
 from .actions import Spawned, SpawnFailed, TemplateExited, TemplateFailed, TemplateReady, WorkerExited
 from .config import PoolConfig
 from .output import Output
@@ -65,6 +66,7 @@ class Processes:
         )
         try:
             board.create(path)  # only for a process about to exist
+            wc.sandbox = sandbox.for_worker(cfg, slot, self.private_dir, path)
             if cfg.preload == "none":
                 proc = spawner.spawn_fresh(wc)
             elif cfg.model_name not in self.templates:
@@ -180,7 +182,7 @@ class Processes:
     # ------------------------------------------------------------ the template
 
     def start_template(self, cfg: PoolConfig) -> None:
-        self.templates[cfg.model_name] = t = spawner.Template(cfg.model, cfg.preload, cfg.user_config)
+        self.templates[cfg.model_name] = t = spawner.Template(cfg.model, cfg.preload, cfg.user_config, cfg.sandbox)
         self.poller.register(t.fileno(), zmq.POLLIN)
         self.poller.register(t.proc.pidfd, zmq.POLLIN)
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import shutil
@@ -27,7 +28,10 @@ from .auth import AuthError, CurveAuth
 from .config import PoolConfig
 from .connections import Connections
 from .events import EventLog
+from . import sandbox
 from .metrics import serve_metrics
+
+log = logging.getLogger("isopool.supervisor")
 from .replies import SNDHWM
 
 
@@ -58,6 +62,15 @@ def raise_fd_limit() -> int:
 class Sockets:
     def __init__(self, config: PoolConfig):
         self.config = config
+        if config.sandbox:
+            try:
+                sandbox.check(config)
+            except sandbox.SandboxUnavailable as exc:
+                raise StartupError(str(exc), exit_code=2) from None
+            if (closed := sandbox.unreadable_python()) is not None:
+                log.warning("--sandbox: %s is closed to other users, so sandboxed workers can import only what "
+                            "the template imported before the sandbox; install Python where every user may "
+                            "read it (e.g. /usr or /opt)", closed)
         self.fd_limit = raise_fd_limit()
         self.endpoint = config.endpoint or default_endpoint()
         self.auth: CurveAuth | None = None
@@ -66,13 +79,17 @@ class Sockets:
         self.private_dir: str | None = None
         self.ctx, self.io_threads = io_context()
         self.frontend = self._bind_frontend()
-        self.private_dir = tempfile.mkdtemp(prefix="isopool-", dir=self._private_parent())
+        # sandboxed workers must reach the backend, never the frontend: then the private dir is
+        # not inside the frontend's 0700 directory but in the system's temp dir, itself 0750 to them
+        self.private_dir = tempfile.mkdtemp(prefix="isopool-", dir=None if config.sandbox else self._private_parent())
         self.backend_endpoint = f"ipc://{self.private_dir}/backend.sock"
         self.backend = self.ctx.socket(zmq.ROUTER)
         largest = bounds(config.limits)[0]  # one frame over it: ZeroMQ drops the connection
         for opt, val in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 0), (zmq.MAXMSGSIZE, largest)):
             self.backend.setsockopt(opt, val)
         self.backend.bind(self.backend_endpoint)
+        if config.sandbox:  # the workers' group may reach the backend socket, and nothing else of ours
+            sandbox.prepare(self.private_dir, self.backend_endpoint[len("ipc://"):])
         path = ipc_path(self.endpoint)
         self.events = EventLog(self.ctx, f"ipc://{path}.events" if path is not None else None)
         self.http_metrics_dir: str | None = None  # the gateways' metrics files (gateway/metrics.py)

@@ -125,12 +125,13 @@ class TemplateError(RuntimeError):
 class Template:
     """The zygote: a fresh interpreter that has imported torch and the handler, forking workers."""
 
-    def __init__(self, model: str, preload: str, user_config: dict):
+    def __init__(self, model: str, preload: str, user_config: dict, sandbox: bool = False):
         self.ready = False
         self.error: dict | None = None
         self._buf = b""
         self.sock, theirs = socket.socketpair()
-        spec = {"model": model, "preload": preload, "user_config": user_config, "parent_pid": os.getpid()}
+        spec = {"model": model, "preload": preload, "user_config": user_config, "parent_pid": os.getpid(),
+                "sandbox": sandbox}
         env = {**os.environ, ENV_TEMPLATE: json.dumps(spec), ENV_TEMPLATE_FD: str(theirs.fileno())}
         env.setdefault("PYTHONUNBUFFERED", "1")
         try:

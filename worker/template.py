@@ -98,7 +98,8 @@ def main() -> None:
         set_threads(1)  # no intra-op thread pool may exist when we fork
         import isopool.worker.process  # noqa: F401 - imported once, shared by every worker
 
-        resolve(spec["model"])
+        if not spec.get("sandbox"):  # sandboxed, the model's module is first imported in the worker
+            resolve(spec["model"])
         if spec["preload"] == "model":
             model = build_model(spec["model"], WorkerContext(worker_id=-1, generation=0, device="cpu",
                                                              config=spec.get("user_config") or {}))

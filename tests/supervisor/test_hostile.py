@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import glob
+import os
+import signal
+import socket
 
-from tests.helpers import Background
+import pytest
+
+from isopool.errors import WorkerCrashed
+from isopool.supervisor import sandbox
+from tests.helpers import Background, pid_exists, wait_gone
 
 HOSTILE = "isopool.examples.hostile:Hostile"
 
@@ -32,3 +39,95 @@ def test_a_model_that_impersonates_another_worker_is_refused_and_forges_nothing(
     assert all(a["pid"] in pids for a in answers)  # every answer came from a worker the supervisor started
     assert status["pool"]["intruders"] >= 1 and status["pool"]["backend_strangers"] >= 1
     assert "claimed worker" in pool.output() and "no worker of ours" in pool.output()
+
+
+def backend_of(pool) -> str:
+    """The backend socket of a sandboxed pool: in the system temp dir, in a dir only the workers' group enters."""
+    pid = pool.pid
+    for path in glob.glob("/tmp/isopool-*/backend.sock"):
+        if os.stat(os.path.dirname(path)).st_gid == sandbox.GID and _owned_by(path, pid):
+            return path
+    raise AssertionError("no backend socket of this pool")
+
+
+def _owned_by(path: str, pid: int) -> bool:
+    """Is the unix socket at `path` one that process `pid` listens on?"""
+    inodes = {line.split()[6] for line in open("/proc/net/unix").read().splitlines()[1:] if line.endswith(path)}
+    fds = glob.glob(f"/proc/{pid}/fd/*")
+    return any(os.readlink(fd) == f"socket:[{inode}]" for fd in fds for inode in inodes)
+
+
+def test_under_the_sandbox_every_attack_fails_and_the_pool_serves_on(start_pool, short_tmp):
+    if os.geteuid() != 0:
+        pytest.skip("--sandbox needs root to give each worker a uid of its own; this test runs as "
+                    f"uid {os.geteuid()}")
+    pool = start_pool("--workers", "2", "--model", HOSTILE, "--sandbox", "--kill-grace", "1")
+    pool.subscribe()
+    backend = backend_of(pool)
+    supervisor = pool.pid
+    workers = pool.all_ready()["workers"]
+    uids = {w["pid"]: os.stat(f"/proc/{w['pid']}").st_uid for w in workers}
+    assert len(set(uids.values())) == 2 and all(u >= sandbox.UID_BASE for u in uids.values())  # a uid each
+    refused_by_kernel = [
+        ("read_supervisor_memory", {"pid": supervisor}), ("connect", {"path": pool.endpoint[len("ipc://"):]}),
+        ("write_runtime_dir", {"path": os.path.dirname(backend)}),
+        ("write_runtime_dir", {"path": str(pool.tmp)}), ("connect", {"path": f"{pool.endpoint[6:]}.events"})]
+    outcomes = []
+    with pool.client() as attacker, pool.client() as other, Background(other) as bg:
+        for name, args in refused_by_kernel:
+            answer = attacker.infer({"attack": name, **args}, retry=False)
+            outcomes.append((name, answer["refused"]))
+            assert answer["refused"] and "Permission" in answer["refused"], (name, answer)
+        for name in ("signal_worker", "read_worker_memory"):  # the other worker: another uid
+            answer = attacker.infer({"attack": name, "pids": list(uids)}, retry=False)
+            outcomes.append((name, answer["refused"]))
+            assert answer["refused"] and ("Permission" in answer["refused"] or "not permitted" in answer["refused"]), \
+                (name, answer)
+        for name in ("signal_supervisor", "ptrace_supervisor"):  # fatal: the worker is killed, and it is said
+            with pytest.raises(WorkerCrashed) as info:
+                attacker.infer({"attack": name, "pid": supervisor}, retry=False)
+            outcomes.append((name, info.value.signal))
+            assert info.value.signal == "SIGSYS"
+            pool.wait_event("crashed", timeout=30)
+        stray = int(attacker.infer({"attack": "leave_a_process"}, retry=False)["done"])
+        assert pid_exists(stray)
+    assert bg.failed == [] and bg.ok > 0  # every other request was served throughout
+    assert "killed by its sandbox" in pool.output()
+    workers = pool.all_ready()["workers"]
+    for w in workers:  # recycle them: whatever they left behind goes with them
+        os.kill(w["pid"], signal.SIGKILL)
+    pool.all_ready()
+    assert wait_gone([stray], timeout=30) == []
+    print("attempts:", outcomes)
+
+
+def test_sandbox_network_none_leaves_a_worker_no_network(start_pool):
+    if os.geteuid() != 0:
+        pytest.skip(f"--sandbox needs root; this test runs as uid {os.geteuid()}")
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # something a worker could otherwise reach
+        port = listener.getsockname()[1]
+        plain = start_pool("--workers", "1", "--model", HOSTILE, "--sandbox")
+        with plain.client() as c:
+            assert c.infer({"attack": "connect_tcp", "port": port}, retry=False)["refused"] is None
+        plain.close()
+        pool = start_pool("--workers", "1", "--model", HOSTILE, "--sandbox", "--sandbox-network", "none")
+        with pool.client() as c:
+            answer = c.infer({"attack": "connect_tcp", "port": port}, retry=False)
+            assert answer["refused"] and "unreachable" in answer["refused"], answer
+            assert c.infer({"n": 1})["echo"] == {"n": 1}  # and it serves: the backend is a unix socket
+
+
+def test_sandbox_where_it_cannot_be_had_is_one_line_and_no_start(start_pool, short_tmp):
+    """Not as root, `serve --sandbox` exits 2 naming what is missing, never serving unsandboxed."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    short_tmp.chmod(0o777)
+    out = subprocess.run([*nobody, sys.executable, "-m", "isopool.cli", "serve", "--sandbox", "--endpoint",
+                          f"ipc://{short_tmp}/nobody.sock"], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                         env={**os.environ, "XDG_RUNTIME_DIR": str(short_tmp)})
+    assert out.returncode == 2 and "--sandbox needs root" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
