@@ -30,9 +30,9 @@ from .connections import Connections
 from .events import EventLog
 from . import sandbox
 from .metrics import serve_metrics
+from .replies import SNDHWM
 
 log = logging.getLogger("isopool.supervisor")
-from .replies import SNDHWM
 
 
 HANDSHAKE_S = 5  # a connection that has not finished its ZeroMQ (and CURVE) handshake by then is dropped

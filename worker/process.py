@@ -373,26 +373,20 @@ def run(config: WorkerConfig, model: Any = None) -> None:
         import torch
 
         torch.cuda.set_device(config.device)  # after fork: no CUDA state ever crossed it
-    if config.sandbox:  # before any of the model's code runs (the template never imported it)
-        from .sandbox import enter
+    try:  # anything here means "failed to load"; and a model never runs outside its sandbox
+        if config.sandbox:  # before any of the model's code runs (the template never imported it)
+            from .sandbox import enter
 
-        try:
             enter(config.sandbox)
-        except BaseException as exc:  # noqa: BLE001 - never run the model outside its sandbox
-            traceback.print_exc()
-            report_load_failure(config, exc)
-            sys.stderr.flush()
-            os._exit(EXIT_LOAD_FAILED)
-    if model is None:
-        context = WorkerContext(worker_id=config.worker_id, generation=config.generation, device=config.device,
-                                threads=config.threads, config=config.user_config)
-        try:
-            model = build_model(config.model, context)
-        except BaseException as exc:  # noqa: BLE001 - anything here means "failed to load"
-            traceback.print_exc()
-            report_load_failure(config, exc)
-            sys.stderr.flush()
-            os._exit(EXIT_LOAD_FAILED)
+        if model is None:
+            model = build_model(config.model, WorkerContext(
+                worker_id=config.worker_id, generation=config.generation, device=config.device,
+                threads=config.threads, config=config.user_config))
+    except BaseException as exc:  # noqa: BLE001
+        traceback.print_exc()
+        report_load_failure(config, exc)
+        sys.stderr.flush()
+        os._exit(EXIT_LOAD_FAILED)
     Worker(config, model).serve()
 
 
