@@ -24,6 +24,7 @@ from isopool.protocol.pacing import Pacing
 
 from .connection import (CONNECT_S, close_watched, closed_early, configure_socket, connect, curve_keys, not_running,
                          on_monitor_event, resolve_endpoint, watch_disconnects)
+from .calls import AsyncControlCalls
 from .core import Call, Session, send_bundled, stream_ended
 from .spread import endpoints_of, one_of
 
@@ -75,7 +76,7 @@ class _Resources:
             self.ctx.term()
 
 
-class AsyncClient:
+class AsyncClient(AsyncControlCalls):
     """    async with AsyncClient() as c:
             y = await c.infer(x)
             async for part in c.stream(x): ...
@@ -212,29 +213,9 @@ class AsyncClient:
     async def control(self, action: str, timeout: float = 10.0, **args: Any) -> dict:
         return await self._call(ops.CONTROL, timeout, action=action, args=args)
 
-    async def scale(self, workers: int, model: str | None = None) -> dict:
-        """Run `workers` workers of `model` (needed when several are served) from now on."""
-        return await self.control(ops.SCALE, workers=workers, **({} if model is None else {"model": model}))
-
-    async def reload(self, model: str | None = None) -> dict:
-        """Replace every worker (of `model`, else of every model), one at a time, with no failed request."""
-        return await self.control(ops.RELOAD, **({} if model is None else {"model": model}))
-
-    async def load(self, name: str, model: str, workers: int | None = None) -> dict:
-        """Serve `model` (MODULE:ATTR) as `name` from now on (a rolling replace if `name` is served)."""
-        return await self.control(ops.LOAD, name=name, model=model, **({"workers": workers} if workers else {}))
-
-    async def unload(self, name: str) -> dict:
-        """Stop serving model `name` once its queued and running requests are answered."""
-        return await self.control(ops.UNLOAD, name=name)
-
     async def models(self) -> dict:
         """The models served: name -> their status summary."""
         return (await self.status())["models"]
-
-    async def stop(self) -> dict:
-        """Drain the pool and stop it."""
-        return await self.control(ops.SHUTDOWN)
 
     async def close(self) -> None:
         if self._closed:

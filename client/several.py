@@ -13,13 +13,23 @@ import threading
 import time
 from typing import Any, AsyncIterator, Iterator
 
-from isopool.protocol import IsopoolError, ops
+from isopool.protocol import IsopoolError
 
+from .calls import AsyncControlCalls, ControlCalls
 from .spread import PROBE_S, Attempts, Spread, attempt_loop, merged_status, serving
 
 STATUS_S = 1.0  # a probe's status call: a host that does not answer within it stays avoided
 REBUILD_S = 10.0  # an endpoint unreachable this long gets a new connection (ZeroMQ may have stopped
                   # reconnecting: after a handshake broken off by whatever held its address meanwhile)
+
+
+def _over(client, endpoints: list[str], timeout: float, retry: bool, make) -> None:
+    """What both clients of several endpoints hold: the endpoints, a Spread, and one client
+    each, made by make(endpoint) (again, when one is rebuilt)."""
+    client.endpoint, client.timeout, client.retry = list(endpoints), timeout, retry
+    client.spread = Spread(client.endpoint)
+    client._make = make
+    client.clients = {e: make(e) for e in client.endpoint}
 
 
 def _set(future: cf.Future, exception: BaseException) -> None:
@@ -29,16 +39,13 @@ def _set(future: cf.Future, exception: BaseException) -> None:
         pass
 
 
-class SeveralClient:
+class SeveralClient(ControlCalls):
     """Client([e1, e2, ...]): a thread-safe client of several daemons."""
 
     def __init__(self, endpoints: list[str], *, timeout: float = 30.0, retry: bool = True, **kw: Any):
         from .sync import Client
 
-        self.endpoint, self.timeout, self.retry = list(endpoints), timeout, retry
-        self.spread = Spread(self.endpoint)
-        self._make = lambda e: Client(e, timeout=timeout, retry=retry, **kw)
-        self.clients = {e: self._make(e) for e in self.endpoint}
+        _over(self, endpoints, timeout, retry, lambda e: Client(e, timeout=timeout, retry=retry, **kw))
         self._closed = threading.Event()
         # failed attempts are sent again from here, never from a client's I/O thread
         self._again = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="isopool-failover")
@@ -105,11 +112,7 @@ class SeveralClient:
         """One endpoint's stream; another endpoint only if it failed before its first part."""
         attempts = Attempts(self.spread, self._deadline(timeout), self.retry)
         while True:
-            nxt = attempts.next()
-            if isinstance(nxt, float):
-                time.sleep(nxt)
-                continue
-            endpoint, left = nxt
+            endpoint, left = attempts.take()
             parts = self.clients[endpoint].stream(x, timeout=left, tenant=tenant, model=model)
             try:
                 first = next(parts)
@@ -149,23 +152,8 @@ class SeveralClient:
         answers = self._each(lambda c: c.control(action, timeout, **args), timeout)
         return {e: (a if isinstance(a, dict) else {"error": f"{type(a).__name__}: {a}"}) for e, a in answers.items()}
 
-    def scale(self, workers: int, model: str | None = None) -> dict:
-        return self.control(ops.SCALE, workers=workers, **({} if model is None else {"model": model}))
-
-    def reload(self, model: str | None = None) -> dict:
-        return self.control(ops.RELOAD, **({} if model is None else {"model": model}))
-
-    def load(self, name: str, model: str, workers: int | None = None) -> dict:
-        return self.control(ops.LOAD, name=name, model=model, **({"workers": workers} if workers else {}))
-
-    def unload(self, name: str) -> dict:
-        return self.control(ops.UNLOAD, name=name)
-
     def models(self) -> dict:
         return {e: s.get("models", s) for e, s in self.status()["endpoints"].items()}
-
-    def stop(self) -> dict:
-        return self.control(ops.SHUTDOWN)
 
     def _probe(self) -> None:
         down_since: dict[str, float] = {}
@@ -196,16 +184,13 @@ class SeveralClient:
         self.close()
 
 
-class SeveralAsyncClient:
+class SeveralAsyncClient(AsyncControlCalls):
     """AsyncClient([e1, e2, ...]): an asyncio client of several daemons."""
 
     def __init__(self, endpoints: list[str], *, timeout: float = 30.0, retry: bool = True, **kw: Any):
         from .aio import AsyncClient
 
-        self.endpoint, self.timeout, self.retry = list(endpoints), timeout, retry
-        self.spread = Spread(self.endpoint)
-        self._make = lambda e: AsyncClient(e, timeout=timeout, retry=retry, **kw)
-        self.clients = {e: self._make(e) for e in self.endpoint}
+        _over(self, endpoints, timeout, retry, lambda e: AsyncClient(e, timeout=timeout, retry=retry, **kw))
         self._prober: asyncio.Task | None = None
 
     def _start(self, timeout: float | None, retry: bool | None) -> Attempts:
@@ -218,11 +203,7 @@ class SeveralAsyncClient:
                     tenant: str | None = None, model: str | None = None) -> Any:
         attempts = self._start(timeout, retry)
         while True:
-            nxt = attempts.next()
-            if isinstance(nxt, float):
-                await asyncio.sleep(nxt)
-                continue
-            endpoint, left = nxt
+            endpoint, left = await attempts.atake()
             try:
                 return await self.clients[endpoint].infer(x, timeout=left, retry=retry, tenant=tenant, model=model)
             except IsopoolError as err:
@@ -234,11 +215,7 @@ class SeveralAsyncClient:
                      model: str | None = None) -> AsyncIterator[Any]:
         attempts = self._start(timeout, None)
         while True:
-            nxt = attempts.next()
-            if isinstance(nxt, float):
-                await asyncio.sleep(nxt)
-                continue
-            endpoint, left = nxt
+            endpoint, left = await attempts.atake()
             parts = self.clients[endpoint].stream(x, timeout=left, tenant=tenant, model=model)
             try:
                 first = await parts.__anext__()
@@ -270,23 +247,8 @@ class SeveralAsyncClient:
         answers = await self._each(lambda c: c.control(action, timeout, **args))
         return {e: (a if isinstance(a, dict) else {"error": f"{type(a).__name__}: {a}"}) for e, a in answers.items()}
 
-    async def scale(self, workers: int, model: str | None = None) -> dict:
-        return await self.control(ops.SCALE, workers=workers, **({} if model is None else {"model": model}))
-
-    async def reload(self, model: str | None = None) -> dict:
-        return await self.control(ops.RELOAD, **({} if model is None else {"model": model}))
-
-    async def load(self, name: str, model: str, workers: int | None = None) -> dict:
-        return await self.control(ops.LOAD, name=name, model=model, **({"workers": workers} if workers else {}))
-
-    async def unload(self, name: str) -> dict:
-        return await self.control(ops.UNLOAD, name=name)
-
     async def models(self) -> dict:
         return {e: s.get("models", s) for e, s in (await self.status())["endpoints"].items()}
-
-    async def stop(self) -> dict:
-        return await self.control(ops.SHUTDOWN)
 
     async def _probe(self) -> None:
         down_since: dict[str, float] = {}

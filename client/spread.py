@@ -17,6 +17,7 @@ what each endpoint said.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Any, Callable
@@ -147,6 +148,18 @@ class Attempts:
         self.tried.add(endpoint)
         return endpoint, left
 
+    def take(self) -> tuple[str, float]:
+        """next(), after any pause it asks for (on this thread)."""
+        while isinstance(step := self.next(), float):
+            time.sleep(step)
+        return step
+
+    async def atake(self) -> tuple[str, float]:
+        """next(), after any pause it asks for (in the event loop)."""
+        while isinstance(step := self.next(), float):
+            await asyncio.sleep(step)
+        return step
+
     def failed(self, endpoint: str, err: BaseException) -> None:
         if not isinstance(err, IsopoolError) or not self.spread.failed(endpoint, err, self.retry):
             raise err
@@ -160,11 +173,7 @@ def attempt_loop(spread: Spread, deadline: float, retry: bool, call: Callable[[s
     """call(endpoint, seconds left) on one endpoint after another until one answers (Attempts)."""
     attempts = Attempts(spread, deadline, retry)
     while True:
-        step = attempts.next()
-        if isinstance(step, float):
-            time.sleep(step)
-            continue
-        endpoint, left = step
+        endpoint, left = attempts.take()
         try:
             return call(endpoint, left)
         except IsopoolError as err:

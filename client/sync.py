@@ -19,6 +19,7 @@ from isopool.protocol import Limits, Cancelled, IsopoolError, Unavailable, ops
 
 from .connection import curve_keys, resolve_endpoint
 from .core import LOCAL_GRACE_S, Call, Session, stream_ended
+from .calls import ControlCalls
 from .iothread import IOThread
 from .spread import endpoints_of, one_of
 
@@ -66,10 +67,6 @@ class _CallFuture(Future):
 BACKSTOP_S = 5.0  # the I/O thread answers every call by its deadline; this only guards against its death
 
 
-def _named(model: str | None) -> dict:
-    return {} if model is None else {"model": model}
-
-
 def _wait(future: Future, timeout: float) -> Any:
     try:
         return future.result(timeout=timeout + LOCAL_GRACE_S + BACKSTOP_S)
@@ -80,7 +77,7 @@ def _wait(future: Future, timeout: float) -> Any:
         raise
 
 
-class Client:
+class Client(ControlCalls):
     """A thread-safe client of one isopool supervisor.
 
         with Client() as c:
@@ -192,31 +189,9 @@ class Client:
     def control(self, action: str, timeout: float = 10.0, **args: Any) -> dict:
         return self._call(ops.CONTROL, timeout, action=action, args=args)
 
-    def scale(self, workers: int, model: str | None = None) -> dict:
-        """Run `workers` workers of `model` (needed when several are served) from now on."""
-        return self.control(ops.SCALE, workers=workers, **_named(model))
-
-    def reload(self, model: str | None = None) -> dict:
-        """Replace every worker (of `model`, else of every model), one at a time, with no failed
-        request: new code and weights load."""
-        return self.control(ops.RELOAD, **_named(model))
-
-    def load(self, name: str, model: str, workers: int | None = None) -> dict:
-        """Serve `model` (MODULE:ATTR) as `name` from now on; under a name already served, its
-        workers roll over to the new implementation with no failed request."""
-        return self.control(ops.LOAD, name=name, model=model, **({"workers": workers} if workers else {}))
-
-    def unload(self, name: str) -> dict:
-        """Stop serving model `name`: its queued and running requests are answered, then its workers stop."""
-        return self.control(ops.UNLOAD, name=name)
-
     def models(self) -> dict:
         """The models served: name -> their status summary (`isopool models`)."""
         return self.status()["models"]
-
-    def stop(self) -> dict:
-        """Drain the pool and stop it."""
-        return self.control(ops.SHUTDOWN)
 
     def close(self) -> None:
         self._finalizer()
