@@ -1,6 +1,6 @@
 """What --sandbox costs: the same pool with and without it, in the same run (root needed).
 
-    sudo python -m isopool.bench.sandbox [--requests 20000] [--kills 10]
+    sudo isopool bench --sandbox [--quick]   (or python -m isopool.bench.sandbox [--requests 20000] [--kills 10])
 
 Two workers of the tiny model (bench/models.py) each time: requests/s at 64 in flight, one
 request at a time (p50/p99), and the median time from SIGKILL of an idle worker to its
@@ -36,15 +36,21 @@ def measure(sandboxed: bool, n: int, kills: int) -> dict:
                 "restart_ms": restart_s(endpoint, "default", kills)}
 
 
+def report(requests: int, kills: int, rounds: int) -> int:
+    """Each round measures the pool plain, then sandboxed; prints the rounds as JSON."""
+    out = [{name: measure(name == "sandbox", requests, kills) for name in ("plain", "sandbox")}
+           for _ in range(rounds)]
+    print(json.dumps(out, indent=1))
+    return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    rounds = [{name: measure(name == "sandbox", args.requests, args.kills) for name in ("plain", "sandbox")}
-              for _ in range(args.rounds)]
-    print(json.dumps(rounds, indent=1))
+    report(args.requests, args.kills, args.rounds)
 
 
 if __name__ == "__main__":

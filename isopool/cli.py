@@ -268,8 +268,11 @@ def events(endpoint: str | None, count: int, timeout: float) -> None:
                    "driven by wrk; writes http.md and http.json.")
 @click.option("--peer", "peers", multiple=True, type=click.Choice(["litserve", "ray"]),
               help="With --http: compare with this peer only (repeatable; default: both).")
+@click.option("--sandbox", "sandbox", is_flag=True,
+              help="Instead: the same pool with and without --sandbox, in the same run (root needed). "
+                   "[default: off]")
 def bench(quick: bool, repeats: int | None, out: Path | None, only: tuple[str, ...], no_embeddings: bool,
-          http: bool, peers: tuple[str, ...]) -> None:
+          http: bool, peers: tuple[str, ...], sandbox: bool) -> None:
     """Benchmark isopool against ProcessPoolExecutor, multiprocessing.Pool, loky and pebble.
 
     Every mechanism runs the same model on 2 worker processes; answers are checked against
@@ -277,6 +280,10 @@ def bench(quick: bool, repeats: int | None, out: Path | None, only: tuple[str, .
     16 MiB round trip, and the real embedding model when installed. With --http, the HTTP
     front against LitServe and Ray Serve (bench/http.py).
     """
+    if sandbox:
+        from isopool.bench.sandbox import report
+
+        sys.exit(report(2000 if quick else 20000, 3 if quick else 10, 1 if quick else (repeats or 2)))
     if http:
         from isopool.bench.http import run as run_http
         from isopool.bench.suite import default_out
