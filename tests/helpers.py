@@ -244,3 +244,18 @@ def http_pool(start_pool, *args: str, workers: int = 2, **kw) -> PoolProc:
         if all(g["pid"] for g in pool.status()["pool"]["gateways"]):
             break
     return pool
+
+
+def need_library(name: str, package: str) -> None:
+    """Make sure the shared library lib`name` can be loaded, installing Debian's `package` if
+    it is missing; pytest.skip naming it where it cannot be had."""
+    import ctypes.util
+
+    import pytest
+
+    if ctypes.util.find_library(name) is None and os.geteuid() == 0:
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300)
+        subprocess.run(["apt-get", "install", "-y", "-qq", package], capture_output=True, timeout=300,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    if ctypes.util.find_library(name) is None:
+        pytest.skip(f"lib{name} is missing and could not be installed (apt-get install {package})")

@@ -11,12 +11,12 @@ import pytest
 
 from isopool.errors import WorkerCrashed
 from isopool.supervisor import sandbox
-from tests.helpers import Background, pid_exists, wait_gone
+from tests.helpers import Background, need, need_library, pid_exists, wait_gone
 
 HOSTILE = "isopool.examples.hostile:Hostile"
 
 
-def test_a_model_that_impersonates_another_worker_is_refused_and_forges_nothing(start_pool, short_tmp):
+def test_a_model_that_impersonates_another_worker_is_refused_and_forges_nothing(start_pool):
     """Without the sandbox: a worker kills another and connects to the backend as its next
     process (the identity an older isopool gave it, and with a guessed token). The real
     replacement takes the slot, no request is answered by the impostor, the attempt is counted."""
@@ -57,10 +57,14 @@ def _owned_by(path: str, pid: int) -> bool:
     return any(os.readlink(fd) == f"socket:[{inode}]" for fd in fds for inode in inodes)
 
 
-def test_under_the_sandbox_every_attack_fails_and_the_pool_serves_on(start_pool, short_tmp):
+@pytest.fixture
+def root_and_seccomp():
     if os.geteuid() != 0:
-        pytest.skip("--sandbox needs root to give each worker a uid of its own; this test runs as "
-                    f"uid {os.geteuid()}")
+        pytest.skip(f"--sandbox needs root to give each worker a uid of its own; this test runs as uid {os.geteuid()}")
+    need_library("seccomp", "libseccomp2")
+
+
+def test_under_the_sandbox_every_attack_fails_and_the_pool_serves_on(start_pool, root_and_seccomp):
     pool = start_pool("--workers", "2", "--model", HOSTILE, "--sandbox", "--kill-grace", "1")
     pool.subscribe()
     backend = backend_of(pool)
@@ -101,9 +105,7 @@ def test_under_the_sandbox_every_attack_fails_and_the_pool_serves_on(start_pool,
     print("attempts:", outcomes)
 
 
-def test_sandbox_network_none_leaves_a_worker_no_network(start_pool):
-    if os.geteuid() != 0:
-        pytest.skip(f"--sandbox needs root; this test runs as uid {os.geteuid()}")
+def test_sandbox_network_none_leaves_a_worker_no_network(start_pool, root_and_seccomp):
     with socket.create_server(("127.0.0.1", 0)) as listener:  # something a worker could otherwise reach
         port = listener.getsockname()[1]
         plain = start_pool("--workers", "1", "--model", HOSTILE, "--sandbox")
@@ -124,7 +126,8 @@ def test_sandbox_where_it_cannot_be_had_is_one_line_and_no_start(start_pool, sho
 
     from tests.helpers import ROOT
 
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    nobody = [need("setpriv", "util-linux"), "--reuid=65534", "--regid=65534", "--clear-groups"] \
+        if os.geteuid() == 0 else []
     short_tmp.chmod(0o777)
     out = subprocess.run([*nobody, sys.executable, "-m", "isopool.cli", "serve", "--sandbox", "--endpoint",
                           f"ipc://{short_tmp}/nobody.sock"], capture_output=True, text=True, timeout=60, cwd=ROOT,

@@ -10,7 +10,7 @@ from isopool.supervisor import admission, answers, sim
 from isopool.supervisor.ledger import Ledger
 from isopool.supervisor.policy import RestartPolicy
 
-SEEDS = 4000  # about twenty seconds here; CI runs them all
+SEEDS = 2500  # about twelve seconds here; CI runs them all
 
 
 def test_every_seed_keeps_every_guarantee():
