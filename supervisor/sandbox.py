@@ -1,6 +1,6 @@
 """The supervisor's side of `--sandbox` (worker/sandbox.py is the worker's).
 
-    check(cfg)            at start: root, libseccomp, user switching; else one line naming what is missing
+    check()               at start: root, libseccomp, user switching; else one line naming what is missing
     prepare(private_dir)  the supervisor not dumpable; the private dir reachable by the workers'
                           group only (r-x: they may connect to the backend socket, and write nothing)
     for_worker(...)       a worker's uid (UID_BASE + slot), group, home and board, made its own
@@ -25,7 +25,7 @@ class SandboxUnavailable(RuntimeError):
     pass
 
 
-def check(cfg) -> None:
+def check() -> None:
     """SandboxUnavailable naming what is missing, if workers cannot be sandboxed here."""
     if os.geteuid() != 0:
         raise SandboxUnavailable("--sandbox needs root: it runs each worker under a uid of its own "
@@ -37,7 +37,12 @@ def check(cfg) -> None:
     except (ImportError, OSError, RuntimeError) as exc:
         raise SandboxUnavailable(f"--sandbox needs libseccomp and its Python binding (pip install pyseccomp; "
                                  f"apt-get install libseccomp2): {exc}") from None
-    if not os.path.exists("/proc/self/status") or "Seccomp:" not in open("/proc/self/status").read():
+    try:
+        with open("/proc/self/status") as f:
+            has_seccomp = "Seccomp:" in f.read()
+    except OSError:
+        has_seccomp = False
+    if not has_seccomp:
         raise SandboxUnavailable("--sandbox needs a kernel with seccomp filters (CONFIG_SECCOMP_FILTER)")
 
 
