@@ -1,21 +1,35 @@
-"""CURVE authentication: a ZAP handler (ZeroMQ RFC 27) answered by the supervisor's own loop.
+"""Who may connect: one ZAP handler (ZeroMQ RFC 27) answered by the supervisor's own loop.
 
 pyzmq's Authenticator serves ZAP from a thread or an asyncio loop; the supervisor owns one
 thread and one poll loop, so it answers the (rare) ZAP requests itself and uses pyzmq only
-for what it does well: certificate files and z85. A connection is let in only with a CURVE
-key from the clients or admins directory; its messages then carry a User-Id saying which,
-and control ops (scale, reload, load, unload, stop) need an admin key.
+for what it does well: certificate files and z85. Two domains:
+
+    isopool          the frontend, with --curve-secret-key: a connection is let in only with
+                     a CURVE key from the clients or admins directory; its messages then carry
+                     a User-Id saying which, and control ops (scale, reload, load, unload, stop)
+                     need an admin key
+    isopool-backend  the backend, always: a connection is let in only from the process of a
+                     live worker, and only once. The kernel says which process connected (a
+                     unix socket's SO_PEERCRED, which ZeroMQ puts in the request's address as
+                     HOST:UID:GID:PID), so no process can pass for another; a second connection
+                     from a worker (an impostor inside a compromised model) is refused, counted
+                     and reported (the "intruder" event)
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Callable
 
 import zmq
 import zmq.auth
 
+log = logging.getLogger("isopool.supervisor")
+
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"isopool"
+BACKEND_DOMAIN = b"isopool-backend"
 ADMIN, CLIENT = "admin", "client"
 
 
@@ -33,7 +47,7 @@ def load_keys(directory: str | None) -> set[bytes]:
 
 
 class CurveAuth:
-    def __init__(self, ctx: zmq.Context, secret_key_file: str, clients_dir: str | None, admins_dir: str | None):
+    def __init__(self, secret_key_file: str, clients_dir: str | None, admins_dir: str | None):
         try:
             self.public, self.secret = zmq.auth.load_certificate(secret_key_file)
         except (OSError, ValueError) as exc:
@@ -44,9 +58,6 @@ class CurveAuth:
         self.clients = load_keys(clients_dir) | self.admins
         if not self.clients:
             raise AuthError("no client keys: give --curve-clients and/or --curve-admins directories of *.key files")
-        self.zap = ctx.socket(zmq.REP)
-        self.zap.setsockopt(zmq.LINGER, 0)
-        self.zap.bind(ZAP_ENDPOINT)
         self.denied = 0
 
     def secure(self, sock: zmq.Socket) -> None:
@@ -56,24 +67,71 @@ class CurveAuth:
         sock.curve_publickey = self.public
         sock.zap_domain = ZAP_DOMAIN
 
-    def handle(self) -> None:
-        """Answer one ZAP request: [version, id, domain, address, identity, mechanism, *credentials]."""
-        msg = self.zap.recv_multipart()
-        if len(msg) < 6:
-            self.zap.send_multipart([b"1.0", msg[1] if len(msg) > 1 else b"", b"400", b"bad ZAP request", b"", b""])
-            return
-        version, request_id, _domain, _address, _identity, mechanism = msg[:6]
-        key = zmq.utils.z85.encode(msg[6]) if mechanism == b"CURVE" and len(msg) > 6 else None
+    def check(self, mechanism: bytes, credentials: list[bytes]) -> list[bytes]:
+        """A ZAP reply's status, text and user id for a frontend connection."""
+        key = zmq.utils.z85.encode(credentials[0]) if mechanism == b"CURVE" and credentials else None
         if key is not None and key in self.clients:
             role = ADMIN if key in self.admins else CLIENT
-            reply = [b"200", b"OK", f"{role}:{key.decode()}".encode()]
+            return [b"200", b"OK", f"{role}:{key.decode()}".encode()]
+        self.denied += 1
+        return [b"400", b"unknown key" if key is not None else b"CURVE required", b""]
+
+
+class Zap:
+    """The context's one ZAP handler: the frontend's keys (`curve`) and the backend's workers
+    (`admit`: the pid of the connecting process -> None to let it in, or why not)."""
+
+    def __init__(self, ctx: zmq.Context, curve: CurveAuth | None):
+        self.curve = curve
+        self.admit: Callable[[int], str | None] = lambda pid: "no workers yet"
+        self.sock = ctx.socket(zmq.REP)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(ZAP_ENDPOINT)
+        self.refused = 0  # backend connections refused
+
+    def guard_backend(self, sock: zmq.Socket) -> None:
+        sock.zap_domain = BACKEND_DOMAIN
+
+    def handle(self, events) -> None:
+        """Answer one ZAP request: [version, id, domain, address, identity, mechanism, *credentials];
+        a refused backend connection is logged and told to `events` (an EventLog) as "intruder"."""
+        msg = self.sock.recv_multipart()
+        if len(msg) < 6:
+            self.sock.send_multipart([b"1.0", msg[1] if len(msg) > 1 else b"", b"400", b"bad ZAP request", b"", b""])
+            return
+        version, request_id, domain, address, _identity, mechanism = msg[:6]
+        if domain == BACKEND_DOMAIN:
+            uid, pid = peer_credentials(address)
+            why = self.admit(pid) if pid is not None else "no peer credentials on the connection"
+            reply = [b"200", b"OK", b"worker"] if why is None else [b"400", why.encode(), b""]
+            if why is not None:
+                self.refused += 1
+                self.report(events, {"pid": pid, "uid": uid, "why": why, "refused": self.refused})
+        elif domain == ZAP_DOMAIN and self.curve is not None:
+            reply = self.curve.check(mechanism, msg[6:])
         else:
-            self.denied += 1
-            reply = [b"400", b"unknown key" if key is not None else b"CURVE required", b""]
-        self.zap.send_multipart([version, request_id, *reply, b""])
+            reply = [b"400", b"unknown domain", b""]
+        self.sock.send_multipart([version, request_id, *reply, b""])
+
+    def report(self, events, fields: dict) -> None:
+        if self.refused <= 10 or self.refused % 100 == 0:  # a flood of them is one line in a hundred
+            events.emit("intruder", fields)
+            log.warning("refused a backend connection from process %s (uid %s): %s (%d refused so far). A "
+                        "compromised model may be trying to pass for a worker", fields["pid"], fields["uid"],
+                        fields["why"], self.refused)
 
     def close(self) -> None:
-        self.zap.close(linger=0)
+        self.sock.close(linger=0)
+
+
+def peer_credentials(address: bytes) -> tuple[int | None, int | None]:
+    """(uid, pid) of the process at the other end of a unix socket, from a ZAP address
+    (HOST:UID:GID:PID); (None, None) if it has none."""
+    parts = address.decode(errors="replace").rsplit(":", 3)
+    try:
+        return int(parts[1]), int(parts[3])
+    except (IndexError, ValueError):
+        return None, None
 
 
 def is_admin(frame: zmq.Frame) -> bool:

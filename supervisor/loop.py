@@ -87,10 +87,11 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         self.poller = zmq.Poller()
-        for fd in (io.frontend, io.backend, io.wake_r.fileno(), io.auth and io.auth.zap, io.events.pub):
+        for fd in (io.frontend, io.backend, io.wake_r.fileno(), io.zap.sock, io.events.pub):
             if fd is not None:
                 self.poller.register(fd, zmq.POLLIN)
         self.procs = Processes(self.daemon, self.poller, io.backend_endpoint, io.private_dir)
+        io.zap.admit = self.procs.admit  # a backend connection only from a worker's process, and once
         self.models = Models(self.procs.marks, time.monotonic())
         for cfg in self.config.models:
             self.models.add(cfg, time.monotonic(), initial=True)
@@ -99,12 +100,9 @@ class Supervisor:
             self.procs.also_known = self.gateways.pids  # children of ours that no worker left behind
 
     def close(self) -> None:
-        if getattr(self, "gateways", None) is not None:
-            self.gateways.close()
-        if getattr(self, "procs", None) is not None:
-            self.procs.close()
-        if getattr(self, "io", None) is not None:
-            self.io.close()
+        for part in ("gateways", "procs", "io"):  # in this order; each only if it was opened
+            if getattr(self, part, None) is not None:
+                getattr(self, part).close()
 
     # ------------------------------------------------------------ the loop
 
@@ -283,8 +281,8 @@ class Supervisor:
                 io.events.emit("connections_shed", fields)
         if io.events.pub is not None and io.events.pub in ready:
             io.events.read_subscriptions()
-        if io.auth is not None and io.auth.zap in ready:
-            io.auth.handle()
+        if io.zap.sock in ready:  # someone connects: a client with CURVE, or a worker
+            io.zap.handle(io.events)
         if self.gateways is not None:
             self.emit_all(self.gateways.ready(ready, now))
         for name, event in self.procs.template_events():
@@ -390,6 +388,7 @@ class Supervisor:
                 "started_wall": self.started_wall, "endpoint": self.endpoint, "events_endpoint": io.events.endpoint,
                 "event_subscribers": io.events.subscribers, "metrics_url": io.metrics_url,
                 "auth_denied": io.auth.denied if io.auth is not None else None, "backend_strangers": self.strangers,
+                "backend_refused": io.zap.refused,
                 "output_dropped": self.procs.dropped, "replies_waiting": self.to_clients.waiting(),
                 "replies_dropped": self.to_clients.dropped, **io.connections.facts(time.monotonic()),
                 **(self.gateways.facts() if self.gateways is not None else {"http": None, "http_url": None, "gateways": []})}

@@ -45,6 +45,7 @@ class Processes:
         self.model_of: dict[int, str] = {}  # slot -> its model's name, kept with `dropped` (a counter per slot)
         self.templates: dict[str, spawner.Template] = {}  # model name -> its template, while running
         self.also_known = lambda: ()  # pids of our other children (the HTTP gateways): never strays
+        self.connected: set[int] = set()  # pids of the workers connected to the backend (admit)
         self.strays: dict[int, float] = {}  # pid of an orphan we are ending -> when to KILL it
         # the template's forked workers become our children, and so does every process a worker
         # leaves behind (even one that called setsid()), to be ended (end_strays)
@@ -86,6 +87,16 @@ class Processes:
             self.outputs[slot] = Output(proc.output, cfg.log_rate, time.monotonic())
         return Spawned(slot, proc.pid)
 
+    def admit(self, pid: int) -> str | None:
+        """May process `pid` connect to the backend? Only a live worker's, and once (auth.Zap)."""
+        slot = next((s for s, p in self.procs.items() if p.pid == pid and p.returncode is None), None)
+        if slot is None:
+            return "it is no worker of ours"
+        if pid in self.connected:
+            return f"worker {self.worker_ids.get(slot, slot)} (pid {pid}) is connected already: a second connection"
+        self.connected.add(pid)
+        return None
+
     def dropped_of(self, name: str) -> dict[int, int]:
         """Output bytes dropped, by slot, for the workers of model `name`."""
         return {slot: n for slot, n in self.dropped.items() if self.model_of.get(slot) == name}
@@ -118,6 +129,7 @@ class Processes:
         """The core has read the exit of `slot`'s process: drop its fds and board."""
         proc = self.procs.pop(slot, None)
         if proc is not None:
+            self.connected.discard(proc.pid)
             if proc.returncode is None:  # its exit was never seen (the loop is ending)
                 self.poller.unregister(proc.pidfd)
             if proc.output >= 0:

@@ -1,7 +1,7 @@
 """The shell's sockets and descriptors: opened once at start, closed once at the end.
 
     frontend  ROUTER, the user's endpoint (ipc:// in a 0700 dir, or tcp:// with CURVE)
-    backend   ROUTER, ipc:// in the supervisor's private directory: workers only
+    backend   ROUTER, ipc:// in the supervisor's private directory: workers only, one connection each (auth.Zap)
     events    XPUB beside an ipc frontend (`isopool events`)
     metrics   Prometheus over HTTP, when --metrics-port is given
     wake      the wake-up fd: signal handlers and the connection guard only write a byte there
@@ -24,7 +24,7 @@ from isopool.protocol.endpoints import default_endpoint, ensure_private_dir, ipc
 from isopool.protocol.iothread import io_context
 from isopool.protocol.transport import bounds
 
-from .auth import AuthError, CurveAuth
+from .auth import AuthError, CurveAuth, Zap
 from .config import PoolConfig
 from .connections import Connections
 from .events import EventLog
@@ -87,6 +87,7 @@ class Sockets:
         largest = bounds(config.limits)[0]  # one frame over it: ZeroMQ drops the connection
         for opt, val in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 0), (zmq.MAXMSGSIZE, largest)):
             self.backend.setsockopt(opt, val)
+        self.zap.guard_backend(self.backend)
         self.backend.bind(self.backend_endpoint)
         if config.sandbox:  # the workers' group may reach the backend socket, and nothing else of ours
             sandbox.prepare(self.private_dir, self.backend_endpoint[len("ipc://"):])
@@ -125,9 +126,10 @@ class Sockets:
                 "use an ipc:// endpoint, or pass --insecure on a trusted network")
         if cfg.curve_secret_key:
             try:
-                self.auth = CurveAuth(self.ctx, cfg.curve_secret_key, cfg.curve_clients, cfg.curve_admins)
+                self.auth = CurveAuth(cfg.curve_secret_key, cfg.curve_clients, cfg.curve_admins)
             except AuthError as exc:
                 raise StartupError(str(exc)) from None
+        self.zap = Zap(self.ctx, self.auth)  # bound before anything may connect
         path = ipc_path(self.endpoint)
         if path is not None:
             if cfg.endpoint is None:
@@ -176,8 +178,7 @@ class Sockets:
         self.events.close()
         self.connections.close()
         self.frontend.close(linger=0)
-        if self.auth is not None:
-            self.auth.close()
+        self.zap.close()
         self.backend.close(linger=0)
         self.wake_r.close()
         self.wake_w.close()

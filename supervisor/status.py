@@ -52,6 +52,7 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
         "gateways": facts.get("gateways", []),  # its gateway processes: id, pid, restarts, last_exit
         "auth_denied": facts["auth_denied"],  # CURVE handshakes refused
         "backend_strangers": facts.get("backend_strangers", 0),  # backend messages under no identity we gave
+        "backend_refused": facts.get("backend_refused", 0),  # backend connections from no worker, or a second one
         "restarts_by_reason": dict(core.replacements),
         "output_dropped_bytes": sum(dropped.values()),  # workers' output over --log-rate
         "clients_stalled": len(core.stalled),  # clients not reading their replies: new requests refused

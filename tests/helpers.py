@@ -72,6 +72,7 @@ class PoolProc:
         """Follow the event stream from now on (connect before acting, read after)."""
         ev = self.endpoint + ".events"
         self.sub = self.ctx.socket(zmq.SUB)
+        self.read_events: list[dict] = []
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.connect(ev)
@@ -115,9 +116,14 @@ class PoolProc:
                 _, data = self.sub.recv_multipart()
                 event = json.loads(data)
                 seen.append(event)
+                self.read_events = [*self.read_events[-999:], event]
                 if event["kind"] == kind and all(event.get(k) == v for k, v in match.items()):
                     return event
         raise AssertionError(f"no {kind} event {match} within {timeout}s; saw {seen}\n{self.output()[-3000:]}")
+
+    def saw(self, kind: str) -> list[dict]:
+        """The events of `kind` that wait_event has read (and passed over) so far."""
+        return [e for e in self.read_events if e["kind"] == kind]
 
     def wait_until(self, predicate: Callable[[dict], bool], kind: str, timeout: float = 30.0) -> dict:
         """Wait on events of `kind` until predicate(status) holds."""
