@@ -3,7 +3,8 @@
 Hostile answers like faulty.Echo ({"echo": x, "pid": ...}) until a request asks it to attack:
 
     {"attack": NAME, "pid": PID | "pids": [...] | "path": PATH}    one of ATTACKS: signal, trace or read the memory
-        of a process, connect to a unix socket, write into a directory, leave a process behind;
+        of a process, signal every process it may, mount, connect to a unix socket, write into a
+        directory, leave a process behind;
         answers {"refused": the error that stopped it, or None, "done": what it did}
 
     {"attack": "impersonate", "backend": "ipc://...", "slot": S, "generation": G, "victim": PID, "seconds": 2}
@@ -55,6 +56,14 @@ def _ptrace(pid: int) -> str:
     return "attached"
 
 
+def _mount(x: dict) -> str:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"none", b"/tmp", b"tmpfs", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return "mounted"
+
+
 def _read_mem(pid: int) -> str:
     with open(f"/proc/{pid}/mem", "rb"):  # opening it is what the kernel checks (ptrace access)
         return "opened"
@@ -90,6 +99,8 @@ def _leave_behind(x: dict) -> str:
 ATTACKS = {
     "signal_supervisor": lambda x: os.kill(int(x["pid"]), signal.SIGKILL) or "signalled",
     "signal_worker": lambda x: os.kill(_another(x), signal.SIGKILL) or "signalled",
+    "signal_everyone": lambda x: os.kill(-1, signal.SIGKILL) or "signalled",  # all the uid may signal
+    "mount": _mount,
     "ptrace_supervisor": lambda x: _ptrace(int(x["pid"])),
     "read_supervisor_memory": lambda x: _read_mem(int(x["pid"])),
     "read_worker_memory": lambda x: _read_mem(_another(x)),

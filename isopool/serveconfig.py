@@ -102,12 +102,17 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
     ("isolation", click.Choice(["none", "tenant", "request"]),
      "none: any worker serves any request; tenant: a worker serves one tenant until it is recycled; "
      "request: every request runs in a fresh worker."),
+    ("sandbox-user", str, "With --sandbox: run every worker as this existing user (its uid and group, and the "
+                          "workers' group) instead of a uid of its own per slot. Workers then share that "
+                          "user's files; the supervisor still refuses signals between them (SECURITY.md)."),
     ("sandbox-network", click.Choice(["host", "none"]),
      "With --sandbox: none gives each worker an empty network namespace (no network at all)."),
-    ("preload", click.Choice(["none", "imports", "model"]),
-     "Start workers by fork from a template that has imported torch and the handler (imports, the "
-     "default: a restart takes milliseconds), that has also built the model so workers share its weights "
-     "(model, CPU only), or as fresh interpreters (none)."),
+    ("preload", click.Choice(["auto", "none", "imports", "model"]),
+     "Start workers by fork from a template that has imported torch and the handler (imports: a restart "
+     "takes milliseconds, then the worker builds its model), that has also built the model so workers share "
+     "its weights and a replacement serves at once (model, CPU only), or as fresh interpreters (none). auto, "
+     "the default: model on CPU without --sandbox for a model that takes no context or declares "
+     "fork_safe = True, else imports."),
 ]
 SIZE_FIELDS = {"max_rss", "max_message_bytes", "log_rate"}
 SERVE_OPTIONS += [

@@ -83,6 +83,16 @@ class WorkerExited:
 
 
 @dataclass(slots=True)
+class SandboxRefused:
+    """A sandboxed worker's process made a call its seccomp filter held back, and the
+    supervisor refused it (supervisor/listener.py)."""
+    slot: int
+    call: str  # the system call's name
+    target: int | None  # the pid it aimed at, for calls on a process
+    caller: int  # the thread that made it
+
+
+@dataclass(slots=True)
 class Sampled:
     slot: int
     rss: int
@@ -92,7 +102,7 @@ class Sampled:
 
 @dataclass(slots=True)
 class TemplateReady:
-    pass
+    preload: str = "imports"  # what it preloaded: "model" (built once, shared) or "imports"
 
 
 @dataclass(slots=True)

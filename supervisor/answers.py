@@ -63,6 +63,21 @@ def intruder(core: "Core", w: Worker) -> None:
         core.emit("intruder", w, messages=core.intruders)
 
 
+def refused(core: "Core", e) -> None:
+    """A sandboxed worker's call refused (actions.SandboxRefused): counted, logged (the first
+    ten, then one in a hundred) and told as the event "sandbox_refused"."""
+    w = core.workers.get(e.slot)
+    if w is None:
+        return
+    core.sandbox_refused += 1
+    if core.sandbox_refused <= 10 or core.sandbox_refused % 100 == 0:
+        aim = f" aimed at process {e.target}" if e.target is not None else ""
+        core.log(logging.WARNING, "worker %d (thread %d) called %s%s; its sandbox refused it (EPERM). %d such "
+                 "call(s) so far; a model that needs it cannot run sandboxed, and one that did not ask for it may be "
+                 "compromised", w.id, e.caller, e.call, aim, core.sandbox_refused)
+        core.emit("sandbox_refused", w, call=e.call, target=e.target, caller=e.caller, refused=core.sandbox_refused)
+
+
 def on_worker(core: "Core", ident: bytes, header: dict, body: list, now: float) -> None:
     w = worker_of(core, ident)
     if w is None:

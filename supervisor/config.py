@@ -65,8 +65,10 @@ class PoolConfig:
     integrity_interval: float = 0.0  # seconds between weight fingerprint checks of idle workers (0: off)
     integrity_every_request: bool = False  # also check after every request
     isolation: str = "none"  # none | tenant (a worker serves one tenant) | request (a fresh worker each)
-    preload: str = "imports"  # none (fresh interpreter per worker) | imports | model (CPU: share weights)
+    preload: str = "auto"  # none (fresh interpreter per worker) | imports | model (CPU: share weights) | auto
+    # (model where safe: CPU, no sandbox, a model that takes no context or says fork_safe = True; else imports)
     sandbox: bool = False  # workers under uids of their own, no_new_privs, seccomp (supervisor/sandbox.py)
+    sandbox_user: str | None = None  # with --sandbox: every worker as this user, instead of a uid per slot
     sandbox_network: str = "host"  # host | none: with --sandbox, none gives each worker an empty network namespace
     user_config: dict = field(default_factory=dict)  # [models.NAME.config] and --set: the factory's context.config
     model_name: str = "default"  # the name of the one model served (its [models.NAME] table)
@@ -108,11 +110,13 @@ class PoolConfig:
             problems.append(f"isolation must be none, tenant or request, got {self.isolation!r}")
         if self.sandbox_network not in ("host", "none"):
             problems.append(f"sandbox-network must be host or none, got {self.sandbox_network!r}")
+        if self.sandbox_user and not self.sandbox:
+            problems.append("--sandbox-user is a setting of --sandbox; give --sandbox too")
         if self.sandbox and self.preload == "model":
             problems.append("--sandbox with --preload model would build the model outside the sandbox (in the "
                             "template, with the supervisor's rights); use --preload imports or none")
-        if self.preload not in ("none", "imports", "model"):
-            problems.append(f"preload must be none, imports or model, got {self.preload!r}")
+        if self.preload not in ("none", "imports", "model", "auto"):
+            problems.append(f"preload must be none, imports, model or auto, got {self.preload!r}")
         elif self.preload == "model" and self.devices.strip().lower() != "cpu":
             problems.append("preload=model builds the model before fork, and CUDA cannot survive fork; "
                             "it needs --devices cpu (use --preload imports with GPUs)")

@@ -64,6 +64,7 @@ class Core:
         # in a daemon (secrets), reproducible in the simulator (its seeded rng)
         self.tokens = tokens or (lambda: secrets.token_hex(16))
         self.intruders = 0  # backend messages under a live worker's slot and generation with a wrong token
+        self.sandbox_refused = 0  # calls sandboxed workers made that their filter held back and we refused
         self.target = config.workers
         self.now = now
         self.ledger = Ledger()
@@ -252,12 +253,16 @@ def _on_exited(core: Core, e: ev.WorkerExited, now: float) -> None:
         blame.exited(core, w, e.exit, now)
 
 
+def _on_refused(core: Core, e: ev.SandboxRefused, now: float) -> None:
+    answers.refused(core, e)
+
+
 def _on_sampled(core: Core, e: ev.Sampled, now: float) -> None:
     health.sampled(core, e.slot, e.rss, e.uss, e.cpu_percent)
 
 
 def _on_template_ready(core: Core, e: ev.TemplateReady, now: float) -> None:
-    templates.ready(core, now)
+    templates.ready(core, now, e.preload)
 
 
 def _on_template_failed(core: Core, e: ev.TemplateFailed, now: float) -> None:
@@ -282,5 +287,5 @@ _HANDLERS: dict[type, Callable] = {
     ev.WorkerGarbage: _on_worker_garbage, ev.Spawned: _on_spawned, ev.SpawnFailed: _on_spawn_failed,
     ev.WorkerExited: _on_exited, ev.Sampled: _on_sampled, ev.TemplateReady: _on_template_ready,
     ev.TemplateFailed: _on_template_failed, ev.TemplateExited: _on_template_exited, ev.SignalReceived: _on_signal,
-    ev.Tick: _on_tick,
+    ev.Tick: _on_tick, ev.SandboxRefused: _on_refused,
 }

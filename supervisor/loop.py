@@ -189,11 +189,8 @@ class Supervisor:
         answer, the client's next request): look for them for up to --spin-us first, awake,
         rather than pay the wake-ups of a sleep (protocol/pacing.py)."""
         # a timer is due after timeout_ms: a spin never delays it
-        return self.pacing.wait(self.worked and timeout_ms > 0, self._poll_now, lambda: self.poller.poll(timeout_ms),
-                                cap_s=timeout_ms / 1000)
-
-    def _poll_now(self) -> list:
-        return self.poller.poll(0)
+        return self.pacing.wait(self.worked and timeout_ms > 0, lambda: self.poller.poll(0),
+                                lambda: self.poller.poll(timeout_ms), cap_s=timeout_ms / 1000)
 
     def poll_timeout(self) -> int:
         """Sleep until a core's next timer is due, or replies waiting for a client are tried again."""
@@ -289,10 +286,13 @@ class Supervisor:
             served = models.by_name.get(name)
             if served is not None:
                 served.core.handle(event, now)
-        for event in self.procs.ready(ready, now):
+        for event in self.procs.ready(ready, now):  # exits, and calls a worker's sandbox refused
             served = models.by_slot.get(event.slot)
             if served is None:  # its model was removed meanwhile
                 self.procs.forget(event.slot)
+                continue
+            if type(event) is act.SandboxRefused:
+                served.core.handle(event, now)
                 continue
             if wants_last_words(served.core, event.slot):
                 self.collect_last_words(served, event.slot, now)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import time
 
 import psutil
@@ -23,6 +24,7 @@ from . import spawner
 from . import sandbox
 from .actions import Spawned, SpawnFailed, TemplateExited, TemplateFailed, TemplateReady, WorkerExited
 from .config import PoolConfig
+from .listener import Listeners
 from .output import Output
 
 log = logging.getLogger("isopool.supervisor")
@@ -46,6 +48,7 @@ class Processes:
         self.templates: dict[str, spawner.Template] = {}  # model name -> its template, while running
         self.also_known = lambda: ()  # pids of our other children (the HTTP gateways): never strays
         self.connected: set[int] = set()  # pids of the workers connected to the backend (admit)
+        self.listeners = Listeners(poller)  # sandboxed workers' seccomp filters ask these
         self.strays: dict[int, float] = {}  # pid of an orphan we are ending -> when to KILL it
         # the template's forked workers become our children, and so does every process a worker
         # leaves behind (even one that called setsid()), to be ended (end_strays)
@@ -65,18 +68,31 @@ class Processes:
             max_batch_size=cfg.max_batch_size, max_batch_wait_ms=cfg.max_batch_wait_ms, spin_us=cfg.spin_us,
             user_config=cfg.user_config, limits=cfg.limits.__dict__, board=path, token=token,
         )
+        ours = theirs = None
         try:
             board.create(path)  # only for a process about to exist
             wc.sandbox = sandbox.for_worker(cfg, slot, self.private_dir, path)
+            keep: tuple[int, ...] = ()
+            if wc.sandbox is not None:  # the channel its seccomp filter's listener fd comes back on
+                ours, theirs = socket.socketpair()
+                wc.sandbox["channel"] = theirs.fileno()
+                keep = (theirs.fileno(),)
             if cfg.preload == "none":
-                proc = spawner.spawn_fresh(wc)
+                proc = spawner.spawn_fresh(wc, keep)
             elif cfg.model_name not in self.templates:
                 raise spawner.TemplateError("the template is not running")
             else:
-                proc = self.templates[cfg.model_name].spawn(wc)
+                proc = self.templates[cfg.model_name].spawn(wc, keep)
         except (spawner.TemplateError, OSError) as exc:
             _unlink(path)
+            if ours is not None:
+                ours.close()
             return SpawnFailed(slot, str(exc), template=isinstance(exc, spawner.TemplateError))
+        finally:
+            if theirs is not None:
+                theirs.close()
+        if ours is not None:
+            self.listeners.add(slot, proc.pid, ours)
         self.procs[slot] = proc
         self.boards[slot] = path
         self.worker_ids[slot] = worker_id
@@ -115,8 +131,9 @@ class Processes:
         return proc.resources() if proc is not None else None
 
     def ready(self, ready: dict, now: float) -> list:
-        """Exits and output among the ready fds: WorkerExited events (output is logged here)."""
-        exits = []
+        """Exits, refused calls and output among the ready fds: WorkerExited and SandboxRefused
+        events (output is logged here)."""
+        exits: list = self.listeners.ready(ready) if self.listeners.by_slot else []
         for slot, proc in list(self.procs.items()):
             if proc.output in ready:
                 self.forward_output(slot, proc, now)
@@ -128,6 +145,7 @@ class Processes:
     def forget(self, slot: int) -> None:
         """The core has read the exit of `slot`'s process: drop its fds and board."""
         proc = self.procs.pop(slot, None)
+        self.listeners.drop(slot)
         if proc is not None:
             self.connected.discard(proc.pid)
             if proc.returncode is None:  # its exit was never seen (the loop is ending)
@@ -194,7 +212,8 @@ class Processes:
     # ------------------------------------------------------------ the template
 
     def start_template(self, cfg: PoolConfig) -> None:
-        self.templates[cfg.model_name] = t = spawner.Template(cfg.model, cfg.preload, cfg.user_config, cfg.sandbox)
+        self.templates[cfg.model_name] = t = spawner.Template(cfg.model, cfg.preload, cfg.user_config, cfg.sandbox,
+                                                                    cpu=cfg.devices.strip().lower() == "cpu")
         self.poller.register(t.fileno(), zmq.POLLIN)
         self.poller.register(t.proc.pidfd, zmq.POLLIN)
 
@@ -214,7 +233,7 @@ class Processes:
             for msg in t.read():
                 if msg.get("ready"):
                     log.info("template of %s (pid %d) is ready", name, t.proc.pid)
-                    out.append((name, TemplateReady()))
+                    out.append((name, TemplateReady(msg.get("preload", "imports"))))
                 elif "error" in msg:
                     out.append((name, TemplateFailed(msg["error"], msg.get("traceback", ""))))
             if t.proc.poll() is not None:

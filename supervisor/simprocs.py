@@ -102,6 +102,8 @@ class Processes:
         elif kind is ev.Sample:
             for slot in a.slots:
                 core.handle(ev.Sampled(slot, rng.randint(1, 100) << 20, 0, 0.0), self.now)
+                if rng.random() < 0.01:  # a sandboxed model tried a call its filter holds back
+                    core.handle(ev.SandboxRefused(slot, rng.choice(("kill", "mount")), rng.choice((None, 1)), 7), self.now)
         elif kind is ev.StartTemplate:
             def start():
                 r = rng.random()

@@ -64,7 +64,7 @@ class Sockets:
         self.config = config
         if config.sandbox:
             try:
-                sandbox.check()
+                sandbox.check(config.sandbox_user)
             except sandbox.SandboxUnavailable as exc:
                 raise StartupError(str(exc), exit_code=2) from None
             if (closed := sandbox.unreadable_python()) is not None:

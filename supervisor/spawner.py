@@ -94,8 +94,9 @@ def output_pipe() -> tuple[int, int]:
     return r, w
 
 
-def spawn_fresh(config: WorkerConfig) -> Process:
-    """A worker in a fresh interpreter (`--preload none`): seconds to start, nothing shared."""
+def spawn_fresh(config: WorkerConfig, keep: tuple[int, ...] = ()) -> Process:
+    """A worker in a fresh interpreter (`--preload none`): seconds to start, nothing shared.
+    It also inherits the fds in `keep` (the sandbox's channel)."""
     # the config (with the identity's secret) goes in a memfd only the child inherits: not in
     # its environment or argv, which /proc shows every process of the user
     memfd = os.memfd_create("isopool-worker-config")
@@ -107,7 +108,7 @@ def spawn_fresh(config: WorkerConfig) -> Process:
         r, w = output_pipe()
         try:
             popen = subprocess.Popen([sys.executable, "-m", WORKER_MAIN], env=env, stdin=subprocess.DEVNULL,
-                                     stdout=w, stderr=w, pass_fds=(memfd,), start_new_session=True)
+                                     stdout=w, stderr=w, pass_fds=(memfd, *keep), start_new_session=True)
         except BaseException:
             os.close(r)
             raise
@@ -125,13 +126,13 @@ class TemplateError(RuntimeError):
 class Template:
     """The zygote: a fresh interpreter that has imported torch and the handler, forking workers."""
 
-    def __init__(self, model: str, preload: str, user_config: dict, sandbox: bool = False):
+    def __init__(self, model: str, preload: str, user_config: dict, sandbox: bool = False, cpu: bool = True):
         self.ready = False
         self.error: dict | None = None
         self._buf = b""
         self.sock, theirs = socket.socketpair()
         spec = {"model": model, "preload": preload, "user_config": user_config, "parent_pid": os.getpid(),
-                "sandbox": sandbox}
+                "sandbox": sandbox, "cpu": cpu}
         env = {**os.environ, ENV_TEMPLATE: json.dumps(spec), ENV_TEMPLATE_FD: str(theirs.fileno())}
         env.setdefault("PYTHONUNBUFFERED", "1")
         try:
@@ -163,15 +164,16 @@ class Template:
             messages.append(msg)
         return messages
 
-    def spawn(self, config: WorkerConfig) -> Process:
-        """Fork a worker (milliseconds); it is our child by the time its pid arrives."""
+    def spawn(self, config: WorkerConfig, keep: tuple[int, ...] = ()) -> Process:
+        """Fork a worker (milliseconds); it is our child by the time its pid arrives. It also
+        inherits the fds in `keep` (the sandbox's channel)."""
         if not self.ready:
             raise TemplateError("the template is not ready")
         self.sock.setblocking(True)
         self.sock.settimeout(SPAWN_TIMEOUT_S)
         r, w = output_pipe()
         try:
-            socket.send_fds(self.sock, [spawn_request(config)], [w])
+            socket.send_fds(self.sock, [spawn_request(config)], [w, *keep])
             while b"\n" not in self._buf:
                 chunk = self.sock.recv(65536)
                 if not chunk:

@@ -34,6 +34,7 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
         "in_flight_answered": len(core.ledger.orphans),  # cancelled or timed out, their worker not yet free
         "requests_total": core.stats.total,
         "restarts_total": core.restarts_total,
+        "sandbox_refused": core.sandbox_refused,  # sandboxed workers' calls their filter held back, refused
         "intruders": core.intruders,  # backend messages under a worker's identity without its token
         "healthy": healthy,
         "health_reason": reason,
@@ -65,6 +66,7 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
         "restarts_in_window": len(core.restarts.recent),
         "restart_window_s": cfg.restart_window,
         "template": core.template.state.value,
+        "template_preload": core.template.preload or None,  # "model": workers fork with the model built
         "outcomes": dict(core.stats.outcomes),
         **core.stats.window(now, uptime),
     }
@@ -72,9 +74,9 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
 
 
 SUMMED = ("workers_target", "workers_ready", "queue_depth", "in_flight", "in_flight_answered", "requests_total",
-          "restarts_total", "max_queue", "restarts_in_window", "intruders")
+          "restarts_total", "max_queue", "restarts_in_window", "intruders", "sandbox_refused")
 MODEL_KEYS = ("kind", "signature", "workers_target", "workers_ready", "queue_depth", "in_flight",
-              "in_flight_answered", "requests_total", "restarts_total", "healthy", "health_reason", "phase", "template", "max_queue", "outcomes",
+              "in_flight_answered", "requests_total", "restarts_total", "healthy", "health_reason", "phase", "template", "template_preload", "max_queue", "outcomes",
               "throughput_rps", "latency_p50_ms", "latency_p99_ms", "restarts_by_reason")
 
 

@@ -40,6 +40,7 @@ class TemplateRecord:
     due: float = 0.0  # WAITING: when to start it
     started_at: float = 0.0
     restarts: int = 0
+    preload: str = ""  # READY: what it preloaded ("model" or "imports"), status's template_preload
 
     def can_fork(self) -> bool:
         return self.state in (TemplateState.READY, TemplateState.UNUSED)
@@ -58,12 +59,14 @@ def check(core: "Core", now: float) -> None:
         core.actions.append(StartTemplate())
 
 
-def ready(core: "Core", now: float) -> None:
+def ready(core: "Core", now: float, preload: str = "imports") -> None:
     t = core.template
     if t.state is not TemplateState.STARTING:
         return
     t.state = TemplateState.READY
-    core.log(logging.INFO, "template ready in %.2fs: workers now start by fork", now - t.started_at)
+    t.preload = preload
+    core.log(logging.INFO, "template ready in %.2fs: workers now start by fork%s", now - t.started_at,
+             ", with the model built once and shared" if preload == "model" else "")
     core.dirty = True
 
 

@@ -8,10 +8,15 @@
       ├─ no capabilities (gone with root), PR_SET_NO_NEW_PRIVS: no setuid binary gives them back
       ├─ the parent-death signal again (a change of uid clears it)
       └─ a seccomp filter (libseccomp, through pyseccomp):
-            ptrace, process_vm_readv/writev, pidfd_open/kill/tkill/tgkill aimed at the supervisor
+            ptrace, process_vm_readv/writev, a signal or pidfd_open aimed at the supervisor
                 → the process is killed (SIGSYS): the supervisor sees it and says why
+            any other signal, pidfd_open, or a call on another process's limits, scheduling or
+            memory (prlimit64, sched_set*, setpriority, ioprio_set, migrate/move_pages, kcmp)
+                → asks the supervisor (seccomp user notification: the filter's listener fd is
+                  handed to it and closed here): within the worker's own tree it goes ahead,
+                  anywhere else it fails with EPERM and is reported (supervisor/listener.py)
             mount, unshare, setns, bpf, perf_event_open, keyctl, module and kexec calls, ...
-                → EPERM: calls a model never needs
+                → EPERM, reported the same way: calls a model never needs
 
 Each step raises if it fails: a worker never runs its model half-sandboxed.
 """
@@ -21,13 +26,17 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 CLONE_NEWNET = 0x40000000
 # calls that could reach another process: killing the worker says who tried
 FATAL = ("ptrace", "process_vm_readv", "process_vm_writev")
-AIMED_AT_SUPERVISOR = ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "pidfd_open")  # arg 0: a pid
+SIGNALS = ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open")  # arg 0: a pid
+# calls on another process (the argument that names it, 0 meaning this one): the supervisor decides
+AT_A_PROCESS = {"prlimit64": 0, "sched_setaffinity": 0, "sched_setparam": 0, "sched_setscheduler": 0,
+                "sched_setattr": 0, "migrate_pages": 0, "move_pages": 0, "kcmp": 0, "setpriority": 1, "ioprio_set": 1}
 DENIED = ("mount", "umount2", "pivot_root", "chroot", "setns", "unshare", "kexec_load", "kexec_file_load",
           "init_module", "finit_module", "delete_module", "bpf", "perf_event_open", "keyctl", "add_key",
           "request_key", "swapon", "swapoff", "reboot", "settimeofday", "clock_settime", "acct", "quotactl",
@@ -54,7 +63,7 @@ def enter(sandbox: dict) -> None:
     if sandbox.get("network") == "none":
         _check(libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
     uid, gid = int(sandbox["uid"]), int(sandbox["gid"])
-    os.setgroups([])
+    os.setgroups([int(g) for g in sandbox.get("groups", [])])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     if os.getuid() != uid or os.geteuid() != uid:
@@ -69,11 +78,32 @@ def enter(sandbox: dict) -> None:
     f = pyseccomp.SyscallFilter(defaction=pyseccomp.ALLOW)
     for name in FATAL:
         f.add_rule(pyseccomp.KILL_PROCESS, name)
-    for name in AIMED_AT_SUPERVISOR:
-        f.add_rule(pyseccomp.KILL_PROCESS, name, pyseccomp.Arg(0, pyseccomp.EQ, supervisor))
+    arg = pyseccomp.Arg
+    for name in SIGNALS:  # one comparison per argument and rule, and rules that do not overlap
+        f.add_rule(pyseccomp.KILL_PROCESS, name, arg(0, pyseccomp.EQ, supervisor))
+        f.add_rule(pyseccomp.NOTIFY, name, arg(0, pyseccomp.LT, supervisor))
+        f.add_rule(pyseccomp.NOTIFY, name, arg(0, pyseccomp.GT, supervisor))
+    for name, at in AT_A_PROCESS.items():
+        f.add_rule(pyseccomp.NOTIFY, name, arg(at, pyseccomp.NE, 0))
     for name in DENIED:
         try:
-            f.add_rule(pyseccomp.ERRNO(1), name)  # EPERM
+            f.add_rule(pyseccomp.NOTIFY, name)
         except (ValueError, RuntimeError, OSError):
             pass  # a call this kernel or architecture does not have
     f.load()
+    hand_over(f, int(sandbox["channel"]))
+
+
+def hand_over(f, channel: int) -> None:
+    """Send the filter's listener fd to the supervisor over `channel`, and keep no copy: a
+    model that held it could answer its own calls."""
+    import pyseccomp
+
+    fd = pyseccomp._libseccomp.seccomp_notify_fd(f._filter)  # noqa: SLF001 - pyseccomp has no public call for it
+    if fd < 0:
+        raise OSError(-fd, "sandbox: the seccomp filter has no listener fd")
+    try:
+        with socket.socket(fileno=channel) as chan:
+            socket.send_fds(chan, [b"seccomp"], [fd])
+    finally:
+        os.close(fd)

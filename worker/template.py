@@ -9,7 +9,8 @@
 The template is started from a clean interpreter and never creates a ZeroMQ context or
 touches CUDA, so nothing that cannot survive fork exists when it forks. With preload
 "model" (CPU only) it builds the model once, so the workers share its weight pages
-copy-on-write. Commands and replies are JSON lines on a socketpair.
+copy-on-write and a replacement serves at once; "auto" (the default) does so where it is
+safe: on CPU, not sandboxed, for a model that takes no context or says `fork_safe = True`. Commands and replies are JSON lines on a socketpair.
 """
 
 from __future__ import annotations
@@ -24,12 +25,20 @@ import time
 import traceback
 from typing import Any
 
-from .handler import WorkerContext, build_model, resolve
+from .handler import WorkerContext, build_model, resolve, wants_context
 from isopool.protocol.contract import ENV_TEMPLATE, ENV_TEMPLATE_FD, WorkerConfig, read_spawn_request, template_line
 from isopool.protocol.exits import EXIT_LOAD_FAILED, EXIT_ORPHANED
 
 from .process import die_with_parent, run, set_threads
 REPARENT_TIMEOUT_S = 5.0
+
+
+def fork_safe(factory: Any) -> bool:
+    """May --preload auto build this model once, before the fork, for every worker? If it says
+    so (`fork_safe = True` or False on the class or factory); else if it takes no context,
+    which is all a worker's build could differ by (its id, its device)."""
+    said = getattr(factory, "fork_safe", None)
+    return bool(said) if said is not None else not wants_context(factory)
 
 
 def send(sock: socket.socket, message: dict) -> None:
@@ -98,9 +107,12 @@ def main() -> None:
         set_threads(1)  # no intra-op thread pool may exist when we fork
         import isopool.worker.process  # noqa: F401 - imported once, shared by every worker
 
+        preload = spec["preload"]
         if not spec.get("sandbox"):  # sandboxed, the model's module is first imported in the worker
-            resolve(spec["model"])
-        if spec["preload"] == "model":
+            factory = resolve(spec["model"])
+            if preload == "auto":
+                preload = "model" if spec.get("cpu") and fork_safe(factory) else "imports"
+        if preload == "model":
             model = build_model(spec["model"], WorkerContext(worker_id=-1, generation=0, device="cpu",
                                                              config=spec.get("user_config") or {}))
     except BaseException as exc:  # noqa: BLE001 - the model cannot load: say so, plainly
@@ -109,12 +121,14 @@ def main() -> None:
         os._exit(EXIT_LOAD_FAILED)
     gc.collect()
     gc.freeze()  # keep the collector from writing to (and so copying) the shared pages
-    send(cmd, {"ready": True, "pid": os.getpid()})
+    send(cmd, {"ready": True, "pid": os.getpid(), "preload": "model" if model is not None else "imports"})
     while True:  # one command per message: the supervisor waits for each reply
-        data, fds, _, _ = socket.recv_fds(cmd, 1 << 20, 1)
+        data, fds, _, _ = socket.recv_fds(cmd, 1 << 20, 2)  # the worker's output pipe, and its sandbox channel
         if not data:
             os._exit(0)  # the supervisor is gone
         config = read_spawn_request(data)
+        if config.sandbox and len(fds) > 1:
+            config.sandbox["channel"] = fds[1]  # the number it has here, and so in the worker
         try:
             send(cmd, {"pid": fork_worker(cmd, config, model, fds[0]), "slot": config.slot})
         except OSError as exc:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import glob
 import os
+import pwd
 import signal
 import socket
 
+import numpy as np
 import pytest
 
 from isopool.errors import WorkerCrashed
@@ -45,6 +47,37 @@ def test_a_model_that_impersonates_another_worker_is_refused_and_forges_nothing(
     assert refused[0]["pid"] == by and "second connection" in refused[0]["why"]
 
 
+def test_a_process_that_is_no_worker_cannot_connect_to_the_backend(start_pool):
+    """Only a live worker's process is let in (the kernel says who connected): this test's
+    own process, with a well-formed identity, is refused at the handshake and reported."""
+    import zmq
+
+    from isopool.protocol import ops, pack_header
+
+    pool = start_pool("--workers", "1")
+    pool.subscribe()
+    backend = "ipc://" + glob.glob(f"{pool.tmp}/isopool-*/backend.sock")[0]
+    w = pool.all_ready()["workers"][0]
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.IDENTITY, b"%d.%d.%s" % (w["slot"], w["generation"], b"0" * 32))  # its slot, a wrong token
+    s.connect(backend)
+    try:
+        s.send(pack_header(ops.READY, None, capacity=16, pid=os.getpid()), zmq.NOBLOCK)  # queued, never delivered
+        event = pool.wait_event("intruder", timeout=30)
+        assert event["pid"] == os.getpid() and event["why"] == "it is no worker of ours"
+        for _ in range(3):
+            status = pool.status()["pool"]
+        assert status["intruders"] == 0  # had the message got in, its wrong token would have been counted
+        assert status["backend_refused"] >= 1
+    finally:
+        s.close()
+        ctx.term()
+    with pool.client() as c:
+        assert c.infer(np.ones((1, 16), np.float32)).shape == (1, 4)  # and the pool serves on
+
+
 def backend_of(pool) -> str:
     """The backend socket of a sandboxed pool: in the system temp dir, in a dir only the workers' group enters."""
     pid = pool.pid
@@ -70,27 +103,63 @@ def root_and_seccomp():
 
 def test_under_the_sandbox_every_attack_fails_and_the_pool_serves_on(start_pool, root_and_seccomp):
     pool = start_pool("--workers", "2", "--model", HOSTILE, "--sandbox", "--kill-grace", "1")
+    uids = attack_every_way(pool)
+    assert len(set(uids.values())) == 2 and all(u >= sandbox.UID_BASE for u in uids.values())  # a uid each
+
+
+def test_sandbox_user_runs_every_worker_as_that_user_and_they_still_cannot_touch_each_other(start_pool,
+                                                                                           root_and_seccomp):
+    """--sandbox-user nobody: both workers share a uid, so the kernel alone would let one
+    signal the other; the supervisor refuses it (and kill(-1)) and says so."""
+    pool = start_pool("--workers", "2", "--model", HOSTILE, "--sandbox", "--sandbox-user", "nobody",
+                      "--kill-grace", "1")
+    uids = attack_every_way(pool)
+    assert set(uids.values()) == {pwd.getpwnam("nobody").pw_uid}
+
+
+def test_sandbox_user_that_cannot_be_one_is_one_line_and_no_start(short_tmp, root_and_seccomp):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    for user, says in (("no-such-user-here", "no such user"), ("root", "root's")):
+        out = subprocess.run([sys.executable, "-m", "isopool.cli", "serve", "--sandbox", "--sandbox-user", user,
+                              "--endpoint", f"ipc://{short_tmp}/u.sock"], capture_output=True, text=True, timeout=60,
+                             cwd=ROOT)
+        assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+
+
+def attack_every_way(pool) -> dict[int, int]:
+    """Every attack of examples/hostile.py against a live sandboxed pool, with another client's
+    requests served throughout; each must fail, and each the supervisor can see must be
+    reported. Returns the workers' uids by pid."""
     pool.subscribe()
     backend = backend_of(pool)
     supervisor = pool.pid
     workers = pool.all_ready()["workers"]
     uids = {w["pid"]: os.stat(f"/proc/{w['pid']}").st_uid for w in workers}
-    assert len(set(uids.values())) == 2 and all(u >= sandbox.UID_BASE for u in uids.values())  # a uid each
     refused_by_kernel = [
         ("read_supervisor_memory", {"pid": supervisor}), ("connect", {"path": pool.endpoint[len("ipc://"):]}),
         ("write_runtime_dir", {"path": os.path.dirname(backend)}),
-        ("write_runtime_dir", {"path": str(pool.tmp)}), ("connect", {"path": f"{pool.endpoint[6:]}.events"})]
+        ("write_runtime_dir", {"path": str(pool.tmp)}), ("connect", {"path": f"{pool.endpoint[6:]}.events"}),
+        ("read_worker_memory", {"pids": list(uids)})]  # another uid, or not dumpable (a uid change makes it so)
+    refused_by_supervisor = [("signal_worker", {"pids": list(uids)}, "kill"), ("signal_everyone", {}, "kill"),
+                             ("mount", {}, "mount")]
     outcomes = []
     with pool.client() as attacker, pool.client() as other, Background(other) as bg:
         for name, args in refused_by_kernel:
             answer = attacker.infer({"attack": name, **args}, retry=False)
             outcomes.append((name, answer["refused"]))
             assert answer["refused"] and "Permission" in answer["refused"], (name, answer)
-        for name in ("signal_worker", "read_worker_memory"):  # the other worker: another uid
-            answer = attacker.infer({"attack": name, "pids": list(uids)}, retry=False)
+        for name, args, call in refused_by_supervisor:
+            answer = attacker.infer({"attack": name, **args}, retry=False)
             outcomes.append((name, answer["refused"]))
-            assert answer["refused"] and ("Permission" in answer["refused"] or "not permitted" in answer["refused"]), \
-                (name, answer)
+            assert answer["refused"] and "not permitted" in answer["refused"], (name, answer)
+            event = pool.wait_event("sandbox_refused", timeout=30)
+            assert event["call"] == call, event
+        assert all(pid_exists(pid) for pid in uids)  # neither worker was signalled
         for name in ("signal_supervisor", "ptrace_supervisor"):  # fatal: the worker is killed, and it is said
             with pytest.raises(WorkerCrashed) as info:
                 attacker.infer({"attack": name, "pid": supervisor}, retry=False)
@@ -100,13 +169,16 @@ def test_under_the_sandbox_every_attack_fails_and_the_pool_serves_on(start_pool,
         stray = int(attacker.infer({"attack": "leave_a_process"}, retry=False)["done"])
         assert pid_exists(stray)
     assert bg.failed == [] and bg.ok > 0  # every other request was served throughout
-    assert "killed by its sandbox" in pool.output()
-    workers = pool.all_ready()["workers"]
-    for w in workers:  # recycle them: whatever they left behind goes with them
+    output = pool.output()
+    assert "killed by its sandbox" in output and "called kill aimed at process" in output
+    status = pool.status()["pool"]
+    assert status["sandbox_refused"] >= 3
+    for w in pool.all_ready()["workers"]:  # recycle them: whatever they left behind goes with them
         os.kill(w["pid"], signal.SIGKILL)
     pool.all_ready()
     assert wait_gone([stray], timeout=30) == []
     print("attempts:", outcomes)
+    return uids
 
 
 def test_sandbox_network_none_leaves_a_worker_no_network(start_pool, root_and_seccomp):
