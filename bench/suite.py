@@ -1,6 +1,6 @@
 """The benchmark suite: isopool against the executors people use today, in one process tree.
 
-    isopool bench [--quick] [--repeats 3] [--out DIR] [--only NAME ...] [--no-embeddings]
+    isopool bench [--quick] [--repeats 3] [--out DIR] [--only NAME ...] [--no-embeddings] [--noisy]
 
 Every mechanism runs the same model on the same number of worker processes (2), one
 mechanism after another:
@@ -23,12 +23,15 @@ mechanism's answers are checked against the in-process model; speed is never ass
 Writes results.md (ratios to inproc and to ppe), results.json and results.png (median bars,
 min–max whiskers across the rounds) to --out, by default a new directory under
 ~/.cache/isopool/bench; each says the date, the machine and whether it was a --quick run.
+With --noisy, a CPU-bound process runs on every core throughout (bench/noisy.py): the same
+ratios on a busy machine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -43,6 +46,7 @@ import numpy as np
 
 from . import MECHANISMS as ALL
 from . import peers
+from .noisy import neighbours
 from .models import DIM, POOL_MODELS, build, embeddings_available
 from .pool import in_flight_rate, sequential, serve
 
@@ -312,10 +316,11 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch_version}")
 
 
-def heading(quick: bool, sizes: "Sizes", when: str) -> str:
+def heading(quick: bool, sizes: "Sizes", when: str, noisy: bool = False) -> str:
     kind = ("QUICK run (small sizes, 1 round: a correctness check, not figures to compare)" if quick
             else f"full run, median of {sizes.repeats} rounds")
-    return f"isopool bench — {kind} — {when} — {machine()}"
+    beside = " — NOISY: a CPU-bound process on every core throughout" if noisy else ""
+    return f"isopool bench — {kind}{beside} — {when} — {machine()}"
 
 
 def table(results: dict[str, dict], embeddings_note: str | None = None) -> str:
@@ -371,7 +376,8 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run(names: list[str], sizes: Sizes, out: Path, embeddings: bool = True, quick: bool = False) -> dict[str, dict]:
+def run(names: list[str], sizes: Sizes, out: Path, embeddings: bool = True, quick: bool = False,
+        noisy: bool = False) -> dict[str, dict]:
     out.mkdir(parents=True, exist_ok=True)
     when = time.strftime("%Y-%m-%d %H:%M %Z")
     results = rounds(names, sizes, WORKLOADS["tiny"])
@@ -380,12 +386,12 @@ def run(names: list[str], sizes: Sizes, out: Path, embeddings: bool = True, quic
         for name, row in rounds(names, sizes, WORKLOADS["embeddings"]).items():
             results[name]["correct"] = results[name]["correct"] and row.pop("correct")
             results[name].update(row)
-    title = heading(quick, sizes, when)
+    title = heading(quick, sizes, when, noisy)
     report = f"{title}\n\n{table(results, note)}"
     (out / "results.md").write_text(report + "\n")
     (out / "results.json").write_text(json.dumps({
         "quick": quick, "date": when, "machine": machine(), "workers": WORKERS, "in_flight": IN_FLIGHT,
-        "embeddings_in_flight": EMBED_IN_FLIGHT, "embeddings": note or "run", "sizes": sizes.__dict__,
+        "embeddings_in_flight": EMBED_IN_FLIGHT, "embeddings": note or "run", "sizes": sizes.__dict__, "noisy": noisy,
         "results": results}, indent=2))
     plot(results, out / "results.png", title)
     print(report)
@@ -399,9 +405,11 @@ def default_out(quick: bool) -> Path:
     return base / (time.strftime("%Y%m%d-%H%M%S") + ("-quick" if quick else ""))
 
 
-def bench(quick: bool, repeats: int | None, out: Path | None, only: list[str], embeddings: bool) -> int:
+def bench(quick: bool, repeats: int | None, out: Path | None, only: list[str], embeddings: bool,
+          noisy: bool = False) -> int:
     sizes = QUICK if quick else FULL
     if repeats:
         sizes = Sizes(sizes.requests, sizes.latency, sizes.big, repeats, sizes.sentences)
-    results = run(only or ALL, sizes, out or default_out(quick), embeddings=embeddings, quick=quick)
+    with neighbours() if noisy else contextlib.nullcontext():
+        results = run(only or ALL, sizes, out or default_out(quick), embeddings=embeddings, quick=quick, noisy=noisy)
     return 0 if all(r["correct"] for r in results.values()) else 1

@@ -46,6 +46,9 @@ def sentences(x: Any) -> list[str]:
 
 class Embedder:
     kind = "embedding"  # served at /v1/embeddings too (OpenAI-compatible), with --http
+    # built once in the template and forked (--preload auto, on CPU): its build depends only on
+    # the device and starts no threads, so a replacement serves at once instead of loading again
+    fork_safe = True
 
     def __init__(self, context) -> None:
         self.model = load(context.device)

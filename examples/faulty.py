@@ -175,6 +175,20 @@ class BuiltWhere:
         return {"built_in": self.built_in, "pid": os.getpid()}
 
 
+class BuiltWhereFor(BuiltWhere):
+    """BuiltWhere that takes its worker's context: --preload auto builds it after the fork."""
+
+    def __init__(self, context) -> None:
+        super().__init__()
+        self.worker = context.worker_id
+
+
+class BuiltWhereNotForkSafe(BuiltWhere):
+    """BuiltWhere that says it may not be built before the fork."""
+
+    fork_safe = False
+
+
 class FailsToLoad:
     def __init__(self) -> None:
         raise RuntimeError("weights file /models/missing.pt not found")

@@ -271,8 +271,10 @@ def events(endpoint: str | None, count: int, timeout: float) -> None:
 @click.option("--sandbox", "sandbox", is_flag=True,
               help="Instead: the same pool with and without --sandbox, in the same run (root needed). "
                    "[default: off]")
+@click.option("--noisy", is_flag=True,
+              help="Run with a noisy neighbour: a CPU-bound process on every core throughout.")
 def bench(quick: bool, repeats: int | None, out: Path | None, only: tuple[str, ...], no_embeddings: bool,
-          http: bool, peers: tuple[str, ...], sandbox: bool) -> None:
+          http: bool, peers: tuple[str, ...], sandbox: bool, noisy: bool) -> None:
     """Benchmark isopool against ProcessPoolExecutor, multiprocessing.Pool, loky and pebble.
 
     Every mechanism runs the same model on 2 worker processes; answers are checked against
@@ -292,7 +294,7 @@ def bench(quick: bool, repeats: int | None, out: Path | None, only: tuple[str, .
                           peers=list(peers) or None))
     from isopool.bench.suite import bench as run_bench
 
-    sys.exit(run_bench(quick, repeats, out, list(only), embeddings=not no_embeddings))
+    sys.exit(run_bench(quick, repeats, out, list(only), embeddings=not no_embeddings, noisy=noisy))
 
 
 register(main)

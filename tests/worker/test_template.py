@@ -1,5 +1,6 @@
 """Workers forked from the template (worker/template.py) serve, and so do their replacements;
-the model is built after the fork unless --preload model, which CUDA never gets."""
+the model is built after the fork unless --preload model (or auto, for a model that is safe
+to build before it), which CUDA never gets."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def template_of(pool) -> psutil.Process:
 
 
 def test_workers_are_forked_from_the_template_and_build_the_model_after_the_fork(start_pool):
-    pool = start_pool("--workers", "2", "--model", BUILT_WHERE)  # --preload imports, the default
+    pool = start_pool("--workers", "2", "--model", BUILT_WHERE, "--preload", "imports")
     template = template_of(pool)
     for w in pool.worker_pids():
         proc = psutil.Process(w)
@@ -50,7 +51,7 @@ def test_workers_are_forked_from_the_template_and_build_the_model_after_the_fork
 
 
 def test_a_replacement_is_forked_from_the_template_too_and_serves(start_pool):
-    pool = start_pool("--workers", "1", "--model", BUILT_WHERE)
+    pool = start_pool("--workers", "1", "--model", BUILT_WHERE, "--preload", "imports")
     template = template_of(pool)
     [old] = pool.worker_pids()
     os.kill(old, signal.SIGKILL)
@@ -68,6 +69,21 @@ def test_preload_model_builds_the_model_once_in_the_template(start_pool):
     replies = answers(pool, 2)
     assert {r["built_in"] for r in replies} == {template.pid}  # built before the fork, shared by both
     assert len({r["pid"] for r in replies}) == 2
+
+
+@pytest.mark.parametrize("model, preloaded", [(BUILT_WHERE, True), ("isopool.examples.faulty:BuiltWhereFor", False),
+                                             ("isopool.examples.faulty:BuiltWhereNotForkSafe", False)])
+def test_preload_auto_builds_before_the_fork_only_a_model_that_is_safe_to(start_pool, model, preloaded):
+    """The default: a model that takes no context (or says fork_safe = True) is built once in
+    the template; one that takes its worker's context, or says fork_safe = False, after the fork."""
+    pool = start_pool("--workers", "2", "--model", model)
+    template = template_of(pool)
+    replies = answers(pool, 2)
+    if preloaded:
+        assert {r["built_in"] for r in replies} == {template.pid}
+    else:
+        assert all(r["built_in"] == r["pid"] for r in replies)
+    assert pool.status()["pool"]["template_preload"] == ("model" if preloaded else "imports")
 
 
 def test_preload_none_starts_each_worker_as_a_fresh_interpreter(start_pool):
