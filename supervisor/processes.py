@@ -206,6 +206,7 @@ class Processes:
     def known_pids(self) -> set[int]:
         known = {p.pid for p in self.procs.values()}
         known.update(t.proc.pid for t in self.templates.values())
+        known.update(t.spare for t in self.templates.values() if t.spare is not None)
         known.update(self.also_known())
         return known
 

@@ -129,6 +129,7 @@ class Template:
     def __init__(self, model: str, preload: str, user_config: dict, sandbox: bool = False, cpu: bool = True):
         self.ready = False
         self.error: dict | None = None
+        self.spare: int | None = None  # the pid of its worker forked ahead of need (our child, not a stray)
         self._buf = b""
         self.sock, theirs = socket.socketpair()
         spec = {"model": model, "preload": preload, "user_config": user_config, "parent_pid": os.getpid(),
@@ -157,6 +158,7 @@ class Template:
         while b"\n" in self._buf:
             line, self._buf = self._buf.split(b"\n", 1)
             msg = json.loads(line)
+            self.spare = msg.get("spare", self.spare)
             if msg.get("ready"):
                 self.ready = True
             if "error" in msg:
@@ -174,22 +176,31 @@ class Template:
         r, w = output_pipe()
         try:
             socket.send_fds(self.sock, [spawn_request(config)], [w, *keep])
-            while b"\n" not in self._buf:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise TemplateError("the template closed its socket")
-                self._buf += chunk
+            reply = self._reply()
         except OSError as exc:
             os.close(r)
             raise TemplateError(f"the template did not answer: {exc}") from None
         finally:
             os.close(w)
-        line, self._buf = self._buf.split(b"\n", 1)
-        reply = json.loads(line)
         if "pid" not in reply:
             os.close(r)
             raise TemplateError(reply.get("error", "the template could not fork"))
         return Process(reply["pid"], output=r)
+
+    def _reply(self) -> dict:
+        """The answer to a spawn: the next line with a pid or an error (a line that only tells
+        of a new spare, left from before, is taken in on the way)."""
+        while True:
+            while b"\n" not in self._buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise TemplateError("the template closed its socket")
+                self._buf += chunk
+            line, self._buf = self._buf.split(b"\n", 1)
+            msg = json.loads(line)
+            if "pid" in msg or "error" in msg:
+                return msg
+            self.spare = msg.get("spare", self.spare)
 
     def close(self) -> None:
         self.proc.signal(signal.SIGKILL)

@@ -1,10 +1,16 @@
 """The template process (a zygote): imports torch and the handler once, then forks workers.
 
-    supervisor ──spawn {config}──► template ──fork──► intermediate ──fork──► worker
-    supervisor ◄──{pid}────────── template            (exits at once)         │
-         ▲                                                                    │
-         └────────── the worker is reparented to the supervisor (a child subreaper),
-                     which reaps it and watches its pidfd like any other child
+    template ──fork──► intermediate ──fork──► spare (waits for work)
+                       (exits at once)          │
+                       the spare is reparented to the supervisor (a child subreaper),
+                       which is told its pid ({"spare"}) and later reaps and watches it
+    supervisor ──spawn {config}──► template ──{config, fds}──► spare: now the worker
+    supervisor ◄──{pid}─────────── template, then it forks the next spare
+
+A spare is forked ahead of need, because forking a process that holds torch and a model
+twice, and the intermediate's exit, take tens of milliseconds (page tables): a replacement
+starts at once instead. It costs one more process, whose pages are the template's until it
+runs (copy-on-write), so next to no memory.
 
 The template is started from a clean interpreter and never creates a ZeroMQ context or
 touches CUDA, so nothing that cannot survive fork exists when it forks. With preload
@@ -45,46 +51,73 @@ def send(sock: socket.socket, message: dict) -> None:
     sock.sendall(template_line(message))
 
 
-def fork_worker(cmd: socket.socket, config: WorkerConfig, model: Any, output: int) -> int:
-    """Double-fork so the worker's parent becomes the supervisor; return the worker's pid.
+class Spare:
+    """A worker forked ahead of need: already the supervisor's child, with the template's
+    imports (and model) in shared pages, waiting on `sock` for its config and fds."""
 
-    `output` is the write end of the pipe the supervisor reads the worker's stdout and stderr from.
-    """
+    def __init__(self, pid: int, sock: socket.socket):
+        self.pid = pid
+        self.sock = sock
+
+    def take(self, request: bytes, fds: list[int]) -> int:
+        """Hand it a spawn request; its pid. OSError if it is gone (killed from outside)."""
+        try:
+            socket.send_fds(self.sock, [request], fds)
+        finally:
+            self.sock.close()
+        return self.pid
+
+
+def fork_spare(cmd: socket.socket, model: Any, parent_pid: int) -> Spare:
+    """Double-fork a Spare so its parent becomes the supervisor (a subreaper). The forks of a
+    large process and the intermediate's exit take tens of milliseconds (page tables): done
+    ahead, they are off a replacement's way."""
+    theirs, ours = socket.socketpair()
     r, w = os.pipe()
     intermediate = os.fork()
     if intermediate == 0:
         try:
             os.close(r)
+            ours.close()
             pid = os.fork()
             if pid == 0:
                 os.close(w)
-                os.dup2(output, 1)
-                os.dup2(output, 2)
-                os.close(output)
-                become_worker(cmd, config, model)
+                become_worker(cmd, theirs, model, parent_pid)
             os.write(w, str(pid).encode())
         finally:
             os._exit(0)
     os.close(w)
+    theirs.close()
     data = b""
     while chunk := os.read(r, 64):
         data += chunk
     os.close(r)
     os.waitpid(intermediate, 0)
-    return int(data)
+    return Spare(int(data), ours)
 
 
-def become_worker(cmd: socket.socket, config: WorkerConfig, model: Any) -> None:
+def become_worker(cmd: socket.socket, work: socket.socket, model: Any, parent_pid: int) -> None:
+    """A spare: wait to be reparented and for work, then serve as the worker it is told to be."""
     code = 0
     try:
         cmd.close()
         os.setsid()  # its own process group, so a kill reaches whatever the handler starts
         end = time.monotonic() + REPARENT_TIMEOUT_S
-        while os.getppid() != config.parent_pid:  # the intermediate is exiting right now
+        while os.getppid() != parent_pid:  # the intermediate is exiting right now
             if time.monotonic() > end:
                 os._exit(EXIT_ORPHANED)
             time.sleep(0.0002)
-        die_with_parent(config.parent_pid)
+        die_with_parent(parent_pid)
+        data, fds, _, _ = socket.recv_fds(work, 1 << 20, 2)  # its output pipe, and its sandbox channel
+        work.close()
+        if not data:
+            os._exit(0)  # the template is gone: never needed
+        config = read_spawn_request(data)
+        if config.sandbox and len(fds) > 1:
+            config.sandbox["channel"] = fds[1]  # the number it has here
+        os.dup2(fds[0], 1)
+        os.dup2(fds[0], 2)
+        os.close(fds[0])
         run(config, model)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -121,21 +154,37 @@ def main() -> None:
         os._exit(EXIT_LOAD_FAILED)
     gc.collect()
     gc.freeze()  # keep the collector from writing to (and so copying) the shared pages
-    send(cmd, {"ready": True, "pid": os.getpid(), "preload": "model" if model is not None else "imports"})
+    parent = spec["parent_pid"]
+    spare = None
+    try:
+        spare = fork_spare(cmd, model, parent)
+    except OSError as exc:
+        send(cmd, {"error": f"fork failed: {exc}", "traceback": ""})
+        os._exit(EXIT_LOAD_FAILED)
+    send(cmd, {"ready": True, "pid": os.getpid(), "preload": "model" if model is not None else "imports",
+               "spare": spare.pid})
     while True:  # one command per message: the supervisor waits for each reply
         data, fds, _, _ = socket.recv_fds(cmd, 1 << 20, 2)  # the worker's output pipe, and its sandbox channel
         if not data:
-            os._exit(0)  # the supervisor is gone
+            os._exit(0)  # the supervisor is gone (and with it, by their parent-death signal, the spare)
         config = read_spawn_request(data)
-        if config.sandbox and len(fds) > 1:
-            config.sandbox["channel"] = fds[1]  # the number it has here, and so in the worker
         try:
-            send(cmd, {"pid": fork_worker(cmd, config, model, fds[0]), "slot": config.slot})
+            try:
+                pid = spare.take(data, fds)  # at once: the forks were done ahead
+            except OSError:  # the spare is gone (killed from outside): fork one now, the slow way
+                pid = fork_spare(cmd, model, parent).take(data, fds)
+            send(cmd, {"pid": pid, "slot": config.slot})
         except OSError as exc:
             send(cmd, {"error": f"fork failed: {exc}", "slot": config.slot})
         finally:
             for fd in fds:
                 os.close(fd)
+        try:  # the next one, after the reply: the supervisor does not wait for it
+            spare = fork_spare(cmd, model, parent)
+            send(cmd, {"spare": spare.pid})
+        except OSError as exc:
+            send(cmd, {"error": f"fork failed: {exc}", "traceback": ""})
+            os._exit(EXIT_LOAD_FAILED)
 
 
 if __name__ == "__main__":

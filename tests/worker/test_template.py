@@ -33,9 +33,13 @@ def answers(pool, n: int) -> list[dict]:
 
 
 def template_of(pool) -> psutil.Process:
+    """The template: of the supervisor's children that are not workers, the first started
+    (the other is its spare, a worker forked ahead of need)."""
     supervisor = psutil.Process(pool.pid)
     workers = set(pool.worker_pids())
-    [template] = [p for p in supervisor.children() if p.pid not in workers]
+    others = sorted((p for p in supervisor.children() if p.pid not in workers), key=lambda p: p.create_time())
+    assert 1 <= len(others) <= 2, others
+    template = others[0]
     assert TEMPLATE_MODULE in " ".join(template.cmdline())
     return template
 
@@ -61,6 +65,34 @@ def test_a_replacement_is_forked_from_the_template_too_and_serves(start_pool):
     assert TEMPLATE_MODULE in " ".join(psutil.Process(new).cmdline())
     assert template_of(pool).pid == template.pid  # the same template: nothing was imported again
     assert answers(pool, 1) == [{"built_in": new, "pid": new}]
+
+
+def spare_of(pool) -> psutil.Process:
+    supervisor = psutil.Process(pool.pid)
+    workers = set(pool.worker_pids())
+    template = template_of(pool)
+    for _ in range(500):  # bounded: the template forks the next spare right after a spawn
+        spares = [p for p in supervisor.children() if p.pid not in workers and p.pid != template.pid]
+        if spares:
+            return spares[0]
+        pool.status()
+    raise AssertionError("no spare")
+
+
+def test_a_replacement_is_the_spare_forked_ahead_and_a_new_spare_follows(start_pool):
+    """The template keeps one worker forked ahead of need: a replacement is that process,
+    already our child, and the next spare is forked after it; neither is taken for a stray."""
+    pool = start_pool("--workers", "1", "--model", BUILT_WHERE)
+    spare = spare_of(pool)
+    assert spare.ppid() == pool.pid and TEMPLATE_MODULE in " ".join(spare.cmdline())
+    [old] = pool.worker_pids()
+    os.kill(old, signal.SIGKILL)
+    pool.wait_event("ready", generation=2)
+    assert pool.worker_pids() == [spare.pid]
+    following = spare_of(pool)
+    assert following.pid not in (spare.pid, old)
+    assert answers(pool, 1)[0]["pid"] == spare.pid
+    assert "left behind" not in pool.output()
 
 
 def test_preload_model_builds_the_model_once_in_the_template(start_pool):
