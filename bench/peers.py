@@ -22,3 +22,13 @@ def run(x: Any) -> Any:
     if _MODEL is None:
         init()
     return _MODEL(x)
+
+
+def run_batches(x: Any, size: int, count: int) -> int:
+    """`count` calls of the model's batch() on `size` copies of x, back to back: the model's
+    own batched throughput in one process (the ceiling of a pool that forms such batches)."""
+    if _MODEL is None:
+        init()
+    for _ in range(count):
+        _MODEL.batch([x] * size)
+    return size * count

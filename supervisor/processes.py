@@ -206,7 +206,8 @@ class Processes:
     def known_pids(self) -> set[int]:
         known = {p.pid for p in self.procs.values()}
         known.update(t.proc.pid for t in self.templates.values())
-        known.update(t.spare for t in self.templates.values() if t.spare is not None)
+        # a template says which pid its spare has before the spare can become our child
+        known.update(pid for t in self.templates.values() if (pid := t.learn_spare()) is not None)
         known.update(self.also_known())
         return known
 

@@ -131,6 +131,7 @@ class Template:
         self.error: dict | None = None
         self.spare: int | None = None  # the pid of its worker forked ahead of need (our child, not a stray)
         self._buf = b""
+        self._pending: list[dict] = []  # messages read by learn_spare(), for the next read()
         self.sock, theirs = socket.socketpair()
         spec = {"model": model, "preload": preload, "user_config": user_config, "parent_pid": os.getpid(),
                 "sandbox": sandbox, "cpu": cpu}
@@ -154,7 +155,7 @@ class Template:
                 self._buf += chunk
         except BlockingIOError:
             pass
-        messages = []
+        messages, self._pending = self._pending, []
         while b"\n" in self._buf:
             line, self._buf = self._buf.split(b"\n", 1)
             msg = json.loads(line)
@@ -165,6 +166,11 @@ class Template:
                 self.error = msg
             messages.append(msg)
         return messages
+
+    def learn_spare(self) -> int | None:
+        """The pid of its current spare, after reading what it has sent (kept for read())."""
+        self._pending = self.read()
+        return self.spare
 
     def spawn(self, config: WorkerConfig, keep: tuple[int, ...] = ()) -> Process:
         """Fork a worker (milliseconds); it is our child by the time its pid arrives. It also

@@ -2,8 +2,9 @@
 
     template ──fork──► intermediate ──fork──► spare (waits for work)
                        (exits at once)          │
-                       the spare is reparented to the supervisor (a child subreaper),
-                       which is told its pid ({"spare"}) and later reaps and watches it
+                       the supervisor is told its pid ({"spare"}), then the intermediate
+                       exits and the spare is reparented to the supervisor (a child
+                       subreaper), which later reaps and watches it
     supervisor ──spawn {config}──► template ──{config, fds}──► spare: now the worker
     supervisor ◄──{pid}─────────── template, then it forks the next spare
 
@@ -71,29 +72,42 @@ class Spare:
 def fork_spare(cmd: socket.socket, model: Any, parent_pid: int) -> Spare:
     """Double-fork a Spare so its parent becomes the supervisor (a subreaper). The forks of a
     large process and the intermediate's exit take tens of milliseconds (page tables): done
-    ahead, they are off a replacement's way."""
+    ahead, they are off a replacement's way. The supervisor is told the spare's pid before
+    the intermediate may exit, so the spare is never, not even for a moment, a child of the
+    supervisor it does not know (one it would end as left behind)."""
     theirs, ours = socket.socketpair()
     r, w = os.pipe()
+    go_r, go_w = os.pipe()
     intermediate = os.fork()
     if intermediate == 0:
         try:
             os.close(r)
+            os.close(go_w)
             ours.close()
             pid = os.fork()
             if pid == 0:
                 os.close(w)
+                os.close(go_r)
                 become_worker(cmd, theirs, model, parent_pid)
             os.write(w, str(pid).encode())
+            os.close(w)
+            os.read(go_r, 1)  # the template has told the supervisor (or is gone)
         finally:
             os._exit(0)
     os.close(w)
+    os.close(go_r)
     theirs.close()
     data = b""
     while chunk := os.read(r, 64):
         data += chunk
     os.close(r)
-    os.waitpid(intermediate, 0)
-    return Spare(int(data), ours)
+    spare = Spare(int(data), ours)
+    try:
+        send(cmd, {"spare": spare.pid})
+    finally:
+        os.close(go_w)  # let the intermediate exit: the spare becomes the supervisor's child
+        os.waitpid(intermediate, 0)
+    return spare
 
 
 def become_worker(cmd: socket.socket, work: socket.socket, model: Any, parent_pid: int) -> None:
@@ -161,8 +175,7 @@ def main() -> None:
     except OSError as exc:
         send(cmd, {"error": f"fork failed: {exc}", "traceback": ""})
         os._exit(EXIT_LOAD_FAILED)
-    send(cmd, {"ready": True, "pid": os.getpid(), "preload": "model" if model is not None else "imports",
-               "spare": spare.pid})
+    send(cmd, {"ready": True, "pid": os.getpid(), "preload": "model" if model is not None else "imports"})
     while True:  # one command per message: the supervisor waits for each reply
         data, fds, _, _ = socket.recv_fds(cmd, 1 << 20, 2)  # the worker's output pipe, and its sandbox channel
         if not data:
@@ -181,7 +194,6 @@ def main() -> None:
                 os.close(fd)
         try:  # the next one, after the reply: the supervisor does not wait for it
             spare = fork_spare(cmd, model, parent)
-            send(cmd, {"spare": spare.pid})
         except OSError as exc:
             send(cmd, {"error": f"fork failed: {exc}", "traceback": ""})
             os._exit(EXIT_LOAD_FAILED)
