@@ -214,8 +214,8 @@ class Processes:
     # ------------------------------------------------------------ the template
 
     def start_template(self, cfg: PoolConfig) -> None:
-        self.templates[cfg.model_name] = t = spawner.Template(cfg.model, cfg.preload, cfg.user_config, cfg.sandbox,
-                                                                    cpu=cfg.devices.strip().lower() == "cpu")
+        cpu = cfg.devices.strip().lower() == "cpu"
+        self.templates[cfg.model_name] = t = spawner.Template(cfg.model, cfg.preload, cfg.user_config, cfg.sandbox, cpu)
         self.poller.register(t.fileno(), zmq.POLLIN)
         self.poller.register(t.proc.pidfd, zmq.POLLIN)
 
