@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .iothread import IOThread
 
 
-CANCEL_LINGER_MS = 500  # how long closing waits for a CANCEL still on its way out
+CANCEL_LINGER_MS = 1000  # how long closing waits for a CANCEL still on its way out (a loaded host is slow)
 
 
 class _Answer(Call):
@@ -70,12 +70,14 @@ class Direct:
         self._dropped(io)  # a drop before this call is not this call's; a refusal is for every call
         if session.refused is not None:
             raise session.refused
-        try:
-            send_frames(self.sock, frames, NOBLOCK)
-        except zmq.ZMQError as exc:
-            raise session.send_failed(endpoint, exc) from None
         answer = _Answer(cid)
-        try:
+        unsent = False
+        try:  # from before the send: a Ctrl-C that lands in it, or just after, still withdraws the call
+            try:
+                send_frames(self.sock, frames, NOBLOCK)
+            except zmq.ZMQError as exc:
+                unsent = True
+                raise session.send_failed(endpoint, exc) from None
             while True:
                 wait = deadline - time.monotonic()
                 if wait <= 0:
@@ -95,7 +97,7 @@ class Direct:
                 if io.closed in ready:
                     raise closed_early()
         except BaseException:  # timed out, refused, interrupted: withdraw it if it is still queued
-            if answer.error is None:
+            if answer.error is None and not unsent:  # a CANCEL of an id never sent is ignored
                 try:
                     send_frames(self.sock, session.op_frames(ops.CANCEL, cid), NOBLOCK)
                     # a process that ends now (Ctrl-C) still gets the CANCEL out as it closes

@@ -69,7 +69,15 @@ class PoolProc:
         raise AssertionError(f"pool not ready within {timeout}s:\n{self.output()}")
 
     def subscribe(self) -> None:
-        """Follow the event stream from now on (connect before acting, read after)."""
+        """Follow the event stream from now on (connect before acting, read after). Subscribed
+        already, what came before is dropped: a second subscription could not be told apart from
+        the first in event_subscribers, and events published before it connected would be lost."""
+        if getattr(self, "sub", None) is not None:
+            for _ in range(100_000):  # bounded: what is queued now
+                if not self.sub.poll(0):
+                    break
+                self.sub.recv_multipart()
+            return
         ev = self.endpoint + ".events"
         self.sub = self.ctx.socket(zmq.SUB)
         self.read_events: list[dict] = []
