@@ -18,7 +18,7 @@ FAULTY = "isopool.examples.faulty:Faulty"
 def test_ctrl_c_on_a_client_is_a_cancel_and_status_shows_the_run_until_the_worker_is_free(start_pool):
     pool = start_pool("--workers", "1", "--model", FAULTY, "--kill-grace", "0.5")
     cli = subprocess.Popen([sys.executable, "-m", "isopool.cli", "infer", "--endpoint", pool.endpoint,
-                            "--timeout", "2", json.dumps({"do": "hang"})], cwd=ROOT,
+                            "--timeout", "8", json.dumps({"do": "hang"})], cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         hung = pool.running(tries=20_000)  # the worker runs it (the CLI takes a moment to start)

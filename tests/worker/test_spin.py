@@ -41,12 +41,19 @@ def cpu_after_last_answer(pool, request: dict, calls: int = 20) -> dict[str, flo
 
 def test_quick_work_is_followed_by_a_bounded_spin(start_pool):
     pool = start_pool("--workers", "1", "--model", FAULTY, "--spin-us", str(SPIN_US))
-    used = cpu_after_last_answer(pool, {"do": "ok"})
     # the worker looked for more work after its last run (a 0.1 s spin, yielding to any other
     # thread); neither it nor the supervisor kept looking (that would be ~QUIET_S). Whether
-    # the supervisor spun depends on how soon the answer came, which a busy machine decides.
-    assert IDLE_S < used["worker"] < QUIET_S / 2, used
-    assert used["supervisor"] < QUIET_S / 2, used
+    # the supervisor spun depends on how soon the answer came, which a busy machine decides;
+    # so does whether the worker's last run was quick (2 ms) at all: up to 3 tries, every one
+    # bounded, one of them showing the worker's spin.
+    tries = []
+    for _ in range(3):
+        used = cpu_after_last_answer(pool, {"do": "ok"})
+        tries.append(used)
+        assert used["worker"] < QUIET_S / 2 and used["supervisor"] < QUIET_S / 2, tries
+        if used["worker"] > IDLE_S:
+            break
+    assert any(IDLE_S < t["worker"] for t in tries), tries
 
 
 def test_spin_us_0_sleeps_at_once(start_pool):
