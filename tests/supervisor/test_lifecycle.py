@@ -19,6 +19,9 @@ def test_ctrl_c_on_a_client_is_a_cancel_and_status_shows_the_run_until_the_worke
     pool = start_pool("--workers", "1", "--model", FAULTY, "--kill-grace", "0.5")
     cli = subprocess.Popen([sys.executable, "-m", "isopool.cli", "infer", "--endpoint", pool.endpoint,
                             "--timeout", "8", json.dumps({"do": "hang"})], cwd=ROOT,
+                           # a shell that ran the suite in the background left SIGINT ignored, and
+                           # the CLI would inherit that: give it Ctrl-C as a terminal would
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         hung = pool.running(tries=20_000)  # the worker runs it (the CLI takes a moment to start)
