@@ -28,6 +28,8 @@ import struct
 import psutil
 import zmq
 
+from isopool.worker.sandbox import AT_A_PROCESS, SIGNALS as FILTERED_SIGNALS
+
 from .actions import SandboxRefused
 
 log = logging.getLogger("isopool.supervisor")
@@ -37,9 +39,8 @@ NOTIF_RECV = 0xC0502100
 NOTIF_SEND = 0xC0182101
 NOTIF_SIZE = 80  # u64 id, u32 pid, u32 flags, seccomp_data {i32 nr, u32 arch, u64 ip, u64 args[6]}
 FLAG_CONTINUE = 1  # SECCOMP_USER_NOTIF_FLAG_CONTINUE: let the call run as the caller made it
-SIGNALS = {"kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open"}
-WHO = {"prlimit64": 0, "sched_setaffinity": 0, "sched_setparam": 0, "sched_setscheduler": 0, "sched_setattr": 0,
-       "migrate_pages": 0, "move_pages": 0, "kcmp": 0, "setpriority": 1, "ioprio_set": 1}
+SIGNALS = frozenset(FILTERED_SIGNALS)  # the calls the worker's filter holds back (worker/sandbox.py)
+WHO = AT_A_PROCESS  # call -> the argument that names the process
 
 
 class Listener:
