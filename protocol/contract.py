@@ -17,6 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_MODEL = "isopool.models.default:DefaultModel"  # what `serve` runs without --model
+# the calls a sandboxed worker's seccomp filter holds back for the supervisor to decide
+# (worker/sandbox.py builds the filter, supervisor/listener.py answers): signals and pidfd_open
+# name their target in argument 0; AT_A_PROCESS maps a call to the argument that names its
+# process, 0 meaning the caller itself
+SIGNALS = ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open")
+AT_A_PROCESS = {"prlimit64": 0, "sched_setaffinity": 0, "sched_setparam": 0, "sched_setscheduler": 0,
+                "sched_setattr": 0, "migrate_pages": 0, "move_pages": 0, "kcmp": 0, "setpriority": 1, "ioprio_set": 1}
 WORKER_MAIN = "isopool.worker"  # `python -m` this: a fresh worker (--preload none)
 TEMPLATE_MAIN = "isopool.worker.template"  # `python -m` this: the template
 ENV_CONFIG_FD = "ISOPOOL_WORKER_FD"  # a fresh worker's WorkerConfig: the fd of a memfd holding its JSON

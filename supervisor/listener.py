@@ -28,7 +28,7 @@ import struct
 import psutil
 import zmq
 
-from isopool.worker.sandbox import AT_A_PROCESS, SIGNALS as FILTERED_SIGNALS
+from isopool.protocol.contract import AT_A_PROCESS, SIGNALS as FILTERED_SIGNALS
 
 from .actions import SandboxRefused
 
@@ -39,7 +39,7 @@ NOTIF_RECV = 0xC0502100
 NOTIF_SEND = 0xC0182101
 NOTIF_SIZE = 80  # u64 id, u32 pid, u32 flags, seccomp_data {i32 nr, u32 arch, u64 ip, u64 args[6]}
 FLAG_CONTINUE = 1  # SECCOMP_USER_NOTIF_FLAG_CONTINUE: let the call run as the caller made it
-SIGNALS = frozenset(FILTERED_SIGNALS)  # the calls the worker's filter holds back (worker/sandbox.py)
+SIGNALS = frozenset(FILTERED_SIGNALS)  # the calls the worker's filter holds back (protocol/contract.py)
 WHO = AT_A_PROCESS  # call -> the argument that names the process
 
 

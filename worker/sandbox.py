@@ -28,15 +28,13 @@ import os
 import signal
 import socket
 
+from isopool.protocol.contract import AT_A_PROCESS, SIGNALS
+
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 CLONE_NEWNET = 0x40000000
 # calls that could reach another process: killing the worker says who tried
 FATAL = ("ptrace", "process_vm_readv", "process_vm_writev")
-SIGNALS = ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open")  # arg 0: a pid
-# calls on another process (the argument that names it, 0 meaning this one): the supervisor decides
-AT_A_PROCESS = {"prlimit64": 0, "sched_setaffinity": 0, "sched_setparam": 0, "sched_setscheduler": 0,
-                "sched_setattr": 0, "migrate_pages": 0, "move_pages": 0, "kcmp": 0, "setpriority": 1, "ioprio_set": 1}
 DENIED = ("mount", "umount2", "pivot_root", "chroot", "setns", "unshare", "kexec_load", "kexec_file_load",
           "init_module", "finit_module", "delete_module", "bpf", "perf_event_open", "keyctl", "add_key",
           "request_key", "swapon", "swapoff", "reboot", "settimeofday", "clock_settime", "acct", "quotactl",
