@@ -93,10 +93,10 @@ class AsyncClient(AsyncControlCalls):
     def __init__(self, endpoint: str | None = None, *, timeout: float = 30.0, arrays: str = "auto",
                  retry: bool = True, tenant: str | None = None, model: str | None = None,
                  curve_secret_key: str | None = None, curve_server_key: str | None = None,
-                 limits: Limits | None = None, writable: bool = False):
+                 limits: Limits | None = None, writable: bool = False, shm: bool = True):
         self.endpoint = resolve_endpoint(one_of(endpoint))
         self.retry, self.tenant, self.model = retry, tenant, model
-        self._session = Session(arrays=arrays, default_timeout=timeout, limits=limits, writable=writable)
+        self._session = Session(arrays=arrays, default_timeout=timeout, limits=limits, writable=writable, shm=shm)
         self._io = _Resources(self.endpoint, curve_keys(curve_secret_key, curve_server_key))
         self._finalizer = weakref.finalize(self, self._io.release)
         self._tasks: list[asyncio.Task] = []
@@ -159,7 +159,7 @@ class AsyncClient(AsyncControlCalls):
 
     def _check_up(self, cid: Any) -> None:
         if not self._session.up.is_set():
-            call = self._session.pending.pop(cid, None)
+            call = self._session.end(cid)
             if call is not None:
                 call.reject(self._session.refused or not_running(self.endpoint))
 
@@ -199,7 +199,7 @@ class AsyncClient(AsyncControlCalls):
                 self._cancel(cid)
 
     def _cancel(self, cid: Any) -> None:
-        if self._session.pending.pop(cid, None) is not None and not self._closed:
+        if self._session.end(cid) is not None and not self._closed:
             self._send(self._session.op_frames(ops.CANCEL, cid))
 
     async def _call(self, op: str, timeout: float, **fields: Any) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import os
 import threading
 import time
 from typing import Any
@@ -28,11 +29,12 @@ from isopool.protocol import (
     Unavailable,
     decode_error,
     decode_payload,
-    encode,
+    encode_payload,
     ops,
     pack_header,
     total_bytes,
 )
+from isopool.protocol.shm import Segments, Spill
 from isopool.protocol.transport import MAX_BUNDLE, bundle, cuts, messages
 
 from .connection import CONNECT_S, not_running
@@ -77,6 +79,11 @@ class _Hello(Call):
         got = value.get("limits") if isinstance(value, dict) else None
         if isinstance(got, dict):
             self.session.limits = Limits(**{k: v for k, v in got.items() if k in known and type(v) is int})
+        shm = value.get("shm") if isinstance(value, dict) else None
+        # shared memory only where the server sees us as we are: this host, our own pid namespace
+        if self.session.use_shm and isinstance(shm, dict) and shm.get("pid") == os.getpid() \
+                and type(shm.get("threshold")) is int and shm["threshold"] > 0:
+            self.session.shm_threshold = shm["threshold"]
         self.session.limits_known.set()
 
     def reject(self, exc: BaseException) -> None:
@@ -88,7 +95,7 @@ class _Hello(Call):
 
 class Session:
     def __init__(self, arrays: str = "auto", default_timeout: float = 30.0, limits: Limits | None = None,
-                 writable: bool = False):
+                 writable: bool = False, shm: bool = True):
         self.arrays = arrays
         self.readonly = not writable  # numpy answers: read-only views (no copy) unless writable
         # what we decode: our own limits (the server's apply to what we send)
@@ -102,6 +109,9 @@ class Session:
         self.limits_known = threading.Event()
         self.greeting: Call | None = None  # our hello, until the server answers it
         self.up = threading.Event()  # the connection's handshake is done, and it has not dropped since
+        self.use_shm = shm  # large arrays in shared memory, if the server offers it (protocol/shm.py)
+        self.shm_threshold = 0  # from the server's answer to our hello: 0 until then, or if it offers none
+        self.segments: dict[Any, Segments] = {}  # call id -> its shared memory, until the call ends
 
     def ensure_up(self, endpoint: str) -> None:
         """Wait up to CONNECT_S for the connection to the supervisor; Unavailable if none comes."""
@@ -118,7 +128,7 @@ class Session:
         """Fail the calls of a send that could not go out (those not already answered)."""
         err = self.send_failed(endpoint, exc)
         for call in calls:
-            if self.pending.pop(call.cid, None) is not None:
+            if self.end(call.cid) is not None:
                 call.reject(err)
 
     def request(self, x: Any, timeout: float | None, retry: bool, tenant: str | None,
@@ -127,8 +137,12 @@ class Session:
         thread; both clients build every request here."""
         t = self.timeout_of(timeout)
         cid = next(self.ids)
-        frames = self.infer_frames(x, cid, t, retry, stream, tenant, model)
-        self.check_size(frames, t if wait else 0.0)
+        frames = self.infer_frames(x, cid, t, retry, stream, tenant, model, t if wait else 0.0)
+        try:
+            self.check_size(frames, t if wait else 0.0)
+        except BaseException:
+            self.drop(cid)
+            raise
         return cid, frames, t, self.deadline(t)
 
     def check_size(self, frames: list, wait_s: float) -> None:
@@ -154,7 +168,7 @@ class Session:
         return self.op_frames(ops.HELLO, self.greeting.cid)
 
     def infer_frames(self, value: Any, cid: Any, timeout: float, retry: bool, stream: bool,
-                     tenant: str | None, model: str | None = None) -> list:
+                     tenant: str | None, model: str | None = None, wait_s: float = 0.0) -> list:
         fields: dict[str, Any] = {"timeout": timeout, "bundles": True}  # we read bundled replies
         if not retry:
             fields["retry"] = False
@@ -164,7 +178,28 @@ class Session:
             fields["tenant"] = tenant
         if model is not None:
             fields["model"] = model
-        return encode(ops.INFER, cid, value, **fields)
+        payload = encode_payload(value)
+        if self.use_shm and len(payload) > 1 and max(map(len, payload[1:])) >= (self.shm_threshold or SMALL_BYTES):
+            if wait_s and not self.limits_known.is_set():  # does the server offer shared memory?
+                self.limits_known.wait(wait_s)
+            if self.shm_threshold:
+                spill = Spill(self.shm_threshold)
+                payload = encode_payload(value, spill)
+                if spill.parts:
+                    self.segments[cid] = segments = Segments(spill)
+                    fields["shm"] = segments.header()
+        return [pack_header(ops.INFER, cid, **fields), *payload]
+
+    def drop(self, cid: Any) -> None:
+        """Let go of a call's shared memory (its answer came, or it was given up)."""
+        segments = self.segments.pop(cid, None) if self.segments else None
+        if segments is not None:
+            segments.close()
+
+    def end(self, cid: Any) -> Call | None:
+        """Take a call out of the pending table (it is answered or given up), with its memory."""
+        self.drop(cid)
+        return self.pending.pop(cid, None)
 
     def op_frames(self, op: str, cid: Any, **fields: Any) -> list:
         return [pack_header(op, cid, **fields), b"\xc0"]  # payload: msgpack nil
@@ -199,16 +234,20 @@ class Session:
                     self.settle(greeting, header["op"], body)
                 continue  # else already timed out or cancelled
             if self.settle(call, header["op"], body):
-                pending.pop(call.cid, None)
+                pending.pop(call.cid, None)  # settle let go of its memory
 
     def settle(self, call: Call, op: str, body: list) -> bool:
         """Hand one reply to its call; True when that was the call's final answer. Touches no
         shared state: a thread that reads its own socket (the sync Client's infer) calls it too."""
         if op == ops.ERROR:
+            self.drop(call.cid)
             call.reject(decode_error(body))
             return True
+        segments = self.segments.pop(call.cid, None) if self.segments and op != ops.CHUNK else None
         try:
-            value = decode_payload(body, arrays=self.arrays, limits=self.decode_limits, readonly=self.readonly)
+            segment = segments.answer() if segments is not None else None
+            value = decode_payload(body, arrays=self.arrays, limits=self.decode_limits, readonly=self.readonly,
+                                   segment=segment)
         except IsopoolError as err:
             call.reject(err)
             return True
@@ -230,7 +269,7 @@ class Session:
         expired = []
         while self.timers and self.timers[0][0] <= now:
             _, cid = heapq.heappop(self.timers)
-            call = self.pending.pop(cid, None)
+            call = self.end(cid)
             if call is not None:
                 call.reject(no_reply())
                 expired.append(cid)
@@ -239,6 +278,8 @@ class Session:
     def fail_all(self, err: IsopoolError) -> None:
         calls, self.pending = self.pending, {}
         self.timers.clear()
+        for cid in list(self.segments):
+            self.drop(cid)
         for call in calls.values():
             call.reject(err)
 

@@ -97,6 +97,7 @@ class Direct:
                 if io.closed in ready:
                     raise closed_early()
         except BaseException:  # timed out, refused, interrupted: withdraw it if it is still queued
+            session.drop(cid)  # and let its shared memory go (a worker that opens it now finds it gone)
             if answer.error is None and not unsent:  # a CANCEL of an id never sent is ignored
                 try:
                     send_frames(self.sock, session.op_frames(ops.CANCEL, cid), NOBLOCK)

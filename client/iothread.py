@@ -122,7 +122,7 @@ class IOThread:
             self.unconfirmed.clear()
             return
         while self.unconfirmed and self.unconfirmed[0][0] <= now:
-            call = self.session.pending.pop(self.unconfirmed.popleft()[1], None)
+            call = self.session.end(self.unconfirmed.popleft()[1])
             if call is not None:
                 call.reject(self.session.refused or not_running(self.endpoint))
 

@@ -90,6 +90,9 @@ class Client(ControlCalls):
     requests by outstanding count and fails over when a daemon dies (several.py). timeout: seconds a call may take unless it says otherwise.
     arrays: "auto" (arrays come back as the kind the model returned), "numpy" or "torch".
     writable: copy numpy answers so they can be written (default: read-only views, no copy).
+    shm: on this host (ipc://), arrays of the server's --shm-threshold or more go in shared
+    memory the worker maps and answers come back the same way, past the supervisor's copies
+    (False: always as message frames).
     retry, tenant: defaults for every infer(). curve_secret_key, curve_server_key: the key
     files for a tcp:// endpoint under CURVE. limits: what this client decodes
     (isopool.Limits; the defaults unless given). With no supervisor at the endpoint a call
@@ -107,12 +110,13 @@ class Client(ControlCalls):
     def __init__(self, endpoint: str | None = None, *, timeout: float = 30.0, arrays: str = "auto",
                  retry: bool = True, tenant: str | None = None, model: str | None = None,
                  curve_secret_key: str | None = None,
-                 curve_server_key: str | None = None, limits: Limits | None = None, writable: bool = False):
+                 curve_server_key: str | None = None, limits: Limits | None = None, writable: bool = False,
+                 shm: bool = True):
         self.endpoint = resolve_endpoint(one_of(endpoint))
         self.retry = retry
         self.tenant = tenant
         self.model = model  # the model a call names when it names none (needed when several are served)
-        self._session = Session(arrays=arrays, default_timeout=timeout, limits=limits, writable=writable)
+        self._session = Session(arrays=arrays, default_timeout=timeout, limits=limits, writable=writable, shm=shm)
         self._io = IOThread(self.endpoint, self._session, curve_keys(curve_secret_key, curve_server_key))
         self._finalizer = weakref.finalize(self, self._io.close)
 

@@ -85,6 +85,13 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
     ("max-depth", int, "Deepest accepted nesting of lists and maps in a payload."),
     ("max-elements", int, "Most array elements plus container items accepted in one payload."),
     ("arrays", click.Choice(["auto", "numpy", "torch"]), "How the model receives arrays."),
+    ("shm", click.Choice(["auto", "off"]),
+     "auto: a client on this host (ipc://) sends and receives its large arrays in shared memory that the "
+     "worker maps: the supervisor routes them by reference and copies nothing (off under --sandbox, where "
+     "workers cannot open the client's memory); off: every array travels in message frames."),
+    ("shm-threshold", str, "Arrays of this size or more go by shared memory (e.g. 1MiB)."),
+    ("max-shm-bytes", str, "Shared memory that the requests in flight of one model may name (e.g. 4GiB); "
+                           "a request past it is refused with Overloaded, retry it or send it as frames."),
     ("http", str, "Serve the Open Inference Protocol (v2 REST) on HOST:PORT, e.g. 127.0.0.1:8000, from gateway "
                   "processes of their own; a non-loopback address needs --http-cert, --http-key and "
                   "--http-tokens (or --insecure)."),
@@ -114,7 +121,7 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
      "the default: model on CPU without --sandbox for a model that takes no context or declares "
      "fork_safe = True, else imports."),
 ]
-SIZE_FIELDS = {"max_rss", "max_message_bytes", "log_rate"}
+SIZE_FIELDS = {"max_rss", "max_message_bytes", "log_rate", "shm_threshold", "max_shm_bytes"}
 SERVE_OPTIONS += [
     ("curve-secret-key", str, "The server's .key_secret file (from `isopool keygen`): require CURVE."),
     ("curve-clients", str, "Directory of client public keys (*.key) allowed to infer and read status."),

@@ -25,6 +25,7 @@ import msgpack
 import numpy as np
 
 from .errors import BadRequest
+from .failures import decode_error, encode_error  # noqa: F401 - error replies, re-exported
 from .headers import pack_header
 from .limits import DEFAULT_LIMITS, Limits
 
@@ -50,19 +51,20 @@ Frame = Any  # bytes, memoryview or zmq.Frame
 
 # ---------------------------------------------------------------- payloads
 
-def encode_payload(value: Any) -> list[Frame]:
-    """[payload, *buffers]; array buffers are zero-copy views of the arrays."""
+def encode_payload(value: Any, spill: Any = None) -> list[Frame]:
+    """[payload, *buffers]; array buffers are zero-copy views of the arrays. With a `spill`
+    (shm.Spill), arrays of its threshold or more go to shared memory instead of frames."""
     single = _encode_single(value)
-    if single is not None:
+    if single is not None and (spill is None or len(single[1]) < spill.threshold):
         return single
     buffers: list[memoryview] = []
 
     def default(obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
-            return _array_ext(obj, ORIGIN_NUMPY, buffers)
+            return _array_ext(obj, ORIGIN_NUMPY, buffers, spill)
         torch = sys.modules.get("torch")  # a tensor can only exist if torch is imported
         if torch is not None and isinstance(obj, torch.Tensor):
-            return _tensor_ext(obj, torch, buffers)
+            return _tensor_ext(obj, torch, buffers, spill)
         if isinstance(obj, np.generic):
             return obj.item()
         raise TypeError(
@@ -74,14 +76,14 @@ def encode_payload(value: Any) -> list[Frame]:
     return [payload, *buffers]
 
 
-def _array_ext(arr: np.ndarray, origin: int, buffers: list[memoryview]) -> msgpack.ExtType:
+def _array_ext(arr: np.ndarray, origin: int, buffers: list[memoryview], spill: Any = None) -> msgpack.ExtType:
     name = arr.dtype.name
     if name not in DTYPES or arr.dtype.hasobject:
         raise TypeError(f"dtype {arr.dtype} is not allowed; allowed: {', '.join(DTYPES)}")
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-    return _ext(name, arr.shape, origin, memoryview(flat), buffers)
+    return _ext(name, arr.shape, origin, memoryview(flat), buffers, spill)
 
 
 # ---------------------------------------------------------------- one array, the common payload
@@ -145,36 +147,42 @@ def _single_seen(frames: Sequence[Frame], limits: Limits) -> tuple | None:
     return name, shape, origin, buf
 
 
-def _tensor_ext(t: Any, torch: Any, buffers: list[memoryview]) -> msgpack.ExtType:
+def _tensor_ext(t: Any, torch: Any, buffers: list[memoryview], spill: Any = None) -> msgpack.ExtType:
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.resolve_conj().resolve_neg().contiguous()
     if t.dtype == torch.bfloat16:
         raw = t.view(torch.int16).numpy()
-        return _ext("bfloat16", tuple(t.shape), ORIGIN_TORCH, memoryview(raw.reshape(-1).view(np.uint8)), buffers)
-    return _array_ext(t.numpy(), ORIGIN_TORCH, buffers)
+        return _ext("bfloat16", tuple(t.shape), ORIGIN_TORCH, memoryview(raw.reshape(-1).view(np.uint8)), buffers,
+                    spill)
+    return _array_ext(t.numpy(), ORIGIN_TORCH, buffers, spill)
 
 
-def _ext(name: str, shape: Sequence[int], origin: int, data: memoryview, buffers: list) -> msgpack.ExtType:
+def _ext(name: str, shape: Sequence[int], origin: int, data: memoryview, buffers: list,
+         spill: Any = None) -> msgpack.ExtType:
+    if spill is not None and len(data) >= spill.threshold:  # [offset] in the call's shared memory
+        return msgpack.ExtType(EXT_ARRAY, msgpack.packb([name, list(shape), [spill.place(data)], origin]))
     meta = msgpack.packb([name, list(shape), len(buffers), origin])
     buffers.append(data)
     return msgpack.ExtType(EXT_ARRAY, meta)
 
 
 def decode_payload(frames: Sequence[Frame], arrays: str = "auto", limits: Limits = DEFAULT_LIMITS,
-                   readonly: bool = True) -> Any:
-    """Decode [payload, *buffers]. arrays: 'auto' (numpy or torch as sent), 'numpy' or 'torch'."""
+                   readonly: bool = True, segment: memoryview | None = None) -> Any:
+    """Decode [payload, *buffers]. arrays: 'auto' (numpy or torch as sent), 'numpy' or 'torch'.
+    `segment`: the message's shared memory, which arrays may name instead of a frame (shm.py)."""
     seen = _single_seen(frames, limits)
     if seen is not None and arrays in ARRAY_MODES:
         return _build_array(*seen, arrays, readonly)
-    return _Decoder(frames, limits, build=True, arrays=arrays, readonly=readonly).run()
+    return _Decoder(frames, limits, build=True, arrays=arrays, readonly=readonly, segment=segment).run()
 
 
-def validate_payload(frames: Sequence[Frame], limits: Limits = DEFAULT_LIMITS) -> None:
-    """Check [payload, *buffers] against every limit without building arrays (supervisor side)."""
+def validate_payload(frames: Sequence[Frame], limits: Limits = DEFAULT_LIMITS, segment: int | None = None) -> None:
+    """Check [payload, *buffers] against every limit without building arrays (supervisor side);
+    `segment`: the size the header gives the message's shared memory, which it never opens."""
     if _single_seen(frames, limits) is None:
-        _Decoder(frames, limits, build=False).run()
+        _Decoder(frames, limits, build=False, segment=segment).run()
 
 
 def frame_view(frame: Frame) -> memoryview:
@@ -195,7 +203,7 @@ def _is_array(obj: Any) -> bool:
 
 class _Decoder:
     def __init__(self, frames: Sequence[Frame], limits: Limits, build: bool, arrays: str = "auto",
-                 readonly: bool = True):
+                 readonly: bool = True, segment: memoryview | int | None = None):
         if not frames:
             raise BadRequest("message has no payload frame")
         if arrays not in ARRAY_MODES:
@@ -208,6 +216,8 @@ class _Decoder:
         self.buffers = [frame_view(f) for f in frames[1:]]
         self.used = [False] * len(self.buffers)
         self.elements = 0
+        self.segment = segment
+        self.room = 0  # bytes shared-memory arrays may still take under max_message_bytes
         self.single: tuple | None = None  # the last array descriptor read: (name, shape, origin, count, bytes)
 
     def run(self) -> Any:
@@ -220,6 +230,7 @@ class _Decoder:
             raise BadRequest(
                 f"message is {total} bytes, over max_message_bytes={lim.max_message_bytes} "
                 f"(raise {lim.flag('max_message_bytes')})", setting="max_message_bytes")
+        self.room = lim.max_message_bytes - total
         cap = min(len(self.payload), 2**31 - 1)
         try:
             value = msgpack.unpackb(
@@ -274,10 +285,17 @@ class _Decoder:
         if (not isinstance(shape, list) or len(shape) > 32
                 or not all(type(d) is int and 0 <= d < 2**62 for d in shape)):
             raise BadRequest(f"array shape {shape!r} is invalid: a list of at most 32 non-negative ints")
-        if type(index) is not int or not 0 <= index < len(self.buffers) or self.used[index]:
-            raise BadRequest(f"array refers to buffer frame {index!r}, which is missing or already used")
         if origin not in (ORIGIN_NUMPY, ORIGIN_TORCH):
             raise BadRequest(f"array origin {origin!r} is unknown")
+        if type(index) is list:
+            count = math.prod(shape)
+            self._count(count)
+            buf = self._shared(index, count * ITEMSIZE[name])
+            if not self.build:
+                return None
+            return _build_array(name, tuple(shape), origin, buf, self.arrays, self.readonly)
+        if type(index) is not int or not 0 <= index < len(self.buffers) or self.used[index]:
+            raise BadRequest(f"array refers to buffer frame {index!r}, which is missing or already used")
         count = math.prod(shape)
         self._count(count)
         buf = self.buffers[index]
@@ -287,6 +305,23 @@ class _Decoder:
         self.used[index] = True
         self.single = (name, tuple(shape), origin, count, len(buf))
         return _build_array(name, tuple(shape), origin, buf, self.arrays, self.readonly) if self.build else None
+
+
+    def _shared(self, ref: list, nbytes: int) -> memoryview | None:
+        """The `nbytes` at [offset] in the message's shared memory (checked, never past its end)."""
+        seg = self.segment
+        if seg is None:
+            raise BadRequest("an array names shared memory, but the message has none (header field shm)")
+        size = seg if type(seg) is int else len(seg)
+        if len(ref) != 1 or type(ref[0]) is not int or not 0 <= ref[0] <= size - nbytes:
+            raise BadRequest(f"array names shared memory at {ref!r}, which is not [offset] with its {nbytes} "
+                             f"bytes inside the segment's {size}")
+        self.room -= nbytes
+        if self.room < 0:
+            lim = self.limits
+            raise BadRequest(f"message is over max_message_bytes={lim.max_message_bytes} with its shared-memory "
+                             f"arrays (raise {lim.flag('max_message_bytes')})", setting="max_message_bytes")
+        return None if type(seg) is int else seg[ref[0]:ref[0] + nbytes]
 
 
 def _build_array(name: str, shape: tuple, origin: int, buf: memoryview, arrays: str, readonly: bool) -> Any:
@@ -334,40 +369,6 @@ def _torch_array(name: str, shape: tuple, buf: memoryview) -> Any:
 def encode(op: str, rid: Any, value: Any = None, **fields: Any) -> list[Frame]:
     """A whole message: [header, payload, *buffers]."""
     return [pack_header(op, rid, **fields), *encode_payload(value)]
-
-
-def encode_error(rid: Any, err: Exception, **fields: Any) -> list[Frame]:
-    return [pack_header("error", rid, **fields), msgpack.packb(_error_dict(err), use_bin_type=True)]
-
-
-def _error_dict(err: Exception) -> dict:
-    to_dict = getattr(err, "to_dict", None)
-    if to_dict is not None:
-        return _plain(to_dict())
-    return {"type": "IsopoolError", "message": f"{type(err).__name__}: {err}"}
-
-
-def _plain(value: Any) -> Any:
-    """Error details are plain data; anything exotic becomes its repr."""
-    if value is None or isinstance(value, (bool, int, float, str, bytes)):
-        return value
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return repr(value)
-
-
-def decode_error(frames: Sequence[Frame]) -> Exception:
-    from .errors import IsopoolError
-
-    try:
-        data = msgpack.unpackb(frame_view(frames[0]), raw=False, strict_map_key=False)
-        if not isinstance(data, dict):
-            raise ValueError("error payload is not a map")
-        return IsopoolError.from_dict(data)
-    except Exception as exc:
-        return IsopoolError(f"undecodable error reply: {exc}")
 
 
 def json_default(value: Any) -> Any:

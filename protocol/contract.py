@@ -49,6 +49,7 @@ class WorkerConfig:
     max_batch_wait_ms: float = 2.0  # how long a partial batch waits for more
     spin_us: int = 300  # after quick work, look for more this long before sleeping (0: sleep at once)
     arrays: str = "auto"
+    shm_threshold: int = 1 << 20  # result arrays this large go into the client's shared memory, if it gave some
     user_config: dict = field(default_factory=dict)
     limits: dict = field(default_factory=dict)
     board: str | None = None  # the file this worker marks each request's start and end in

@@ -54,8 +54,7 @@ def on_client(core: "Core", ident: bytes, header: dict, body: list, admin: bool,
         elif op == ops.CANCEL:
             cancel(core, (ident, header.get("id")))
         elif op == ops.HELLO:  # the limits, so a client refuses what we would refuse, and fails alone
-            core.to_clients.append((ident, encode(ops.RESULT, header.get("id"), {"limits": {k: v for k, v in core.limits.__dict__.items() if type(v) is int}}),
-                                    False))
+            core.to_clients.append((ident, encode(ops.RESULT, header.get("id"), hello(core, header)), False))
         else:
             raise BadRequest(f"op {op!r} is not a client op; clients send infer, cancel, status, control or hello")
     except IsopoolError as err:
@@ -78,7 +77,10 @@ def accept(core: "Core", ident: bytes, header: dict, body: list, now: float) -> 
     ledger = core.ledger
     if key in ledger.open:
         raise BadRequest(f"request id {cid!r} is already in flight on this connection; ids must be unique")
-    validate_payload(body, core.limits)
+    shm = header.get("shm")
+    validate_payload(body, core.limits, segment=None if shm is None else shm[2])
+    if shm is not None and shm[2]:
+        shared_memory_room(core, shm[2])
     timeout, setting = timeout_of(core, header)
     if ident in core.stalled:
         raise Overloaded("this client's replies are not being read: the ones waiting for it are at their bound; "
@@ -100,7 +102,33 @@ def accept(core: "Core", ident: bytes, header: dict, body: list, now: float) -> 
                             "fix the input or the handler", threshold=core.config.poison_threshold)
     tenant = isolation_key(core, key, header) if core.config.isolation != "none" else None
     ledger.admit(Request(key, body, now + timeout, timeout, setting, now, bool(header.get("retry", True)),
-                         bool(header.get("stream")), header.get("bundles") is True, tenant))
+                         bool(header.get("stream")), header.get("bundles") is True, tenant, shm))
+
+
+def hello(core: "Core", header: dict) -> dict:
+    """The limits; and where the client may use shared memory, the pid we see it as (it uses
+    shared memory only if that is its own: not across pid namespaces) and the threshold."""
+    answer: dict[str, Any] = {"limits": {k: v for k, v in core.limits.__dict__.items() if type(v) is int}}
+    peer = header.get("peer")  # set by the loop from the connection, never by the client
+    if shm_served(core.config) and type(peer) is int:
+        answer["shm"] = {"pid": peer, "threshold": core.config.shm_threshold}
+    return answer
+
+
+def shm_served(config: Any) -> bool:
+    """Workers can open a client's memory: not under --sandbox (another uid), and not if off."""
+    return config.shm == "auto" and not config.sandbox
+
+
+def shared_memory_room(core: "Core", size: int) -> None:
+    if not shm_served(core.config):
+        raise BadRequest("this pool takes no shared memory (--shm off, or --sandbox): send arrays as frames "
+                         "(Client(shm=False))", setting="shm")
+    cap = core.config.max_shm_bytes
+    if core.ledger.shm_bytes + size > cap:
+        raise Overloaded(f"the requests in flight already name {core.ledger.shm_bytes} bytes of shared memory; "
+                         f"this one's {size} would pass --max-shm-bytes {cap}. Retry later, or send it as frames",
+                         shm_bytes=core.ledger.shm_bytes, max_shm_bytes=cap)
 
 
 ID_TYPES = frozenset({int, str, bytes})  # exact types: a bool is not an id

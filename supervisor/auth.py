@@ -8,6 +8,10 @@ for what it does well: certificate files and z85. Two domains:
                      a CURVE key from the clients or admins directory; its messages then carry
                      a User-Id saying which, and control ops (scale, reload, load, unload, stop)
                      need an admin key
+    isopool-local    an ipc:// frontend without CURVE: everyone who may open the socket is let
+                     in (its 0600 file is the guard), and its messages carry a User-Id of
+                     "pid:PID", the process the kernel says connected: a request that names
+                     shared memory must come from the process that holds it (protocol/shm.py)
     isopool-backend  the backend, always: a connection is let in only from the process of a
                      live worker, and only once. The kernel says which process connected (a
                      unix socket's SO_PEERCRED, which ZeroMQ puts in the request's address as
@@ -25,11 +29,14 @@ from typing import Callable
 import zmq
 import zmq.auth
 
+from isopool.protocol import BadRequest, ops
+
 log = logging.getLogger("isopool.supervisor")
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"isopool"
 BACKEND_DOMAIN = b"isopool-backend"
+LOCAL_DOMAIN = b"isopool-local"
 ADMIN, CLIENT = "admin", "client"
 
 
@@ -92,6 +99,9 @@ class Zap:
     def guard_backend(self, sock: zmq.Socket) -> None:
         sock.zap_domain = BACKEND_DOMAIN
 
+    def guard_local(self, sock: zmq.Socket) -> None:
+        sock.zap_domain = LOCAL_DOMAIN
+
     def handle(self, events) -> None:
         """Answer one ZAP request: [version, id, domain, address, identity, mechanism, *credentials];
         a refused backend connection is logged and told to `events` (an EventLog) as "intruder"."""
@@ -107,6 +117,9 @@ class Zap:
             if why is not None:
                 self.refused += 1
                 self.report(events, {"pid": pid, "uid": uid, "why": why, "refused": self.refused})
+        elif domain == LOCAL_DOMAIN:
+            _, pid = peer_credentials(address)
+            reply = [b"200", b"OK", f"pid:{pid}".encode() if pid is not None else b""]
         elif domain == ZAP_DOMAIN and self.curve is not None:
             reply = self.curve.check(mechanism, msg[6:])
         else:
@@ -132,6 +145,28 @@ def peer_credentials(address: bytes) -> tuple[int | None, int | None]:
         return int(parts[1]), int(parts[3])
     except (IndexError, ValueError):
         return None, None
+
+
+def peer_pid(frame: zmq.Frame) -> int | None:
+    """The process that sent `frame`, as the kernel told ZAP (an ipc:// frontend without CURVE)."""
+    try:
+        user = frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+    return int(user[4:]) if user.startswith("pid:") and user[4:].isdigit() else None
+
+
+def mark_peer(header: dict, frame: zmq.Frame) -> None:
+    """A hello learns the pid we see its client as (header "peer"); a request naming shared
+    memory is refused unless that memory's pid is its connection's own process."""
+    pid = peer_pid(frame)
+    if header["op"] == ops.HELLO:
+        header["peer"] = pid
+    elif header.get("shm") is not None and header["shm"][0] != pid:
+        raise BadRequest(f"this request names the shared memory of process {header['shm'][0]}, but its connection "
+                         f"is from {'process ' + str(pid) if pid else 'an unknown process (tcp://, or CURVE)'}: only "
+                         "a client's own memory, over ipc:// on this host; else send arrays as frames "
+                         "(Client(shm=False))", setting="shm")
 
 
 def is_admin(frame: zmq.Frame) -> bool:

@@ -53,6 +53,9 @@ class PoolConfig:
     max_depth: int = Limits.max_depth
     max_elements: int = Limits.max_elements
     arrays: str = "auto"  # how handlers receive arrays: auto | numpy | torch
+    shm: str = "auto"  # auto: large arrays of clients on this host travel in shared memory (protocol/shm.py) | off
+    shm_threshold: int = 1 << 20  # arrays of this many bytes or more go by shared memory
+    max_shm_bytes: int = 4 << 30  # shared memory of requests in flight, per model; past it: Overloaded
     http: str | None = None  # HOST:PORT: serve the Open Inference Protocol there (gateway processes)
     http_workers: int = 0  # gateway processes (0: half the cores, at least 1)
     http_cert: str | None = None  # TLS certificate (PEM) for --http
@@ -104,6 +107,10 @@ class PoolConfig:
                      "drain_timeout", "backoff_base", "backoff_max"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.shm not in ("auto", "off"):
+            problems.append(f"shm must be auto or off, got {self.shm!r}")
+        if self.shm_threshold < 1 or self.max_shm_bytes < 0:
+            problems.append("shm-threshold must be at least 1 byte and max-shm-bytes not negative")
         if self.arrays not in ("auto", "numpy", "torch"):
             problems.append(f"arrays must be auto, numpy or torch, got {self.arrays!r}")
         if self.isolation not in ("none", "tenant", "request"):

@@ -125,9 +125,9 @@ def send_run(core: "Core", w: Worker, req: "Request", now: float) -> None:
     w.dispatched += 1
     req.seq = w.dispatched  # what the worker marks on its board when it starts this one
     # workers share this machine's monotonic clock, so the deadline travels as is
-    if req.stream:  # the worker answers a stream in parts, and anything else as one part
+    if req.stream or req.shm is not None:  # a stream is answered in parts; shm names the client's memory
         header = pack_header(ops.RUN, list(req.key), attempt=req.attempt, deadline=req.deadline, seq=req.seq,
-                             stream=True)
+                             stream=req.stream, shm=req.shm)
     else:
         header = pack_header(ops.RUN, list(req.key), attempt=req.attempt, deadline=req.deadline, seq=req.seq)
     core.to_workers.append((w.ident, [header, *req.body]))

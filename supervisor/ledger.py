@@ -41,6 +41,7 @@ class Request:
     stream: bool = False
     bundles: bool = False  # its client reads bundled replies (protocol/transport.py)
     tenant: object = None  # the isolation key: the client's tenant, or the request itself
+    shm: list | None = None  # [client pid, in fd, in bytes, out fd]: its arrays in the client's memory
     # its latest dispatch's number, unique in this supervisor: an answer from an earlier
     # dispatch (of this request, or of an earlier one that had the same id) never passes for it
     attempt: int = 0
@@ -70,6 +71,7 @@ class Ledger:
         self._deadlines: list[tuple[float, int, Key]] = []
         self._orphan_deadlines: list[tuple[float, int, int, Key]] = []
         self._seq = itertools.count()
+        self.shm_bytes = 0  # the shared memory the open requests name (a cap: --max-shm-bytes)
         self._dispatches = itertools.count(1)
 
     # ------------------------------------------------------------ figures
@@ -120,6 +122,8 @@ class Ledger:
         if mine is None:
             self.by_client[key[0]] = mine = set()
         mine.add(key)
+        if req.shm is not None:
+            self.shm_bytes += req.shm[2]
         heapq.heappush(self._deadlines, (req.deadline, next(self._seq), key))
         if len(self._deadlines) > 2 * len(self.open) + COMPACT_ABOVE:
             self._compact()
@@ -171,6 +175,8 @@ class Ledger:
         if self.open.get(key) is not req:
             return
         del self.open[key]
+        if req.shm is not None:
+            self.shm_bytes -= req.shm[2]
         if self.queue.pop(key, None) is not None:
             self._unqueued(key[0])
         mine = self.by_client.get(key[0])

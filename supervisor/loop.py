@@ -26,16 +26,15 @@ from typing import Any
 
 import zmq
 
-from isopool.protocol import encode, encode_error, ops, schemas
+from isopool.protocol import IsopoolError, encode, encode_error, ops, schemas
 from isopool.protocol.pacing import Pacing
 from isopool.protocol.headers import peek_id
 from isopool.protocol.contract import parse_ident
-from isopool.protocol.errors import IsopoolError
 from isopool.protocol.transport import Outbox, Oversized, bounds, data, drain, messages, oversized
 
 from . import actions as act
 from .answers import stranger
-from .auth import is_admin
+from .auth import is_admin, mark_peer
 from .blame import wants_last_words
 from .config import PoolConfig, ServeConfig
 from .devices import parse_devices
@@ -134,7 +133,7 @@ class Supervisor:
             self.read_backend(now)
             self.carry_out(now)
             self.to_clients.flush()  # answers leave first: nothing below is for their clients
-        if len(ready) > front + back:
+        if len(ready) > front + back or self.procs.read_ahead():  # (a template's lines read early wait too)
             try:
                 self.read_other(ready, now)
             except Exception:  # a bug of ours: said, counted; the next pass goes on
@@ -194,7 +193,7 @@ class Supervisor:
 
     def poll_timeout(self) -> int:
         """Sleep until a core's next timer is due, or replies waiting for a client are tried again."""
-        due = min(s.core.next_due() for s in self.models)
+        due = min(s.core.next_due() for s in self.models) if not self.procs.read_ahead() else 0.0
         if self.gateways is not None:
             due = min(due, self.gateways.next_due())
         if self.to_clients.backlog:
@@ -214,8 +213,8 @@ class Supervisor:
                 rid = peek_id(data(frames[1])) if len(frames) > 1 else None
                 models.first.core.handle(act.ClientGarbage(ident, rid, oversized(frames, limits)), now)
                 continue
-            # the frame a message came in (its own, or its bundle's) holds its CURVE identity
-            admin = auth is None or is_admin(frames[1] if len(frames) > 1 else frames[0])
+            who = frames[1] if len(frames) > 1 else frames[0]  # its own frame or its bundle's: the User-Id
+            admin = auth is None or is_admin(who)
             for header, body, err in messages(frames, limits, at=1, side=schemas.CLIENT):
                 served = None
                 try:
@@ -223,6 +222,8 @@ class Supervisor:
                         models.first.core.handle(act.ClientGarbage(ident, header, err), now)
                         continue
                     op = header["op"]
+                    if op == ops.HELLO or "shm" in header:  # whose memory: the kernel's word, not the client's
+                        mark_peer(header, who)
                     if op == ops.INFER:
                         served = models.route(header.get("model"))
                         served.core.client_message(ident, header, body, admin, now)
@@ -388,8 +389,8 @@ class Supervisor:
                 "started_wall": self.started_wall, "endpoint": self.endpoint, "events_endpoint": io.events.endpoint,
                 "event_subscribers": io.events.subscribers, "metrics_url": io.metrics_url,
                 "auth_denied": io.auth.denied if io.auth is not None else None, "backend_strangers": self.strangers,
-                "backend_refused": io.zap.refused,
-                "output_dropped": self.procs.dropped, "replies_waiting": self.to_clients.waiting(),
+                "backend_refused": io.zap.refused, "output_dropped": self.procs.dropped,
+                "replies_waiting": self.to_clients.waiting(),
                 "replies_dropped": self.to_clients.dropped, **io.connections.facts(time.monotonic()),
                 **(self.gateways.facts() if self.gateways is not None else {"http": None, "http_url": None, "gateways": []})}
 

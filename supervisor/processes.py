@@ -66,7 +66,7 @@ class Processes:
             heartbeat_interval=cfg.heartbeat_interval, arrays=cfg.arrays, integrity_interval=cfg.integrity_interval,
             integrity_every_request=cfg.integrity_every_request, prefetch=cfg.prefetch,
             max_batch_size=cfg.max_batch_size, max_batch_wait_ms=cfg.max_batch_wait_ms, spin_us=cfg.spin_us,
-            user_config=cfg.user_config, limits=cfg.limits.__dict__, board=path, token=token,
+            shm_threshold=cfg.shm_threshold, user_config=cfg.user_config, limits=cfg.limits.__dict__, board=path, token=token,
         )
         ours = theirs = None
         try:
@@ -202,6 +202,11 @@ class Processes:
             del self.strays[pid]
         spawner.reap_strays(known)
         return len(self.strays)
+
+    def read_ahead(self) -> bool:
+        """Whether a template's messages were read off its socket (learning its spare) and wait
+        for template_events: its socket no longer wakes the loop for them."""
+        return any(t.read_ahead() for t in self.templates.values())
 
     def known_pids(self) -> set[int]:
         known = {p.pid for p in self.procs.values()}

@@ -149,6 +149,8 @@ class Sockets:
             sock.setsockopt(opt, val)
         if self.auth is not None:
             self.auth.secure(sock)
+        elif path is not None:  # the kernel says which process each connection is: shared memory's pid
+            self.zap.guard_local(sock)
         try:
             sock.bind(self.endpoint)
         except zmq.ZMQError as exc:

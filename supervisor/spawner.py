@@ -167,6 +167,9 @@ class Template:
             messages.append(msg)
         return messages
 
+    def read_ahead(self) -> bool:
+        return bool(self._pending)
+
     def learn_spare(self) -> int | None:
         """The pid of its current spare, after reading what it has sent (kept for read())."""
         self._pending = self.read()

@@ -33,6 +33,7 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
         "in_flight": core.ledger.busy,  # held by workers, those already answered but still running included
         "in_flight_answered": len(core.ledger.orphans),  # cancelled or timed out, their worker not yet free
         "requests_total": core.stats.total,
+        "shm_bytes": core.ledger.shm_bytes,  # clients' shared memory the open requests name (--max-shm-bytes)
         "restarts_total": core.restarts_total,
         "sandbox_refused": core.sandbox_refused,  # sandboxed workers' calls their filter held back, refused
         "intruders": core.intruders,  # backend messages under a worker's identity without its token

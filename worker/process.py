@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from isopool.protocol import decode_payload, encode_payload, ops, pack_header
+from isopool.protocol import decode_payload, encode_payload, ops, pack_header, shm
 from isopool.protocol.codec import encode_error
 from isopool.protocol.errors import BadRequest, RemoteError, RequestTimeout
 from isopool.protocol.exits import EXIT_LOAD_FAILED, EXIT_ORPHANED
@@ -199,8 +199,9 @@ class Worker:
             else:
                 self.run(header, body)
 
-    def accept(self, header: dict, body: list) -> tuple[Any, int, Any, int] | None:
-        """(id, attempt, inputs, seq) of a RUN, or None after answering it (expired, undecodable)."""
+    def accept(self, header: dict, body: list) -> tuple[Any, int, Any, int, Any] | None:
+        """(id, attempt, inputs, seq, where large results go) of a RUN, or None after answering it
+        (expired, undecodable)."""
         rid, attempt = header["id"], header.get("attempt", 0)
         deadline = header.get("deadline")
         if deadline is not None and time.monotonic() >= deadline:
@@ -209,8 +210,9 @@ class Worker:
                 setting="timeout"), attempt=attempt))
             return None
         try:
-            return rid, attempt, decode_payload(body, arrays=self.config.arrays, limits=self.limits), \
-                header.get("seq", 0)
+            inputs = decode_payload(body, arrays=self.config.arrays, limits=self.limits,
+                                    segment=shm.request_segment(header))
+            return rid, attempt, inputs, header.get("seq", 0), shm.answer_to(header)
         except BadRequest as err:
             self.send(encode_error(rid, err, attempt=attempt))
             return None
@@ -238,7 +240,7 @@ class Worker:
         started = time.monotonic()
         self.board.start(live[0][3])  # a death now is blamed on the oldest of the batch
         try:
-            outputs = self.model.batch([x for _, _, x, _ in live])
+            outputs = self.model.batch([x for _, _, x, _, _ in live])
             if not isinstance(outputs, (list, tuple)) or len(outputs) != len(live):
                 raise TypeError(f"batch() must return a list with one result per input ({len(live)}), "
                                 f"got {type(outputs).__name__}")
@@ -247,16 +249,18 @@ class Worker:
                 for item in live:
                     self.run_batch([item])
                 return
-            rid, attempt, _, seq = live[0]
+            rid, attempt, _, seq, _ = live[0]
             self.send(encode_error(rid, self.remote_error(sys.exc_info()[1]), attempt=attempt))
             self.board.finish(seq)
             self.pacing.did(time.monotonic() - started)
             return
-        for (rid, attempt, _, _), output in zip(live, outputs):  # the batch's results leave as one bundle
+        for (rid, attempt, _, _, out), output in zip(live, outputs):  # the batch's results leave as one bundle
             try:
-                self.out.post([pack_header(ops.RESULT, rid, attempt=attempt), *encode_payload(output)])
+                self.out.post([pack_header(ops.RESULT, rid, attempt=attempt), *self.encode(output, out)])
             except TypeError as exc:
                 self.out.post(encode_error(rid, self.remote_error(exc), attempt=attempt))
+            except BadRequest as exc:  # the client's shared memory would not take it
+                self.out.post(encode_error(rid, exc, attempt=attempt))
         self.sent = True
         self.out.flush()
         self.board.finish(live[-1][3])
@@ -268,7 +272,7 @@ class Worker:
         accepted = self.accept(header, body)
         if accepted is None:
             return
-        rid, attempt, inputs, seq = accepted
+        rid, attempt, inputs, seq, out = accepted
         self.pace(1 + self.waiting)
         self.before_run()
         started = time.monotonic()
@@ -283,13 +287,15 @@ class Worker:
                 self.send([pack_header(ops.CHUNK, rid, attempt=attempt), *encode_payload(output)])
                 frames = encode_payload(None)
             else:
-                frames = encode_payload(output)
+                frames = self.encode(output, out)
         except NotAStream as refused:
             refused.close()
             self.send(encode_error(rid, BadRequest(
                 f"model {self.config.model} streams its answers (it returns a generator); call "
                 "Client.stream() (AsyncClient.stream(), `isopool infer --stream`) instead of infer()",
                 setting="stream"), attempt=attempt))
+        except BadRequest as err:  # the client's shared memory would not take the answer
+            self.send(encode_error(rid, err, attempt=attempt))
         except Exception as exc:
             self.send(encode_error(rid, self.remote_error(exc), attempt=attempt))
         else:
@@ -298,6 +304,9 @@ class Worker:
         self.pacing.did(time.monotonic() - started)
         if self.config.integrity_every_request:
             self.check_weights("after request", rid)
+
+    def encode(self, output: Any, out: tuple[int, int] | None) -> list:
+        return shm.encode_answer(output, out, self.config.shm_threshold)
 
     def stream(self, rid: Any, attempt: int, parts: Iterator) -> list:
         """Send each part as a CHUNK; stop early if the request is cancelled. Returns the end frames."""

@@ -1,0 +1,229 @@
+"""Large arrays in shared memory (protocol/shm.py), against real pools: the supervisor routes
+them by reference and reads none of their bytes, hostile segment names are refused without a
+worker dying, the cap holds, and no segment outlives its call whoever is SIGKILLed when."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from isopool.client import Client
+from isopool.protocol import BadRequest, Overloaded, WorkerCrashed, encode_payload, ops, pack_header, unpack_header
+from isopool.protocol import shm
+from isopool.protocol.codec import decode_error
+from isopool.protocol.shm import Segments, Spill, segments_in
+
+from ..helpers import ROOT, wait_gone
+
+pytestmark = pytest.mark.timeout(120)
+MiB = 1 << 20
+
+
+def peak_growth(pid: int, call) -> int:
+    """How far process `pid`'s resident memory peaked above where it was, during call()."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark (VmHWM) to the current RSS
+    rss = status_kib(pid, "VmRSS")
+    call()
+    return (status_kib(pid, "VmHWM") - rss) * 1024
+
+
+def status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def everywhere() -> dict[int, list[str]]:
+    """Every isopool segment held by any process on this host: open, or mapped."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (held := segments_in(int(name))):
+            found[int(name)] = held
+    return found
+
+
+def test_large_arrays_skip_the_supervisor_and_come_back_mapped(faulty):
+    big = np.random.default_rng(1).standard_normal(16 * MiB).astype(np.float32)  # 64 MiB
+    tensor = torch.arange(MiB, dtype=torch.float32)
+    with faulty.client() as c:
+        c.infer({"warm": big[:10]})
+        answers = []
+        grew = peak_growth(faulty.pid, lambda: answers.append(c.infer({"a": big, "t": tensor, "small": big[:3]})))
+        answer = answers.pop()
+        assert np.array_equal(answer["echo"]["a"], big) and np.array_equal(answer["echo"]["small"], big[:3])
+        assert isinstance(answer["echo"]["t"], torch.Tensor) and torch.equal(answer["echo"]["t"], tensor)
+        assert grew < 8 * MiB, f"the supervisor's memory peaked {grew} bytes higher for a 68 MiB round trip"
+        held = segments_in(os.getpid())
+        assert held and all(s.startswith("map:") and shm.NAME_OUT in s for s in held)  # the answer is a mapping
+        del answer
+        assert segments_in(os.getpid()) == []
+        workers = [w["pid"] for w in faulty.workers()]
+        assert all(segments_in(pid) == [] for pid in [faulty.pid, *workers])
+        with Client(faulty.endpoint, shm=False) as frames_only:  # the same call as frames: it holds them
+            grew = peak_growth(faulty.pid, lambda: answers.append(frames_only.infer({"a": big})))
+            assert np.array_equal(answers.pop()["echo"]["a"], big)
+            assert grew >= big.nbytes
+
+
+class Raw:
+    """A hand-made client: any header and frames, on its own connection (its pid is ours)."""
+
+    def __init__(self, endpoint: str):
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.ids = iter(range(1, 1000))
+
+    def call(self, value, spec, spill=None) -> Exception | object:
+        rid = next(self.ids)
+        payload = encode_payload(value, spill)
+        self.sock.send_multipart([pack_header(ops.INFER, rid, timeout=20.0, shm=spec), *payload])
+        assert self.sock.poll(30_000), "no answer in 30 s"
+        header, *body = self.sock.recv_multipart()
+        head = unpack_header(header)
+        assert head["id"] == rid
+        return decode_error(body) if head["op"] == ops.ERROR else head
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+def test_hostile_segment_names_are_refused_and_no_worker_dies(faulty, tmp_path):
+    raw = Raw(faulty.endpoint)
+    big = np.ones(2 * MiB, dtype=np.uint8)
+    spill = Spill(MiB)
+    segs = Segments(spill) if encode_payload({"a": big}, spill) else None
+    unsealed = os.memfd_create(shm.NAME_IN, os.MFD_ALLOW_SEALING)
+    os.pwrite(unsealed, big, 0)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"x" * (2 * MiB))
+    plain = os.open(secret, os.O_RDONLY)
+    sealed_out = os.memfd_create(shm.NAME_OUT, os.MFD_ALLOW_SEALING)
+    fcntl.fcntl(sealed_out, shm.F_ADD_SEALS, shm.SEALED)
+    me, size = os.getpid(), segs.size_in
+    attempts = {  # what -> (header shm, what the refusal says)
+        "another process's memory": ([faulty.pid, segs.fd_in, size, segs.fd_out], "names the shared memory of process"),
+        "an unsealed segment": ([me, unsealed, size, segs.fd_out], "not sealed"),
+        "a file that is no segment": ([me, plain, size, segs.fd_out], "not an isopool shared-memory segment"),
+        "more bytes than it holds": ([me, segs.fd_in, size + MiB, segs.fd_out], "fewer than"),
+        "an fd it does not have": ([me, 999, size, segs.fd_out], "cannot open"),
+        "an out segment sealed shut": ([me, segs.fd_in, size, sealed_out], "cannot write the answer"),
+    }
+    try:
+        for what, (spec, says) in attempts.items():
+            err = raw.call({"a": big}, spec, Spill(MiB))
+            assert isinstance(err, BadRequest) and says in str(err), f"{what}: {err!r}"
+        # offsets past the segment it names: refused by the supervisor, the worker never sees it
+        err = raw.call({"a": big}, [me, segs.fd_in, MiB, segs.fd_out], Spill(MiB))
+        assert isinstance(err, BadRequest) and "inside the segment" in str(err)
+        with faulty.client() as c:
+            assert np.array_equal(c.infer({"a": big})["echo"]["a"], big)  # still serving, by shared memory
+        pool = faulty.status()["pool"]
+        assert pool["restarts_total"] == 0 and pool["shm_bytes"] == 0
+    finally:
+        raw.close()
+        segs.close()
+        for fd in (unsealed, plain, sealed_out):
+            os.close(fd)
+
+
+def test_shared_memory_past_the_cap_is_overloaded_and_freed_when_answered(start_pool):
+    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:Faulty", "--max-shm-bytes", "20MiB")
+    big = np.zeros(16 * MiB, dtype=np.uint8)
+    with pool.client() as c:
+        slow = c.submit({"do": "sleep", "s": 1.0, "a": big})
+        with pytest.raises(Overloaded, match="max-shm-bytes"):
+            c.infer({"a": big})  # sent after the first on the same connection: it is in flight
+        assert np.array_equal(slow.result(30)["echo"]["a"], big)
+        assert np.array_equal(c.infer({"a": big})["echo"]["a"], big)
+        assert pool.status()["pool"]["shm_bytes"] == 0
+
+
+CLIENT = """
+import sys, threading, numpy as np
+from isopool.client import Client
+c = Client(sys.argv[1], timeout=20)
+big = np.ones(4 << 20, dtype=np.uint8)
+def one(i):
+    try:
+        c.infer({"do": "sleep", "s": 0.05 * (i % 3), "a": big})
+    except Exception:
+        pass
+threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+for t in threads:
+    t.start()
+print("sent", flush=True)
+for t in threads:
+    t.join()
+"""
+
+
+def settle_segments(before: dict[int, list[str]], timeout: float = 20.0) -> dict:
+    """Segments held anywhere that were not held `before`, once the calls in flight have ended
+    (bounded). `before` excludes what this process held already (a failed test's answers,
+    kept by pytest's report)."""
+    end = time.monotonic() + timeout
+    while True:
+        left = {p: new for p, s in everywhere().items() if (new := sorted(set(s) - set(before.get(p, ()))))}
+        if not left or time.monotonic() > end:
+            return left
+        time.sleep(0.05)  # polling /proc: the kernel tells no one when a mapping goes
+
+
+def test_no_segment_outlives_a_sigkilled_client_worker_or_supervisor(start_pool):
+    rng = random.Random(22)
+    big = np.ones(4 * MiB, dtype=np.uint8)
+    peak = 0
+    before = everywhere()
+    pool = start_pool("--workers", "2", "--model", "isopool.examples.faulty:Faulty", "--kill-grace", "1",
+                      "--poison-threshold", "100")
+    for round_ in range(3):  # a client SIGKILLed at a random moment of its calls
+        proc = subprocess.Popen([sys.executable, "-c", CLIENT, pool.endpoint], stdout=subprocess.PIPE, cwd=ROOT)
+        assert proc.stdout.readline().strip() == b"sent"
+        time.sleep(rng.uniform(0, 0.15))
+        peak = max(peak, sum(len(s) for s in everywhere().values()))
+        proc.kill()
+        proc.wait(10)
+        assert settle_segments(before) == {}, f"client round {round_}"
+    with pool.client(timeout=20) as c:  # a worker SIGKILLed with calls in flight
+        for round_ in range(3):
+            # each input its own (a kill is no input's fault: none must become poison)
+            futures = [c.submit({"do": "sleep", "s": 0.2, "a": big, "tag": [round_, i]}) for i in range(6)]
+            time.sleep(rng.uniform(0, 0.1))
+            os.kill(pool.running(), signal.SIGKILL)
+            for f in futures:
+                try:
+                    assert np.array_equal(f.result(30)["echo"]["a"], big)  # retried elsewhere
+                except WorkerCrashed:
+                    pass
+            peak = max(peak, sum(len(s) for s in everywhere().values()))
+            del futures, f
+            assert settle_segments(before) == {}, f"worker round {round_}"
+            pool.all_ready()
+    for round_ in range(2):  # the supervisor SIGKILLed with calls in flight
+        pool = start_pool("--workers", "2", "--model", "isopool.examples.faulty:Faulty")
+        workers = pool.worker_pids()
+        with pool.client(timeout=3) as c:
+            futures = [c.submit({"do": "sleep", "s": 0.5, "a": big}) for _ in range(6)]
+            time.sleep(rng.uniform(0, 0.2))
+            peak = max(peak, sum(len(s) for s in everywhere().values()))
+            pool.proc.kill()
+            pool.proc.wait(10)
+            assert wait_gone(workers, 10) == []
+            for f in futures:
+                with pytest.raises(Exception):
+                    f.result(30)
+            del futures, f
+            assert settle_segments(before) == {}, f"supervisor round {round_}"
+    print(f"segments held at the moments of the kills, at most: {peak}; after: 0")
+    assert peak > 0  # the kills did land while segments were in use
