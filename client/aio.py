@@ -228,7 +228,7 @@ class AsyncClient(AsyncControlCalls):
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
-        self._session.fail_all(closed_early())
+        self._session.close(closed_early())
         self._finalizer()
 
     async def __aenter__(self) -> "AsyncClient":

@@ -34,7 +34,9 @@ from isopool.protocol import (
     pack_header,
     total_bytes,
 )
-from isopool.protocol.shm import Segments, Spill
+from isopool.protocol.shm import Spill
+
+from .segments import Pool, Segments
 from isopool.protocol.transport import MAX_BUNDLE, bundle, cuts, messages
 
 from .connection import CONNECT_S, not_running
@@ -112,6 +114,7 @@ class Session:
         self.use_shm = shm  # large arrays in shared memory, if the server offers it (protocol/shm.py)
         self.shm_threshold = 0  # from the server's answer to our hello: 0 until then, or if it offers none
         self.segments: dict[Any, Segments] = {}  # call id -> its shared memory, until the call ends
+        self.pool = Pool()  # the segments between calls
 
     def ensure_up(self, endpoint: str) -> None:
         """Wait up to CONNECT_S for the connection to the supervisor; Unavailable if none comes."""
@@ -186,7 +189,7 @@ class Session:
                 spill = Spill(self.shm_threshold)
                 payload = encode_payload(value, spill)
                 if spill.parts:
-                    self.segments[cid] = segments = Segments(spill)
+                    self.segments[cid] = segments = Segments(spill, self.pool)
                     fields["shm"] = segments.header()
         return [pack_header(ops.INFER, cid, **fields), *payload]
 
@@ -233,10 +236,10 @@ class Session:
                     self.greeting = None
                     self.settle(greeting, header["op"], body)
                 continue  # else already timed out or cancelled
-            if self.settle(call, header["op"], body):
+            if self.settle(call, header["op"], body, header.get("reuse") is True):
                 pending.pop(call.cid, None)  # settle let go of its memory
 
-    def settle(self, call: Call, op: str, body: list) -> bool:
+    def settle(self, call: Call, op: str, body: list, reuse: bool = False) -> bool:
         """Hand one reply to its call; True when that was the call's final answer. Touches no
         shared state: a thread that reads its own socket (the sync Client's infer) calls it too."""
         if op == ops.ERROR:
@@ -245,7 +248,7 @@ class Session:
             return True
         segments = self.segments.pop(call.cid, None) if self.segments and op != ops.CHUNK else None
         try:
-            segment = segments.answer() if segments is not None else None
+            segment = segments.answer(reuse) if segments is not None else None
             value = decode_payload(body, arrays=self.arrays, limits=self.decode_limits, readonly=self.readonly,
                                    segment=segment)
         except IsopoolError as err:
@@ -274,6 +277,11 @@ class Session:
                 call.reject(no_reply())
                 expired.append(cid)
         return expired
+
+    def close(self, err: IsopoolError) -> None:
+        """The client is closing: every call fails with `err`, and the idle segments go."""
+        self.fail_all(err)
+        self.pool.close()
 
     def fail_all(self, err: IsopoolError) -> None:
         calls, self.pending = self.pending, {}

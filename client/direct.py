@@ -112,7 +112,8 @@ class Direct:
         for header, body, err in messages(frames, session.decode_limits):
             # undecodable: not for us to fix, the deadline still holds; another id: a late
             # answer to an earlier call on this socket
-            if err is None and header["id"] == answer.cid and session.settle(answer, header["op"], body):
+            if err is None and header["id"] == answer.cid and \
+                    session.settle(answer, header["op"], body, header.get("reuse") is True):
                 return True
         return False
 

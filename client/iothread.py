@@ -105,7 +105,7 @@ class IOThread:
                 self._send_now(session.op_frames(ops.CANCEL, cid))
             if self.unconfirmed:
                 self._unconfirmed(time.monotonic())
-        session.fail_all(closed_early())
+        session.close(closed_early())
         self._release()
 
     def _flush(self) -> None:

@@ -99,7 +99,8 @@ WORKER: dict[str, dict[str, tuple]] = {
                               "a signature (protocol/signature.py): inputs and outputs of name, datatype, shape")},
     ops.HEARTBEAT: {},
     ops.RESULT: {"id": (True, _worker_rid, "[client id (bytes), request id] as sent in run"),
-                 "attempt": (True, _int_between(0, MAX_ATTEMPT), "the int sent in run")},
+                 "attempt": (True, _int_between(0, MAX_ATTEMPT), "the int sent in run"),
+                 "reuse": (False, *BOOL)},
     ops.LOAD_FAILED: {},
     ops.INTEGRITY_FAILED: {"when": (False, _opt_str, "a str")},
 }

@@ -1,8 +1,8 @@
 """Large arrays in shared memory: the client's memfds, read and written by the worker in place.
 
-    client  memfd "isopool-shm-in": the request's large arrays, written once, then sealed
-            (no shrink, grow or write: the worker can map it without fear of SIGBUS, and
-            nobody can change it after the send); memfd "isopool-shm-out", empty
+    client  memfd "isopool-shm-in": the request's large arrays, copied into its own mapping;
+       │    sealed against shrinking, so the worker can map it without fear of SIGBUS
+       │    memfd "isopool-shm-out": where the worker writes the large arrays of the answer
        │    header shm = [client pid, in fd, in bytes, out fd]; an array's descriptor names an
        │    offset in the segment ([offset]) instead of a buffer frame
        ▼
@@ -11,15 +11,18 @@
        │        shared-memory cap; it never opens either memfd, and copies nothing
        ▼
     worker  opens /proc/PID/fd/N read-only and maps it copy-on-write (its writes stay its own);
-            writes its large result arrays into the out memfd (pwrite: a client that shrinks
-            it cannot fault the worker) and names their offsets
+       │    writes its large result arrays into the out memfd (pwrite: nothing it does to the
+       │    file can fault the client) and names their offsets; says "reuse" in its RESULT
+       │    when nothing of the request's segment is still referenced (the model kept no view)
        ▼
-    client  seals the out memfd, maps it, and its answer's arrays are views of that mapping
+    client  maps the out memfd copy-on-write: its answer's arrays are views of that mapping
 
-Every segment is the client's: it lives while the client holds its fds (until the call's
-answer, cancel or timeout) or a mapping of it exists, so the kernel frees it when the client,
-a worker or the supervisor dies, whatever the moment. tcp:// and HTTP clients, and workers in
-a sandbox (another uid cannot open the client's fds), keep the frame path.
+Every segment is the client's (client/segments.py): it lives while the client holds its fd
+or a mapping of it exists, so the kernel frees it when the client, a worker or the
+supervisor dies, whatever the moment. A client reuses a segment only when that is safe: an
+in segment after a RESULT that says "reuse", an out segment once the arrays of the answer
+it held are gone. tcp:// and HTTP clients, and workers in a sandbox (another uid cannot
+open the client's fds), keep the frame path.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import fcntl
 import mmap
 import os
 import weakref
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 from .codec import encode_payload
 from .errors import BadRequest
@@ -39,7 +42,6 @@ DEFAULT_THRESHOLD = 1 << 20  # arrays from this many bytes travel in shared memo
 ALIGN = 64  # each array's offset in a segment: a cache line, so numpy and torch views are aligned
 F_ADD_SEALS, F_GET_SEALS = 1033, 1034
 SEAL_SEAL, SEAL_SHRINK, SEAL_GROW, SEAL_WRITE = 1, 2, 4, 8
-SEALED = SEAL_SEAL | SEAL_SHRINK | SEAL_GROW | SEAL_WRITE
 
 
 class Spill:
@@ -59,6 +61,8 @@ class Spill:
         return offset
 
 
+# ---------------------------------------------------------------- mappings
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
@@ -66,20 +70,31 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-def map_private(fd: int, size: int) -> memoryview:
-    """`size` bytes of `fd`, mapped copy-on-write: this process's writes stay its own. Unlike
-    mmap.mmap it keeps no fd: the mapping lives exactly as long as a view of it (an array
-    made from it) does, and thousands of answers held cost no file descriptors."""
-    addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, 0)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MADV_POPULATE_READ = 22  # Linux 5.14: map every page for reading in one call, not a fault per 64 KiB
+
+
+def map_fd(fd: int, size: int, shared: bool = False, then: Callable[[], Any] | None = None,
+           populate: bool = False) -> memoryview:
+    """`size` bytes of `fd`, mapped copy-on-write (this process's writes stay its own) or shared.
+    Unlike mmap.mmap it keeps no fd: the mapping lives exactly as long as a view of it (an
+    array made from it) does, then `then()` runs; thousands of answers held cost no fds."""
+    flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
+    addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
     if addr is None or addr == MAP_FAILED:
-        raise OSError(ctypes.get_errno(), f"mmap of {size} bytes: {os.strerror(ctypes.get_errno())}")
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap of {size} bytes: {os.strerror(err)}")
+    if populate:
+        _libc.madvise(addr, size, MADV_POPULATE_READ)  # an older kernel says EINVAL: the faults do it
     region = (ctypes.c_char * size).from_address(addr)
-    weakref.finalize(region, _libc.munmap, addr, size)
+    weakref.finalize(region, _unmap, addr, size, then)
     return memoryview(region).cast("B")
 
 
-def _memfd(name: str) -> int:
-    return os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+def _unmap(addr: int, size: int, then: Callable[[], Any] | None) -> None:
+    _libc.munmap(addr, size)
+    if then is not None:
+        then()
 
 
 def write_parts(fd: int, parts: Iterable[tuple[int, memoryview]]) -> None:
@@ -88,56 +103,6 @@ def write_parts(fd: int, parts: Iterable[tuple[int, memoryview]]) -> None:
         done = 0
         while done < len(data):  # a file write is whole but for a signal; go on where it stopped
             done += os.pwrite(fd, data[done:], offset + done)
-
-
-class Segments:
-    """A call's two memfds (client side). close() lets both go; it is idempotent."""
-
-    __slots__ = ("fd_in", "size_in", "fd_out")
-
-    def __init__(self, spill: Spill):
-        self.fd_in, self.size_in, self.fd_out = -1, spill.size, -1
-        try:
-            if spill.parts:
-                self.fd_in = _memfd(NAME_IN)
-                write_parts(self.fd_in, spill.parts)
-                os.ftruncate(self.fd_in, spill.size)  # the padding after the last array
-                fcntl.fcntl(self.fd_in, F_ADD_SEALS, SEALED)
-            self.fd_out = _memfd(NAME_OUT)
-        except BaseException:
-            self.close()
-            raise
-
-    def header(self) -> list:
-        return [os.getpid(), self.fd_in, self.size_in, self.fd_out]
-
-    def answer(self) -> memoryview | None:
-        """The out segment as the worker left it, sealed and mapped (copy-on-write); None if it
-        wrote nothing. Closes both fds: the mapping alone keeps the answer's memory."""
-        fd, self.fd_out = self.fd_out, -1
-        if fd < 0:
-            self.close()
-            return None
-        try:
-            try:
-                fcntl.fcntl(fd, F_ADD_SEALS, SEALED)  # from here on nobody can shrink it under us
-            except OSError:  # a writable shared mapping exists (only a hostile worker makes one)
-                raise BadRequest("the worker left the shared-memory answer open to changes; it is refused") from None
-            size = os.fstat(fd).st_size
-            return map_private(fd, size) if size else None
-        finally:
-            os.close(fd)
-            self.close()
-
-    def close(self) -> None:
-        for name in ("fd_in", "fd_out"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                setattr(self, name, -1)
-                os.close(fd)
-
-    def __del__(self) -> None:  # a call dropped on a path that did not close it still lets go
-        self.close()
 
 
 # ---------------------------------------------------------------- the worker's side
@@ -165,29 +130,39 @@ def map_request(pid: int, fd: int, size: int) -> memoryview:
     """The request's segment, mapped copy-on-write: read in place, never written back."""
     mine = _open(pid, fd, NAME_IN, os.O_RDONLY)
     try:
-        if fcntl.fcntl(mine, F_GET_SEALS) & (SEAL_SHRINK | SEAL_WRITE) != SEAL_SHRINK | SEAL_WRITE:
-            raise BadRequest("the request's shared memory is not sealed against shrinking and writing; "
-                             "a client must seal it (protocol/shm.py) before it sends")
+        if not fcntl.fcntl(mine, F_GET_SEALS) & SEAL_SHRINK:
+            raise BadRequest("the request's shared memory is not sealed against shrinking; a client must seal "
+                             "it (client/segments.py) before it sends")
         if os.fstat(mine).st_size < size:
             raise BadRequest(f"the request's shared memory holds {os.fstat(mine).st_size} bytes, fewer than the "
                              f"{size} its header names")
-        return map_private(mine, size)
+        return map_fd(mine, size, populate=True)
     finally:
         os.close(mine)
 
 
-def request_segment(header: dict) -> memoryview | None:
-    """A RUN's shared memory, mapped, if its header names some (shm: [pid, in fd, in bytes, out fd])."""
-    spec = header.get("shm")
-    if not spec or spec[1] < 0 or not spec[2]:
-        return None
-    return map_request(spec[0], spec[1], spec[2])
+class Place:
+    """A RUN's shared memory on the worker: the request's segment mapped (`view`, for the
+    decoder), where large results go (`out`), and whether the segment is free again."""
 
+    __slots__ = ("view", "out", "_region")
 
-def answer_to(header: dict) -> tuple[int, int] | None:
-    """(pid, out fd) where a RUN's large results go; None: as frames (streams always are)."""
-    spec = header.get("shm")
-    return None if not spec or header.get("stream") else (spec[0], spec[3])
+    def __init__(self, header: dict):
+        spec = header.get("shm")
+        self.view = self._region = None
+        self.out = (spec[0], spec[3]) if spec and not header.get("stream") else None  # streams: frames
+        if spec and spec[1] >= 0 and spec[2]:
+            self.view = map_request(spec[0], spec[1], spec[2])
+            self._region = weakref.ref(self.view.obj)
+
+    def take(self) -> memoryview | None:
+        """The mapping, for the decoder; this Place keeps no reference to it."""
+        view, self.view = self.view, None
+        return view
+
+    def released(self) -> bool:
+        """True when nothing refers to the request's segment any more: the client may reuse it."""
+        return self._region is not None and self._region() is None
 
 
 def encode_answer(value: object, out: tuple[int, int] | None, threshold: int) -> list:
@@ -209,13 +184,13 @@ def write_answer(pid: int, fd: int, spill: Spill) -> None:
         write_parts(mine, spill.parts)
     except OSError as exc:
         raise BadRequest(f"cannot write the answer into the client's shared memory: {exc.strerror}; the "
-                         "client must leave its out segment empty and unsealed until the answer") from None
+                         "client must leave its out segment writable until the answer") from None
     finally:
         os.close(mine)
 
 
 def segments_in(pid: int) -> list[str]:
-    """Every isopool segment process `pid` holds, open or mapped (for tests and `status`)."""
+    """Every isopool segment process `pid` holds, open or mapped (for tests and leak checks)."""
     found = []
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):

@@ -169,7 +169,9 @@ def on_reply(core: "Core", w: Worker, op: str, header: dict, body: list, now: fl
             w.errors += 1
         else:
             w.crashes_in_row = 0
-        core.finish(req, op, body, "ok" if op == ops.RESULT else "error", now)
+        # a worker done with the client's shared memory says so: the client may reuse it
+        reuse = req.shm is not None and op == ops.RESULT and header.get("reuse") is True
+        core.finish(req, op, body, "ok" if op == ops.RESULT else "error", now, reuse)
     after_request(core, w, now)
 
 

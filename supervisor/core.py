@@ -153,10 +153,11 @@ class Core:
         held = self.ledger.held.get(slot)
         return w.capacity - (len(held) if held else 0)
 
-    def finish(self, req: Request, op: str, body: list, outcome: str, now: float) -> None:
+    def finish(self, req: Request, op: str, body: list, outcome: str, now: float, reuse: bool = False) -> None:
         self.ledger.settle(req)
         key = req.key
-        self.to_clients.append((key[0], [pack_header(op, key[1]), *body], req.bundles))
+        header = pack_header(op, key[1], reuse=True) if reuse else pack_header(op, key[1])
+        self.to_clients.append((key[0], [header, *body], req.bundles))
         self.stats.done(outcome, now - req.accepted_at, now)
         self.answer_s = now - req.started_at
 

@@ -37,6 +37,7 @@ from isopool.protocol.limits import Limits
 from isopool.protocol.pacing import Pacing
 from isopool.protocol.transport import EVENTS, POLLIN, Outbox, drain, messages
 
+from . import batching
 from .handler import NotAStream, WorkerContext, build_model
 from .integrity import fingerprint
 
@@ -200,7 +201,7 @@ class Worker:
                 self.run(header, body)
 
     def accept(self, header: dict, body: list) -> tuple[Any, int, Any, int, Any] | None:
-        """(id, attempt, inputs, seq, where large results go) of a RUN, or None after answering it
+        """(id, attempt, inputs, seq, its shm.Place or None) of a RUN, or None after answering it
         (expired, undecodable)."""
         rid, attempt = header["id"], header.get("attempt", 0)
         deadline = header.get("deadline")
@@ -210,69 +211,23 @@ class Worker:
                 setting="timeout"), attempt=attempt))
             return None
         try:
+            place = shm.Place(header) if "shm" in header else None
             inputs = decode_payload(body, arrays=self.config.arrays, limits=self.limits,
-                                    segment=shm.request_segment(header))
-            return rid, attempt, inputs, header.get("seq", 0), shm.answer_to(header)
+                                    segment=place.take() if place is not None else None)
+            return rid, attempt, inputs, header.get("seq", 0), place
         except BadRequest as err:
             self.send(encode_error(rid, err, attempt=attempt))
             return None
 
     def fill_and_run_batch(self) -> None:
-        """Wait up to max_batch_wait_ms for a full batch, then run what we have."""
-        size = self.config.max_batch_size
-        end = time.monotonic() + self.config.max_batch_wait_ms / 1000
-        while len(self.batch) < size and self.running:
-            left_ms = int((end - time.monotonic()) * 1000)
-            self.out.flush()  # nothing we have finished waits on a batch still filling
-            if left_ms < 0 or not self.sock.poll(left_ms, zmq.POLLIN):
-                break
-            for header, body in self.receive(size - len(self.batch)):
-                self.handle(header, body)
-        items, self.batch = self.batch[:size], self.batch[size:]
-        self.run_batch([a for a in (self.accept(h, b) for h, b in items) if a is not None])
-
-    def run_batch(self, live: list) -> None:
-        """model.batch(inputs) once; if it raises, each input alone, so only the culprit fails."""
-        if not live:
-            return
-        self.pace(len(live) + self.waiting)
-        self.before_run()
-        started = time.monotonic()
-        self.board.start(live[0][3])  # a death now is blamed on the oldest of the batch
-        try:
-            outputs = self.model.batch([x for _, _, x, _, _ in live])
-            if not isinstance(outputs, (list, tuple)) or len(outputs) != len(live):
-                raise TypeError(f"batch() must return a list with one result per input ({len(live)}), "
-                                f"got {type(outputs).__name__}")
-        except Exception:  # noqa: BLE001 - find the input that breaks it
-            if len(live) > 1:
-                for item in live:
-                    self.run_batch([item])
-                return
-            rid, attempt, _, seq, _ = live[0]
-            self.send(encode_error(rid, self.remote_error(sys.exc_info()[1]), attempt=attempt))
-            self.board.finish(seq)
-            self.pacing.did(time.monotonic() - started)
-            return
-        for (rid, attempt, _, _, out), output in zip(live, outputs):  # the batch's results leave as one bundle
-            try:
-                self.out.post([pack_header(ops.RESULT, rid, attempt=attempt), *self.encode(output, out)])
-            except TypeError as exc:
-                self.out.post(encode_error(rid, self.remote_error(exc), attempt=attempt))
-            except BadRequest as exc:  # the client's shared memory would not take it
-                self.out.post(encode_error(rid, exc, attempt=attempt))
-        self.sent = True
-        self.out.flush()
-        self.board.finish(live[-1][3])
-        self.pacing.did(time.monotonic() - started)
-        if self.config.integrity_every_request:
-            self.check_weights("after request", live[-1][0])
+        batching.fill_and_run(self)
 
     def run(self, header: dict, body: list) -> None:
         accepted = self.accept(header, body)
         if accepted is None:
             return
-        rid, attempt, inputs, seq, out = accepted
+        rid, attempt, inputs, seq, place = accepted
+        accepted = None  # the inputs are referred to from `inputs` alone, for place.released()
         self.pace(1 + self.waiting)
         self.before_run()
         started = time.monotonic()
@@ -287,7 +242,7 @@ class Worker:
                 self.send([pack_header(ops.CHUNK, rid, attempt=attempt), *encode_payload(output)])
                 frames = encode_payload(None)
             else:
-                frames = self.encode(output, out)
+                frames = self.encode(output, place)
         except NotAStream as refused:
             refused.close()
             self.send(encode_error(rid, BadRequest(
@@ -299,14 +254,22 @@ class Worker:
         except Exception as exc:
             self.send(encode_error(rid, self.remote_error(exc), attempt=attempt))
         else:
-            self.send([pack_header(ops.RESULT, rid, attempt=attempt), *frames])
+            inputs = output = None
+            self.send([self.result_header(rid, attempt, place), *frames])
         self.board.finish(seq)
         self.pacing.did(time.monotonic() - started)
         if self.config.integrity_every_request:
             self.check_weights("after request", rid)
 
-    def encode(self, output: Any, out: tuple[int, int] | None) -> list:
-        return shm.encode_answer(output, out, self.config.shm_threshold)
+    def encode(self, output: Any, place: shm.Place | None) -> list:
+        return shm.encode_answer(output, place.out if place is not None else None, self.config.shm_threshold)
+
+    @staticmethod
+    def result_header(rid: Any, attempt: int, place: shm.Place | None) -> bytes:
+        """A RESULT's header; "reuse" when the request's shared memory is referred to no more."""
+        if place is not None and place.released():
+            return pack_header(ops.RESULT, rid, attempt=attempt, reuse=True)
+        return pack_header(ops.RESULT, rid, attempt=attempt)
 
     def stream(self, rid: Any, attempt: int, parts: Iterator) -> list:
         """Send each part as a CHUNK; stop early if the request is cancelled. Returns the end frames."""

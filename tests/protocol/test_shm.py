@@ -12,15 +12,16 @@ import torch
 
 from isopool.protocol import BadRequest, Limits, decode_payload, encode_payload, validate_payload
 from isopool.protocol import shm
-from isopool.protocol.shm import Segments, Spill, map_request, segments_in
+from isopool.client.segments import IDLE, Pool, Segments
+from isopool.protocol.shm import Place, Spill, map_request, segments_in
 
 BIG = 1 << 20
 
 
-def spilled(value, threshold=BIG):
+def spilled(value, threshold=BIG, pool=None):
     spill = Spill(threshold)
     frames = encode_payload(value, spill)
-    return frames, Segments(spill)
+    return frames, Segments(spill, pool or Pool())
 
 
 def test_large_arrays_go_to_the_segment_and_come_back_equal_and_aligned():
@@ -32,14 +33,14 @@ def test_large_arrays_go_to_the_segment_and_come_back_equal_and_aligned():
     try:
         assert len(frames) == 3  # the payload and the two small arrays' frames: the large ones are not there
         assert sum(len(f) for f in frames) < 4096
-        assert segs.size_in % shm.ALIGN == 0 and segs.size_in >= big.nbytes + tensor.numel() * 8
-        validate_payload(frames, segment=segs.size_in)
-        view = map_request(os.getpid(), segs.fd_in, segs.size_in)
+        assert segs.used % shm.ALIGN == 0 and segs.used >= big.nbytes + tensor.numel() * 8
+        validate_payload(frames, segment=segs.used)
+        view = map_request(os.getpid(), segs.seg_in.fd, segs.used)
         out = decode_payload(frames, segment=view)
         assert np.array_equal(out["big"], big) and not out["big"].flags.writeable
         assert isinstance(out["t"], torch.Tensor) and torch.equal(out["t"], tensor)
         out["t"][0] = 99.0  # the worker's own copy-on-write page: the client's segment keeps its bytes
-        assert torch.equal(decode_payload(frames, segment=map_request(os.getpid(), segs.fd_in, segs.size_in))["t"],
+        assert torch.equal(decode_payload(frames, segment=map_request(os.getpid(), segs.seg_in.fd, segs.used))["t"],
                            tensor)
         assert np.array_equal(out["small"], small) and out["more"][1] == "text"
     finally:
@@ -72,32 +73,65 @@ def test_the_worker_maps_only_a_sealed_isopool_segment_of_the_size_named(tmp_pat
             with pytest.raises(BadRequest, match="not an isopool shared-memory segment"):
                 map_request(os.getpid(), fd, 6)
         with pytest.raises(BadRequest, match="fewer than"):
-            map_request(os.getpid(), segs.fd_in, segs.size_in + 4096)
+            map_request(os.getpid(), segs.seg_in.fd, segs.seg_in.size + 4096)
         with pytest.raises(BadRequest, match="cannot open"):
             map_request(os.getpid(), 10_000, 16)
-        fcntl.fcntl(unsealed, shm.F_ADD_SEALS, shm.SEAL_SHRINK)  # a client cannot shrink what is mapped
-        with pytest.raises(PermissionError):
-            os.ftruncate(segs.fd_in, 0)
+        with pytest.raises(PermissionError):  # a client cannot shrink what a worker may have mapped
+            os.ftruncate(segs.seg_in.fd, 0)
     finally:
         for fd in (unsealed, other, plain):
             os.close(fd)
         segs.close()
 
 
-def test_an_answer_written_into_the_out_segment_is_mapped_and_its_fds_closed():
+def test_an_answer_written_into_the_out_segment_is_mapped_and_its_segment_reused_when_gone():
     big = np.arange(BIG // 4, dtype=np.int32)
-    segs = Segments(Spill(BIG))
-    assert segs.fd_in == -1 and segs.fd_out >= 0  # nothing large to send: only somewhere for the answer
+    pool = Pool()
+    segs = Segments(Spill(BIG), pool)
+    assert segs.seg_in is None and segs.seg_out is not None  # nothing large to send: only somewhere for the answer
+    out_fd = segs.seg_out.fd
     spill = Spill(BIG)
     frames = encode_payload({"y": big}, spill)
-    shm.write_answer(os.getpid(), segs.fd_out, spill)
-    view = segs.answer()
-    assert segs.fd_out == -1 and segs.fd_in == -1
-    out = decode_payload(frames, segment=view)
-    assert np.array_equal(out["y"], big)
-    assert [s for s in segments_in(os.getpid()) if s.startswith("fd")] == []  # the mapping alone holds it
-    del out, view
+    shm.write_answer(os.getpid(), out_fd, spill)
+    out = decode_payload(frames, segment=segs.answer(reuse=False))
+    assert np.array_equal(out["y"], big) and pool.idle_out == []
+    del out  # the answer's arrays gone: its segment comes back, and the next call writes into it
+    assert [s.fd for s in pool.idle_out] == [out_fd]
+    assert Segments(Spill(BIG), pool).seg_out.fd == out_fd
+
+
+def test_an_in_segment_is_reused_only_when_the_worker_says_so_and_the_pool_is_bounded():
+    pool = Pool()
+    value = np.ones(BIG, dtype=np.uint8)
+    _, segs = spilled(value, pool=pool)
+    fd = segs.seg_in.fd
+    segs.answer(reuse=True)
+    _, again = spilled(value * 2, pool=pool)
+    assert again.seg_in.fd == fd  # the same pages, written over
+    assert np.array_equal(np.frombuffer(map_request(os.getpid(), fd, BIG), dtype=np.uint8), value * 2)
+    again.answer(reuse=False)  # the worker may still see it: closed, never reused
+    assert pool.idle_in == []
+    many = [spilled(value, pool=pool)[1] for _ in range(IDLE + 3)]
+    for segs in many:
+        segs.answer(reuse=True)
+    assert len(pool.idle_in) == IDLE
+    pool.close()
+    del many, segs, again
     assert segments_in(os.getpid()) == []
+
+
+def test_a_worker_says_reuse_only_when_no_view_of_the_request_is_left():
+    frames, segs = spilled({"a": np.ones(BIG, dtype=np.uint8)})
+    header = {"shm": segs.header()}
+    place = Place(header)
+    inputs = decode_payload(frames, segment=place.take())
+    assert not place.released()
+    kept = inputs["a"][:10]
+    del inputs
+    assert not place.released()  # a model that kept a slice of its input: the client must not reuse it
+    del kept
+    assert place.released()
+    segs.close()
 
 
 def test_a_segment_dropped_without_close_lets_go_of_its_fds():

@@ -1,0 +1,164 @@
+"""A client's shared-memory segments (protocol/shm.py): made, lent to calls, and reused.
+
+    call ──Segments(spill)──► an in segment (its arrays copied into our own mapping of it)
+                              and an out segment (empty, or one used before)
+    answer ──answer(reuse)──► the out segment mapped: the answer's arrays are views of it;
+                              the in segment back to the pool if the worker says "reuse"
+    the answer's arrays gone ──► the out segment back to the pool
+    error, timeout, cancel ──close()──► both closed: a worker may still read the request
+
+A fresh segment costs the kernel a page allocation per 4 KiB, written or not (about as much
+as copying the bytes again), so a few segments stay in the pool between calls: at most
+IDLE of each kind and IDLE_BYTES in all. A segment is reused only when no one can see it:
+an in segment after the worker said nothing refers to it any more, an out segment after
+the last array of the answer it held was collected.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+
+from isopool.protocol.shm import F_ADD_SEALS, NAME_IN, NAME_OUT, SEAL_GROW, SEAL_SEAL, SEAL_SHRINK, Spill, map_fd
+
+IDLE = 4  # idle segments of each kind kept for reuse
+IDLE_BYTES = 256 << 20  # and their bytes, all kinds together
+GRAIN = 1 << 20  # in segments are made in whole MiB, so a slightly larger request still fits one
+
+
+class Segment:
+    """One memfd. An in segment has our own shared mapping of it (`view`), to copy arrays in."""
+
+    __slots__ = ("fd", "size", "view")
+
+    def __init__(self, name: str, size: int = 0):
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        self.size, self.view = size, None
+        try:
+            if size:  # an in segment: its size for good, so a worker's mapping of it can never fault
+                os.ftruncate(self.fd, size)
+                fcntl.fcntl(self.fd, F_ADD_SEALS, SEAL_SHRINK | SEAL_GROW | SEAL_SEAL)
+                self.view = map_fd(self.fd, size, shared=True)
+            else:  # an out segment: the worker may grow it, and nobody shrink it under our mapping
+                fcntl.fcntl(self.fd, F_ADD_SEALS, SEAL_SHRINK)
+        except BaseException:
+            self.close()
+            raise
+
+    def bytes(self) -> int:
+        return self.size if self.view is not None else os.fstat(self.fd).st_size
+
+    def close(self) -> None:
+        self.view = None  # our mapping goes with its last view
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def __del__(self) -> None:  # an idle segment of a client that is gone
+        self.close()
+
+
+class Pool:
+    """The idle segments of one client, thread-safe: answers are collected on any thread."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.idle_in: list[Segment] = []
+        self.idle_out: list[Segment] = []
+        self.lent = 0  # out segments under answers still held, each to come back (at most IDLE)
+        self.closed = False
+
+    def take_in(self, size: int) -> Segment:
+        with self.lock:
+            fits = [s for s in self.idle_in if s.size >= size]
+            if fits:
+                seg = min(fits, key=lambda s: s.size)
+                self.idle_in.remove(seg)
+                return seg
+        return Segment(NAME_IN, -(-size // GRAIN) * GRAIN)
+
+    def take_out(self) -> Segment:
+        with self.lock:
+            if self.idle_out:
+                return self.idle_out.pop()
+        return Segment(NAME_OUT)
+
+    def lend(self) -> bool:
+        """May one more out segment stay open under an answer, to come back when it is gone?"""
+        with self.lock:
+            if self.lent >= IDLE:
+                return False
+            self.lent += 1
+            return True
+
+    def give(self, seg: Segment, lent: bool = False) -> None:
+        """Keep `seg` for reuse if there is room, else close it."""
+        with self.lock:
+            self.lent -= lent
+            idle = self.idle_in if seg.view is not None else self.idle_out
+            held = sum(s.bytes() for s in (*self.idle_in, *self.idle_out))
+            if not self.closed and seg.fd >= 0 and len(idle) < IDLE and held + seg.bytes() <= IDLE_BYTES:
+                idle.append(seg)
+                return
+        seg.close()
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            idle, self.idle_in, self.idle_out = [*self.idle_in, *self.idle_out], [], []
+        for seg in idle:
+            seg.close()
+
+
+class Segments:
+    """A call's two segments: its request's arrays, and where its answer's go."""
+
+    __slots__ = ("pool", "seg_in", "used", "seg_out")
+
+    def __init__(self, spill: Spill, pool: Pool):
+        self.pool, self.seg_in, self.used, self.seg_out = pool, None, spill.size, None
+        try:
+            if spill.parts:
+                self.seg_in = seg = pool.take_in(spill.size)
+                for offset, data in spill.parts:
+                    seg.view[offset:offset + len(data)] = data  # one copy, into pages already ours
+            self.seg_out = pool.take_out()
+        except BaseException:
+            self.close()
+            raise
+
+    def header(self) -> list:
+        return [os.getpid(), self.seg_in.fd if self.seg_in is not None else -1, self.used, self.seg_out.fd]
+
+    def answer(self, reuse: bool) -> memoryview | None:
+        """The out segment as the worker left it, mapped copy-on-write (None if it is empty). The
+        in segment goes back to the pool if the worker is done with it (`reuse`)."""
+        seg_in, seg_out, self.seg_in, self.seg_out = self.seg_in, self.seg_out, None, None
+        if seg_in is not None:
+            self.pool.give(seg_in) if reuse else seg_in.close()
+        if seg_out is None:
+            return None
+        pool = self.pool
+        try:
+            size = os.fstat(seg_out.fd).st_size
+            if not size:
+                pool.give(seg_out)
+                return None
+            if not pool.lend():  # many answers held: this one keeps its memory, not an fd as well
+                view = map_fd(seg_out.fd, size)
+                seg_out.close()
+                return view
+            return map_fd(seg_out.fd, size, then=lambda: pool.give(seg_out, lent=True))
+        except BaseException:
+            seg_out.close()
+            raise
+
+    def close(self) -> None:
+        for seg in (self.seg_in, self.seg_out):
+            if seg is not None:
+                seg.close()
+        self.seg_in = self.seg_out = None
+
+    def __del__(self) -> None:  # a call dropped on a path that did not close it still lets go
+        self.close()
