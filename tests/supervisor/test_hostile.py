@@ -187,6 +187,9 @@ def test_sandbox_network_none_leaves_a_worker_no_network(start_pool, root_and_se
         plain = start_pool("--workers", "1", "--model", HOSTILE, "--sandbox")
         with plain.client() as c:
             assert c.infer({"attack": "connect_tcp", "port": port}, retry=False)["refused"] is None
+            # a sandboxed worker cannot open a client's memory: large arrays keep the frame path
+            big = np.arange(1 << 20, dtype=np.float32)
+            assert np.array_equal(c.infer({"x": big})["echo"]["x"], big) and c._session.shm_threshold == 0
         plain.close()
         pool = start_pool("--workers", "1", "--model", HOSTILE, "--sandbox", "--sandbox-network", "none")
         with pool.client() as c:

@@ -78,6 +78,24 @@ def test_large_arrays_skip_the_supervisor_and_come_back_mapped(faulty):
     assert segments_in(os.getpid()) == []  # the client closed: its idle segments went with it
 
 
+def test_the_asyncio_client_sends_and_receives_by_shared_memory_too(faulty):
+    import asyncio
+
+    from isopool.client import AsyncClient
+
+    big = np.random.default_rng(2).standard_normal(MiB).astype(np.float32)
+
+    async def calls():
+        async with AsyncClient(faulty.endpoint) as c:
+            await c.status()  # its hello is answered by now: it knows the server offers shared memory
+            answers = await asyncio.gather(*(c.infer({"a": big + i}) for i in range(4)))
+            assert all(np.array_equal(a["echo"]["a"], big + i) for i, a in enumerate(answers))
+            assert c._session.shm_threshold and any(shm.NAME_OUT in s for s in segments_in(os.getpid()))
+
+    asyncio.run(calls())
+    assert segments_in(os.getpid()) == []
+
+
 class Raw:
     """A hand-made client: any header and frames, on its own connection (its pid is ours)."""
 
