@@ -8,6 +8,9 @@ defaults: up to 8 requests, 2 ms), behind one HTTP front process each (isopool: 
 LitServe: one API server; Ray Serve: its one proxy). Columns:
 
     tiny req/s, p50, p99      the tiny model (bench/models.py), 64 connections
+    gateway µs/req            CPU time (user + system) of isopool's gateway process per request
+    16 MiB binary             one 16 MiB FP32 tensor there and back over the binary tensor
+                              extension, one request at a time: MiB/s and gateway CPU per request
     MiniLM sentences/s        all-MiniLM-L6-v2, one sentence per request, 64 connections
                               (isopool: POST /v1/embeddings; the peers: their /predict)
     failed on a kill          tiny, 64 connections: requests that failed when one worker
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import psutil
 
 from .models import DIM, POOL_MODELS, build, embeddings_available
 from .pool import in_flight_rate, serve
@@ -135,7 +139,46 @@ def isopool(kind: str) -> Iterator[dict]:
                     break
                 time.sleep(0.05)
             yield {"base": f"http://127.0.0.1:{port}", "endpoint": endpoint,
-                   "pids": lambda: [w["pid"] for w in c.status()["workers"] if w["pid"]]}
+                   "pids": lambda: [w["pid"] for w in c.status()["workers"] if w["pid"]],
+                   "gateways": [psutil.Process(g["pid"]) for g in c.status()["pool"]["gateways"]]}
+
+
+def cpu_s(procs: list) -> float:
+    return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+
+def costed(s: dict, run) -> dict:
+    """run() (a wrk figure), with the gateway's CPU per request added."""
+    before = cpu_s(s["gateways"])
+    r = run()
+    r["gateway_us"] = (cpu_s(s["gateways"]) - before) / max(1, r["requests"]) * 1e6
+    return r
+
+
+def big_binary(s: dict, n: int) -> dict:
+    """A 16 MiB FP32 tensor there and back, one request at a time on one connection."""
+    import http.client
+
+    x = np.random.default_rng(3).standard_normal(4 << 20).astype(np.float32)
+    head = json.dumps({"inputs": [{"name": "echo", "shape": [x.size], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "parameters": {"binary_data_output": True, "bench": 1}}).encode()  # a map: the echo
+    body = head + x.tobytes()
+    conn = http.client.HTTPConnection(s["base"][len("http://"):], timeout=120)
+    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
+
+    def once() -> bytes:
+        conn.request("POST", "/v2/models/default/infer", body, headers)
+        r = conn.getresponse()
+        return r.read()[int(r.getheader("Inference-Header-Content-Length")):]
+
+    assert np.array_equal(np.frombuffer(once(), dtype="<f4"), x)
+    before, began = cpu_s(s["gateways"]), time.perf_counter()
+    for _ in range(n):
+        once()
+    took = time.perf_counter() - began
+    conn.close()
+    return {"mib_per_s": n * 16 / took, "gateway_ms": (cpu_s(s["gateways"]) - before) / n * 1e3, "requests": n}
 
 
 @contextlib.contextmanager
@@ -196,8 +239,9 @@ def tiny(seconds: float, quick: bool, peers: list[str]) -> dict[str, dict]:
         raw = post(url, body, "application/octet-stream", head, answer)
         np.testing.assert_allclose(answer_of_binary(raw, int(answer["inference-header-content-length"])), expected,
                                    rtol=1e-5, atol=1e-6)
-        out["isopool HTTP, JSON"] = wrk(url, oip_json(x), "application/json", seconds)
-        out["isopool HTTP, binary"] = wrk(url, body, "application/octet-stream", seconds, head)
+        out["isopool HTTP, JSON"] = costed(s, lambda: wrk(url, oip_json(x), "application/json", seconds))
+        out["isopool HTTP, binary"] = costed(s, lambda: wrk(url, body, "application/octet-stream", seconds, head))
+        out["isopool HTTP, 16 MiB binary"] = big_binary(s, 10 if quick else 40)
         from isopool import Client
 
         with Client(s["endpoint"], timeout=120) as c:
@@ -232,7 +276,8 @@ def embeddings(seconds: float, peers: list[str]) -> dict[str, dict]:
     with isopool("embeddings") as s:
         body = json.dumps({"model": "default", "input": SENTENCE}).encode()
         close(json.loads(post(s["base"] + "/v1/embeddings", body, "application/json"))["data"][0]["embedding"])
-        out["isopool HTTP, JSON"] = wrk(s["base"] + "/v1/embeddings", body, "application/json", seconds)
+        out["isopool HTTP, JSON"] = costed(s, lambda: wrk(s["base"] + "/v1/embeddings", body, "application/json",
+                                                          seconds))
     for name in peers:
         with peer(name, "embeddings") as p:
             body, kind = peer_body("embeddings")
@@ -246,15 +291,21 @@ ROWS = ["isopool native Client", "isopool HTTP, JSON", "isopool HTTP, binary", "
 
 
 def table(t: dict, e: dict | None) -> str:
-    lines = ["| system | tiny req/s | p50 ms | p99 ms | MiniLM sentences/s | failed on a kill |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| system | tiny req/s | p50 ms | p99 ms | gateway µs/req | MiniLM sentences/s | gateway µs/req "
+             "| failed on a kill |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in ROWS:
         r = t.get(row, {})
         kill = r.get("kill")
         cells = [f"{r['rps']:,.0f}" if r else "", f"{r['p50_ms']:.2f}" if r else "", f"{r['p99_ms']:.2f}" if r else "",
+                 f"{r['gateway_us']:,.0f}" if "gateway_us" in r else "",
                  f"{e[row]['rps']:,.1f}" if e and row in e else "",
+                 f"{e[row]['gateway_us']:,.0f}" if e and "gateway_us" in e.get(row, {}) else "",
                  f"{kill['failed']} of {kill['requests']:,}" if kill else ""]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    big = t.get("isopool HTTP, 16 MiB binary")
+    if big:
+        lines += ["", f"16 MiB FP32 tensor there and back over HTTP (binary extension, one at a time): "
+                      f"{big['mib_per_s']:,.0f} MiB/s, gateway CPU {big['gateway_ms']:.1f} ms per request"]
     mine = t["isopool HTTP, JSON"]
     lines += ["", "isopool over HTTP (JSON) against each peer, in the same run (above 1: isopool is ahead):", ""]
     for name in PEER_NAMES.values():

@@ -42,6 +42,7 @@ HEADER_LENGTH = b"inference-header-content-length"
 STATUS_TTL_S = 0.5  # how long one status answer serves health and metadata requests
 STATUS_TIMEOUT_S = 2.0  # a supervisor that does not answer status within this is not live
 RETRY_AFTER_S = 1
+JOIN_BELOW = 64 << 10  # tensor bytes below which a response is one joined body (a copy is cheaper than a write)
 DRAIN_MAX = 64 << 20  # bytes of a too-large body read (and dropped) before the 413
 # the typed errors and their HTTP status (../shared/design.md, "HTTP")
 ERRORS: list[tuple[type, int]] = [(BadRequest, 400), (UnknownModel, 404), (Overloaded, 503), (ShuttingDown, 503),
@@ -144,9 +145,11 @@ class App:
             body = error(f"internal error in the gateway: {type(exc).__name__}: {exc}", 500)
         if not any(k == b"content-type" for k, _ in headers):
             headers = [(b"content-type", b"application/json"), *headers]
+        parts = body if isinstance(body, list) else [body]  # the JSON, then each tensor's bytes as they are
         await send({"type": "http.response.start", "status": status,
-                    "headers": [*headers, (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+                    "headers": [*headers, (b"content-length", str(sum(map(len, parts))).encode())]})
+        for i, part in enumerate(parts):
+            await send({"type": "http.response.body", "body": part, "more_body": i < len(parts) - 1})
 
     async def lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -270,12 +273,15 @@ class App:
         head, blobs = oip.response(name, request, outputs)
         if not blobs:
             return 200, head, []
-        return 200, head + blobs, [(b"content-type", b"application/octet-stream"),
-                                   (HEADER_LENGTH, str(len(head)).encode())]
+        # small tensors: one write of a joined body; large ones: written from the answer's memory
+        body = head + b"".join(blobs) if sum(map(len, blobs)) < JOIN_BELOW else [head, *blobs]
+        return 200, body, [(b"content-type", b"application/octet-stream"), (HEADER_LENGTH, str(len(head)).encode())]
 
-    async def body(self, receive: Receive, headers: dict) -> bytes:
+    async def body(self, receive: Receive, headers: dict) -> bytes | bytearray:
         declared = headers.get(b"content-length")
         too_big = declared is not None and declared.isdigit() and int(declared) > self.max_body
+        # one copy into a buffer of the declared size (tensors are then views of it), not a join
+        buf = bytearray(int(declared)) if declared is not None and declared.isdigit() and not too_big else None
         chunks, size = [], 0
         while True:
             try:
@@ -289,7 +295,11 @@ class App:
             size += len(chunk)
             if size > self.max_body:
                 too_big = True
-            if not too_big:
+            if buf is not None:
+                if size > len(buf):
+                    raise HTTPError(400, f"the body is longer than its Content-Length {len(buf)}")
+                buf[size - len(chunk):size] = chunk
+            elif not too_big:
                 chunks.append(chunk)
             # past the limit the rest is read and let go (up to DRAIN_MAX), so the client, still
             # sending, reads the 413 instead of a reset connection
@@ -298,7 +308,11 @@ class App:
         if too_big:
             raise HTTPError(413, f"the body is {int(declared) if declared and declared.isdigit() else size} bytes, "
                                  f"over max_message_bytes={self.max_body}; send less, or raise --max-message-bytes")
-        return b"".join(chunks)
+        if buf is None:
+            return b"".join(chunks)
+        if size != len(buf):
+            raise HTTPError(400, f"the body ended after {size} of its Content-Length {len(buf)} bytes")
+        return buf
 
     def connect(self) -> AsyncClient:
         if self.client is None:

@@ -30,12 +30,12 @@ class BadInput(ValueError):
     """The request does not follow the protocol; the message says how."""
 
 
-def parse_request(body: bytes, header_length: int | None, max_elements: int) -> dict:
+def parse_request(body: bytes | bytearray, header_length: int | None, max_elements: int) -> dict:
     """The request's JSON, with each input's `array` decoded (from JSON data or its binary blob)."""
     if header_length is not None:
         if not 0 <= header_length <= len(body):
             raise BadInput(f"Inference-Header-Content-Length {header_length} does not fit a body of {len(body)} bytes")
-        head, blobs = body[:header_length], memoryview(body)[header_length:]
+        head, blobs = memoryview(body)[:header_length], memoryview(body)[header_length:]
     else:
         head, blobs = body, memoryview(b"")
     try:
@@ -85,7 +85,7 @@ def _decode_input(item: dict, i: int, blobs: memoryview, at: int, max_elements: 
     if size is not None:
         if type(size) is not int or size < 0 or at + size > len(blobs):
             raise BadInput(f"{where}: binary_data_size {size!r} does not fit the {len(blobs) - at} bytes left")
-        item["array"] = _from_binary(bytes(blobs[at:at + size]), datatype, shape, where)
+        item["array"] = _from_binary(blobs[at:at + size], datatype, shape, where)  # a view: no copy
         return at + size
     if "data" not in item:
         raise BadInput(f"{where}: needs \"data\", or parameters.binary_data_size with the bytes after the JSON")
@@ -136,9 +136,11 @@ def _bytes_of(value: Any, where: str) -> bytes:
     raise BadInput(f"{where}: BYTES data must be strings (or {{\"b64\": ...}})")
 
 
-def _from_binary(raw: bytes, datatype: str, shape: list, where: str) -> np.ndarray:
+def _from_binary(raw: memoryview, datatype: str, shape: list, where: str) -> np.ndarray:
+    """The tensor in `raw`: numbers as a view of the body (copied only to change byte order)."""
     count = math.prod(shape)
     if datatype == "BYTES":  # each element: a 4-byte little-endian length, then its bytes
+        raw = bytes(raw)
         items, at = [], 0
         while at < len(raw):
             if at + 4 > len(raw):
@@ -152,7 +154,8 @@ def _from_binary(raw: bytes, datatype: str, shape: list, where: str) -> np.ndarr
     dtype = np.dtype(DATATYPES[datatype]).newbyteorder("<")
     if len(raw) != count * dtype.itemsize:
         raise BadInput(f"{where}: shape {shape} of {datatype} needs {count * dtype.itemsize} bytes, got {len(raw)}")
-    return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=True).reshape(shape)
+    array = np.frombuffer(raw, dtype=dtype)
+    return (array if dtype.isnative else array.astype(dtype.newbyteorder("="))).reshape(shape)
 
 
 def check_inputs(request: dict, signature: dict, model: str) -> None:
@@ -214,9 +217,10 @@ def _tensor(value: Any, name: str) -> np.ndarray:
     return array
 
 
-def response(model: str, request: dict, outputs: dict[str, np.ndarray]) -> tuple[bytes, bytes]:
+def response(model: str, request: dict, outputs: dict[str, np.ndarray]) -> tuple[bytes, list]:
     """(JSON, binary blobs) of the response: the outputs asked for (all, if none were named),
-    as binary where the request asked for it."""
+    as binary where the request asked for it. A blob is a view of its array where it can be
+    (C order, little-endian): the body is written to the socket from the answer's memory."""
     wanted = request.get("outputs")
     every_binary = bool((request.get("parameters") or {}).get("binary_data_output"))
     if wanted:
@@ -240,7 +244,7 @@ def response(model: str, request: dict, outputs: dict[str, np.ndarray]) -> tuple
     body: dict[str, Any] = {"model_name": model, "outputs": out}
     if "id" in request:
         body["id"] = request["id"]
-    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), b"".join(blobs)
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), blobs
 
 
 def _datatype(array: np.ndarray) -> str:
@@ -255,7 +259,8 @@ def _to_json(array: np.ndarray) -> list | np.ndarray:
     return np.ascontiguousarray(flat, dtype=flat.dtype.newbyteorder("="))  # orjson takes native order only
 
 
-def _to_binary(array: np.ndarray) -> bytes:
+def _to_binary(array: np.ndarray) -> bytes | memoryview:
     if array.dtype == object:
         return b"".join(len(v).to_bytes(4, "little") + v for v in (bytes(x) for x in array.reshape(-1)))
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))  # a copy only if it is not so
+    return memoryview(little.reshape(-1)).cast("B") if little.size else b""
