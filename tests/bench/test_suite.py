@@ -34,7 +34,9 @@ def test_bench_http_quick_checks_answers_and_loses_nothing_on_a_kill(short_tmp):
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     tiny = json.loads((short_tmp / "http.json").read_text())["tiny"]  # every answer was checked before timing
-    assert set(tiny) == {"isopool native Client", "isopool HTTP, JSON", "isopool HTTP, binary", "LitServe"}
+    assert set(tiny) == {"isopool native Client", "isopool HTTP, JSON", "isopool HTTP, binary",
+                         "isopool HTTP, 16 MiB binary", "LitServe"}
+    assert tiny["isopool HTTP, 16 MiB binary"]["requests"] > 0 and tiny["isopool HTTP, JSON"]["gateway_us"] > 0
     kill = tiny["isopool HTTP, JSON"]["kill"]
     assert kill["failed"] == 0 and kill["requests"] > 0  # a worker SIGKILLed under HTTP load: nothing lost
     assert "| isopool HTTP, binary |" in (short_tmp / "http.md").read_text()
