@@ -24,6 +24,7 @@ DEFAULT_MODEL = "isopool.models.default:DefaultModel"  # what `serve` runs witho
 SIGNALS = ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open")
 AT_A_PROCESS = {"prlimit64": 0, "sched_setaffinity": 0, "sched_setparam": 0, "sched_setscheduler": 0,
                 "sched_setattr": 0, "migrate_pages": 0, "move_pages": 0, "kcmp": 0, "setpriority": 1, "ioprio_set": 1}
+SHM_THRESHOLD = 1 << 20  # arrays of this many bytes or more go by shared memory (protocol/shm.py): the default
 WORKER_MAIN = "isopool.worker"  # `python -m` this: a fresh worker (--preload none)
 TEMPLATE_MAIN = "isopool.worker.template"  # `python -m` this: the template
 ENV_CONFIG_FD = "ISOPOOL_WORKER_FD"  # a fresh worker's WorkerConfig: the fd of a memfd holding its JSON
@@ -49,7 +50,7 @@ class WorkerConfig:
     max_batch_wait_ms: float = 2.0  # how long a partial batch waits for more
     spin_us: int = 300  # after quick work, look for more this long before sleeping (0: sleep at once)
     arrays: str = "auto"
-    shm_threshold: int = 1 << 20  # result arrays this large go into the client's shared memory, if it gave some
+    shm_threshold: int = SHM_THRESHOLD  # result arrays this large go into the client's shared memory, if it gave some
     user_config: dict = field(default_factory=dict)
     limits: dict = field(default_factory=dict)
     board: str | None = None  # the file this worker marks each request's start and end in

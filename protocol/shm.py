@@ -38,7 +38,6 @@ from .codec import encode_payload
 from .errors import BadRequest
 
 NAME_IN, NAME_OUT = "isopool-shm-in", "isopool-shm-out"
-DEFAULT_THRESHOLD = 1 << 20  # arrays from this many bytes travel in shared memory
 ALIGN = 64  # each array's offset in a segment: a cache line, so numpy and torch views are aligned
 F_ADD_SEALS, F_GET_SEALS = 1033, 1034
 SEAL_SEAL, SEAL_SHRINK, SEAL_GROW, SEAL_WRITE = 1, 2, 4, 8

@@ -10,7 +10,7 @@ from typing import Any
 
 from isopool.protocol.limits import Limits
 from isopool.protocol.schemas import MAX_WORKERS
-from isopool.protocol.contract import DEFAULT_MODEL
+from isopool.protocol.contract import DEFAULT_MODEL, SHM_THRESHOLD
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 MAX_SPIN_US = 100_000  # a spin longer than a tenth of a second would be a busy loop, not a wait
@@ -54,7 +54,7 @@ class PoolConfig:
     max_elements: int = Limits.max_elements
     arrays: str = "auto"  # how handlers receive arrays: auto | numpy | torch
     shm: str = "auto"  # auto: large arrays of clients on this host travel in shared memory (protocol/shm.py) | off
-    shm_threshold: int = 1 << 20  # arrays of this many bytes or more go by shared memory
+    shm_threshold: int = SHM_THRESHOLD  # arrays of this many bytes or more go by shared memory
     max_shm_bytes: int = 4 << 30  # shared memory of requests in flight, per model; past it: Overloaded
     http: str | None = None  # HOST:PORT: serve the Open Inference Protocol there (gateway processes)
     http_workers: int = 0  # gateway processes (0: half the cores, at least 1)
