@@ -366,8 +366,11 @@ def machine() -> str:
         torch_version = torch.__version__
     except ImportError:
         torch_version = "none"
+    from isopool.protocol.shm import huge_pages
+
+    pages = "2 MiB pages" if huge_pages() else "4 KiB pages"
     return (f"{os.cpu_count()} CPUs ({platform.machine()}), {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, torch {torch_version}")
+            f"Python {platform.python_version()}, torch {torch_version}, shared memory in {pages}")
 
 
 def heading(quick: bool, sizes: "Sizes", when: str, noisy: bool = False) -> str:

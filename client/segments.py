@@ -20,11 +20,11 @@ import fcntl
 import os
 import threading
 
-from isopool.protocol.shm import F_ADD_SEALS, NAME_IN, NAME_OUT, SEAL_GROW, SEAL_SEAL, SEAL_SHRINK, Spill, map_fd
+from isopool.protocol.shm import F_ADD_SEALS, NAME_IN, NAME_OUT, SEAL_GROW, SEAL_SEAL, SEAL_SHRINK, HUGE, Spill, map_fd
 
 IDLE = 4  # idle segments of each kind kept for reuse
 IDLE_BYTES = 256 << 20  # and their bytes, all kinds together
-GRAIN = 1 << 20  # in segments are made in whole MiB, so a slightly larger request still fits one
+GRAIN = HUGE  # in segments are made in whole huge pages (2 MiB), so a slightly larger request still fits one
 
 
 class Segment:
@@ -93,15 +93,27 @@ class Pool:
             return True
 
     def give(self, seg: Segment, lent: bool = False) -> None:
-        """Keep `seg` for reuse if there is room, else close it."""
+        """Keep `seg` for reuse, closing the least recently used idle segments past the bounds
+        (so a client whose arrays grew keeps segments of the size it sends now)."""
+        gone = [seg]
         with self.lock:
             self.lent -= lent
-            idle = self.idle_in if seg.view is not None else self.idle_out
-            held = sum(s.bytes() for s in (*self.idle_in, *self.idle_out))
-            if not self.closed and seg.fd >= 0 and len(idle) < IDLE and held + seg.bytes() <= IDLE_BYTES:
+            if not self.closed and seg.fd >= 0 and seg.bytes() <= IDLE_BYTES:
+                idle = self.idle_in if seg.view is not None else self.idle_out
                 idle.append(seg)
-                return
-        seg.close()
+                gone = idle[:-IDLE]
+                del idle[:-IDLE]
+                kept = [(s.bytes(), s) for s in (*self.idle_in, *self.idle_out)]
+                held = sum(size for size, _ in kept)
+                for size, old in kept:  # oldest first within each kind, ins before outs
+                    if held <= IDLE_BYTES:
+                        break
+                    if old is not seg:
+                        (self.idle_in if old.view is not None else self.idle_out).remove(old)
+                        gone.append(old)
+                        held -= size
+        for old in gone:
+            old.close()
 
     def close(self) -> None:
         with self.lock:

@@ -84,7 +84,10 @@ def test_the_worker_maps_only_a_sealed_isopool_segment_of_the_size_named(tmp_pat
         segs.close()
 
 
-def test_an_answer_written_into_the_out_segment_is_mapped_and_its_segment_reused_when_gone():
+@pytest.mark.parametrize("huge", [False, True], ids=["pwrite", "mapped"])
+def test_an_answer_written_into_the_out_segment_is_mapped_and_its_segment_reused_when_gone(huge, monkeypatch):
+    # the host's shmem huge-page setting picks how a worker writes: both ways, whatever this host's
+    monkeypatch.setattr(shm, "huge_pages", lambda: huge)
     big = np.arange(BIG // 4, dtype=np.int32)
     pool = Pool()
     segs = Segments(Spill(BIG), pool)
@@ -115,8 +118,11 @@ def test_an_in_segment_is_reused_only_when_the_worker_says_so_and_the_pool_is_bo
     for segs in many:
         segs.answer(reuse=True)
     assert len(pool.idle_in) == IDLE
+    _, larger = spilled(np.ones(4 * BIG, dtype=np.uint8), pool=pool)  # fits none of the idle ones
+    larger.answer(reuse=True)
+    assert len(pool.idle_in) == IDLE and pool.idle_in[-1].size >= 4 * BIG  # kept; the oldest went
     pool.close()
-    del many, segs, again
+    del many, segs, again, larger
     assert segments_in(os.getpid()) == []
 
 
