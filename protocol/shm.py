@@ -11,8 +11,9 @@
        │        shared-memory cap; it never opens either memfd, and copies nothing
        ▼
     worker  opens /proc/PID/fd/N read-only and maps it copy-on-write (its writes stay its own);
-       │    writes its large result arrays into the out memfd (pwrite: nothing it does to the
-       │    file can fault the client) and names their offsets; says "reuse" in its RESULT
+       │    writes its large result arrays into the out memfd (pwrite, or a shared mapping
+       │    where pages are huge: nothing it does can fault the client, nor the client it)
+       │    and names their offsets; says "reuse" in its RESULT
        │    when nothing of the request's segment is still referenced (the model kept no view)
        ▼
     client  maps the out memfd copy-on-write: its answer's arrays are views of that mapping
