@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -189,14 +190,15 @@ for t in threads:
 """
 
 
-def settle_segments(before: dict[int, list[str]], timeout: float = 20.0) -> dict:
-    """Segments held anywhere that were not held `before`, once the calls in flight have ended
-    (bounded). `before` excludes what this process held already (a failed test's answers,
-    kept by pytest's report)."""
+def settle_segments(before: dict[int, list[str]], timeout: float = 20.0,
+                    settled: Callable[[dict], bool] = lambda left: not left) -> dict:
+    """Segments held anywhere that were not held `before`, once the calls in flight have ended:
+    when `settled(left)` (by default: none left), or after `timeout`. `before` excludes what
+    this process held already (a failed test's answers, kept by pytest's report)."""
     end = time.monotonic() + timeout
     while True:
         left = {p: new for p, s in everywhere().items() if (new := sorted(set(s) - set(before.get(p, ()))))}
-        if not left or time.monotonic() > end:
+        if settled(left) or time.monotonic() > end:
             return left
         time.sleep(0.05)  # polling /proc: the kernel tells no one when a mapping goes
 
@@ -229,8 +231,10 @@ def test_no_segment_outlives_a_sigkilled_client_worker_or_supervisor(start_pool)
                     pass
             peak = max(peak, sum(len(s) for s in everywhere().values()))
             del futures, f
-            left = settle_segments(before)  # this client's idle segments, kept for its next calls, and no more
-            assert set(left) <= {os.getpid()} and len(left.get(os.getpid(), [])) <= 3 * IDLE, left
+            # this client's idle segments, kept for its next calls, and no more
+            within = lambda left: set(left) <= {os.getpid()} and len(left.get(os.getpid(), [])) <= 3 * IDLE
+            left = settle_segments(before, settled=within)
+            assert within(left), left
             pool.all_ready()
     assert settle_segments(before) == {}  # and the client closed: none at all
     for round_ in range(2):  # the supervisor SIGKILLed with calls in flight
