@@ -28,8 +28,8 @@ open the client's fds), keep the frame path.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
+import errno
 import fcntl
 import functools
 import mmap
@@ -133,8 +133,13 @@ def copy_parts(fd: int, spill: Spill) -> None:
         os.ftruncate(fd, size)
     with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as region:
         region.madvise(MADV_HUGEPAGE)
-        with contextlib.suppress(OSError):  # before 5.14: the copy's faults map the pages
+        try:  # every page allocated here, or an error: the copy below then cannot fault for memory
             region.madvise(MADV_POPULATE_WRITE)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: before Linux 5.14, so fall back to the writes
+                raise
+            write_parts(fd, spill.parts)
+            return
         for offset, data in spill.parts:
             data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
             region[offset:offset + len(data)] = data
