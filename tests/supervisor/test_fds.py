@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 
 from isopool.errors import WorkerCrashed
 from isopool.supervisor.connections import reserve_for
@@ -29,7 +30,12 @@ def test_eleven_hundred_idle_connections_at_1024_descriptors_and_a_worker_restar
             assert crowd.stdout.readline() == b"up\n"
             shed = pool.wait_event("connections_shed", timeout=60)
             assert shed["fd_limit"] == FD_LIMIT and shed["fd_reserve"] == reserve_for(FD_LIMIT)
-            status = pool.status()["pool"]
+            # "up" means every socket is connecting, not connected: wait (bounded) until each has
+            # arrived, kept or shed, before counting (status is the only place that says so)
+            deadline = time.monotonic() + 30
+            while (status := pool.status()["pool"])["connections"] + status["connections_shed"] < IDLE:
+                assert time.monotonic() < deadline, f"the crowd did not all arrive: {status}"
+                time.sleep(0.1)
             assert not status["healthy"] and "shedding connections" in status["health_reason"]
             # all but the reserve (and what the pool itself holds) stay connected; the count may run
             # a little ahead of the kernel's (a shed connection is counted until libzmq says it closed)
