@@ -62,6 +62,9 @@ class Embedder:
         flat = [t for g in groups for t in g]
         if not flat:
             return [np.zeros((0, DIM), dtype=np.float32) for _ in groups]
-        vectors = self.model.encode(flat, batch_size=64, convert_to_numpy=True).astype(np.float32, copy=False)
+        # no progress bar: sentence-transformers draws one per call when logging is at INFO, as a
+        # worker's is, and each would be a line on stderr for the supervisor to carry to its log
+        vectors = self.model.encode(flat, batch_size=64, convert_to_numpy=True,
+                                    show_progress_bar=False).astype(np.float32, copy=False)
         bounds = np.cumsum([0, *map(len, groups)])
         return [vectors[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

@@ -27,5 +27,5 @@ class ParagraphEmbedder:
         if not isinstance(document, str):
             raise TypeError("send the document as one string")
         for i, paragraph in enumerate(paragraphs(document)):
-            vector = self.model.encode([paragraph], convert_to_numpy=True)[0]
+            vector = self.model.encode([paragraph], convert_to_numpy=True, show_progress_bar=False)[0]
             yield {"paragraph": i, "chars": len(paragraph), "embedding": vector}

@@ -33,6 +33,10 @@ def test_pool_embeddings_equal_in_process(start_pool):
     assert batch.shape == (len(SENTENCES), 384) and batch.dtype == np.float32
     assert cosine_rows(batch, expected).min() >= 0.9999
     assert cosine_rows(single, expected).min() >= 0.9999
+    # serving writes nothing: each line a worker writes is a log record the supervisor must carry
+    # (sentence-transformers drew a progress bar per batch when the worker logged at INFO)
+    forwarded = [line for line in pool.output().splitlines() if "isopool.worker: worker " in line]
+    assert forwarded == [], forwarded[:3]
 
 
 def test_streamed_paragraph_embeddings(start_pool):
