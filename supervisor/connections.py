@@ -164,12 +164,15 @@ class Connections:
                 "fd_reserve": self.reserve, "connections_degraded": self.degraded(now)}
 
     def close(self) -> None:
-        """Stop the guard (it closes its monitor socket); before the frontend closes."""
-        self.stopping.set()
-        os.eventfd_write(self.stop_fd, 1)
-        self.thread.join(timeout=5 * POLL_MS / 1000)
-        os.close(self.stop_fd)
+        """Stop the frontend's monitor, then the guard (it closes its end); before the frontend
+        closes. In that order: libzmq's I/O thread sends each event while holding the lock that
+        disable_monitor() takes, and an event sent once the guard's end is closed blocks it for
+        good (a client that disconnected at the moment the pool stopped hung the daemon)."""
         try:
             self.frontend.disable_monitor()
         except zmq.ZMQError:
             pass
+        self.stopping.set()
+        os.eventfd_write(self.stop_fd, 1)
+        self.thread.join(timeout=5 * POLL_MS / 1000)
+        os.close(self.stop_fd)

@@ -9,6 +9,7 @@ already connected are served throughout, and once the crowd leaves a new client 
 from __future__ import annotations
 
 import socket
+import signal
 import subprocess
 import sys
 import time
@@ -83,3 +84,32 @@ def test_a_connection_that_never_handshakes_is_dropped(start_pool):
         for s in silent:
             s.close()
     assert pool.status()["pool"]["healthy"]
+
+
+CHURN = """
+import sys, zmq
+ctx = zmq.Context()
+print("up", flush=True)
+for _ in range(20000):  # bounded: the test stops the pool within a second or two of "up"
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(sys.argv[1])
+    s.close()
+"""
+
+
+def test_a_pool_stops_while_clients_connect_and_disconnect(start_pool):
+    """Each connection and disconnection is a monitor event (connections.py); the pool stops
+    between two of them, and must still exit (it once hung in libzmq's monitor lock)."""
+    for round_ in range(6):  # the hang came in about one round in ten
+        pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:make_echo")
+        churn = subprocess.Popen([sys.executable, "-c", CHURN, pool.endpoint], stdout=subprocess.PIPE)
+        try:
+            assert churn.stdout.readline() == b"up\n"
+            with pool.client() as c:  # the churn is on: connections come and go as the pool stops
+                assert c.infer(round_) == round_
+            pool.proc.send_signal(signal.SIGTERM)
+            assert pool.proc.wait(20) == 0, f"round {round_}: the pool did not exit"
+        finally:
+            churn.kill()
+            churn.wait(10)
