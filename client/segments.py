@@ -20,7 +20,7 @@ import fcntl
 import os
 import threading
 
-from isopool.protocol.shm import F_ADD_SEALS, NAME_IN, NAME_OUT, SEAL_GROW, SEAL_SEAL, SEAL_SHRINK, HUGE, Spill, map_fd
+from isopool.protocol.shm import F_ADD_SEALS, NAME_IN, NAME_OUT, HUGE, SEAL_GROW, SEAL_SEAL, SEAL_SHRINK, Spill, map_fd
 
 IDLE = 4  # idle segments of each kind kept for reuse
 IDLE_BYTES = 256 << 20  # and their bytes, all kinds together
@@ -95,25 +95,34 @@ class Pool:
     def give(self, seg: Segment, lent: bool = False) -> None:
         """Keep `seg` for reuse, closing the least recently used idle segments past the bounds
         (so a client whose arrays grew keeps segments of the size it sends now)."""
-        gone = [seg]
+        gone: list[Segment] = []
         with self.lock:
             self.lent -= lent
-            if not self.closed and seg.fd >= 0 and seg.bytes() <= IDLE_BYTES:
+            if self.closed or seg.fd < 0 or seg.bytes() > IDLE_BYTES:
+                gone.append(seg)
+            else:
                 idle = self.idle_in if seg.view is not None else self.idle_out
                 idle.append(seg)
-                gone = idle[:-IDLE]
+                gone += idle[:-IDLE]  # the oldest of its kind past IDLE
                 del idle[:-IDLE]
-                kept = [(s.bytes(), s) for s in (*self.idle_in, *self.idle_out)]
-                held = sum(size for size, _ in kept)
-                for size, old in kept:  # oldest first within each kind, ins before outs
-                    if held <= IDLE_BYTES:
-                        break
-                    if old is not seg:
-                        (self.idle_in if old.view is not None else self.idle_out).remove(old)
-                        gone.append(old)
-                        held -= size
+                gone += self._past_bytes(keep=seg)
         for old in gone:
             old.close()
+
+    def _past_bytes(self, keep: Segment) -> list[Segment]:
+        """The oldest idle segments (ins, then outs) past IDLE_BYTES, taken out of the pool;
+        never `keep`. Under the lock."""
+        sized = [(s.bytes(), s) for s in (*self.idle_in, *self.idle_out)]
+        held = sum(size for size, _ in sized)
+        out = []
+        for size, old in sized:
+            if held <= IDLE_BYTES:
+                break
+            if old is not keep:
+                (self.idle_in if old.view is not None else self.idle_out).remove(old)
+                out.append(old)
+                held -= size
+        return out
 
     def close(self) -> None:
         with self.lock:
