@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from isopool.protocol import IsopoolError, NotAllowed, Unavailable
-from isopool.protocol.endpoints import ENV_ENDPOINT, default_endpoint, runtime_dir
+from isopool.protocol.endpoints import ENV_ENDPOINT, closed_path, default_endpoint, ipc_path, runtime_dir
 
 if TYPE_CHECKING:
     from .core import Session
@@ -139,6 +139,12 @@ def on_monitor_event(session: "Session", event: dict, endpoint: str) -> None:
 
 def not_running(endpoint: str) -> Unavailable:
     """The error of a call that found no supervisor at its endpoint, with the likely causes."""
+    path = ipc_path(endpoint)
+    if path is not None and closed_path(path).exists():
+        return Unavailable(f"the isopool supervisor at {endpoint} takes no new connections: its open-files limit "
+                           "is nearly reached (see `isopool status`: health_reason). It takes them again once "
+                           "connections close; raise its limit (LimitNOFILE=, ulimit -n) or use fewer connections",
+                           endpoint=endpoint)
     if endpoint == default_endpoint() and not os.environ.get(ENV_ENDPOINT):
         where = (f"Either it is not running (start it with `isopool serve`), or it runs with another runtime "
                  f"directory: this client looked in {runtime_dir()} (XDG_RUNTIME_DIR="

@@ -44,5 +44,12 @@ def ipc_path(endpoint: str) -> Path | None:
     return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
 
 
+def closed_path(path: Path) -> Path:
+    """Where a supervisor keeps the socket at `path` while its descriptors run low and it takes no
+    new connections (supervisor/connections.py): the same socket, renamed, so a connect() finds no
+    file and retries, and a client can tell a full daemon from a missing one."""
+    return path.with_name(f".{path.name}.full")
+
+
 def is_tcp(endpoint: str) -> bool:
     return endpoint.startswith("tcp://")

@@ -18,6 +18,8 @@ import zmq
 
 from isopool.protocol.endpoints import ipc_path
 
+from .connections import LISTEN_BACKLOG
+
 log = logging.getLogger("isopool.events")
 
 
@@ -32,6 +34,7 @@ class EventLog:
             self.pub.setsockopt(zmq.LINGER, 0)
             self.pub.setsockopt(zmq.SNDHWM, 10_000)
             self.pub.setsockopt(zmq.XPUB_VERBOSER, 1)  # every subscribe and unsubscribe reaches us
+            self.pub.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
             self.pub.bind(endpoint)
             path = ipc_path(endpoint)
             if path is not None:

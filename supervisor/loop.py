@@ -273,10 +273,10 @@ class Supervisor:
                 name = signal.Signals(self.pending_signals.pop(0)).name
                 for served in models:
                     served.core.handle(act.SignalReceived(name), now)
-            fields = io.connections.event()
-            if fields is not None:
-                log.warning("shed client connections to keep descriptors for restarts: %s", fields)
-                io.events.emit("connections_shed", fields)
+            for kind, fields in io.connections.events():
+                if kind == "connections_shed":
+                    log.warning("shed client connections to keep descriptors for restarts: %s", fields)
+                io.events.emit(kind, fields)
         if io.events.pub is not None and io.events.pub in ready:
             io.events.read_subscriptions()
         if io.zap.sock in ready:  # someone connects: a client with CURVE, or a worker

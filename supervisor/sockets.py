@@ -20,13 +20,13 @@ import tempfile
 
 import zmq
 
-from isopool.protocol.endpoints import default_endpoint, ensure_private_dir, ipc_path, is_tcp, runtime_dir
+from isopool.protocol.endpoints import closed_path, default_endpoint, ensure_private_dir, ipc_path, is_tcp, runtime_dir
 from isopool.protocol.iothread import io_context
 from isopool.protocol.transport import bounds
 
 from .auth import AuthError, CurveAuth, Zap
 from .config import PoolConfig
-from .connections import Connections
+from .connections import LISTEN_BACKLOG, Connections, Listener, reserve_for
 from .events import EventLog
 from . import sandbox
 from .metrics import serve_metrics
@@ -85,7 +85,8 @@ class Sockets:
         self.backend_endpoint = f"ipc://{self.private_dir}/backend.sock"
         self.backend = self.ctx.socket(zmq.ROUTER)
         largest = bounds(config.limits)[0]  # one frame over it: ZeroMQ drops the connection
-        for opt, val in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 0), (zmq.MAXMSGSIZE, largest)):
+        for opt, val in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 0), (zmq.MAXMSGSIZE, largest),
+                         (zmq.BACKLOG, LISTEN_BACKLOG)):
             self.backend.setsockopt(opt, val)
         self.zap.guard_backend(self.backend)
         self.backend.bind(self.backend_endpoint)
@@ -108,8 +109,22 @@ class Sockets:
         for s in (self.wake_r, self.wake_w):
             s.setblocking(False)
         signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
-        self.connections = Connections(self.ctx, self.frontend, self.fd_limit, _local_address(self.endpoint),
-                                       wake=self.wake)
+        self.connections = Connections(self.ctx, self._listeners(), self.fd_limit, wake=self.wake)
+
+    def _listeners(self) -> list[Listener]:
+        """What the connection guard watches: the frontend first, then the event socket (both
+        clients': shed, and their doors close at 2 × reserve), then the backend (workers':
+        never shed, its door closes only at reserve / 2, so restarts keep connecting while a
+        crowd of clients waits)."""
+        r = reserve_for(self.fd_limit)
+        path = ipc_path(self.endpoint)
+        out = [Listener("frontend", self.frontend, _local_address(self.endpoint), path, True, 2 * r, 2 * r + r // 2)]
+        if self.events.pub is not None:
+            events = ipc_path(self.events.endpoint)
+            out.append(Listener("event socket", self.events.pub, str(events), events, True, 2 * r, 2 * r + r // 2))
+        backend = ipc_path(self.backend_endpoint)
+        out.append(Listener("backend", self.backend, str(backend), backend, False, r // 2, r))
+        return out
 
     def _private_parent(self) -> str:
         path = ipc_path(self.endpoint)
@@ -134,9 +149,13 @@ class Sockets:
         if path is not None:
             if cfg.endpoint is None:
                 ensure_private_dir(path.parent)
-            if _ipc_in_use(path):
+            aside = closed_path(path)  # where a supervisor short of descriptors keeps it (connections.py)
+            if _ipc_in_use(path) or _ipc_in_use(aside):
                 raise StartupError(f"another process is already serving {self.endpoint}; stop it first "
                                    "or choose another --endpoint")
+            for stale in (aside, closed_path(path.with_name(path.name + ".events"))):  # a killed supervisor's
+                if stale.is_socket():
+                    stale.unlink()
             if (path.exists() or path.is_symlink()) and not stat.S_ISSOCK(os.lstat(path).st_mode):
                 # binding would unlink it: a stale socket may be replaced, nothing else
                 raise StartupError(f"{path} exists and is not a socket; refusing to replace it. Choose another "
@@ -145,7 +164,8 @@ class Sockets:
         # a full pipe to a client (it does not read) and a departed client both fail a send
         # at once, instead of queueing without bound or dropping in silence (replies.py)
         for opt, val in ((zmq.SNDHWM, SNDHWM), (zmq.ROUTER_MANDATORY, 1), (zmq.RCVHWM, 0), (zmq.LINGER, 0),
-                         (zmq.MAXMSGSIZE, bounds(cfg.limits)[0]), (zmq.HANDSHAKE_IVL, HANDSHAKE_S * 1000)):
+                         (zmq.MAXMSGSIZE, bounds(cfg.limits)[0]), (zmq.HANDSHAKE_IVL, HANDSHAKE_S * 1000),
+                         (zmq.BACKLOG, LISTEN_BACKLOG)):
             sock.setsockopt(opt, val)
         if self.auth is not None:
             self.auth.secure(sock)

@@ -62,6 +62,7 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
         "replies_dropped": facts.get("replies_dropped", 0),  # for those clients, over the bound
         "connections": facts.get("connections", 0),  # client connections open on the frontend
         "connections_shed": facts.get("connections_shed", 0),  # shut down to keep descriptors for restarts
+        "connections_refused_at": facts.get("connections_refused_at", []),  # listeners taking none now (connections.py)
         "fd_limit": facts.get("fd_limit"),
         "max_queue": cfg.max_queue,
         "restarts_in_window": len(core.restarts.recent),

@@ -56,10 +56,17 @@ def no_leaked_processes():
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}
     yield
-    leftover = [p for p in me.children(recursive=True) if p.pid not in before]
+    leftover = [p for p in me.children(recursive=True) if p.pid not in before and not _under(p, before)]
     gone, alive = psutil.wait_procs(leftover, timeout=10)
     for p in alive:
         p.kill()
     assert not alive, f"processes left behind: {[(p.pid, p.name()) for p in alive]}"
 
 
+def _under(proc: psutil.Process, pids: set[int]) -> bool:
+    """Whether `proc` descends from one of `pids`: a module-scoped pool's, started before the test
+    (its template forks a new spare whenever it likes)."""
+    try:
+        return any(p.pid in pids for p in proc.parents())
+    except psutil.NoSuchProcess:
+        return False
