@@ -75,7 +75,7 @@ def free_descriptors(fd_limit: int) -> int:
 class Listener:
     """One of our listening sockets, as the guard sees it."""
 
-    name: str  # "frontend", "events", "backend"
+    name: str  # "frontend", "event socket", "backend": as logs and events name it
     sock: zmq.Socket
     address: str | int  # what getsockname() says on a connection it accepted: its path, or its port
     path: Path | None  # its ipc path (the door), None for tcp
@@ -109,14 +109,13 @@ class Connections:
         self.shed = 0
         self.shed_at: float | None = None
         self.closed_at: float | None = None  # when a door last closed
-        self.doors_closed = 0  # how many times a door closed
         self.said_at = -EVENT_EVERY_S  # when the last connections_shed event was asked for
         self.due: deque[tuple[str, dict]] = deque(maxlen=MAX_DUE)  # events for the loop to emit
         self.monitors: list[tuple[zmq.Socket, Listener]] = []
         for lst in listeners:
             if not lst.shed:
                 continue
-            addr = f"inproc://isopool-{lst.name}-monitor-{id(self)}"
+            addr = f"inproc://isopool-{lst.name.replace(' ', '-')}-monitor-{id(self)}"
             lst.sock.monitor(addr, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
             mon = ctx.socket(zmq.PAIR)
             mon.setsockopt(zmq.RCVHWM, 0)  # an event lost would leave a count wrong
@@ -209,7 +208,7 @@ class Connections:
         for lst in self.listeners:
             if lst.door(free):
                 if lst.closed:
-                    self.closed_at, self.doors_closed = now, self.doors_closed + 1
+                    self.closed_at = now
                     log.warning("%d of %d descriptors free: the %s takes no new connections until %d are "
                                 "(its socket is at %s meanwhile)", free, self.fd_limit, lst.name, lst.open_at,
                                 closed_path(lst.path))
