@@ -100,6 +100,8 @@ class Worker:
         self.waiting = 0  # requests already here behind the current one (capacity: more on the socket)
         # how long the previous request (or batch) ran decides how we wait and pace (protocol/pacing.py)
         self.pacing = Pacing(self.io_threads, config.spin_us)
+        self.maps = shm.Mappings()  # of clients' shared memory: requests', and out segments for answers
+        self.next_sweep = 0.0
         import torch
 
         self.inference_mode = torch.inference_mode
@@ -177,9 +179,19 @@ class Worker:
             if not self.sent:  # a quiet interval: tell the supervisor we are alive
                 self.pacing.idle()
                 self.send([pack_header(ops.HEARTBEAT, None)])
-            if self.config.integrity_interval and time.monotonic() >= self.next_check:
-                self.check_weights("scheduled")
-                self.next_check = time.monotonic() + self.config.integrity_interval
+            self.chores()
+
+    def chores(self) -> None:
+        """What the clock says is due, busy or not: the scheduled weight check, and letting go of
+        the out segments that clients no longer hold; unmapping what answered requests mapped."""
+        self.maps.tidy()
+        now = time.monotonic()
+        if self.config.integrity_interval and now >= self.next_check:
+            self.check_weights("scheduled")
+            self.next_check = time.monotonic() + self.config.integrity_interval
+        if self.maps.kept and now >= self.next_sweep:
+            self.maps.sweep()
+            self.next_sweep = now + self.config.heartbeat_interval
 
     def wait(self, timeout_ms: int, worked: bool) -> bool:
         """True once a message is here, False after timeout_ms. Just after quick work the next
@@ -211,7 +223,7 @@ class Worker:
                 setting="timeout"), attempt=attempt))
             return None
         try:
-            place = shm.Place(header) if "shm" in header else None
+            place = shm.Place(header, self.maps) if "shm" in header else None
             inputs = decode_payload(body, arrays=self.config.arrays, limits=self.limits,
                                     segment=place.take() if place is not None else None)
             return rid, attempt, inputs, header.get("seq", 0), place
@@ -262,7 +274,8 @@ class Worker:
             self.check_weights("after request", rid)
 
     def encode(self, output: Any, place: shm.Place | None) -> list:
-        return shm.encode_answer(output, place.out if place is not None else None, self.config.shm_threshold)
+        return shm.encode_answer(output, place.out if place is not None else None, self.config.shm_threshold,
+                                 self.maps)
 
     @staticmethod
     def result_header(rid: Any, attempt: int, place: shm.Place | None) -> bytes:

@@ -92,7 +92,9 @@ def test_load_spreads_over_every_host_and_survives_a_daemon_killed_mid_load(host
         load.check()
         spread = client.status()["spread"]
     served = Counter(before.get(pid, 0) for pid in load.answered.values())
-    assert set(served) == {1, 2, 3} and all(n >= 200 for n in served.values()), served  # all three took load
+    # all three took load: spread by outstanding count, a host slowed by a busy machine takes
+    # less (CI once saw 164 of the first 1,000 on host 1), but never none
+    assert set(served) == {1, 2, 3} and all(n >= 50 for n in served.values()), served
     assert h.endpoint(1) in spread["avoided"]
     print(f"hosts: 3 ({'namespaces' if h.fallback is None else h.fallback}); requests {load.total}, "
           f"by host {dict(served)}; killed 1; failovers {spread['failovers']}; lost 0, crossed 0")

@@ -84,10 +84,7 @@ def test_the_worker_maps_only_a_sealed_isopool_segment_of_the_size_named(tmp_pat
         segs.close()
 
 
-@pytest.mark.parametrize("huge", [False, True], ids=["pwrite", "mapped"])
-def test_an_answer_written_into_the_out_segment_is_mapped_and_its_segment_reused_when_gone(huge, monkeypatch):
-    # the host's shmem huge-page setting picks how a worker writes: both ways, whatever this host's
-    monkeypatch.setattr(shm, "huge_pages", lambda: huge)
+def test_an_answer_written_into_the_out_segment_is_mapped_and_its_segment_reused_when_gone():
     big = np.arange(BIG // 4, dtype=np.int32)
     pool = Pool()
     segs = Segments(Spill(BIG), pool)
@@ -95,12 +92,43 @@ def test_an_answer_written_into_the_out_segment_is_mapped_and_its_segment_reused
     out_fd = segs.seg_out.fd
     spill = Spill(BIG)
     frames = encode_payload({"y": big}, spill)
-    shm.write_answer(os.getpid(), out_fd, spill)
+    maps = shm.Mappings()
+    maps.write(os.getpid(), out_fd, spill)
     out = decode_payload(frames, segment=segs.answer(reuse=False))
     assert np.array_equal(out["y"], big) and pool.idle_out == []
     del out  # the answer's arrays gone: its segment comes back, and the next call writes into it
     assert [s.fd for s in pool.idle_out] == [out_fd]
-    assert Segments(Spill(BIG), pool).seg_out.fd == out_fd
+    segs = Segments(Spill(BIG), pool)
+    assert segs.seg_out.fd == out_fd
+    frames = encode_payload({"y": big[::-1].copy()}, spill := Spill(BIG))
+    maps.write(os.getpid(), out_fd, spill)  # through the mapping the first answer made
+    assert len(maps.kept) == 1
+    assert np.array_equal(decode_payload(frames, segment=segs.answer(reuse=False))["y"], big[::-1])
+
+
+def test_a_worker_keeps_out_segments_mapped_only_while_their_client_holds_them_and_within_its_bounds(monkeypatch):
+    pool, maps, spill = Pool(), shm.Mappings(), Spill(BIG)
+    encode_payload(np.ones(BIG, dtype=np.uint8), spill)
+    segs = [Segments(Spill(BIG), pool) for _ in range(shm.Mappings.KEEP + 2)]
+    key = lambda s: (os.getpid(), s.seg_out.fd)
+    mapped = lambda: sum(1 for line in shm.segments_in(os.getpid()) if line.startswith("map:"))
+    try:
+        for s in segs:
+            maps.write(os.getpid(), s.seg_out.fd, spill)
+        assert list(maps.kept) == [key(s) for s in segs[2:]]  # the least recently used went first
+        assert mapped() == shm.Mappings.KEEP
+        gone = segs.pop(2)
+        gone.close()  # the client lets one go: its mapping goes at the next sweep
+        maps.sweep()
+        assert list(maps.kept) == [key(s) for s in segs[2:]] and mapped() == shm.Mappings.KEEP - 1
+        monkeypatch.setattr(shm.Mappings, "KEEP_BYTES", shm.HUGE)  # room for one: the last one written
+        maps.write(os.getpid(), segs[0].seg_out.fd, spill)
+        assert list(maps.kept) == [key(segs[0])] and mapped() == 1
+    finally:
+        for s in segs:
+            s.close()
+    maps.sweep()  # its client closed every segment: none is kept
+    assert maps.kept == {} and mapped() == 0
 
 
 def test_an_in_segment_is_reused_only_when_the_worker_says_so_and_the_pool_is_bounded():
@@ -129,14 +157,17 @@ def test_an_in_segment_is_reused_only_when_the_worker_says_so_and_the_pool_is_bo
 def test_a_worker_says_reuse_only_when_no_view_of_the_request_is_left():
     frames, segs = spilled({"a": np.ones(BIG, dtype=np.uint8)})
     header = {"shm": segs.header()}
-    place = Place(header)
+    maps = shm.Mappings()
+    place = Place(header, maps)
     inputs = decode_payload(frames, segment=place.take())
     assert not place.released()
     kept = inputs["a"][:10]
     del inputs
     assert not place.released()  # a model that kept a slice of its input: the client must not reuse it
     del kept
-    assert place.released()
+    assert place.released() and len(maps.later) == 1  # unmapped once the answer has left
+    maps.tidy()
+    assert maps.later == [] and not [s for s in segments_in(os.getpid()) if " rw-p " in s]  # the worker's, private
     segs.close()
 
 
