@@ -1,7 +1,8 @@
 """File descriptors at their limit: the supervisor sheds connections, never its own life.
 
 The pool runs with RLIMIT_NOFILE 1,024 soft and hard (the common default, which it cannot
-raise), 1,100 idle ZeroMQ clients connect, and a worker is made to crash: the connections
+raise), 3,000 idle ZeroMQ clients connect (before the doors, libzmq's ipc listener aborted
+the daemon on accept's EMFILE under that crowd on every run), and a worker is made to crash: the connections
 past the reserve are shed (connections.py), the restart finds its descriptors, the clients
 already connected are served throughout, and once the crowd leaves a new client connects.
 """
@@ -18,10 +19,10 @@ from isopool.errors import WorkerCrashed
 from isopool.supervisor.connections import reserve_for
 
 FD_LIMIT = 1024
-IDLE = 1100
+IDLE = 3000
 
 
-def test_eleven_hundred_idle_connections_at_1024_descriptors_and_a_worker_restart(start_pool):
+def test_three_thousand_idle_connections_at_1024_descriptors_and_a_worker_restart(start_pool):
     pool = start_pool("--workers", "2", "--model", "isopool.examples.faulty:Faulty", fd_limit=FD_LIMIT)
     with pool.client(timeout=60) as early:  # connected before the crowd: must be served throughout
         assert early.infer({"do": "ok"})["echo"] == {"do": "ok"}
