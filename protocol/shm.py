@@ -289,9 +289,6 @@ class Mappings:
             if not held:
                 del self.kept[(pid, fd)]
 
-    def clear(self) -> None:
-        self.kept.clear()
-
 
 def segments_in(pid: int) -> list[str]:
     """Every isopool segment process `pid` holds, open or mapped (for tests and leak checks)."""
