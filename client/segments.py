@@ -30,10 +30,13 @@ GRAIN = HUGE  # in segments are made in whole huge pages (2 MiB), so a slightly 
 class Segment:
     """One memfd. An in segment has our own shared mapping of it (`view`), to copy arrays in."""
 
-    __slots__ = ("fd", "size", "view")
+    __slots__ = ("fd", "ino", "size", "view")
 
     def __init__(self, name: str, size: int = 0):
         self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        # which segment this is: a call names it by fd and inode, so a worker that comes late to
+        # a cancelled call finds the fd reused by another segment and touches nothing of it
+        self.ino = os.fstat(self.fd).st_ino
         self.size, self.view = size, None
         try:
             if size:  # an in segment: its size for good, so a worker's mapping of it can never fault
@@ -150,7 +153,10 @@ class Segments:
             raise
 
     def header(self) -> list:
-        return [os.getpid(), self.seg_in.fd if self.seg_in is not None else -1, self.used, self.seg_out.fd]
+        seg_in, seg_out = self.seg_in, self.seg_out
+        if seg_in is None:
+            return [os.getpid(), -1, 0, seg_out.fd, 0, seg_out.ino]
+        return [os.getpid(), seg_in.fd, self.used, seg_out.fd, seg_in.ino, seg_out.ino]
 
     def answer(self, reuse: bool) -> memoryview | None:
         """The out segment as the worker left it, mapped copy-on-write (None if it is empty). The

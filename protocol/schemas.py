@@ -63,9 +63,10 @@ def _worker_rid(v: Any) -> bool:
 
 
 def _shm(v: Any) -> bool:
-    """[client pid, in fd (-1: none), in bytes, out fd] (protocol/shm.py)."""
-    return (type(v) is list and len(v) == 4 and all(type(x) is int for x in v) and 0 < v[0] < 2**31
-            and -1 <= v[1] < 2**31 and 0 <= v[2] < 2**62 and 0 <= v[3] < 2**31 and (v[1] >= 0 or v[2] == 0))
+    """[client pid, in fd (-1: none), in bytes, out fd, in inode (0: none), out inode] (protocol/shm.py)."""
+    return (type(v) is list and len(v) == 6 and all(type(x) is int for x in v) and 0 < v[0] < 2**31
+            and -1 <= v[1] < 2**31 and 0 <= v[2] < 2**62 and 0 <= v[3] < 2**31 and 0 <= v[4] < 2**64
+            and 0 < v[5] < 2**64 and (v[1] >= 0 or v[2] == v[4] == 0))
 
 
 def _opt_str(v: Any) -> bool:
@@ -83,7 +84,7 @@ CLIENT: dict[str, dict[str, tuple]] = {
     ops.INFER: {"id": (True, *ID), "timeout": (False, *SECONDS), "retry": (False, *BOOL), "stream": (False, *BOOL),
                 "bundles": (False, *BOOL), "tenant": (False, _tenant, "a str of at most 256 characters"),
                 "model": (False, *MODEL),
-                "shm": (False, _shm, "[pid, in fd or -1, in bytes, out fd]: the client's shared memory")},
+                "shm": (False, _shm, "[pid, in fd or -1, in bytes, out fd, in inode or 0, out inode]: the client's shared memory")},
     ops.CANCEL: {"id": (True, *ID), "model": (False, *MODEL)},
     ops.STATUS: {"id": (True, *ID)},
     ops.HELLO: {"id": (True, *ID)},

@@ -3,17 +3,19 @@
     client  memfd "isopool-shm-in": the request's large arrays, copied into its own mapping;
        │    sealed against shrinking, so the worker can map it without fear of SIGBUS
        │    memfd "isopool-shm-out": where the worker writes the large arrays of the answer
-       │    header shm = [client pid, in fd, in bytes, out fd]; an array's descriptor names an
-       │    offset in the segment ([offset]) instead of a buffer frame
+       │    header shm = [client pid, in fd, in bytes, out fd, in inode, out inode] (the inodes
+       │    say which segment: a late worker finds a reused fd is another); an array's
+       │    descriptor names an offset in the segment ([offset]) instead of a buffer frame
        ▼
     supervisor  checks the pid is the connection's own (the kernel's SO_PEERCRED, through
        │        ZAP), the offsets against `in bytes` and the total against its limits and its
        │        shared-memory cap; it never opens either memfd, and copies nothing
        ▼
-    worker  opens /proc/PID/fd/N read-only and maps it copy-on-write (its writes stay its own);
-       │    writes its large result arrays into the out memfd through a shared mapping it keeps
-       │    for the client's next answers (Mappings: bounded, swept each heartbeat interval;
-       │    only of a segment sealed against shrinking, so the client cannot fault it)
+    worker  opens /proc/PID/fd/N read-only, checks its inode, maps it copy-on-write (its writes
+       │    stay its own); writes its large result arrays into the out memfd through a shared
+       │    mapping it keeps for the client's next answers (Mappings: bounded, swept between
+       │    requests each heartbeat interval; only of a segment sealed against shrinking, so
+       │    the client cannot fault it)
        │    and names their offsets; says "reuse" in its RESULT
        │    when nothing of the request's segment is still referenced (the model kept no view)
        ▼
@@ -133,8 +135,10 @@ def write_parts(fd: int, parts: Iterable[tuple[int, memoryview]]) -> None:
 
 # ---------------------------------------------------------------- the worker's side
 
-def _open(pid: int, fd: int, name: str, flags: int) -> int:
-    """The client's memfd `fd`, opened through /proc, checked to be one of ours."""
+def _open(pid: int, fd: int, ino: int, name: str, flags: int) -> int:
+    """The client's memfd `fd`, opened through /proc, checked to be one of ours and the very
+    segment the request named (inode `ino`): a call cancelled while its worker ran has had its
+    segments closed, and the fd may by now be another call's."""
     try:
         mine = os.open(f"/proc/{pid}/fd/{fd}", flags | os.O_CLOEXEC)
     except OSError as exc:
@@ -146,15 +150,18 @@ def _open(pid: int, fd: int, name: str, flags: int) -> int:
         if not target.startswith(f"/memfd:{name} "):
             raise BadRequest(f"process {pid}'s fd {fd} is not an isopool shared-memory segment ({name}); "
                              "shared memory names only the segments the client made for the call")
+        if os.fstat(mine).st_ino != ino:
+            raise BadRequest(f"process {pid}'s fd {fd} is no longer the segment the request named (inode "
+                             f"{ino}): the client let it go (a cancelled call?), so its answer has nowhere to go")
     except BaseException:
         os.close(mine)
         raise
     return mine
 
 
-def map_request(pid: int, fd: int, size: int, later: list | None = None) -> memoryview:
+def map_request(pid: int, fd: int, size: int, ino: int, later: list | None = None) -> memoryview:
     """The request's segment, mapped copy-on-write: read in place, never written back."""
-    mine = _open(pid, fd, NAME_IN, os.O_RDONLY)
+    mine = _open(pid, fd, ino, NAME_IN, os.O_RDONLY)
     try:
         if not fcntl.fcntl(mine, F_GET_SEALS) & SEAL_SHRINK:
             raise BadRequest("the request's shared memory is not sealed against shrinking; a client must seal "
@@ -176,9 +183,10 @@ class Place:
     def __init__(self, header: dict, maps: "Mappings"):
         spec = header.get("shm")
         self.view = self._region = None
-        self.out = (spec[0], spec[3]) if spec and not header.get("stream") else None  # streams: frames
+        # [pid, in fd, in bytes, out fd, in inode, out inode]; a stream's parts go as frames
+        self.out = (spec[0], spec[3], spec[5]) if spec and not header.get("stream") else None
         if spec and spec[1] >= 0 and spec[2]:
-            self.view = map_request(spec[0], spec[1], spec[2], later=maps.later)
+            self.view = map_request(spec[0], spec[1], spec[2], spec[4], later=maps.later)
             self._region = weakref.ref(self.view.obj)
 
     def take(self) -> memoryview | None:
@@ -191,7 +199,7 @@ class Place:
         return self._region is not None and self._region() is None
 
 
-def encode_answer(value: object, out: tuple[int, int] | None, threshold: int, maps: "Mappings") -> list:
+def encode_answer(value: object, out: tuple[int, int, int] | None, threshold: int, maps: "Mappings") -> list:
     """[payload, *buffers] of a result; its arrays of `threshold` bytes or more written into the
     client's out segment first when it gave one."""
     if out is None:
@@ -199,7 +207,7 @@ def encode_answer(value: object, out: tuple[int, int] | None, threshold: int, ma
     spill = Spill(threshold)
     frames = encode_payload(value, spill)
     if spill.parts:
-        maps.write(out[0], out[1], spill)
+        maps.write(*out, spill)
     return frames
 
 
@@ -212,9 +220,10 @@ class Mappings:
     4 KiB pages). A client reuses its out segments (client/segments.py), so its next answer
     finds its mapping here. The cost: a segment stays allocated while it is mapped, also after
     its client let it go. So at most KEEP mappings and KEEP_BYTES, the least recently used
-    dropped first, and `sweep()` (each heartbeat interval, busy or not) drops every one whose
-    client no longer holds it: closed, or the client gone. A segment outlives its client by
-    one interval at most, and a worker's death frees them all at once.
+    dropped first, and `sweep()` (each heartbeat interval, between requests) drops every one
+    whose client no longer holds it: closed, or the client gone. A segment outlives its client
+    by one interval, or by the model call running when the interval ends if that is longer;
+    a worker's death frees them all at once.
 
     A request's segment is mapped for the request alone (copy-on-write: a model may write its
     inputs), and unmapped by `tidy()`, after the answer has left: undoing 4,096 page-table
@@ -224,7 +233,7 @@ class Mappings:
     KEEP_BYTES = 256 << 20
 
     def __init__(self) -> None:
-        # (client pid, its fd) -> (the segment's inode, our mapping of it)
+        # (client pid, segment inode) -> (the client's fd for it, our mapping of it)
         self.kept: dict[tuple[int, int], tuple[int, memoryview]] = {}
         self.later: list[tuple[int, int]] = []  # request mappings nothing refers to, to unmap
 
@@ -232,62 +241,67 @@ class Mappings:
         while self.later:
             _libc.munmap(*self.later.pop())
 
-    def write(self, pid: int, fd: int, spill: Spill) -> None:
-        """Copy `spill`'s arrays into the client's out segment `fd`, grown to hold them."""
-        key = (pid, fd)
+    def write(self, pid: int, fd: int, ino: int, spill: Spill) -> None:
+        """Copy `spill`'s arrays into the client's out segment (fd `fd`, inode `ino`), grown to
+        hold them. A mapping kept is of that very segment: it is written without a look at the
+        fd (if the client closed it since, no one reads what is written there)."""
+        key = (pid, ino)
         try:
-            ino = os.stat(f"/proc/{pid}/fd/{fd}").st_ino
             ours = self.kept.pop(key, None)
-            if ours is None or ours[0] != ino or len(ours[1]) < spill.size:
-                ours = self._map(pid, fd, spill)
-            if ours is None:  # not to be mapped: written through the file
-                return
+            if ours is None or len(ours[1]) < spill.size:
+                ours = None
+                size = -(-spill.size // HUGE) * HUGE  # what this answer needs: never the whole file, which
+                self._bound(size)                     # a client may make huge (and sparse) to make us allocate
+                view = self._map(pid, fd, ino, size, spill)
+                if view is None:  # not to be mapped: written through the file
+                    return
+                ours = (fd, view)
             view = ours[1]
             for offset, data in spill.parts:
                 data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
                 view[offset:offset + len(data)] = data
-            self.kept[key] = ours  # the most recently used last
-            self._bound()
+            if len(view) <= self.KEEP_BYTES:
+                self.kept[key] = ours  # the most recently used last
         except OSError as exc:
             raise BadRequest(f"cannot write the answer into the client's shared memory: {exc.strerror}; the "
                              "client must leave its out segment open and writable until the answer") from None
 
-    def _map(self, pid: int, fd: int, spill: Spill) -> tuple[int, memoryview] | None:
-        """A new shared mapping of the out segment, its pages allocated now (ENOMEM here, not a
-        fault mid-copy). Only of a segment sealed against shrinking, so no client can make this
-        worker fault; one that is not sealed is written with `pwrite` and not kept."""
-        mine = _open(pid, fd, NAME_OUT, os.O_RDWR)
+    def _map(self, pid: int, fd: int, ino: int, size: int, spill: Spill) -> memoryview | None:
+        """A new shared mapping of `size` bytes of the out segment, its pages allocated now
+        (ENOMEM here, not a fault mid-copy). Only of a segment sealed against shrinking, so no
+        client can make this worker fault; one that is not is written with `pwrite`, not kept."""
+        mine = _open(pid, fd, ino, NAME_OUT, os.O_RDWR)
         try:
             if not fcntl.fcntl(mine, F_GET_SEALS) & SEAL_SHRINK:
                 write_parts(mine, spill.parts)
                 return None
-            size = max(-(-spill.size // HUGE) * HUGE, os.fstat(mine).st_size)
             if os.fstat(mine).st_size < size:
                 os.ftruncate(mine, size)
             view = map_fd(mine, size, shared=True)
             if _libc.madvise(ctypes.addressof(view.obj), size, MADV_POPULATE_WRITE) \
                     and ctypes.get_errno() != errno.EINVAL:  # EINVAL: before Linux 5.14, the copy faults them in
                 raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-            return os.fstat(mine).st_ino, view
+            return view
         finally:
             os.close(mine)
 
-    def _bound(self) -> None:
+    def _bound(self, coming: int) -> None:
+        """Room for a mapping of `coming` bytes: the least recently used go first."""
         held = sum(len(view) for _, view in self.kept.values())
         for key in list(self.kept):
-            if len(self.kept) <= self.KEEP and held <= self.KEEP_BYTES:
+            if len(self.kept) < self.KEEP and held + coming <= self.KEEP_BYTES:
                 break
             held -= len(self.kept.pop(key)[1])
 
     def sweep(self) -> None:
         """Drop the mappings of segments their clients no longer hold."""
-        for (pid, fd), (ino, _) in list(self.kept.items()):
+        for (pid, ino), (fd, _) in list(self.kept.items()):
             try:
                 held = os.stat(f"/proc/{pid}/fd/{fd}").st_ino == ino
             except OSError:
                 held = False
             if not held:
-                del self.kept[(pid, fd)]
+                del self.kept[(pid, ino)]
 
 
 def segments_in(pid: int) -> list[str]:

@@ -41,7 +41,7 @@ class Request:
     stream: bool = False
     bundles: bool = False  # its client reads bundled replies (protocol/transport.py)
     tenant: object = None  # the isolation key: the client's tenant, or the request itself
-    shm: list | None = None  # [client pid, in fd, in bytes, out fd]: its arrays in the client's memory
+    shm: list | None = None  # [client pid, in fd, in bytes, out fd, in inode, out inode] (protocol/shm.py)
     # its latest dispatch's number, unique in this supervisor: an answer from an earlier
     # dispatch (of this request, or of an earlier one that had the same id) never passes for it
     attempt: int = 0

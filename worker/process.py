@@ -182,8 +182,8 @@ class Worker:
             self.chores()
 
     def chores(self) -> None:
-        """What the clock says is due, busy or not: the scheduled weight check, and letting go of
-        the out segments that clients no longer hold; unmapping what answered requests mapped."""
+        """What is due between requests: the scheduled weight check, letting go of the out
+        segments that clients no longer hold, and unmapping what answered requests mapped."""
         self.maps.tidy()
         now = time.monotonic()
         if self.config.integrity_interval and now >= self.next_check:

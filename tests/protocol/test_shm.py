@@ -35,12 +35,13 @@ def test_large_arrays_go_to_the_segment_and_come_back_equal_and_aligned():
         assert sum(len(f) for f in frames) < 4096
         assert segs.used % shm.ALIGN == 0 and segs.used >= big.nbytes + tensor.numel() * 8
         validate_payload(frames, segment=segs.used)
-        view = map_request(os.getpid(), segs.seg_in.fd, segs.used)
+        view = map_request(os.getpid(), segs.seg_in.fd, segs.used, segs.seg_in.ino)
         out = decode_payload(frames, segment=view)
         assert np.array_equal(out["big"], big) and not out["big"].flags.writeable
         assert isinstance(out["t"], torch.Tensor) and torch.equal(out["t"], tensor)
         out["t"][0] = 99.0  # the worker's own copy-on-write page: the client's segment keeps its bytes
-        assert torch.equal(decode_payload(frames, segment=map_request(os.getpid(), segs.seg_in.fd, segs.used))["t"],
+        assert torch.equal(decode_payload(frames, segment=map_request(os.getpid(), segs.seg_in.fd, segs.used,
+                                                                           segs.seg_in.ino))["t"],
                            tensor)
         assert np.array_equal(out["small"], small) and out["more"][1] == "text"
     finally:
@@ -67,15 +68,19 @@ def test_the_worker_maps_only_a_sealed_isopool_segment_of_the_size_named(tmp_pat
     plain = os.open(path, os.O_RDONLY)
     frames, segs = spilled(np.zeros(BIG, dtype=np.uint8))
     try:
+        ino = lambda fd: os.fstat(fd).st_ino
         with pytest.raises(BadRequest, match="not sealed"):
-            map_request(os.getpid(), unsealed, 4096)
+            map_request(os.getpid(), unsealed, 4096, ino(unsealed))
         for fd in (other, plain):
             with pytest.raises(BadRequest, match="not an isopool shared-memory segment"):
-                map_request(os.getpid(), fd, 6)
+                map_request(os.getpid(), fd, 6, ino(fd))
         with pytest.raises(BadRequest, match="fewer than"):
-            map_request(os.getpid(), segs.seg_in.fd, segs.seg_in.size + 4096)
+            map_request(os.getpid(), segs.seg_in.fd, segs.seg_in.size + 4096, segs.seg_in.ino)
         with pytest.raises(BadRequest, match="cannot open"):
-            map_request(os.getpid(), 10_000, 16)
+            map_request(os.getpid(), 10_000, 16, 1)
+        # the fd of the segment named, but another segment behind it now (a call cancelled, its fd reused)
+        with pytest.raises(BadRequest, match="no longer the segment the request named"):
+            map_request(os.getpid(), segs.seg_in.fd, segs.used, ino(unsealed))
         with pytest.raises(PermissionError):  # a client cannot shrink what a worker may have mapped
             os.ftruncate(segs.seg_in.fd, 0)
     finally:
@@ -93,7 +98,7 @@ def test_an_answer_written_into_the_out_segment_is_mapped_and_its_segment_reused
     spill = Spill(BIG)
     frames = encode_payload({"y": big}, spill)
     maps = shm.Mappings()
-    maps.write(os.getpid(), out_fd, spill)
+    maps.write(os.getpid(), out_fd, segs.seg_out.ino, spill)
     out = decode_payload(frames, segment=segs.answer(reuse=False))
     assert np.array_equal(out["y"], big) and pool.idle_out == []
     del out  # the answer's arrays gone: its segment comes back, and the next call writes into it
@@ -101,7 +106,7 @@ def test_an_answer_written_into_the_out_segment_is_mapped_and_its_segment_reused
     segs = Segments(Spill(BIG), pool)
     assert segs.seg_out.fd == out_fd
     frames = encode_payload({"y": big[::-1].copy()}, spill := Spill(BIG))
-    maps.write(os.getpid(), out_fd, spill)  # through the mapping the first answer made
+    maps.write(os.getpid(), out_fd, segs.seg_out.ino, spill)  # through the mapping the first answer made
     assert len(maps.kept) == 1
     assert np.array_equal(decode_payload(frames, segment=segs.answer(reuse=False))["y"], big[::-1])
 
@@ -110,11 +115,11 @@ def test_a_worker_keeps_out_segments_mapped_only_while_their_client_holds_them_a
     pool, maps, spill = Pool(), shm.Mappings(), Spill(BIG)
     encode_payload(np.ones(BIG, dtype=np.uint8), spill)
     segs = [Segments(Spill(BIG), pool) for _ in range(shm.Mappings.KEEP + 2)]
-    key = lambda s: (os.getpid(), s.seg_out.fd)
+    key = lambda s: (os.getpid(), s.seg_out.ino)
     mapped = lambda: sum(1 for line in shm.segments_in(os.getpid()) if line.startswith("map:"))
     try:
         for s in segs:
-            maps.write(os.getpid(), s.seg_out.fd, spill)
+            maps.write(os.getpid(), s.seg_out.fd, s.seg_out.ino, spill)
         assert list(maps.kept) == [key(s) for s in segs[2:]]  # the least recently used went first
         assert mapped() == shm.Mappings.KEEP
         gone = segs.pop(2)
@@ -122,7 +127,7 @@ def test_a_worker_keeps_out_segments_mapped_only_while_their_client_holds_them_a
         maps.sweep()
         assert list(maps.kept) == [key(s) for s in segs[2:]] and mapped() == shm.Mappings.KEEP - 1
         monkeypatch.setattr(shm.Mappings, "KEEP_BYTES", shm.HUGE)  # room for one: the last one written
-        maps.write(os.getpid(), segs[0].seg_out.fd, spill)
+        maps.write(os.getpid(), segs[0].seg_out.fd, segs[0].seg_out.ino, spill)
         assert list(maps.kept) == [key(segs[0])] and mapped() == 1
     finally:
         for s in segs:
@@ -139,7 +144,7 @@ def test_an_in_segment_is_reused_only_when_the_worker_says_so_and_the_pool_is_bo
     segs.answer(reuse=True)
     _, again = spilled(value * 2, pool=pool)
     assert again.seg_in.fd == fd  # the same pages, written over
-    assert np.array_equal(np.frombuffer(map_request(os.getpid(), fd, BIG), dtype=np.uint8), value * 2)
+    assert np.array_equal(np.frombuffer(map_request(os.getpid(), fd, BIG, again.seg_in.ino), dtype=np.uint8), value * 2)
     again.answer(reuse=False)  # the worker may still see it: closed, never reused
     assert pool.idle_in == []
     many = [spilled(value, pool=pool)[1] for _ in range(IDLE + 3)]

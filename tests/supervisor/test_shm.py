@@ -131,7 +131,7 @@ class Raw:
         assert self.sock.poll(30_000), "no answer in 30 s"
         header, *body = self.sock.recv_multipart()
         head = unpack_header(header)
-        assert head["id"] == rid
+        assert head["id"] in (rid, None)  # None: a header that fails its schema is answered without its id
         return decode_error(body) if head["op"] == ops.ERROR else head
 
     def close(self) -> None:
@@ -149,22 +149,36 @@ def test_hostile_segment_names_are_refused_and_no_worker_dies(faulty, tmp_path):
     secret.write_bytes(b"x" * (2 * MiB))
     plain = os.open(secret, os.O_RDONLY)
     sealed_out = os.memfd_create(shm.NAME_OUT, os.MFD_ALLOW_SEALING)
+    sparse_out = os.memfd_create(shm.NAME_OUT, os.MFD_ALLOW_SEALING)
     fcntl.fcntl(sealed_out, shm.F_ADD_SEALS, shm.SEAL_SHRINK | shm.SEAL_GROW | shm.SEAL_WRITE)
     me, size, fd_in, fd_out = os.getpid(), segs.used, segs.seg_in.fd, segs.seg_out.fd
+    ino = lambda fd: os.fstat(fd).st_ino
+    named = lambda fd_in, size, fd_out: [me, fd_in, size, fd_out, ino(fd_in), ino(fd_out)]
     attempts = {  # what -> (header shm, what the refusal says)
-        "another process's memory": ([faulty.pid, fd_in, size, fd_out], "names the shared memory of process"),
-        "an unsealed segment": ([me, unsealed, size, fd_out], "not sealed"),
-        "a file that is no segment": ([me, plain, size, fd_out], "not an isopool shared-memory segment"),
-        "more bytes than it holds": ([me, fd_in, size + MiB, fd_out], "fewer than"),
-        "an fd it does not have": ([me, 999, size, fd_out], "cannot open"),
-        "an out segment sealed shut": ([me, fd_in, size, sealed_out], "cannot write the answer"),
+        "another process's memory": ([faulty.pid, *named(fd_in, size, fd_out)[1:]], "names the shared memory of process"),
+        "an unsealed segment": (named(unsealed, size, fd_out), "not sealed"),
+        "a file that is no segment": (named(plain, size, fd_out), "not an isopool shared-memory segment"),
+        "more bytes than it holds": (named(fd_in, size + MiB, fd_out), "fewer than"),
+        "an fd it does not have": ([me, 999, size, fd_out, 1, ino(fd_out)], "cannot open"),
+        "an out segment sealed shut": (named(fd_in, size, sealed_out), "cannot write the answer"),
+        "another segment than the one named": ([*named(fd_in, size, fd_out)[:4], ino(unsealed), ino(fd_out)],
+                                               "no longer the segment the request named"),
+        "four fields, as before inodes": (named(fd_in, size, fd_out)[:4], "in inode or 0, out inode"),
     }
     try:
         for what, (spec, says) in attempts.items():
             err = raw.call({"a": big}, spec, Spill(MiB))
             assert isinstance(err, BadRequest) and says in str(err), f"{what}: {err!r}"
+        # an out segment made huge (8 GiB, sparse: it costs its client nothing): a worker maps and
+        # allocates what the answer needs, never the whole file
+        os.ftruncate(sparse_out, 8 << 30)
+        fcntl.fcntl(sparse_out, shm.F_ADD_SEALS, shm.SEAL_SHRINK)
+        assert raw.call({"a": big}, named(fd_in, size, sparse_out), Spill(MiB))["op"] == ops.RESULT
+        mapped = [line.split()[0].split("-") for pid in faulty.worker_pids() for line in open(f"/proc/{pid}/maps")
+                  if shm.NAME_OUT in line]
+        assert mapped and max(int(b, 16) - int(a, 16) for a, b in mapped) <= 4 * MiB, mapped
         # offsets past the segment it names: refused by the supervisor, the worker never sees it
-        err = raw.call({"a": big}, [me, fd_in, MiB, fd_out], Spill(MiB))
+        err = raw.call({"a": big}, named(fd_in, MiB, fd_out), Spill(MiB))
         assert isinstance(err, BadRequest) and "inside the segment" in str(err)
         with faulty.client() as c:
             assert np.array_equal(c.infer({"a": big})["echo"]["a"], big)  # still serving, by shared memory
@@ -173,8 +187,35 @@ def test_hostile_segment_names_are_refused_and_no_worker_dies(faulty, tmp_path):
     finally:
         raw.close()
         segs.close()
-        for fd in (unsealed, plain, sealed_out):
+        for fd in (unsealed, plain, sealed_out, sparse_out):
             os.close(fd)
+
+
+def test_a_cancelled_calls_late_answer_never_lands_in_a_later_calls_segment(start_pool):
+    # pins: a worker still running a cancelled call found its out fd reused by the next call's
+    # segment and wrote its answer over that call's answer, which the client was holding
+    pool = start_pool("--workers", "2", "--model", "isopool.examples.faulty:Faulty")
+    with pool.client(timeout=20) as c:
+        c.infer({"do": "ok"})
+        x, y = np.full(MiB, 111, np.float32), np.full(MiB, 222, np.float32)
+        slow = c.submit({"do": "sleep", "s": 1.0, "x": x})
+        busy = pool.running()  # the worker running it
+        out_fd = next(iter(c._session.segments.values())).seg_out.fd
+        assert slow.cancel()
+        end = time.monotonic() + 20
+        while c._session.segments:  # the client lets its segments go once the supervisor confirms
+            assert time.monotonic() < end, "the cancelled call's segments were never let go"
+            time.sleep(0.01)
+        held = c.infer({"x": y})
+        assert held["pid"] != busy and np.array_equal(held["echo"]["x"], y)
+        reused = os.path.exists(f"/proc/self/fd/{out_fd}") and shm.NAME_OUT in os.readlink(f"/proc/self/fd/{out_fd}")
+        end = time.monotonic() + 20
+        while next(w["in_flight"] for w in pool.workers() if w["pid"] == busy):  # held until it answers, late
+            assert time.monotonic() < end, "the cancelled call's worker never finished it"
+            time.sleep(0.05)
+        assert np.array_equal(held["echo"]["x"], y)  # the answer held is still its own
+        assert reused  # the case pinned did arise: the cancelled call's out fd was the new call's
+        assert pool.status()["pool"]["restarts_total"] == 0
 
 
 def test_shared_memory_past_the_cap_is_overloaded_and_freed_when_answered(start_pool):
