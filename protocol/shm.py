@@ -125,9 +125,14 @@ def _unmap(addr: int, size: int, then: Callable[[], Any] | None, later: list | N
         then()
 
 
+def _flat(data: memoryview) -> memoryview:
+    """An array's bytes as one flat run of bytes, to copy or write."""
+    return data.cast("B") if data.format != "B" or data.ndim != 1 else data
+
+
 def write_parts(fd: int, parts: Iterable[tuple[int, memoryview]]) -> None:
     for offset, data in parts:
-        data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        data = _flat(data)
         done = 0
         while done < len(data):  # a file write is whole but for a signal; go on where it stopped
             done += os.pwrite(fd, data[done:], offset + done)
@@ -247,29 +252,28 @@ class Mappings:
         fd (if the client closed it since, no one reads what is written there)."""
         key = (pid, ino)
         try:
-            ours = self.kept.pop(key, None)
-            if ours is None or len(ours[1]) < spill.size:
-                ours = None
-                size = -(-spill.size // HUGE) * HUGE  # what this answer needs: never the whole file, which
-                self._bound(size)                     # a client may make huge (and sparse) to make us allocate
-                view = self._map(pid, fd, ino, size, spill)
+            view = self.kept.pop(key, (fd, None))[1]
+            if view is None or len(view) < spill.size:
+                view = self._map(pid, fd, ino, spill)
                 if view is None:  # not to be mapped: written through the file
                     return
-                ours = (fd, view)
-            view = ours[1]
             for offset, data in spill.parts:
-                data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+                data = _flat(data)
                 view[offset:offset + len(data)] = data
             if len(view) <= self.KEEP_BYTES:
-                self.kept[key] = ours  # the most recently used last
+                self.kept[key] = (fd, view)  # the most recently used last
         except OSError as exc:
             raise BadRequest(f"cannot write the answer into the client's shared memory: {exc.strerror}; the "
                              "client must leave its out segment open and writable until the answer") from None
 
-    def _map(self, pid: int, fd: int, ino: int, size: int, spill: Spill) -> memoryview | None:
-        """A new shared mapping of `size` bytes of the out segment, its pages allocated now
-        (ENOMEM here, not a fault mid-copy). Only of a segment sealed against shrinking, so no
-        client can make this worker fault; one that is not is written with `pwrite`, not kept."""
+    def _map(self, pid: int, fd: int, ino: int, spill: Spill) -> memoryview | None:
+        """A new shared mapping of the out segment, as much of it as the answer needs (never the
+        whole file, which a client may make huge and sparse to make us allocate it), its pages
+        allocated now (ENOMEM here, not a fault mid-copy). Only of a segment sealed against
+        shrinking, so no client can make this worker fault; one that is not is written with
+        `pwrite`, and not kept."""
+        size = -(-spill.size // HUGE) * HUGE
+        self._bound(size)
         mine = _open(pid, fd, ino, NAME_OUT, os.O_RDWR)
         try:
             if not fcntl.fcntl(mine, F_GET_SEALS) & SEAL_SHRINK:
