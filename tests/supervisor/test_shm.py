@@ -194,7 +194,9 @@ def test_hostile_segment_names_are_refused_and_no_worker_dies(faulty, tmp_path):
 def test_a_cancelled_calls_late_answer_never_lands_in_a_later_calls_segment(start_pool):
     # pins: a worker still running a cancelled call found its out fd reused by the next call's
     # segment and wrote its answer over that call's answer, which the client was holding
-    pool = start_pool("--workers", "2", "--model", "isopool.examples.faulty:Faulty")
+    # --prefetch 1: the worker still running the cancelled call has no room, so the next call
+    # goes to the other worker (with room, dispatch could put it behind the cancelled one)
+    pool = start_pool("--workers", "2", "--prefetch", "1", "--model", "isopool.examples.faulty:Faulty")
     with pool.client(timeout=20) as c:
         c.infer({"do": "ok"})
         x, y = np.full(MiB, 111, np.float32), np.full(MiB, 222, np.float32)
