@@ -8,11 +8,13 @@ _MODEL = None
 
 
 def init(kind: str = "tiny") -> None:
-    """Worker initializer: one torch thread per worker (the same share isopool gives), one model."""
+    """Worker initializer: one thread per worker for torch and the tokenizer (the same share
+    isopool's workers give a model), one model."""
     global _MODEL
-    import torch
+    from isopool.worker.process import set_threads, share_threads
 
-    torch.set_num_threads(1)
+    set_threads(1)
+    share_threads(1)
     from .models import build
 
     _MODEL = build(kind)

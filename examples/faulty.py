@@ -150,13 +150,18 @@ class SelfModifying:
 
 
 class WhereAmI:
-    """Answers with what its context says: the worker's id, generation, device and config
-    (after sleeping x seconds when x is a number, so that concurrent requests occupy
-    different workers)."""
+    """Answers with what its context says: the worker's id, generation, device and config,
+    and the thread pools it was given: torch's, and what Rayon-based libraries (Hugging Face
+    tokenizers) will start (after sleeping x seconds when x is a number, so that concurrent
+    requests occupy different workers)."""
 
     def __init__(self, context) -> None:
+        import torch
+
         self.where = {"worker": context.worker_id, "generation": context.generation, "device": context.device,
-                      "threads": context.threads, "config": context.config, "pid": os.getpid()}
+                      "threads": context.threads, "config": context.config, "pid": os.getpid(),
+                      "pools": {"torch": torch.get_num_threads(), "rayon": os.environ.get("RAYON_NUM_THREADS"),
+                                "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM")}}
 
     def __call__(self, x: Any) -> Any:
         if isinstance(x, (int, float)) and not isinstance(x, bool):

@@ -50,9 +50,10 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
     ("workers", str, "Worker processes: N for each model, or NAME=N for one model (repeatable)."),
     ("endpoint", str, ENDPOINT_HELP),
     ("devices", str, "Devices to spread workers over: cpu, cuda, cuda:0,cuda:1 or auto."),
-    ("threads", int, "torch intra-op threads per worker (0: the cores divided by the workers). More than "
-                     "that share oversubscribes the cores and torch's threads spin against each other (2 "
-                     "workers x 2 threads on 2 cores: 20x fewer tiny requests/s)."),
+    ("threads", int, "Threads per worker for torch's intra-op pool and for Rayon pools such as Hugging Face "
+                     "tokenizers' (0: the cores divided by the workers; at 1, tokenizers run inline). More "
+                     "than that share oversubscribes the cores and torch's threads spin against each other "
+                     "(2 workers x 2 threads on 2 cores: 20x fewer tiny requests/s)."),
     ("max-queue", int, "Queued requests beyond which new ones are refused with Overloaded; one "
                        "client may fill 7/8 of it, the rest is kept for others."),
     ("prefetch", int, "Requests a worker may hold at once, so it never waits on the "

@@ -26,7 +26,7 @@ class PoolConfig:
     curve_clients: str | None = None  # directory of client public keys (*.key) allowed in
     curve_admins: str | None = None  # directory of public keys also allowed control ops
     devices: str = "cpu"
-    threads: int = 0  # torch intra-op threads per worker; 0 = cores / workers
+    threads: int = 0  # threads per worker (torch, Rayon pools); 0 = cores / workers
     max_queue: int = 4096  # queued requests beyond which new ones get Overloaded (one client: 7/8 of it)
     prefetch: int = 16  # requests a worker may hold at once; chosen by measurement (README, Performance)
     max_batch_size: int = 8  # models with batch(list) -> list get up to this many requests at once

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -39,19 +40,22 @@ def test_parse_with_gpus():
         parse_devices("cuda:2", two_gpus)
 
 
+NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}  # any host, with or without GPUs, as one without
+
+
 def test_workers_see_their_device_in_context_and_status(start_pool):
-    pool = start_pool("--workers", "2", "--devices", "auto", "--model", "isopool.examples.faulty:WhereAmI")
+    pool = start_pool("--workers", "2", "--devices", "auto", "--model", "isopool.examples.faulty:WhereAmI", env=NO_GPU)
     with pool.client() as c:
         # two at once: the second goes to the worker the first left free (least loaded)
         replies = [f.result(30) for f in [c.submit(0.2) for _ in range(2)]]
-    assert {r["device"] for r in replies} == {"cpu"}  # this machine has no GPU: auto means CPU
+    assert {r["device"] for r in replies} == {"cpu"}  # no GPU visible: auto means CPU
     assert {r["worker"] for r in replies} == {0, 1}
     assert [w["device"] for w in pool.workers()] == ["cpu", "cpu"]
 
 
 def test_cuda_on_a_machine_without_one_is_refused_clearly():
     out = subprocess.run([sys.executable, "-m", "isopool.cli", "serve", "--devices", "cuda", "--print-config"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+                         capture_output=True, text=True, cwd=ROOT, timeout=60, env={**os.environ, **NO_GPU})
     assert out.returncode == 2 and "no CUDA device is visible" in out.stderr
 
 
