@@ -12,7 +12,8 @@ noise, and an I/O thread that cannot preempt costs the slow work's answers a sch
 
 Two figures are judged by it. The work: the model's run in a worker; in the supervisor, a
 request's time on its worker (from its dispatch, or the worker's previous answer if that
-came later: the time it ran, not the time it queued there). It sets the I/O-thread policy.
+came later: the time it ran, not the time it queued there; answers read together, a batch's,
+all count as the first: the batch's time). It sets the I/O-thread policy.
 The round trip: how soon after its dispatch an answer came. It decides a spin, since a spin
 pays only while the next message comes within a round trip: under load, answers queue
 behind others and the supervisor stops spinning (a spin there only takes a core from the

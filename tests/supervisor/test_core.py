@@ -181,6 +181,29 @@ def test_dispatch_spreads_by_free_credit():
     assert sorted(len(v) for v in pool.runs.values()) == [2, 2]
 
 
+def test_answers_read_together_keep_the_time_their_batch_ran():
+    """A batching worker answers its batch at once; the pacing (protocol/pacing.py) must see
+    the batch's run time, not 0 for all but the first answer, or slow batched work looks
+    quick and the I/O thread is given the policy for quick work."""
+    pool = Pool(workers=1)
+    for rid in range(1, 5):
+        pool.infer(rid)
+    pool.tick()
+    [slot] = pool.runs
+    assert len(pool.runs[slot]) == 4  # all on the one worker (capacity 4)
+    pool.now += 0.030  # the batch of 4 runs for 30 ms
+    for run in pool.runs[slot]:
+        pool.answer(slot, run["id"][1], attempt=run["attempt"])  # read in one pass: the same `now`
+    assert [h["op"] for rid in range(1, 5) for h in pool.final(rid)] == [ops.RESULT] * 4
+    assert pool.core.work_s == pytest.approx(0.030)
+    pool.infer(5)
+    pool.tick()
+    pool.now += 0.001
+    run = pool.runs[slot][-1]
+    pool.answer(slot, 5, attempt=run["attempt"])  # the next answer alone: its own time
+    assert pool.final(5)[0]["op"] == ops.RESULT and pool.core.work_s == pytest.approx(0.001)
+
+
 def test_an_answer_from_a_dead_process_is_dropped():
     pool = Pool(workers=1)
     pool.infer(1)
