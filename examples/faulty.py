@@ -9,6 +9,8 @@ A request is a map {"do": ACTION, ...}; the reply echoes the input with the work
     segv                    a real SIGSEGV (ctypes null-pointer read)
     hang                    an infinite Python loop
     sleep  s=SECONDS        time.sleep
+    wait   path=P s=SECONDS  until the file P exists (looked for every 10 ms), at most SECONDS
+                            (default 30): a call that runs exactly as long as a test wants
     grow   mib=N            keep N more MiB alive in this worker, touched so RSS grows
     scribble a=ARRAY        write into the input array (it arrives read-only, so this raises)
     flood  mib=N lines=B    write N MiB to stdout (in lines of 80 bytes, or none at all if lines
@@ -44,6 +46,8 @@ class Faulty:
                 pass
         if action == "sleep":
             time.sleep(float(x.get("s", 1.0)))
+        if action == "wait":
+            _wait_for(str(x["path"]), float(x.get("s", 30.0)))
         if action == "scribble":
             x["a"][...] = 0
         if action == "flood":
@@ -69,6 +73,12 @@ class Faulty:
         if action == "grow":
             _HOARD.append(bytearray(b"\x01" * (int(x.get("mib", 64)) << 20)))
         return {"pid": os.getpid(), "echo": x}
+
+
+def _wait_for(path: str, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while not os.path.exists(path) and time.monotonic() < end:
+        time.sleep(0.01)
 
 
 def _flood(mib: int, lines: bool) -> None:

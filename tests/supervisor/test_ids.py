@@ -36,7 +36,11 @@ def test_ids_stay_0_to_n_minus_1_across_reload_restart_and_scale(start_pool):
         c.reload()
     reloaded = pool.wait_until(lambda s: not (before & {w["pid"] for w in s["workers"]})
                                and s["pool"]["workers_ready"] == 3 and len(s["workers"]) == 3, "recycled", timeout=60)
-    assert ids(reloaded) == [0, 1, 2] and all(w["generation"] == 2 for w in reloaded["workers"])
+    # each was replaced: a later generation (on a loaded host a replacement may itself have
+    # been replaced before serving, so not necessarily the second); what each had said is kept
+    # for a failure's message
+    assert ids(reloaded) == [0, 1, 2] and all(w["generation"] >= 2 for w in reloaded["workers"]), \
+        [(w["id"], w["generation"], w.get("restarts"), w.get("last_exit")) for w in reloaded["workers"]]
     assert wait_gone(list(before), 10) == []
     seen_by_models(pool, reloaded)
 
@@ -45,7 +49,8 @@ def test_ids_stay_0_to_n_minus_1_across_reload_restart_and_scale(start_pool):
     restarted = pool.wait_until(lambda s: victim["pid"] not in {w["pid"] for w in s["workers"]}
                                 and s["pool"]["workers_ready"] == 3, "ready", timeout=60)
     again = next(w for w in restarted["workers"] if w["id"] == 1)
-    assert ids(restarted) == [0, 1, 2] and again["generation"] == 3 and again["restarts"] == 1
+    assert ids(restarted) == [0, 1, 2] and again["generation"] == victim["generation"] + 1
+    assert again["restarts"] == victim["restarts"] + 1
 
     with pool.client() as c:
         c.scale(5)

@@ -191,17 +191,18 @@ def test_hostile_segment_names_are_refused_and_no_worker_dies(faulty, tmp_path):
             os.close(fd)
 
 
-def test_a_cancelled_calls_late_answer_never_lands_in_a_later_calls_segment(start_pool):
+def test_a_cancelled_calls_late_answer_never_lands_in_a_later_calls_segment(start_pool, tmp_path):
     # pins: a worker still running a cancelled call found its out fd reused by the next call's
     # segment and wrote its answer over that call's answer, which the client was holding
     # --prefetch 1: the worker still running the cancelled call has no room, so the next call
     # goes to the other worker (with room, dispatch could put it behind the cancelled one)
     pool = start_pool("--workers", "2", "--prefetch", "1", "--model", "isopool.examples.faulty:Faulty")
     pool.all_ready()  # both serving: one to run the cancelled call, the other free for the next
+    done = tmp_path / "answer-now"  # the cancelled call runs until this exists: late by construction
     with pool.client(timeout=20) as c:
         c.infer({"do": "ok"})
         x, y = np.full(MiB, 111, np.float32), np.full(MiB, 222, np.float32)
-        slow = c.submit({"do": "sleep", "s": 4.0, "x": x})  # still running when the next call goes, on any host
+        slow = c.submit({"do": "wait", "path": str(done), "s": 60, "x": x})
         busy = pool.running()  # the worker running it
         out_fd = next(iter(c._session.segments.values())).seg_out.fd
         assert slow.cancel()
@@ -213,6 +214,7 @@ def test_a_cancelled_calls_late_answer_never_lands_in_a_later_calls_segment(star
         assert held["pid"] != busy, "the next call ran on the cancelled call's worker: the case did not arise"
         assert np.array_equal(held["echo"]["x"], y)
         reused = os.path.exists(f"/proc/self/fd/{out_fd}") and shm.NAME_OUT in os.readlink(f"/proc/self/fd/{out_fd}")
+        done.touch()  # now the cancelled call answers, into what its out fd has become
         end = time.monotonic() + 20
         while next(w["in_flight"] for w in pool.workers() if w["pid"] == busy):  # held until it answers, late
             assert time.monotonic() < end, "the cancelled call's worker never finished it"
