@@ -36,7 +36,10 @@ def test_three_thousand_idle_connections_at_1024_descriptors_and_a_worker_restar
             assert not status["healthy"] and "descriptors run low" in status["health_reason"]
             # the door closed at 2 x reserve free: what it still let in stays below the reserve
             assert status["connections"] < FD_LIMIT - reserve_for(FD_LIMIT)
-            assert "frontend" in status["connections_refused_at"]
+            # closed now, or opened again already (at 2.5 x reserve free, once the guard shed
+            # enough of the crowd): then it said so
+            assert ("frontend" in status["connections_refused_at"]
+                    or pool.wait_event("connections_resumed", timeout=10, listener="frontend"))
 
             try:
                 early.infer({"do": "exit"}, retry=False)
