@@ -20,7 +20,9 @@ throughput (64 in flight), sequential latency (p50/p99), and a 16 MiB float32 ro
 one sentence per request, 64 in flight (sentences/s); isopool's workers batch concurrent
 requests (the Embedder has batch()), the executors' workers take one call at a time.
 For each model, all mechanisms are started (and warmed up) first, then measured in rounds
-(each once per round), and each figure is the median of --repeats rounds. Every
+(each once per round), and each figure is the median of --repeats rounds. The ceiling is
+measured again after each isopool mechanism; that mechanism's "× ceiling" is the median of
+its per-round ratios to the mean of the two ceiling figures beside it (and their range). Every
 mechanism's answers are checked against the in-process model; speed is never asserted.
 Writes results.md (ratios to inproc and to ppe), results.json and results.png (median bars,
 min–max whiskers across the rounds) to --out, by default a new directory under
@@ -335,26 +337,47 @@ def rounds(names: list[str], sizes: Sizes, work: Workload) -> dict[str, dict]:
             mechs[name] = make()
             correct[name] = work.check(mechs[name], model, rng)
             work.warm_up(mechs[name], sizes)
-        # every mechanism once per round, so a noisy minute on this machine hits them all alike
+        # every mechanism once per round, so a noisy minute on this machine hits them all alike;
+        # the ceiling again after each isopool mechanism, which is measured against the two
+        # ceiling figures on either side of it (bracketed): the machine's speed drifts by ±7%
+        # within a round, more than the ratios the goals ask about
         for r in range(sizes.repeats):
+            before: dict[str, float] | None = None
             for name, mech in mechs.items():
                 figures = work.measure(mech, sizes)
-                for key, value in figures.items():
-                    runs.setdefault(name, {}).setdefault(key, []).append(value)
-                print(f"round {r + 1} {name} ({work.kind}): " + ", ".join(f"{k} {v:.0f}" for k, v in figures.items()),
-                      flush=True)
+                record(runs, name, figures, r, work.kind)
+                if name == "ceiling":
+                    before = figures
+                elif before is not None and name.startswith("isopool"):
+                    after = work.measure(mechs["ceiling"], sizes)
+                    record(runs, "ceiling", after, r, work.kind)
+                    for key in CAPPED:
+                        if key in figures and before.get(key) and after.get(key):
+                            runs[name].setdefault(f"{key}_x_ceiling", []).append(
+                                figures[key] / ((before[key] + after[key]) / 2))
+                    before = after
     finally:
         for mech in mechs.values():
             mech.close()
     return {name: {"correct": correct[name], **spread(runs[name])} for name in mechs}
 
 
+CAPPED = ("mib_per_s", "emb_per_s")  # the figures the ceiling row bounds
+
+
+def record(runs: dict[str, dict[str, list[float]]], name: str, figures: dict[str, float], r: int, kind: str) -> None:
+    for key, value in figures.items():
+        runs.setdefault(name, {}).setdefault(key, []).append(value)
+    print(f"round {r + 1} {name} ({kind}): " + ", ".join(f"{k} {v:.0f}" for k, v in figures.items()), flush=True)
+
+
 def spread(runs: dict[str, list[float]]) -> dict[str, float]:
     """Each figure's median across the rounds, with its min and max (KEY_min, KEY_max)."""
     out: dict[str, float] = {}
+    digits = {key: 3 if key.endswith("_x_ceiling") else 1 for key in runs}
     for key, values in runs.items():
-        out[key] = round(statistics.median(values), 1)
-        out[f"{key}_min"], out[f"{key}_max"] = round(min(values), 1), round(max(values), 1)
+        out[key] = round(statistics.median(values), digits[key])
+        out[f"{key}_min"], out[f"{key}_max"] = round(min(values), digits[key]), round(max(values), digits[key])
     return out
 
 
@@ -384,6 +407,8 @@ def table(results: dict[str, dict], embeddings_note: str | None = None) -> str:
     base, ppe, cap = results.get("inproc", {}), results.get("ppe", {}), results.get("ceiling", {})
 
     def ratio(row: dict, ref: dict, key: str, higher_better: bool = True) -> str:
+        if ref is cap and f"{key}_x_ceiling" in row:  # bracketed in each round: the median, and the range
+            return f"{row[key + '_x_ceiling']:.2f}× ({row[key + '_x_ceiling_min']:.2f}–{row[key + '_x_ceiling_max']:.2f})"
         if not ref or not ref.get(key) or not row.get(key):
             return "-"
         r = row[key] / ref[key] if higher_better else ref[key] / row[key]

@@ -24,6 +24,11 @@ def test_bench_quick_checks_every_mechanism(short_tmp):
     report = (short_tmp / "results.md").read_text()
     assert report.startswith("isopool bench — QUICK run") and "| mechanism |" in report
     assert all(r["req_per_s_min"] <= r["req_per_s"] <= r["req_per_s_max"] for r in results.values())
+    # isopool's 16 MiB figure is bracketed by ceiling figures in its round: a ratio, in the table too
+    for name in ("isopool", "isopool_async"):
+        bracketed = results[name]["mib_per_s_x_ceiling"]
+        assert 0 < bracketed and f"{bracketed:.2f}× (" in report
+    assert "mib_per_s_x_ceiling" not in results["ppe"]
     assert (short_tmp / "results.png").stat().st_size > 10_000
 
 
