@@ -239,8 +239,10 @@ def _on_spawned(core: Core, e: ev.Spawned, now: float) -> None:
 
 def _on_spawn_failed(core: Core, e: ev.SpawnFailed, now: float) -> None:
     w = core.workers.get(e.slot)
-    core.log(logging.ERROR, "worker %d could not be started: %s", e.slot, e.why)
+    core.log(logging.ERROR, "worker %s (slot %d) could not be started: %s", "?" if w is None else w.id, e.slot, e.why)
     if w is not None and w.state is slots.State.STARTING and w.pid is None:
+        # its next start takes the next generation: status says why this one was skipped
+        w.last_error = f"generation {w.generation} could not be started: {e.why}"
         w.move(slots.State.BACKOFF, "spawn failed")
         w.spawn_at = now + (0.0 if e.template else core.config.backoff_base)
     if e.template:

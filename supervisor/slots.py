@@ -97,7 +97,7 @@ class Worker:
     kill_at: float | None = None  # STOPPING: escalate TERM -> KILL at this time
     signalled: str | None = None  # the last signal we sent it ("TERM", "KILL"): its death is ours
     last_exit: dict | None = None
-    last_error: str | None = None  # the model's load error, if it would not start
+    last_error: str | None = None  # the model's load error, or why its last start failed
     rss: int = 0
     uss: int = 0
     cpu_percent: float = 0.0

@@ -204,6 +204,25 @@ def test_answers_read_together_keep_the_time_their_batch_ran():
     assert pool.final(5)[0]["op"] == ops.RESULT and pool.core.work_s == pytest.approx(0.001)
 
 
+def test_a_start_that_failed_says_why_its_generation_was_skipped():
+    pool = Pool(workers=1)
+    [w] = pool.core.workers.values()
+    pool.die(w.slot)
+    pool.tick()  # restarted at once (the first restart has no backoff)
+    assert w.state is State.IDLE and w.generation == 2
+    # it dies again, and the template cannot fork its replacement (taken by hand, not spawned)
+    pool.core.handle(ev.WorkerExited(w.slot, {"exit_code": None, "signal": "SIGKILL", "reason": "SIGKILL"}), pool.now)
+    pool.core.handle(ev.Tick(), pool.now + 60.0)
+    _, _, actions = pool.core.take()
+    assert [a.generation for a in actions if isinstance(a, ev.Spawn)] == [3]
+    pool.now += 60.0
+    pool.handle(ev.SpawnFailed(w.slot, "the template did not answer within 5 s", template=False))
+    assert w.state is State.BACKOFF and w.pid is None
+    assert w.last_error == "generation 3 could not be started: the template did not answer within 5 s"
+    pool.tick(60.0)
+    assert w.generation == 4 and w.state is State.IDLE  # the next start: the generation after the skipped one
+
+
 def test_an_answer_from_a_dead_process_is_dropped():
     pool = Pool(workers=1)
     pool.infer(1)
