@@ -11,9 +11,8 @@ def init(kind: str = "tiny") -> None:
     """Worker initializer: one thread per worker for torch and the tokenizer (the same share
     isopool's workers give a model), one model."""
     global _MODEL
-    from isopool.worker.process import set_threads, share_threads
+    from isopool.worker.process import share_threads
 
-    set_threads(1)
     share_threads(1)
     from .models import build
 

@@ -68,13 +68,16 @@ def set_threads(threads: int) -> None:
 
 
 def share_threads(threads: int) -> None:
-    """Hold the model's other thread pools to the worker's share of the cores, as torch's is:
-    Rust libraries' Rayon pools (Hugging Face tokenizers') start one thread per core. On 2
+    """Hold every thread pool of the model to the worker's share of the cores: torch's
+    (set_threads), and Rust libraries' Rayon pools (Hugging Face tokenizers'), which start one
+    thread per core. On 2
     cores and 2 workers, those threads preempted the workers' torch threads 1.1 times per
     MiniLM request each; with one thread, a tokenizer encodes inline (docs/performance.md).
     Set in the worker, before the model's first call starts them; never in the template, whose
-    environment every worker inherits. A variable the user set (not empty) is kept."""
+    environment every worker inherits (it calls set_threads(1) only). A variable the user set
+    (not empty) is kept."""
     threads = max(1, threads)
+    set_threads(threads)
     wanted = {"RAYON_NUM_THREADS": str(threads), **({"TOKENIZERS_PARALLELISM": "false"} if threads == 1 else {})}
     for name, value in wanted.items():
         if not os.environ.get(name):
@@ -367,7 +370,6 @@ def run(config: WorkerConfig, model: Any = None) -> None:
     faulthandler.enable()  # a segfault prints the Python stack; the supervisor logs it, tagged
     # the supervisor tags each line of our output with the worker id and pid
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
-    set_threads(config.threads)
     share_threads(config.threads)
     if config.device.startswith("cuda"):
         import torch
