@@ -132,7 +132,12 @@ def test_poison_input_kills_at_most_threshold_workers_then_is_refused(start_pool
         assert c.infer({"do": "ok"})["echo"] == {"do": "ok"}
     status = back_to_full_strength(pool)
     assert bg.failed == []
-    assert status["pool"]["restarts_total"] == 2
+    # the poison killed exactly two workers; on a loaded host a worker may also be replaced for a
+    # missed heartbeat or a slow start (other reasons, counted apart), which is not the poison's doing
+    by_reason = status["pool"]["restarts_by_reason"]
+    exits = [(w["id"], w["generation"], w["last_exit"]) for w in status["workers"]]
+    assert by_reason.get("crash") == 2, (by_reason, exits)
+    assert set(by_reason) <= {"crash", "heartbeat", "start_timeout"}, (by_reason, exits)
 
 
 def test_retries_stop_at_max_attempts_with_each_death_reported(faulty):
