@@ -175,6 +175,23 @@ class PoolProc:
             self.log.close()
 
 
+# Replacements that count as restarts (supervisor/blame.py FAILURES), and those of them a
+# loaded host may add beside what a test caused: a worker that missed its heartbeat or started
+# slowly. Tests count the others exactly; each worker's last_exit says what an extra one was.
+FAILURE_REASONS = frozenset({"crash", "timeout", "protocol", "load_max_rss", "heartbeat", "start_timeout"})
+LOAD_REASONS = frozenset({"heartbeat", "start_timeout"})
+
+
+def assert_replaced(status: dict, expected: dict[str, int], model: str | None = None) -> None:
+    """The workers replaced for failing, by reason, are exactly `expected` (of the whole pool,
+    or of `model`), a missed heartbeat or a slow start aside."""
+    of = status["pool"] if model is None else status["models"][model]
+    by_reason = of["restarts_by_reason"]
+    caused = {k: n for k, n in by_reason.items() if n and k in FAILURE_REASONS - LOAD_REASONS}
+    exits = [(w["id"], w.get("model"), w["generation"], w["last_exit"]) for w in status["workers"]]
+    assert caused == expected, (by_reason, exits)
+
+
 def _limit_files(n: int) -> None:
     """In the child before exec: soft and hard RLIMIT_NOFILE both n, as on a host that allows no more."""
     import resource

@@ -8,9 +8,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT, need
 
 
+# a whole bench run (~25 s alone): beyond the suite's 120 s default under load, still bounded
+@pytest.mark.timeout(330)
 def test_bench_quick_checks_every_mechanism(short_tmp):
     out = subprocess.run([sys.executable, "-m", "isopool.cli", "bench", "--quick", "--no-embeddings", "--out",
                           str(short_tmp)],
@@ -32,6 +36,7 @@ def test_bench_quick_checks_every_mechanism(short_tmp):
     assert (short_tmp / "results.png").stat().st_size > 10_000
 
 
+@pytest.mark.timeout(330)
 def test_bench_http_quick_checks_answers_and_loses_nothing_on_a_kill(short_tmp):
     need("wrk")
     out = subprocess.run([sys.executable, "-m", "isopool.cli", "bench", "--http", "--quick", "--no-embeddings",

@@ -106,7 +106,7 @@ def test_an_interrupted_infer_withdraws_its_request(faulty):
     previous = signal.signal(signal.SIGALRM, interrupt)
     try:
         with faulty.client() as c:
-            signal.setitimer(signal.ITIMER_REAL, 0.3)  # like Ctrl-C while the call waits
+            signal.setitimer(signal.ITIMER_REAL, 1.0)  # like Ctrl-C while the call waits (its request sent by then)
             with pytest.raises(_Interrupted):
                 c.infer({"do": "sleep", "s": 2.0})
             # the CANCEL left on the same socket before this call's request

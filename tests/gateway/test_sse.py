@@ -40,9 +40,9 @@ def test_parts_arrive_in_order_as_events(start_pool):
 
 def test_a_worker_dying_mid_stream_ends_it_with_an_error_event(start_pool):
     pool = http_pool(start_pool, "--model", STREAMING, "--workers", "1")
-    # each part has 50 ms to leave before the next step (a part sent an instant before the
-    # crash may die with its worker: the README says so)
-    got = events(pool, {"n": 10, "crash_after": 3, "delay": 0.05})
+    # each part has 0.5 s to leave before the next step (a part sent an instant before the
+    # crash may die with its worker: the README says so; 50 ms was too short on a loaded host)
+    got = events(pool, {"n": 10, "crash_after": 3, "delay": 0.5})
     assert got[:3] == [("message", {"tag": None, "i": i}) for i in range(3)]
     kind, error = got[-1]
     assert len(got) == 4 and kind == "error" and error["type"] == "WorkerCrashed" and error["parts_delivered"] == 3

@@ -47,7 +47,7 @@ def test_workers_see_their_device_in_context_and_status(start_pool):
     pool = start_pool("--workers", "2", "--devices", "auto", "--model", "isopool.examples.faulty:WhereAmI", env=NO_GPU)
     with pool.client() as c:
         # two at once: the second goes to the worker the first left free (least loaded)
-        replies = [f.result(30) for f in [c.submit(0.2) for _ in range(2)]]
+        replies = [f.result(30) for f in [c.submit(1.0) for _ in range(2)]]
     assert {r["device"] for r in replies} == {"cpu"}  # no GPU visible: auto means CPU
     assert {r["worker"] for r in replies} == {0, 1}
     assert [w["device"] for w in pool.workers()] == ["cpu", "cpu"]

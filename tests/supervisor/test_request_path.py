@@ -95,18 +95,20 @@ def test_sigint_stops_like_sigterm(pool):
     assert wait_gone(pids, 10) == []
 
 
-def test_full_queue_refuses_at_once_with_overloaded_and_counts_it_once(start_pool):
+def test_full_queue_refuses_at_once_with_overloaded_and_counts_it_once(start_pool, tmp_path):
     pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:Faulty", "--prefetch", "1",
                       "--max-queue", "2")
+    gate = tmp_path / "gate"
     with pool.client() as c:
-        running = c.submit({"do": "sleep", "s": 1.0})
+        running = c.submit({"do": "wait", "path": str(gate), "s": 30})  # holds the worker until the gate opens
         queued = [c.submit({"do": "ok", "i": i}) for i in range(2)]
         pool_now = c.status()["pool"]  # same connection: all three were accepted before this
         assert pool_now["in_flight"] == 1 and pool_now["queue_depth"] == 2
         with pytest.raises(Overloaded, match="--max-queue 2") as info:
             c.infer({"do": "ok", "i": 99})
         assert info.value.max_queue == 2
-        assert running.result(timeout=30)["echo"]["do"] == "sleep"
+        gate.touch()
+        assert running.result(timeout=30)["echo"]["do"] == "wait"
         assert [f.result(timeout=30)["echo"]["i"] for f in queued] == [0, 1]
     outcomes = pool.status()["pool"]["outcomes"]
     assert outcomes == {"ok": 3, "overloaded": 1}

@@ -40,7 +40,7 @@ def test_a_setsid_grandchild_that_ignores_sigterm_dies_with_its_worker(start_poo
     then = {"crash": "exit", "timeout": "hang"}.get(path, "stay")
     with pool.client() as c:
         try:
-            c.infer({"do": "leave", "pidfile": str(pidfile), "then": then}, timeout=3 if path == "timeout" else 30,
+            c.infer({"do": "leave", "pidfile": str(pidfile), "then": then}, timeout=6 if path == "timeout" else 30,
                     retry=False)
         except Exception:  # noqa: BLE001 - the crash and the timeout are the point
             pass
