@@ -129,14 +129,16 @@ def test_closed_client_refuses_work(pool):
         c.infer([0.0] * 16)
 
 
-def test_cancelling_a_queued_future_withdraws_the_request(start_pool):
+def test_cancelling_a_queued_future_withdraws_the_request(start_pool, tmp_path):
     pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:Faulty", "--prefetch", "1")
+    gate = tmp_path / "gate"
     with pool.client() as c:
-        running = c.submit({"do": "sleep", "s": 2.0})
+        running = c.submit({"do": "wait", "path": str(gate), "s": 30})  # holds the worker until the gate opens
         queued = c.submit({"do": "ok"})  # prefetch 1: it waits in the supervisor's queue
         assert queued.cancel() and queued.cancelled()
-        assert running.result(timeout=30)["echo"]["do"] == "sleep"
         status = c.status()  # after the CANCEL on this connection, so it is counted
+        gate.touch()
+        assert running.result(timeout=30)["echo"]["do"] == "wait"
     assert status["pool"]["outcomes"].get("cancelled") == 1
     assert sum(w["requests"] for w in pool.workers()) == 1  # the cancelled one never ran
 
