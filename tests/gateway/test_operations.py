@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -29,6 +30,17 @@ def post(address: str, path: str, body: dict) -> int:
         return err.code
 
 
+def http_counts(metrics_url: str) -> dict:
+    """isopool_http_requests_total by (route, status, model), from one scrape."""
+    counts = {}
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "isopool_http_requests_total":
+                counts[(s.labels["route"], s.labels["status"], s.labels["model"])] = s.value
+    return counts
+
+
 def test_http_requests_are_counted_by_route_status_and_model_and_logged_as_json(start_pool):
     pool = http_pool(start_pool, "--metrics-port", str(free_port()), "--http-access-log", "--log-format", "json")
     calls = [(INFER.format("default"), GOOD, 200)] * 5 + [
@@ -37,16 +49,16 @@ def test_http_requests_are_counted_by_route_status_and_model_and_logged_as_json(
         ("/v2/nowhere", {}, 404)]
     for path, body, status in calls:
         assert post(pool.address, path, body) == status
-    text = urllib.request.urlopen(pool.status()["pool"]["metrics_url"], timeout=10).read().decode()
-    counts = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "isopool_http_requests_total":
-                counts[(s.labels["route"], s.labels["status"], s.labels["model"])] = s.value
+    # a request is counted and logged just after its answer has left: read until all are there
+    for _ in range(200):  # bounded (~10 s)
+        counts = http_counts(pool.status()["pool"]["metrics_url"])
+        lines = [json.loads(line) for line in pool.output().splitlines()
+                 if line.startswith("{") and '"isopool.http"' in line]
+        if sum(counts.values()) >= len(calls) and len(lines) >= len(calls):
+            break
+        time.sleep(0.05)
     assert counts == {("/v2/models/{name}/infer", "200", "default"): 5, ("/v2/models/{name}/infer", "400", "default"): 1,
                       ("/v2/models/{name}/infer", "404", ""): 1, ("unmatched", "404", ""): 1}  # summed over gateways
-    lines = [json.loads(line) for line in pool.output().splitlines()
-             if line.startswith("{") and '"isopool.http"' in line]
     assert sorted((r["path"], r["status"]) for r in lines) == sorted((p, s) for p, _, s in calls)
     assert all(r["route"] and r["duration_ms"] >= 0 and r["client"].startswith("127.0.0.1:") for r in lines)
 
