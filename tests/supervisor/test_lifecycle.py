@@ -54,7 +54,7 @@ def test_the_supervisors_own_sigkill_at_stop_is_reported_as_its_own(start_pool):
     pool = start_pool("--workers", "1", "--model", FAULTY, "--kill-grace", "0.3", "--drain-timeout", "0.5")
     with pool.client() as c:
         c.submit({"do": "hang"})
-        pid = pool.running()
+        pid = pool.running(lambda w: w["current_request_age_s"] is not None)  # begun: the drain must kill it
         pool.proc.send_signal(signal.SIGTERM)
         gone = pool.wait_event("exited", pid=pid, timeout=60)
     assert gone["signal"] in ("SIGTERM", "SIGKILL") and "sent by the supervisor" in gone["reason"]

@@ -204,7 +204,8 @@ def test_a_cancelled_calls_late_answer_never_lands_in_a_later_calls_segment(star
         c.infer({"do": "ok"})
         x, y = np.full(MiB, 111, np.float32), np.full(MiB, 222, np.float32)
         slow = c.submit({"do": "wait", "path": str(done), "s": 60, "x": x})
-        busy = pool.running()  # the worker running it
+        # the worker running it: begun, by its board (only dispatched, a cancel withdraws it unrun)
+        busy = pool.running(lambda w: w["current_request_age_s"] is not None)
         out_fd = next(iter(c._session.segments.values())).seg_out.fd
         assert slow.cancel()
         end = time.monotonic() + 20
