@@ -70,9 +70,9 @@ def set_threads(threads: int) -> None:
 def share_threads(threads: int) -> None:
     """Hold every thread pool of the model to the worker's share of the cores: torch's
     (set_threads), and Rust libraries' Rayon pools (Hugging Face tokenizers'), which start one
-    thread per core. On 2
-    cores and 2 workers, those threads preempted the workers' torch threads 1.1 times per
-    MiniLM request each; with one thread, a tokenizer encodes inline (docs/performance.md).
+    thread per core. On 2 cores and 2 workers, those threads preempted the workers' torch
+    threads 1.1 times per MiniLM request each; with one thread, a tokenizer encodes inline
+    (docs/performance.md).
     Set in the worker, before the model's first call starts them; never in the template, whose
     environment every worker inherits (it calls set_threads(1) only). A variable the user set
     (not empty) is kept."""
