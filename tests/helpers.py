@@ -103,13 +103,20 @@ class PoolProc:
     def workers(self) -> list[dict]:
         return self.status()["workers"]
 
-    def running(self, pred: Callable[[dict], bool] = lambda w: True, tries: int = 500) -> int:
-        """The pid of a worker that holds a request (status polled, bounded)."""
+    def running(self, pred: Callable[[dict], bool] = lambda w: True, tries: int = 20_000,
+                timeout: float = 30.0) -> int:
+        """The pid of a worker that holds a request (status polled, bounded in count and in
+        time: on a loaded host 500 round trips could pass before a request began)."""
+        end = time.monotonic() + timeout
+        workers: list[dict] = []
         for _ in range(tries):
-            for w in self.workers():
+            workers = self.workers()
+            for w in workers:
                 if w["in_flight"] and w["pid"] and pred(w):
                     return w["pid"]
-        raise AssertionError("no worker picked up the request")
+            if time.monotonic() > end:
+                break
+        raise AssertionError(f"no worker picked up the request; last seen: {workers}")
 
     def worker_pids(self) -> list[int]:
         return [w["pid"] for w in self.workers() if w["pid"]]
