@@ -3,8 +3,8 @@ LitServe and Ray Serve, all driven by the same load generator (wrk, 64 connectio
 
     isopool bench --http [--quick] [--out DIR] [--no-embeddings]
 
-Every system serves the same models with 2 workers and the same batching (isopool's
-defaults: up to 8 requests, 2 ms), behind one HTTP front process each (isopool: one gateway;
+Every system serves the same models with 2 workers and the same batching (up to 16
+requests, 2 ms: the suite's EMBED_BATCH), behind one HTTP front process each (isopool: one gateway;
 LitServe: one API server; Ray Serve: its one proxy). Columns:
 
     tiny req/s, p50, p99      the tiny model (bench/models.py), 64 connections
@@ -42,7 +42,7 @@ from typing import Iterator
 import numpy as np
 import psutil
 
-from .models import DIM, POOL_MODELS, build, embeddings_available
+from .models import DIM, EMBED_ARGS, EMBED_BATCH, POOL_MODELS, build, embeddings_available
 from .pool import in_flight_rate, serve
 
 WORKERS = 2
@@ -129,7 +129,8 @@ def answer_of_binary(raw: bytes, header_length: int) -> np.ndarray:
 @contextlib.contextmanager
 def isopool(kind: str) -> Iterator[dict]:
     port = free_port()
-    with serve("--model", POOL_MODELS[kind], "--workers", str(WORKERS), "--http", f"127.0.0.1:{port}",
+    batching = EMBED_ARGS if kind == "embeddings" else ()
+    with serve("--model", POOL_MODELS[kind], "--workers", str(WORKERS), *batching, "--http", f"127.0.0.1:{port}",
                "--http-workers", "1") as endpoint:
         from isopool import Client
 
@@ -185,7 +186,8 @@ def big_binary(s: dict, n: int) -> dict:
 def peer(name: str, kind: str) -> Iterator[dict]:
     port, pids = free_port(), tempfile.mkdtemp(prefix="iso-bench-pids-")
     proc = subprocess.Popen([sys.executable, "-m", "isopool.bench.http_peers", name, "--kind", kind, "--port",
-                             str(port), "--workers", str(WORKERS), "--pids", pids], start_new_session=True,
+                             str(port), "--workers", str(WORKERS), "--pids", pids,
+                             "--max-batch-size", str(EMBED_BATCH)], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -331,7 +333,7 @@ def table(t: dict, e: dict | None) -> str:
     if e and "ceiling" in e:
         c = e["ceiling"]
         lines += ["", f"MiniLM over HTTP: {e['isopool HTTP, JSON']['rps'] / c['rps']:.2f}x the in-process "
-                      f"batched ceiling ({c['rps']:,.1f} sentences/s: {WORKERS} processes calling batch() on 8 "
+                      f"batched ceiling ({c['rps']:,.1f} sentences/s: {WORKERS} processes calling batch() on {EMBED_BATCH} "
                       f"sentences back to back; the mean of {c['before']:,.1f} just before isopool's figure and "
                       f"{c['after']:,.1f} just after)"]
     return "\n".join(lines)

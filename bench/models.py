@@ -18,6 +18,13 @@ import torch
 DIM = 256
 POOL_MODELS = {"tiny": "isopool.bench.models:BenchModel", "embeddings": "isopool.examples.embeddings:Embedder"}
 KINDS = tuple(POOL_MODELS)
+# The embeddings workload's batch (the ceiling's too). At 64 in flight over 2 workers each
+# worker holds 16 (--prefetch) and 32 wait in the supervisor, so at 16 a worker runs all it
+# holds at once; at isopool's default of 8 it splits them into two batches, and the
+# supervisor and the client handle twice the wake-ups per batch (docs/performance.md,
+# "Batch size").
+EMBED_BATCH = 16
+EMBED_ARGS = ("--max-batch-size", str(EMBED_BATCH))
 
 
 class BenchModel:

@@ -7,7 +7,7 @@ mechanism after another:
 
     inproc     the model called in this process: the ideal, no isolation at all
     ceiling    the physical limits: a memcpy of the 16 MiB buffer there and back; for the real
-               model, 2 processes each calling its batch() on 8 sentences back to back
+               model, 2 processes each calling its batch() on 16 sentences back to back
     isopool    Client (sync, thread-safe) / AsyncClient; isopool_threads2: 2 torch threads per
                worker instead of the default share (cores / workers = 1 here)
     ppe        concurrent.futures.ProcessPoolExecutor
@@ -18,7 +18,8 @@ Workloads, on the tiny model (bench/models.py: Linear(256, 256) + ReLU): tiny-re
 throughput (64 in flight), sequential latency (p50/p99), and a 16 MiB float32 round trip
 (MiB/s). Then, when the `embeddings` extra is installed, a real model: all-MiniLM-L6-v2,
 one sentence per request, 64 in flight (sentences/s); isopool's workers batch concurrent
-requests (the Embedder has batch()), the executors' workers take one call at a time.
+requests (the Embedder has batch(); --max-batch-size 16 here, EMBED_BATCH), the executors'
+workers take one call at a time.
 For each model, all mechanisms are started (and warmed up) first, then measured in rounds
 (each once per round), and each figure is the median of --repeats rounds. The ceiling is
 measured again after each isopool mechanism; that mechanism's "× ceiling" is the median of
@@ -51,7 +52,7 @@ import numpy as np
 from . import MECHANISMS as ALL
 from . import peers
 from .noisy import neighbours
-from .models import DIM, POOL_MODELS, build, embeddings_available
+from .models import DIM, EMBED_ARGS, EMBED_BATCH, POOL_MODELS, build, embeddings_available
 from .pool import in_flight_rate, sequential, serve
 
 WORKERS = 2
@@ -117,7 +118,8 @@ class IsopoolSync(Mechanism):
         from isopool import Client
 
         self.name = name or self.name
-        self.ctx = serve("--workers", str(WORKERS), "--model", POOL_MODELS[kind], *serve_args)
+        batching = EMBED_ARGS if kind == "embeddings" else ()
+        self.ctx = serve("--workers", str(WORKERS), "--model", POOL_MODELS[kind], *batching, *serve_args)  # the last wins
         self.client = Client(self.ctx.__enter__(), timeout=120)
 
     def submit(self, x: Any) -> cf.Future:
@@ -266,22 +268,22 @@ def measure_embeddings(mech: Mechanism, sizes: Sizes) -> dict[str, float]:
 class Ceiling(Mechanism):
     """The physical limits, as a row: `memcpy` for the 16 MiB round trip (the buffer copied
     there and back, into buffers already faulted in), and for embeddings the model's own
-    batched throughput: WORKERS processes each calling batch() on BATCH sentences, back to back,
-    the batch the pool forms (--max-batch-size 8). Not a serving mechanism: its tiny-request
-    figures are the in-process model's."""
+    batched throughput: WORKERS processes each calling batch() on `batch` sentences, back to
+    back, the batch the pool forms (--max-batch-size EMBED_BATCH). Not a serving mechanism: its
+    tiny-request figures are the in-process model's."""
 
     name = "ceiling"
-    BATCH = 8
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, batch: int = EMBED_BATCH) -> None:
         self.kind = kind
+        self.batch = batch
         self.model = build(kind)
         self.buffers: tuple[np.ndarray, np.ndarray] | None = None
         self.pool = None
         if kind == "embeddings":
             spawn = mp.get_context("spawn")
             self.pool = cf.ProcessPoolExecutor(WORKERS, mp_context=spawn, initializer=peers.init, initargs=(kind,))
-            list(self.pool.map(peers.run_batches, [SENTENCE] * WORKERS, [self.BATCH] * WORKERS, [2] * WORKERS))
+            list(self.pool.map(peers.run_batches, [SENTENCE] * WORKERS, [self.batch] * WORKERS, [2] * WORKERS))
 
     def submit(self, x: Any) -> cf.Future:
         f: cf.Future = cf.Future()
@@ -304,9 +306,9 @@ class Ceiling(Mechanism):
     def throughput(self, x: Any, n: int, in_flight: int = IN_FLIGHT) -> float:
         if self.pool is None:
             return super().throughput(x, n, in_flight)
-        per = max(1, n // (WORKERS * self.BATCH))
+        per = max(1, n // (WORKERS * self.batch))
         t = time.perf_counter()
-        done = sum(self.pool.map(peers.run_batches, [x] * WORKERS, [self.BATCH] * WORKERS, [per] * WORKERS))
+        done = sum(self.pool.map(peers.run_batches, [x] * WORKERS, [self.batch] * WORKERS, [per] * WORKERS))
         return done / (time.perf_counter() - t)
 
     def close(self) -> None:

@@ -64,7 +64,10 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
                      "they sleep: a sleeping process costs every message a few thread "
                      "wake-ups. Only while requests finish within ~2 ms; the window shrinks by itself "
                      "when requests come further apart. 0: always sleep at once, the least CPU."),
-    ("max-batch-size", int, "Models with batch(list) -> list get up to this many requests at once."),
+    ("max-batch-size", int, "Models with batch(list) -> list get up to this many requests at once. "
+                            "For throughput under a deep queue, set it to --prefetch (16): each worker "
+                            "then runs all it holds as one batch (MiniLM at 64 in flight: 0.96-1.0x its "
+                            "batched ceiling, against 0.93-0.95x at 8)."),
     ("max-batch-wait-ms", float, "How long a partial batch waits for more requests."),
     ("request-timeout", float, "Seconds any request may take; also the deadline when the client gives none."),
     ("max-attempts", int, "Tries of a request whose worker died (1: never retry)."),
