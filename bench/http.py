@@ -42,7 +42,7 @@ from typing import Iterator
 import numpy as np
 import psutil
 
-from .models import DIM, EMBED_ARGS, EMBED_BATCH, POOL_MODELS, build, embeddings_available
+from .models import BATCHING, DIM, EMBED_BATCH, POOL_MODELS, build, embeddings_available
 from .pool import in_flight_rate, serve
 
 WORKERS = 2
@@ -129,9 +129,8 @@ def answer_of_binary(raw: bytes, header_length: int) -> np.ndarray:
 @contextlib.contextmanager
 def isopool(kind: str) -> Iterator[dict]:
     port = free_port()
-    batching = EMBED_ARGS if kind == "embeddings" else ()
-    with serve("--model", POOL_MODELS[kind], "--workers", str(WORKERS), *batching, "--http", f"127.0.0.1:{port}",
-               "--http-workers", "1") as endpoint:
+    with serve("--model", POOL_MODELS[kind], "--workers", str(WORKERS), *BATCHING.get(kind, ()),
+               "--http", f"127.0.0.1:{port}", "--http-workers", "1") as endpoint:
         from isopool import Client
 
         with Client(endpoint, timeout=120) as c:

@@ -24,7 +24,7 @@ KINDS = tuple(POOL_MODELS)
 # supervisor and the client handle twice the wake-ups per batch (docs/performance.md,
 # "Batch size").
 EMBED_BATCH = 16
-EMBED_ARGS = ("--max-batch-size", str(EMBED_BATCH))
+BATCHING = {"embeddings": ("--max-batch-size", str(EMBED_BATCH))}  # isopool's flags for each kind
 
 
 class BenchModel:

@@ -52,7 +52,7 @@ import numpy as np
 from . import MECHANISMS as ALL
 from . import peers
 from .noisy import neighbours
-from .models import DIM, EMBED_ARGS, EMBED_BATCH, POOL_MODELS, build, embeddings_available
+from .models import BATCHING, DIM, EMBED_BATCH, POOL_MODELS, build, embeddings_available
 from .pool import in_flight_rate, sequential, serve
 
 WORKERS = 2
@@ -118,8 +118,8 @@ class IsopoolSync(Mechanism):
         from isopool import Client
 
         self.name = name or self.name
-        batching = EMBED_ARGS if kind == "embeddings" else ()
-        self.ctx = serve("--workers", str(WORKERS), "--model", POOL_MODELS[kind], *batching, *serve_args)  # the last wins
+        self.ctx = serve("--workers", str(WORKERS), "--model", POOL_MODELS[kind], *BATCHING.get(kind, ()),
+                         *serve_args)  # a flag given twice: the last wins
         self.client = Client(self.ctx.__enter__(), timeout=120)
 
     def submit(self, x: Any) -> cf.Future:
