@@ -12,6 +12,7 @@ import zmq
 from isopool.protocol.iothread import CALM
 
 BURST = 1000  # quick requests, within --max-queue: a quarter of a second of work for one worker
+LOOKS = 4  # at most, during one burst
 
 
 def io_policies(pid: int) -> list[int]:
@@ -34,18 +35,28 @@ def test_io_threads_yield_to_busy_senders_and_preempt_for_a_lone_request(start_p
         with pool.client() as c:
             worker = c.status()["workers"][0]["pid"]
             futures = [c.submit({"do": "ok", "i": i}) for i in range(BURST)]
-            futures[100].result(timeout=30)
-            os.kill(worker, signal.SIGSTOP)  # hold the pool busy with quick requests while we look
-            try:
-                ours = c._io.io_threads.tids
-                assert ours, "the client's I/O thread was not found"
-                assert [os.sched_getscheduler(t) for t in ours] == [os.SCHED_BATCH] * len(ours)
-                assert io_policies(pool.pid) == [os.SCHED_BATCH]
-                assert io_policies(worker) == [os.SCHED_BATCH]
-                everyone = io_policies(os.getpid())
-                assert everyone.count(os.SCHED_BATCH) == len(ours)  # the bystander's is untouched
-            finally:
-                os.kill(worker, signal.SIGCONT)
+            ours: list[int] = []
+            looks = []
+            # a look holds the pool still (SIGSTOP) while it reads the policies; a look whose
+            # last few answers the host happened to slow (work is quick as the quickest of them,
+            # protocol/pacing.py) may see the supervisor or worker rightly treat it as slow, so
+            # the pool is let go on and looked at again, a bounded number of times
+            for k in range(1, LOOKS + 1):
+                futures[k * BURST // (LOOKS + 2)].result(timeout=30)
+                os.kill(worker, signal.SIGSTOP)  # hold the pool busy with quick requests while we look
+                try:
+                    ours = c._io.io_threads.tids or []
+                    look = ([os.sched_getscheduler(t) for t in ours], io_policies(pool.pid),
+                            io_policies(worker), io_policies(os.getpid()).count(os.SCHED_BATCH))
+                finally:
+                    os.kill(worker, signal.SIGCONT)
+                looks.append(look)
+                # client, supervisor and worker all yield; the bystander's thread is untouched
+                busy = ([os.SCHED_BATCH] * len(ours), [os.SCHED_BATCH], [os.SCHED_BATCH], len(ours))
+                if look == busy:
+                    break
+            assert ours, "the client's I/O thread was not found"
+            assert looks[-1] == busy, looks
             assert [f.result(timeout=30)["echo"]["i"] for f in futures] == list(range(BURST))
             for i in range(CALM + 2):  # one at a time: every hop is on the critical path again
                 assert c.infer({"do": "ok", "i": i})["echo"]["i"] == i
