@@ -187,7 +187,7 @@ class Processes:
         or more) was taken for a stray and ended, and the worker it was about to become died
         at its start: the chaos test caught it, one extra crash in about ten loaded runs."""
         try:
-            children = psutil.Process().children()
+            children = spawner.children(psutil.Process())
         except psutil.Error:
             return len(self.strays)
         known = self.known_pids()
@@ -274,7 +274,7 @@ class Processes:
         """At the end: nothing a worker started outlives the pool."""
         known = self.known_pids()
         try:
-            strays = [c for c in psutil.Process().children() if c.pid not in known]
+            strays = [c for c in spawner.children(psutil.Process()) if c.pid not in known]
         except psutil.Error:
             return
         for child in strays:
@@ -285,7 +285,7 @@ class Processes:
 def _signal_tree(proc: psutil.Process, sig: int) -> None:
     """`sig` to a process and everything below it."""
     try:
-        tree = [proc, *proc.children(recursive=True)]
+        tree = [proc, *spawner.children(proc, recursive=True)]
     except psutil.Error:
         tree = [proc]
     for p in tree:

@@ -29,6 +29,59 @@ SPAWN_TIMEOUT_S = 5.0
 
 
 FULL_EVERY = 10  # samples between looks at a process's children and its USS (Process.resources)
+PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")  # CONFIG_PROC_CHILDREN
+
+
+def children(proc: psutil.Process, recursive: bool = False) -> list[psutil.Process]:
+    """The children of `proc` (and theirs, `recursive`), from /proc/PID/task/TID/children:
+    one read per thread of each process in the tree. psutil's children() reads the stat of
+    every process on the host instead (~22 µs each: on a node with 2,000 processes, 45 ms
+    of the supervisor's loop each second, stalled, for the stray scan alone). Kernels
+    without CONFIG_PROC_CHILDREN: psutil's way. Raises psutil.NoSuchProcess if `proc` is
+    gone; a child that ended meanwhile is left out."""
+    if not PROC_CHILDREN:
+        return proc.children(recursive=recursive)
+    try:
+        return _listed_children(proc, recursive)
+    except PermissionError:  # a /proc that hides other users' processes: psutil may see more
+        return proc.children(recursive=recursive)
+
+
+def _listed_children(proc: psutil.Process, recursive: bool) -> list[psutil.Process]:
+    found: list[psutil.Process] = []
+    seen = {proc.pid}
+    parents = [proc.pid]
+    while parents:
+        listed: list[tuple[int, int]] = []  # (pid, its parent)
+        for parent in parents:
+            try:
+                tids = os.listdir(f"/proc/{parent}/task")
+            except FileNotFoundError:
+                if parent == proc.pid:
+                    raise psutil.NoSuchProcess(parent) from None
+                continue  # it ended meanwhile
+            for tid in tids:
+                try:
+                    with open(f"/proc/{parent}/task/{tid}/children", "rb") as f:
+                        listed.extend((int(pid), parent) for pid in f.read().split())
+                except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
+                    pass
+        parents = []
+        for pid, parent in listed:
+            if pid in seen:
+                continue
+            seen.add(pid)
+            try:
+                child = psutil.Process(pid)
+                if child.ppid() != parent:  # it ended and its pid was reused meanwhile: not ours
+                    continue
+            except psutil.Error:  # it ended meanwhile
+                continue
+            found.append(child)
+            parents.append(pid)
+        if not recursive:
+            break
+    return found
 
 
 class Process:
@@ -90,7 +143,7 @@ class Process:
             full = self._samples % FULL_EVERY == 0
             self._samples += 1
             if full:
-                self._tree = self._ps.children(recursive=True)
+                self._tree = children(self._ps, recursive=True)
             rss = uss = 0
             for p in (self._ps, *self._tree):
                 try:

@@ -23,6 +23,7 @@ import psutil
 import zmq
 
 from isopool import Client
+from isopool.errors import Unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60.0
@@ -90,6 +91,22 @@ class PoolProc:
             if self.status()["pool"]["event_subscribers"] > 0:
                 return
         raise AssertionError("the event subscription never reached the supervisor")
+
+    def wait_answering(self, timeout: float = START_TIMEOUT) -> dict:
+        """The first status the supervisor answers, once it listens; its workers may still be
+        loading (a pool started with wait=False). A client gives a supervisor that is not
+        there yet a second (CONNECT_S) before it says Unavailable: on a loaded host the
+        daemon's start can take longer, so each try waits on the connection again."""
+        end = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"isopool serve exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with self.client() as c:
+                    return c.status()
+            except Unavailable:
+                if time.monotonic() > end:
+                    raise
 
     def client(self, **kw: Any) -> Client:
         """A new client; use it in a `with` block."""

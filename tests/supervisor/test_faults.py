@@ -112,6 +112,7 @@ def test_unimportable_model_fails_serve_plainly(start_pool):
 
 def test_slow_model_construction_queues_requests_until_ready(start_pool):
     pool = start_pool("--workers", "2", "--model", "isopool.examples.faulty:SlowToLoad", wait=False)
+    pool.wait_answering()  # the supervisor, not its workers: they take 2 s to load
     with pool.client() as c:
         futures = [c.submit(i, timeout=60) for i in range(10)]  # sent before any worker is ready
         assert [f.result(timeout=60)["echo"] for f in futures] == list(range(10))

@@ -53,3 +53,43 @@ def test_a_setsid_grandchild_that_ignores_sigterm_dies_with_its_worker(start_poo
     if path != "stop":
         with pool.client() as c:
             assert c.infer({"do": "ok"})["echo"] == {"do": "ok"}
+
+
+def test_the_process_tree_read_from_proc_children_is_psutils(tmp_path):
+    """spawner.children() reads /proc/PID/task/TID/children instead of every process on the
+    host; on a real tree (children forked from two threads, grandchildren, one that exited) it
+    finds what psutil finds."""
+    import subprocess
+    import sys
+
+    from isopool.supervisor import spawner
+
+    script = tmp_path / "tree.py"
+    script.write_text(
+        "import subprocess, sys, threading\n"
+        "kids = [subprocess.Popen(['sh', '-c', 'sleep 30 & sleep 30 & wait'])]\n"
+        "forked = threading.Event()\n"  # a child of a thread that lives on is listed under that thread
+        "threading.Thread(target=lambda: (kids.append(subprocess.Popen(['sleep', '30'])), forked.set(),\n"
+        "                                 threading.Event().wait()), daemon=True).start()\n"
+        "forked.wait()\n"
+        "subprocess.run(['true'])\n"  # one that came and went
+        "print('up', flush=True)\n"
+        "sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        root = psutil.Process(proc.pid)
+        for recursive in (False, True):
+            expected = sorted(p.pid for p in root.children(recursive=recursive))
+            for _ in range(50):  # sh starts its two sleeps on its own time: until psutil sees the tree whole
+                if not recursive or len(expected) == 4:
+                    break
+                time.sleep(0.05)
+                expected = sorted(p.pid for p in root.children(recursive=recursive))
+            assert len(expected) == (2 if not recursive else 4)
+            assert sorted(p.pid for p in spawner.children(root, recursive=recursive)) == expected
+    finally:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            p.kill()
+        proc.kill()
+        proc.wait(10)
