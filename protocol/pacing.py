@@ -13,8 +13,7 @@ noise, and an I/O thread that cannot preempt costs the slow work's answers a sch
 Two figures are judged by it. The work: the model's run in a worker; in the supervisor, a
 request's time on its worker (from its dispatch, or the worker's previous answer if that
 came later: the time it ran, not the time it queued there; answers read together, a batch's,
-all count as the first: the batch's time), the quickest of the last few (Quickest: a
-busy host only ever adds to it). It sets the I/O-thread policy.
+all count as the first: the batch's time). It sets the I/O-thread policy.
 The round trip: how soon after its dispatch an answer came. It decides a spin, since a spin
 pays only while the next message comes within a round trip: under load, answers queue
 behind others and the supervisor stops spinning (a spin there only takes a core from the
@@ -26,45 +25,24 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
 from typing import Callable, TypeVar
 
 from .iothread import IoThreads
 
 T = TypeVar("T")
 QUICK_S = 0.002
-RECENT = 8  # answers (or runs) whose quickest says how long the work takes
-
-
-class Quickest:
-    """How long a piece of work takes: the quickest of the last RECENT samples.
-
-    A run's time on a busy host includes any time it was preempted, and noise only ever
-    adds. One slow sample among quick ones is the host, not the work, and must not flip the
-    I/O thread's policy (each flip costs what the policy saves); work is slow once none of
-    the last RECENT samples was quick. None yet: slow."""
-
-    def __init__(self) -> None:
-        self.samples: deque[float] = deque(maxlen=RECENT)
-        self.s = float("inf")
-
-    def add(self, seconds: float) -> None:
-        self.samples.append(seconds)
-        self.s = min(self.samples)
 
 
 class Pacing:
     def __init__(self, io_threads: IoThreads, spin_us: int = 0, work_s: float = float("inf")):
         self.io_threads = io_threads
         self.spinner = Spinner(spin_us / 1e6) if spin_us else None
-        self.work_s = work_s  # how long the work takes (Quickest); none yet: slow
+        self.work_s = work_s  # how long the last piece of work took; none yet: slow
         self.round_trip_s = work_s  # how soon its answer came after it was sent out
-        self.runs = Quickest()
 
     def did(self, seconds: float) -> None:
-        """A worker's run: its work (the quickest recent run) and its round trip (this one)."""
-        self.runs.add(seconds)
-        self.work_s, self.round_trip_s = self.runs.s, seconds
+        """A worker's run: its work and its round trip."""
+        self.work_s = self.round_trip_s = seconds
 
     @property
     def quick(self) -> bool:

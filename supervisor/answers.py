@@ -163,7 +163,7 @@ def on_reply(core: "Core", w: Worker, op: str, header: dict, body: list, now: fl
         # that came later (before it, it waited behind others there). Answers read together
         # (a batch's, one bundle) ran together: the first says how long; the rest would say 0
         if now > w.answered_at:
-            core.work.add(now - max(req.started_at, w.answered_at))
+            core.work_s = now - max(req.started_at, w.answered_at)
             w.answered_at = now
         w.requests += 1
         w.requests_this_process += 1

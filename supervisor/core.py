@@ -31,7 +31,6 @@ from collections import Counter
 from typing import Any, Callable, Iterator
 
 from isopool.protocol import InternalError, IsopoolError, encode_error, ops, pack_header
-from isopool.protocol.pacing import Quickest
 
 from . import actions as ev
 from . import admission, answers, blame, control, dispatch, health, slots, templates
@@ -89,7 +88,7 @@ class Core:
         self.was_degraded = False
         self.reloading = False
         self.dirty = True  # the pool changed: the maintenance steps run on the next tick
-        self.work = Quickest()  # how long its requests run on their workers (protocol/pacing.py)
+        self.work_s = float("inf")  # how long the last answered request ran on its worker (protocol/pacing.py)
         self.answer_s = float("inf")  # how soon after its dispatch that answer came
         self.stop_header = pack_header(ops.STOP, None)
         self.stalled: set[bytes] = set()  # clients whose replies wait at their bound: new requests refused

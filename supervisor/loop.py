@@ -158,7 +158,7 @@ class Supervisor:
             io.metrics.snapshot = {s.name: snapshot(s.core, self.procs.dropped_of(s.name), len(io.connections.open),
                                                     io.connections.shed) for s in self.models}
         cores = self.models.cores()
-        self.pacing.pace(min(c.work.s for c in cores), min(c.answer_s for c in cores),
+        self.pacing.pace(min(c.work_s for c in cores), min(c.answer_s for c in cores),
                          sum(len(c.ledger) for c in cores))  # before the sends that wake the I/O thread
         self.to_workers.flush()
         self.to_clients.flush()

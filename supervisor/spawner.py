@@ -43,7 +43,7 @@ def children(proc: psutil.Process, recursive: bool = False) -> list[psutil.Proce
         return proc.children(recursive=recursive)
     try:
         return _listed_children(proc, recursive)
-    except PermissionError:  # a /proc that hides other users' processes: psutil may see more
+    except OSError:  # a /proc that hides other users' processes, or refuses otherwise: psutil's way
         return proc.children(recursive=recursive)
 
 
@@ -56,7 +56,7 @@ def _listed_children(proc: psutil.Process, recursive: bool) -> list[psutil.Proce
         for parent in parents:
             try:
                 tids = os.listdir(f"/proc/{parent}/task")
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):
                 if parent == proc.pid:
                     raise psutil.NoSuchProcess(parent) from None
                 continue  # it ended meanwhile

@@ -37,10 +37,11 @@ def test_io_threads_yield_to_busy_senders_and_preempt_for_a_lone_request(start_p
             futures = [c.submit({"do": "ok", "i": i}) for i in range(BURST)]
             ours: list[int] = []
             looks = []
-            # a look holds the pool still (SIGSTOP) while it reads the policies; a look whose
-            # last few answers the host happened to slow (work is quick as the quickest of them,
-            # protocol/pacing.py) may see the supervisor or worker rightly treat it as slow, so
-            # the pool is let go on and looked at again, a bounded number of times
+            # a look holds the pool still (SIGSTOP) while it reads the policies. On a busy host
+            # the answer just before it may have been slowed past QUICK_S (protocol/pacing.py),
+            # and the supervisor or the worker then rightly treats the work as slow until the
+            # next quick answer, which the SIGSTOP holds back: so the pool is let go on and
+            # looked at again, a bounded number of times
             for k in range(1, LOOKS + 1):
                 futures[k * BURST // (LOOKS + 2)].result(timeout=30)
                 os.kill(worker, signal.SIGSTOP)  # hold the pool busy with quick requests while we look
