@@ -35,8 +35,8 @@ PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children
 def children(proc: psutil.Process, recursive: bool = False) -> list[psutil.Process]:
     """The children of `proc` (and theirs, `recursive`), from /proc/PID/task/TID/children:
     one read per thread of each process in the tree. psutil's children() reads the stat of
-    every process on the host instead (~22 µs each: on a node with 2,000 processes, 45 ms
-    of the supervisor's loop each second, stalled, for the stray scan alone). Kernels
+    every process on the host instead (27 ms with 2,069 processes: the supervisor's loop
+    stalled that long each second, for the stray scan alone). Kernels
     without CONFIG_PROC_CHILDREN: psutil's way. Raises psutil.NoSuchProcess if `proc` is
     gone; a child that ended meanwhile is left out."""
     if not PROC_CHILDREN:

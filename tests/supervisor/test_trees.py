@@ -3,10 +3,14 @@ setsid() (leaving the worker's process group) and ignores SIGTERM."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import psutil
 import pytest
+
+from isopool.supervisor import spawner
 
 FAULTY = "isopool.examples.faulty:Faulty"
 
@@ -57,36 +61,29 @@ def test_a_setsid_grandchild_that_ignores_sigterm_dies_with_its_worker(start_poo
 
 def test_the_process_tree_read_from_proc_children_is_psutils(tmp_path):
     """spawner.children() reads /proc/PID/task/TID/children instead of every process on the
-    host; on a real tree (children forked from two threads, grandchildren, one that exited) it
-    finds what psutil finds."""
-    import subprocess
-    import sys
-
-    from isopool.supervisor import spawner
-
+    host; on a real tree (children of the main thread and of another that lives on,
+    grandchildren, one child that came and went) it finds what psutil finds."""
     script = tmp_path / "tree.py"
     script.write_text(
         "import subprocess, sys, threading\n"
-        "kids = [subprocess.Popen(['sh', '-c', 'sleep 30 & sleep 30 & wait'])]\n"
+        "grand = ('import subprocess; kids = [subprocess.Popen([\"sleep\", \"30\"]) for _ in range(2)]; '\n"
+        "         'print(\"up\", flush=True); kids[0].wait()')\n"
+        "parent = subprocess.Popen([sys.executable, '-c', grand], stdout=subprocess.PIPE, text=True)\n"
+        "parent.stdout.readline()\n"  # its two children exist
         "forked = threading.Event()\n"  # a child of a thread that lives on is listed under that thread
-        "threading.Thread(target=lambda: (kids.append(subprocess.Popen(['sleep', '30'])), forked.set(),\n"
+        "threading.Thread(target=lambda: (subprocess.Popen(['sleep', '30']), forked.set(),\n"
         "                                 threading.Event().wait()), daemon=True).start()\n"
         "forked.wait()\n"
-        "subprocess.run(['true'])\n"  # one that came and went
+        "subprocess.run(['true'])\n"
         "print('up', flush=True)\n"
         "sys.stdin.read()\n")
     proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "up"
         root = psutil.Process(proc.pid)
-        for recursive in (False, True):
+        for recursive, size in ((False, 2), (True, 4)):
             expected = sorted(p.pid for p in root.children(recursive=recursive))
-            for _ in range(50):  # sh starts its two sleeps on its own time: until psutil sees the tree whole
-                if not recursive or len(expected) == 4:
-                    break
-                time.sleep(0.05)
-                expected = sorted(p.pid for p in root.children(recursive=recursive))
-            assert len(expected) == (2 if not recursive else 4)
+            assert len(expected) == size
             assert sorted(p.pid for p in spawner.children(root, recursive=recursive)) == expected
     finally:
         for p in psutil.Process(proc.pid).children(recursive=True):
