@@ -27,6 +27,7 @@ from isopool.errors import Unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60.0
+SUBSCRIBE_TIMEOUT_S = 15.0
 
 
 class PoolProc:
@@ -86,11 +87,16 @@ class PoolProc:
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.connect(ev)
         # Events published before the subscription reaches the supervisor are lost; its
-        # XPUB sees the subscription arrive, and status reports it. Bounded: 200 round trips.
-        for _ in range(200):
+        # XPUB sees the subscription arrive, and status reports it. Bounded in round trips and
+        # in time: on a loaded host 200 quick round trips could pass before the connection's
+        # handshake (CI saw it once, beside a gateway starting).
+        end = time.monotonic() + SUBSCRIBE_TIMEOUT_S
+        for _ in range(100_000):
             if self.status()["pool"]["event_subscribers"] > 0:
                 return
-        raise AssertionError("the event subscription never reached the supervisor")
+            if time.monotonic() > end:
+                break
+        raise AssertionError(f"the event subscription did not reach the supervisor within {SUBSCRIBE_TIMEOUT_S} s")
 
     def wait_answering(self, timeout: float = START_TIMEOUT) -> dict:
         """The first status the supervisor answers, once it listens; its workers may still be
