@@ -35,14 +35,67 @@ KEEP_ALIVE_S = 5
 MAX_CONNECTIONS = 4096
 
 
+class OneWrite:
+    """A connection's transport that sends a response's head and body in one write.
+
+    uvicorn writes a response's head when the app starts it and its body when the app sends
+    it: two send() calls, and on loopback two trips through the TCP stack and often two
+    wake-ups of the client. Here the first write is held until the next one, which takes it
+    along (writelines: one writev), or until the loop's next turn, whichever is first; so a
+    response the app sends in one go leaves in one go, and nothing waits longer than the turn
+    it was written in. A body of ALONE bytes or more goes by itself, as before: beside it a
+    second write is noise, and the transport's write() is its best path for a big buffer.
+    Everything else is the transport's own.
+    """
+
+    ALONE = 1 << 16
+    __slots__ = ("_transport", "_loop", "_held")
+
+    def __init__(self, transport, loop) -> None:
+        self._transport, self._loop, self._held = transport, loop, None
+
+    def write(self, data) -> None:
+        held = self._held
+        if held is None:
+            self._held = data
+            self._loop.call_soon(self.release)
+        elif (data.nbytes if type(data) is memoryview else len(data)) >= self.ALONE:
+            self.release()
+            self._transport.write(data)
+        else:
+            self._held = None
+            self._transport.writelines((held, data))
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def writelines(self, chunks) -> None:
+        self.release()
+        self._transport.writelines(chunks)
+
+    def write_eof(self) -> None:
+        self.release()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self.release()
+        self._transport.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+
 class GuardedHttp(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline on each request's headers (uvicorn has none)."""
+    """uvicorn's httptools protocol with a deadline on each request's headers (uvicorn has none)
+    and each response sent in one write (OneWrite)."""
 
     header_timer = None
     timeout_s = 10.0  # set from --http-client-timeout at start
 
     def connection_made(self, transport) -> None:
-        super().connection_made(transport)
+        super().connection_made(OneWrite(transport, self.loop))
         self.header_timer = self.loop.call_later(self.timeout_s, self.headers_late, False)
 
     def on_message_begin(self) -> None:

@@ -84,6 +84,27 @@ def test_slow_clients_get_408_and_never_hold_the_gateway(start_pool):
     assert pool.status()["pool"]["gateways"][0]["restarts"] == 0
 
 
+def test_each_answer_arrives_whole_in_one_read_on_a_kept_alive_connection(start_pool):
+    """Each head held for its body (gateway/__main__.py: OneWrite; its calls are checked in
+    test_onewrite.py) leaves nothing behind on a kept-alive connection: every answer comes
+    whole in one read, in order, and apart from the next."""
+    pool = http_pool(start_pool, workers=1)
+    host, port = pool.address.rsplit(":", 1)
+    body = json.dumps(GOOD).encode()
+    request = (b"POST /v2/models/default/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        for i in range(5):
+            conn.sendall(request)
+            answer = conn.recv(1 << 16)  # one read: whatever the first write put on the wire
+            head, _, payload = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 "), answer[:200]
+            length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:")))
+            assert len(payload) == length, f"answer {i}: {len(payload)} of {length} body bytes in the first read"
+            assert json.loads(payload)["outputs"][0]["name"] == "OUTPUT0"
+
+
 def test_a_declared_signature_is_checked_and_a_bad_one_stops_the_load(start_pool, short_tmp):
     pool = http_pool(start_pool)
     wrong = [({"name": "x", "shape": [1, 16], "datatype": "FP32"}, "takes input(s) INPUT0"),
