@@ -40,12 +40,15 @@ class OneWrite:
 
     uvicorn writes a response's head when the app starts it and its body when the app sends
     it: two send() calls, and on loopback two trips through the TCP stack and often two
-    wake-ups of the client. Here the first write is held until the next one, which takes it
-    along (writelines: one writev), or until the loop's next turn, whichever is first; so a
-    response the app sends in one go leaves in one go, and nothing waits longer than the turn
-    it was written in. A body of ALONE bytes or more goes by itself, as before: beside it a
-    second write is noise, and the transport's write() is its best path for a big buffer.
-    Everything else is the transport's own.
+    wake-ups of the client. Here a response's head (a write that begins b"HTTP/") is held
+    until the next write, which takes it along (writelines: one writev), or until the loop's
+    next turn, whichever is first; a body of ALONE bytes or more goes by itself, the head
+    just before it (beside it a second write is noise, and write() is the transport's best
+    path for a big buffer). Every other write goes at once, as before, so only a head ever
+    waits, and never past the turn it was written in; closing, or the peer's end of its
+    stream (GuardedHttp.eof_received), sends it first. Everything else is the transport's
+    own. uvicorn writes only through the transport it was given, head and body apart
+    (tests/gateway/test_onewrite.py pins what this relies on).
     """
 
     ALONE = 1 << 16
@@ -56,15 +59,18 @@ class OneWrite:
 
     def write(self, data) -> None:
         held = self._held
-        if held is None:
+        if held is not None:
+            self._held = None
+            if (data.nbytes if type(data) is memoryview else len(data)) >= self.ALONE:
+                self._transport.write(held)
+                self._transport.write(data)
+            else:
+                self._transport.writelines((held, data))
+        elif type(data) is bytes and data.startswith(b"HTTP/"):
             self._held = data
             self._loop.call_soon(self.release)
-        elif (data.nbytes if type(data) is memoryview else len(data)) >= self.ALONE:
-            self.release()
-            self._transport.write(data)
         else:
-            self._held = None
-            self._transport.writelines((held, data))
+            self._transport.write(data)
 
     def release(self) -> None:
         held, self._held = self._held, None
@@ -97,6 +103,12 @@ class GuardedHttp(HttpToolsProtocol):
     def connection_made(self, transport) -> None:
         super().connection_made(OneWrite(transport, self.loop))
         self.header_timer = self.loop.call_later(self.timeout_s, self.headers_late, False)
+
+    def eof_received(self):
+        """The peer ended its stream: uvloop closes the connection when this returns, so a held
+        head leaves first."""
+        self.transport.release()
+        return super().eof_received()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
