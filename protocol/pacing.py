@@ -79,7 +79,8 @@ def spin_until(look: Callable[[], T], seconds: float) -> T | None:
     core's way out of its idle state too; on the 2-core VMs we measure on, idle vCPUs halt at
     once (guest_halt_poll_ns=0), and a sequential request crosses 4 hops. A process that just
     did quick work is likely to get more within a round trip, so it keeps its core awake
-    instead: sequential p50 ~345 -> ~235 µs (README, Performance)."""
+    instead: sequential p50 680 -> 580 µs on the 2-vCPU guest of 2026-12-07 (docs/performance.md,
+    "The spin window")."""
     end = time.perf_counter() + seconds
     while True:
         found = look()
