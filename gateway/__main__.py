@@ -47,8 +47,9 @@ class OneWrite:
     path for a big buffer). Every other write goes at once, as before, so only a head ever
     waits, and never past the turn it was written in; closing, or the peer's end of its
     stream (GuardedHttp.eof_received), sends it first. Everything else is the transport's
-    own. uvicorn writes only through the transport it was given, head and body apart
-    (tests/gateway/test_onewrite.py pins what this relies on).
+    own. It relies on uvicorn writing only through the transport it was given (0.55 does:
+    the head, then each body part); were a later uvicorn to write a response in one go,
+    only the saving would go.
     """
 
     ALONE = 1 << 16
