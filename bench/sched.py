@@ -189,9 +189,10 @@ def embeddings_over_http():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mechanism", choices=["isopool", "ppe", "http"], default="isopool")
-    parser.add_argument("--seconds", type=float, default=1.2)
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--mechanism", choices=["isopool", "ppe", "http"], default="isopool",
+                        help="the tiny workload through isopool or ProcessPoolExecutor, or MiniLM over HTTP")
+    parser.add_argument("--seconds", type=float, default=1.2, help="how long each traced window is")
+    parser.add_argument("--rounds", type=int, default=1, help="traced windows, each reported on its own")
     parser.add_argument("--keep", type=Path, help="write the raw trace here (and the roles beside it)")
     args = parser.parse_args()
     tracefs()
