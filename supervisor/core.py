@@ -233,7 +233,7 @@ def _on_worker_garbage(core: Core, e: ev.WorkerGarbage, now: float) -> None:
 
 def _on_spawned(core: Core, e: ev.Spawned, now: float) -> None:
     w = core.workers.get(e.slot)
-    if w is not None and w.state is slots.State.STARTING:
+    if w is not None and (w.state is slots.State.STARTING or w.state is slots.State.STOPPING and w.pid is None):
         slots.spawned(core, w, e.pid)
 
 
@@ -245,6 +245,8 @@ def _on_spawn_failed(core: Core, e: ev.SpawnFailed, now: float) -> None:
         w.last_error = f"generation {w.generation} could not be started: {e.why}"
         w.move(slots.State.BACKOFF, "spawn failed")
         w.spawn_at = now + (0.0 if e.template else core.config.backoff_base)
+    elif w is not None and w.state is slots.State.STOPPING and w.pid is None:
+        del core.workers[w.slot]  # stopped before its process existed, which now never will: nothing to wait for
     if e.template:
         templates.stop(core, now, delay=0.0)
     core.dirty = True

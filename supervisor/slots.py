@@ -184,6 +184,9 @@ def start(core: "Core", w: Worker, now: float) -> None:
 
 def spawned(core: "Core", w: Worker, pid: int) -> None:
     w.pid = pid
+    if w.state is State.STOPPING:  # stopped before its process existed (the Spawn was carried out after
+        core.actions.append(Kill(w.slot, w.signalled or "TERM"))  # the stop): the signal, again, now it exists
+        return
     if w.generation > 1 and w.last_exit is not None:
         core.emit("restarted", w, after=w.last_exit["reason"], restarts=w.restarts)
     else:

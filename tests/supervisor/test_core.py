@@ -337,3 +337,31 @@ def test_hello_answers_with_the_limits():
     pool.handle(ev.ClientMessage(b"c", {"op": ops.HELLO, "id": 5}, []))
     [(_, header, body)] = [r for r in pool.replies if r[1].get("id") == 5]
     assert header["op"] == ops.RESULT and msgpack.unpackb(body[0])["limits"]["max_message_bytes"] == 1 << 20
+
+
+@pytest.mark.parametrize("outcome", ["spawned then exited", "spawn failed"])
+def test_a_replacement_stopped_before_its_process_exists_still_lets_the_pool_stop(outcome):
+    """Found in a CI run: a worker timed out, its replacement's Spawn was decided, and SIGTERM
+    stopped the pool in the same pass, before the shell carried the Spawn out. The slot went
+    STOPPING with no pid; the Spawned that followed was ignored (not STARTING), so its exit
+    was too (no pid), and the supervisor waited for it for ever."""
+    pool = Pool(workers=1)
+    [w] = pool.core.workers.values()
+    pool.core.handle(ev.WorkerExited(w.slot, {"exit_code": None, "signal": "SIGKILL", "reason": "SIGKILL"}), pool.now)
+    pool.core.handle(ev.Tick(), pool.now)
+    _, _, actions = pool.core.take()
+    [spawn] = [a for a in actions if isinstance(a, ev.Spawn)]  # decided, not yet carried out
+    pool.core.handle(ev.SignalReceived("SIGTERM"), pool.now)
+    pool.core.handle(ev.Tick(), pool.now)  # nothing to drain: its workers are stopped
+    pool.core.take()
+    assert w.state is State.STOPPING and w.pid is None
+    if outcome == "spawned then exited":
+        kills = len(pool.kills)
+        pool.handle(ev.Spawned(spawn.slot, 4242))  # the shell forks it after all
+        assert w.pid == 4242 and [(k.slot, k.sig) for k in pool.kills[kills:]] == [(w.slot, "TERM")]
+        pool.die(w.slot)  # the TERM (or, after --kill-grace, the KILL) it is sent
+    else:
+        pool.handle(ev.SpawnFailed(spawn.slot, "the template is not running", template=True))
+    for _ in range(3):
+        pool.tick(pool.core.config.kill_grace)
+    assert pool.core.phase is Phase.STOPPED and not pool.core.workers
