@@ -68,6 +68,7 @@ class World(Processes):
         self.template_live = False
         self.pids = itertools.count(100)
         self.timeline: list = []  # (time, seq, action) of things the world will do
+        self.one_pass = False  # inside in_one_pass(): events are handled, their actions wait for the pass
         self.seq = itertools.count()
         rng = random.Random(seed + 1)
         self.core = Core(self.config, ["cpu"], self.marks, rng, now=self.now,
@@ -98,9 +99,12 @@ class World(Processes):
         for step in range(self.steps):
             self.step(step)
         self.faults = False
-        self.settle(30.0)  # calm: no faults, no new work
-        self.check_converged()
-        self.deliver(ev.SignalReceived("SIGTERM"))
+        if self.rng.random() < 0.5:  # stopped in the middle of things
+            self.in_one_pass(ev.SignalReceived("SIGTERM"))
+        else:
+            self.settle(30.0)  # calm: no faults, no new work
+            self.check_converged()
+            self.deliver(ev.SignalReceived("SIGTERM"))
         self.settle(self.config.drain_timeout + 10.0)
         if self.core.phase is not Phase.STOPPED:
             self.deliver(ev.SignalReceived("SIGTERM"))
@@ -136,6 +140,27 @@ class World(Processes):
 
     def deliver(self, event: Any) -> None:
         self.core.handle(event, self.now)
+        if self.one_pass:
+            return  # the shell carries out a pass's actions after all its events and its tick
+        self.carry_out()
+        self.check()
+
+    def in_one_pass(self, event: Any) -> None:
+        """`event` and whatever the world has due next, read in one pass of the supervisor's
+        loop, then its tick, then the actions of all three, as the shell does them
+        (loop.Supervisor.step): a core that decides a Spawn and a stop in one pass meets
+        the Spawned after the stop (found by a CI run, not by the seeds, while every event
+        here was carried out alone)."""
+        self.one_pass = True
+        try:
+            self.core.handle(event, self.now)
+            if self.timeline:
+                at, _, action = heapq.heappop(self.timeline)
+                self.now = max(self.now, at)
+                action()
+            self.core.handle(ev.Tick(), self.now)
+        finally:
+            self.one_pass = False
         self.carry_out()
         self.check()
 
