@@ -13,7 +13,7 @@ forever is found (orphans_due()). Everything else (status, metrics, the simulato
 checks) derives its figures from here: nothing else stores membership.
 
 Deadlines live in a heap with lazy deletion: an entry is stale once its request is
-answered or re-admitted, and is skipped when met; the heap is rebuilt when stale entries
+answered or re-admitted (each open request knows its own entry), and is skipped when met; the heap is rebuilt when stale entries
 outnumber live ones by far.
 """
 
@@ -50,6 +50,9 @@ class Request:
     started_at: float = 0.0
     chunks_sent: int = 0
     crashes: list = field(default_factory=list)  # one dict per worker death it was running in
+    # its entry's number on the deadline heap: an entry left by an earlier request of the same
+    # key is stale even where the two deadlines are equal (the same timeout, the same instant)
+    entry: int = 0
 
     @property
     def client(self) -> bytes:
@@ -124,7 +127,8 @@ class Ledger:
         mine.add(key)
         if req.shm is not None:
             self.shm_bytes += req.shm[2]
-        heapq.heappush(self._deadlines, (req.deadline, next(self._seq), key))
+        req.entry = next(self._seq)
+        heapq.heappush(self._deadlines, (req.deadline, req.entry, key))
         if len(self._deadlines) > 2 * len(self.open) + COMPACT_ABOVE:
             self._compact()
 
@@ -236,14 +240,14 @@ class Ledger:
         out = []
         d = self._deadlines
         while d and d[0][0] <= now:
-            deadline, _, key = heapq.heappop(d)
+            _, entry, key = heapq.heappop(d)
             req = self.open.get(key)
-            if req is not None and req.deadline == deadline:
+            if req is not None and req.entry == entry:
                 out.append(req)
         return out
 
     def _compact(self) -> None:
         """Drop the entries of answered requests. Each stays in the heap until its deadline
         otherwise: at 8,000 req/s and a 30 s timeout, a quarter of a million entries."""
-        self._deadlines = [(r.deadline, next(self._seq), r.key) for r in self.open.values()]
+        self._deadlines = [(r.deadline, r.entry, r.key) for r in self.open.values()]
         heapq.heapify(self._deadlines)

@@ -365,3 +365,16 @@ def test_a_replacement_stopped_before_its_process_exists_still_lets_the_pool_sto
     for _ in range(3):
         pool.tick(pool.core.config.kill_grace)
     assert pool.core.phase is Phase.STOPPED and not pool.core.workers
+
+
+def test_an_id_cancelled_and_sent_again_at_once_times_out_once():
+    """Found by seed 7391 of 20,000: a request cancelled and sent again with the same id in
+    the same instant, with the same timeout, has the same deadline as the first; the first's
+    stale heap entry was taken for the second's, which was then answered twice."""
+    pool = Pool(workers=1)
+    pool.infer(1, timeout=2.0)
+    pool.handle(ev.ClientMessage(b"c", {"op": ops.CANCEL, "id": 1}, []))
+    pool.infer(1, timeout=2.0)  # the same id, free again, the same deadline
+    pool.tick(2.5)  # its worker never answers
+    assert [msgpack.unpackb(body[0])["type"] for _, h, body in pool.replies
+            if h.get("id") == 1 and h["op"] == ops.ERROR] == ["Cancelled", "RequestTimeout"]
