@@ -87,7 +87,8 @@ def roles() -> dict[str, str]:
             role = ("client" if proc.pid == me.pid else "supervisor" if "isopool.cli" in line
                     else "gateway" if "isopool.gateway" in line else "wrk" if proc.name() == "wrk"
                     else "resource tracker" if "resource_tracker" in line
-                    else f"worker {proc.pid}" if "worker" in line or "spawn_main" in line else f"{proc.name()} {proc.pid}")
+                    else f"worker {proc.pid}" if "worker" in line or "spawn_main" in line
+                    else f"{proc.name()} {proc.pid}")
             for tid in os.listdir(f"/proc/{proc.pid}/task"):
                 out[tid] = f"{role}:{Path(f'/proc/{proc.pid}/task/{tid}/comm').read_text().strip()}"
         except (psutil.Error, OSError):
@@ -117,7 +118,8 @@ def analyse(trace: str, names: dict[str, str], cpus: int) -> dict:
             for c in range(cpus):
                 if running.get(c) == "0":  # idle, as far as the trace has shown it
                     idle[c] += dt
-                    waiters = [p for o in range(cpus) if o != c for p in queued[o] if p != running.get(o) and p in names]
+                    waiters = [p for o in range(cpus) if o != c
+                               for p in queued[o] if p != running.get(o) and p in names]
                     waiting_by[len(waiters)] += dt
                     for p in waiters:
                         who[names[p]] += dt

@@ -13,8 +13,8 @@ forever is found (orphans_due()). Everything else (status, metrics, the simulato
 checks) derives its figures from here: nothing else stores membership.
 
 Deadlines live in a heap with lazy deletion: an entry is stale once its request is
-answered or re-admitted (each open request knows its own entry), and is skipped when met; the heap is rebuilt when stale entries
-outnumber live ones by far.
+answered or re-admitted (each open request knows its own entry), and is skipped when met;
+the heap is rebuilt when stale entries outnumber live ones by far.
 """
 
 from __future__ import annotations
