@@ -208,11 +208,20 @@ class Ledger:
             del self.queued_by[client]
 
     def forget_worker(self, slot: int) -> list[Request]:
-        """The worker in `slot` is gone: the open requests it held, in dispatch order."""
+        """The worker in `slot` is gone: the open requests it held, in dispatch order, each once.
+        A key may be held twice: a request answered while its worker ran it (cancelled, timed
+        out), and a later request with the same id sent to the same worker; only the later is open."""
         keys = self.held.pop(slot, ())
-        for key in keys:
+        out: list[Request] = []
+        seen: set[Key] = set()
+        for key in reversed(keys):  # the later dispatch of a key held twice is the open one
             self.orphans.pop((slot, key), None)
-        return [r for k in keys if (r := self.open.get(k)) is not None and r.worker == slot]
+            r = self.open.get(key)
+            if r is not None and r.worker == slot and key not in seen:
+                seen.add(key)
+                out.append(r)
+        out.reverse()
+        return out
 
     # ------------------------------------------------------------ deadlines
 

@@ -378,3 +378,21 @@ def test_an_id_cancelled_and_sent_again_at_once_times_out_once():
     pool.tick(2.5)  # its worker never answers
     assert [msgpack.unpackb(body[0])["type"] for _, h, body in pool.replies
             if h.get("id") == 1 and h["op"] == ops.ERROR] == ["Cancelled", "RequestTimeout"]
+
+
+def test_an_id_cancelled_and_sent_again_to_the_same_worker_is_answered_once_when_it_dies():
+    """Found by seed 39139 of 20,000-40,000: a request cancelled while its worker runs it
+    stays held there (the worker is busy with it); sent again with the same id, it went to
+    the same worker, which then held the key twice, and its death answered the open
+    request once for each."""
+    pool = Pool(workers=1)
+    pool.infer(1)
+    pool.tick()
+    pool.handle(ev.ClientMessage(b"c", {"op": ops.CANCEL, "id": 1}, []))
+    pool.infer(1, retry=False)  # the same id, free again, to the only worker, which still holds the first
+    pool.tick()
+    first, second = pool.runs[0]
+    pool.boards[0] = (second["seq"], first["seq"])  # finished the first (answer unsent), running the second
+    pool.die(0)
+    assert [msgpack.unpackb(body[0])["type"] for _, h, body in pool.replies
+            if h.get("id") == 1 and h["op"] == ops.ERROR] == ["Cancelled", "WorkerCrashed"]
