@@ -222,7 +222,8 @@ class Supervisor:
                         models.first.core.handle(act.ClientGarbage(ident, header, err), now)
                         continue
                     op = header["op"]
-                    if op == ops.HELLO or "shm" in header:  # whose memory: the kernel's word, not the client's
+                    # whose memory: the kernel's word, not the client's (only infer's shm is checked, and used)
+                    if op == ops.HELLO or (op == ops.INFER and "shm" in header):
                         mark_peer(header, who)
                     if op == ops.INFER:
                         served = models.route(header.get("model"))

@@ -28,6 +28,7 @@ KILLERS = [  # (header, the field the refusal names)
     ({"v": 1, "op": "infer", "id": 6, "retry": "yes"}, "retry"),
     ({"v": 1, "op": "status"}, "id"),
     ({"v": 1, "op": "result", "id": 7}, "op"),
+    ({"v": 1, "op": "infer", "id": 8, "shm": 5}, "shm"),
 ]
 
 
@@ -64,7 +65,8 @@ def test_random_headers_in_thousands_with_honest_requests_between(raw):
     rng = random.Random(16)
     odd = [None, True, 0, -1, 2**64 - 1, -2**63, 1.5, float("nan"), float("inf"), "", "x" * 300, b"\x00" * 300,
            [1, [2]], {"a": {"b": 1}}, [b"c", 1], {"workers": 10**9}]
-    fields = ["id", "op", "timeout", "retry", "stream", "tenant", "action", "args", "attempt", "bundles", "zzz"]
+    fields = ["id", "op", "timeout", "retry", "stream", "tenant", "action", "args", "attempt", "bundles", "shm",
+              "model", "zzz"]
     op_choices = [*sorted(ops.ALL_OPS), "exec", None, 7, ["infer"]]
     sent = replies = cancels = 0
     with pool.client() as honest:
