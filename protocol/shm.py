@@ -143,9 +143,16 @@ def write_parts(fd: int, parts: Iterable[tuple[int, memoryview]]) -> None:
 def _open(pid: int, fd: int, ino: int, name: str, flags: int) -> int:
     """The client's memfd `fd`, opened through /proc, checked to be one of ours and the very
     segment the request named (inode `ino`): a call cancelled while its worker ran has had its
-    segments closed, and the fd may by now be another call's."""
+    segments closed, and the fd may by now be another call's. What the fd is, is looked at
+    before it is opened, and it is opened never to wait: a client's fd that is a FIFO with no
+    writer (or a device) would otherwise hold the worker in open() until it was killed."""
+    path = f"/proc/{pid}/fd/{fd}"
     try:
-        mine = os.open(f"/proc/{pid}/fd/{fd}", flags | os.O_CLOEXEC)
+        named = os.readlink(path)
+        if not named.startswith(f"/memfd:{name} "):
+            raise BadRequest(f"process {pid}'s fd {fd} is not an isopool shared-memory segment ({name}); "
+                             "shared memory names only the segments the client made for the call")
+        mine = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as exc:
         raise BadRequest(f"cannot open the client's shared memory (process {pid}, fd {fd}): {exc.strerror}. "
                          "The client must be a live process on this host that this worker's user may read; "

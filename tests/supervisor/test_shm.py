@@ -148,6 +148,9 @@ def test_hostile_segment_names_are_refused_and_no_worker_dies(faulty, tmp_path):
     secret = tmp_path / "secret"
     secret.write_bytes(b"x" * (2 * MiB))
     plain = os.open(secret, os.O_RDONLY)
+    os.mkfifo(tmp_path / "fifo")
+    fifo = os.open(tmp_path / "fifo", os.O_RDONLY | os.O_NONBLOCK)  # a reader and no writer: an open() for
+    # reading would wait for a writer for ever
     sealed_out = os.memfd_create(shm.NAME_OUT, os.MFD_ALLOW_SEALING)
     sparse_out = os.memfd_create(shm.NAME_OUT, os.MFD_ALLOW_SEALING)
     fcntl.fcntl(sealed_out, shm.F_ADD_SEALS, shm.SEAL_SHRINK | shm.SEAL_GROW | shm.SEAL_WRITE)
@@ -158,6 +161,8 @@ def test_hostile_segment_names_are_refused_and_no_worker_dies(faulty, tmp_path):
         "another process's memory": ([faulty.pid, *named(fd_in, size, fd_out)[1:]], "names the shared memory of process"),
         "an unsealed segment": (named(unsealed, size, fd_out), "not sealed"),
         "a file that is no segment": (named(plain, size, fd_out), "not an isopool shared-memory segment"),
+        "a FIFO with no writer": (named(fifo, size, fd_out), "not an isopool shared-memory segment"),
+        "a FIFO to answer into": (named(fd_in, size, fifo), "not an isopool shared-memory segment"),
         "more bytes than it holds": (named(fd_in, size + MiB, fd_out), "fewer than"),
         "an fd it does not have": ([me, 999, size, fd_out, 1, ino(fd_out)], "cannot open"),
         "an out segment sealed shut": (named(fd_in, size, sealed_out), "cannot write the answer"),
@@ -188,7 +193,7 @@ def test_hostile_segment_names_are_refused_and_no_worker_dies(faulty, tmp_path):
     finally:
         raw.close()
         segs.close()
-        for fd in (unsealed, plain, sealed_out, sparse_out):
+        for fd in (unsealed, plain, fifo, sealed_out, sparse_out):
             os.close(fd)
 
 
