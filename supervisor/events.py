@@ -21,6 +21,8 @@ from isopool.protocol.endpoints import ipc_path
 from .connections import LISTEN_BACKLOG
 
 log = logging.getLogger("isopool.events")
+MAX_TOPIC = 64  # bytes of a subscription's topic
+MAX_SUBSCRIPTIONS_READ = 256  # subscription messages read in one pass of the loop
 
 
 class EventLog:
@@ -34,6 +36,9 @@ class EventLog:
             self.pub.setsockopt(zmq.LINGER, 0)
             self.pub.setsockopt(zmq.SNDHWM, 10_000)
             self.pub.setsockopt(zmq.XPUB_VERBOSER, 1)  # every subscribe and unsubscribe reaches us
+            # a subscription is a topic: an event kind or a prefix of one. A longer one drops its
+            # connection, as libzmq would otherwise keep any size a subscriber sends, for good
+            self.pub.setsockopt(zmq.MAXMSGSIZE, 1 + MAX_TOPIC)
             self.pub.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
             self.pub.bind(endpoint)
             path = ipc_path(endpoint)
@@ -52,8 +57,9 @@ class EventLog:
         return event
 
     def read_subscriptions(self) -> None:
-        """Count subscribers from XPUB's subscribe (1) / unsubscribe (0) messages."""
-        while True:
+        """Count subscribers from XPUB's subscribe (1) / unsubscribe (0) messages, a bounded
+        number per call (the loop calls again while there are more)."""
+        for _ in range(MAX_SUBSCRIPTIONS_READ):
             try:
                 msg = self.pub.recv(zmq.NOBLOCK)
             except zmq.Again:

@@ -61,6 +61,41 @@ def test_events_crash_restart_ready_in_order_with_pids(faulty):
     assert restarted["generation"] == ready["generation"] == crashed["generation"] + 1
 
 
+def test_a_subscription_longer_than_any_event_kind_drops_its_connection(faulty):
+    """libzmq keeps every subscription a subscriber sends, a trie node per byte: one of 8 MiB
+    once cost the supervisor 400 MiB, kept after the subscriber left. The event socket now
+    takes topics of at most 64 bytes and drops a connection that sends a longer one. (4 KiB
+    here: the subscriber's own XSUB keeps what it sends the same way, and frees it by
+    recursion, which 8 MiB overflows in the test process.)"""
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    subscribers = faulty.status()["pool"]["event_subscribers"]
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.XSUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+    try:
+        sock.connect(faulty.endpoint + ".events")
+        seen = []
+        for _ in range(10):  # bounded: the handshake, then the drop
+            assert monitor.poll(20_000), f"no connection event within 20 s; saw {seen}"
+            seen.append(recv_monitor_message(monitor)["event"])
+            if seen == [zmq.EVENT_HANDSHAKE_SUCCEEDED]:
+                sock.send(b"\x01" + b"z" * 4096)
+            if seen[-1] == zmq.EVENT_DISCONNECTED:
+                break
+        assert seen[-1] == zmq.EVENT_DISCONNECTED, seen
+    finally:
+        sock.close()
+        monitor.close()
+        ctx.term()
+    assert faulty.status()["pool"]["event_subscribers"] == subscribers  # it was never counted
+    victim = faulty.workers()[0]  # and events flow to a subscriber that asks for what exists
+    os.kill(victim["pid"], signal.SIGKILL)
+    assert faulty.wait_event("crashed", worker=victim["id"])["pid"] == victim["pid"]
+
+
 def test_status_json_agrees_with_reality(faulty):
     victim = faulty.workers()[1]
     with faulty.client() as c:
