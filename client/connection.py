@@ -66,14 +66,31 @@ CONNECT_TIMEOUT_MS = 2000  # a TCP connect unanswered this long is tried again (
                            # which would keep a mended link unused for up to a minute)
 
 
+ROUTING_ID_BYTES = 16
+
+
+def routing_id() -> bytes:
+    """A connection's name at the supervisor, which routes its answers by it: 16 random bytes
+    (the first never 0, which libzmq keeps for the names it makes up). ZeroMQ would otherwise
+    name each connection by a counter, so that another client could tell the next name, or a
+    departed one's, connect under it and be sent that client's answers."""
+    return bytes([os.urandom(1)[0] | 1]) + os.urandom(ROUTING_ID_BYTES - 1)
+
+
 def configure_socket(sock: zmq.Socket, curve: dict | None) -> None:
-    """Options every client socket gets: never block, never linger, heartbeats (so a host
-    that vanishes from the network is a lost connection within seconds), CURVE when given keys."""
+    """Options every client socket gets: a random routing id, never block, never linger,
+    heartbeats (so a host that vanishes from the network is a lost connection within seconds,
+    on both sides: the supervisor drops a connection silent for HEARTBEAT_TIMEOUT_MS), CURVE
+    when given keys."""
+    sock.setsockopt(zmq.ROUTING_ID, routing_id())
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    # the supervisor's end drops the connection after this long without a word: a client that
+    # comes back under its name is not kept waiting for a dead connection's end to time out
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
     sock.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
     if curve:
         sock.curve_secretkey = curve["secret"]

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import resource
@@ -57,6 +58,21 @@ def raise_fd_limit() -> int:
         except (ValueError, OSError):
             pass
     return soft
+
+
+def unpredictable_routing_ids() -> None:
+    """Seed the C library's rand() from the kernel's random source. A ROUTER names each
+    connection that names itself not (a plain ZeroMQ client: isopool's own clients name
+    themselves at random, client/connection.py) 0x00 and a counter starting at rand(), which
+    libzmq never seeds: the same names in every run. A client could then connect under the
+    name the next client will be given, and libzmq, which does not check the names it makes
+    up, aborts the supervisor (an assertion); or under a departed client's, and be sent its
+    answers. Seeded, the counter starts at one of 2**32 values nobody can see."""
+    try:
+        ctypes.CDLL(None).srand(ctypes.c_uint(int.from_bytes(os.urandom(4), "little")))
+    except (OSError, AttributeError) as exc:  # no C library to call: libzmq's names stay as they are
+        log.warning("could not seed the C library's rand() (%s): ZeroMQ's names for plain clients are "
+                    "predictable; use isopool's clients, which name themselves at random", exc)
 
 
 class Sockets:
@@ -160,6 +176,7 @@ class Sockets:
                 # binding would unlink it: a stale socket may be replaced, nothing else
                 raise StartupError(f"{path} exists and is not a socket; refusing to replace it. Choose another "
                                    "--endpoint, or remove the file if it is yours to remove")
+        unpredictable_routing_ids()
         sock = self.ctx.socket(zmq.ROUTER)
         # a full pipe to a client (it does not read) and a departed client both fail a send
         # at once, instead of queueing without bound or dropping in silence (replies.py)

@@ -95,3 +95,76 @@ def test_one_client_cannot_take_the_whole_queue(start_pool, tmp_path):
                 assert "its share" in str(exc)
                 outcomes.append("refused")
         assert outcomes == [*range(14), *["refused"] * 6]
+
+
+def routing_ids(endpoint: str, make) -> list[bytes]:
+    """The routing ids a ROUTER bound at `endpoint` sees for two connections made by `make`."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(endpoint)
+    seen, made = [], []
+    try:
+        for _ in range(2):
+            made.append(make())
+            assert router.poll(10_000), "the client sent nothing within 10 s"
+            seen.append(router.recv_multipart()[0])
+    finally:
+        for m in made:
+            m.close()
+        router.close()
+        ctx.term()
+    return seen
+
+
+def test_isopool_clients_name_themselves_at_random(tmp_path):
+    """The supervisor routes answers by a connection's routing id. libzmq's own names are a
+    counter (0x00 and 4 bytes, one up per connection): another client could tell a departed
+    client's name, connect under it and be sent its answers. isopool's clients name each of
+    their connections with 16 random bytes (client/connection.py: configure_socket, which
+    every client socket goes through); no name is 0x00 and a counter."""
+    from isopool import Client
+
+    ids = routing_ids(f"ipc://{tmp_path}/r.sock", lambda: Client(f"ipc://{tmp_path}/r.sock", timeout=5))
+    ids += routing_ids(f"ipc://{tmp_path}/s.sock", lambda: Client(f"ipc://{tmp_path}/s.sock", timeout=5))
+    assert all(len(i) == 16 and i[0] != 0 for i in ids), ids
+    assert len(set(ids)) == 4
+    assert len({i[1:5] for i in ids}) == 4  # no shared counter either
+
+
+SEEDED = """
+import sys, zmq
+from isopool.supervisor.sockets import unpredictable_routing_ids
+if sys.argv[2] == "seeded":
+    unpredictable_routing_ids()
+ctx = zmq.Context()
+router = ctx.socket(zmq.ROUTER)
+router.bind(sys.argv[1])
+dealer = ctx.socket(zmq.DEALER)
+dealer.connect(sys.argv[1])
+dealer.send(b"hello")
+assert router.poll(10_000)
+print(router.recv_multipart()[0].hex())
+dealer.close(linger=0)
+router.close(linger=0)
+"""
+
+
+def test_the_supervisors_names_for_plain_clients_differ_from_run_to_run(tmp_path):
+    """A plain ZeroMQ client (no name of its own) is named by the ROUTER from a counter that
+    starts at the C library's rand(), which libzmq never seeds: the same first name in every
+    process, so a client could connect under the next one and libzmq would abort the
+    supervisor when it gave that name again (it does not check its own names). The supervisor
+    seeds rand() from the kernel before it binds its frontend."""
+    import subprocess
+    import sys
+
+    def first_name(how: str, n: int) -> str:
+        out = subprocess.run([sys.executable, "-c", SEEDED, f"ipc://{tmp_path}/{how}{n}.sock", how],
+                             capture_output=True, text=True, timeout=60, check=True)
+        return out.stdout.strip()
+
+    plain = {first_name("plain", n) for n in range(2)}
+    seeded = {first_name("seeded", n) for n in range(3)}
+    assert len(plain) == 1  # the precondition: unseeded, every process names its first client alike
+    assert len(seeded) == 3 and not seeded & plain
