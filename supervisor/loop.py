@@ -67,6 +67,7 @@ class Supervisor:
         self.pending_signals: list[int] = []
         self.started_at = time.monotonic()
         self.strangers = 0  # backend messages under identities the supervisor never gave
+        self.internal_errors = 0  # exceptions that escaped the handling of an event (logged, counted by the core)
         self.started_wall = time.time()
         self.worked = False  # the last pass read a client's or a worker's message
         self.models: Models | None = None
@@ -376,8 +377,11 @@ class Supervisor:
 
     def internal_error(self, what: str, served: Served | None, ident: bytes | None, rid: Any) -> None:
         """The last line: an exception escaped the handling of one event. Log its traceback;
-        the core counts it and fails the request it concerned; the loop goes on."""
-        log.exception("internal error handling %s; the pool goes on", what)
+        the core counts it and fails the request it concerned; the loop goes on. A flood of
+        them (a client repeating what found a bug) is logged one in a hundred."""
+        self.internal_errors += 1
+        if self.internal_errors <= 10 or self.internal_errors % 100 == 0:
+            log.exception("internal error handling %s (%d so far); the pool goes on", what, self.internal_errors)
         try:
             (served or self.models.first).core.internal_error(what, ident, rid)
         except Exception:  # noqa: BLE001 - the last line has no line behind it

@@ -85,7 +85,9 @@ class ClientOutbox(Outbox):
         while len(queue) > BACKLOG or self.backlog_bytes[peer] > BACKLOG_BYTES:
             self.backlog_bytes[peer] -= _size(queue.popleft())
             self.dropped += 1
-            log.warning("a reply for client %r was dropped: it has not read %d waiting replies", peer, len(queue))
+            if self.dropped <= 10 or self.dropped % 1000 == 0:  # a flood of them is a line in a thousand
+                log.warning("a reply for client %r was dropped: it has not read %d waiting replies (%d replies "
+                            "dropped so far; status: replies_dropped)", peer, len(queue), self.dropped)
 
     def _retry(self) -> None:
         for peer, queue in list(self.backlog.items()):
