@@ -124,11 +124,12 @@ def health(core: "Core", ready: int, now: float, shedding: str | None = None) ->
     cfg = core.config
     if core.phase is not Phase.SERVING:
         return False, f"pool is {core.phase.value}"
+    if core.restarts.degraded(now):  # first: it says why no worker may be ready
+        return False, (f"degraded: {len(core.restarts.recent)} restarts in the last "
+                       f"{cfg.restart_window:g}s (--max-restarts {cfg.max_restarts})"
+                       + ("; no worker is ready" if ready == 0 else ""))
     if ready == 0:
         return False, "no worker is ready"
-    if core.restarts.degraded(now):
-        return False, (f"degraded: {len(core.restarts.recent)} restarts in the last "
-                       f"{cfg.restart_window:g}s (--max-restarts {cfg.max_restarts})")
     if shedding:
         return False, f"degraded: {shedding}"
     return True, f"serving with {ready}/{core.target} workers ready"
