@@ -25,16 +25,17 @@ from isopool.protocol.pacing import Pacing
 from .connection import (CONNECT_S, close_watched, closed_early, configure_socket, connect, curve_keys, not_running,
                          on_monitor_event, resolve_endpoint, watch_disconnects)
 from .calls import AsyncControlCalls
-from .core import Call, Session, send_bundled, stream_ended
+from .core import Call, Session, send_bundled, stream_ended, stream_part
 from .spread import endpoints_of, one_of
 
 
 class _AsyncCall(Call):
-    __slots__ = ("future", "parts")
+    __slots__ = ("future", "parts", "behind")
 
-    def __init__(self, cid: Any, deadline: float, stream: bool, future: asyncio.Future, parts=None):
+    def __init__(self, cid: Any, deadline: float, stream: bool, future: asyncio.Future, parts=None, behind=None):
         super().__init__(cid, deadline, stream)
         self.future, self.parts = future, parts
+        self.behind = behind  # called with the cid when the stream's reader falls too far behind
 
     def resolve(self, value: Any) -> None:
         if not self.future.done():
@@ -47,9 +48,7 @@ class _AsyncCall(Call):
             self.future.set_exception(exc)
             self.future.exception()  # a stream's future may never be awaited; don't warn
 
-    def chunk(self, item: Any) -> None:
-        if self.parts is not None:
-            self.parts.put_nowait(item)
+    chunk = stream_part
 
 
 class _Resources:
@@ -150,7 +149,7 @@ class AsyncClient(AsyncControlCalls):
             raise Unavailable("the client is closed")
         self._ensure_tasks()
         future = asyncio.get_running_loop().create_future()
-        call = _AsyncCall(cid, deadline, stream, future, parts)
+        call = _AsyncCall(cid, deadline, stream, future, parts, self._cancel if stream else None)
         self._session.add(call)
         self._send(frames, call)
         if not self._session.up.is_set():  # no connection seen yet: give it CONNECT_S

@@ -25,6 +25,7 @@ from isopool.protocol import (
     BadRequest,
     Limits,
     IsopoolError,
+    Overloaded,
     RequestTimeout,
     Unavailable,
     decode_error,
@@ -46,6 +47,26 @@ from .connection import CONNECT_S, not_running
 LOCAL_GRACE_S = 0.25
 COMPACT_ABOVE = 4096  # answered calls' timer entries tolerated before the heap is rebuilt
 END = object()  # end-of-stream marker passed to Call.chunk
+MAX_STREAM_BEHIND = 1024  # parts of a stream received and not yet read: past it the stream is cancelled
+
+
+def stream_part(call: Any, item: Any) -> None:
+    """Call.chunk for a transport's call with `parts` (a queue its reader takes from) and
+    `behind` (cancels it here and at the supervisor). Parts not yet read are held in memory:
+    past MAX_STREAM_BEHIND the stream is cancelled (the worker stops at its next part), and the
+    reader gets Overloaded after the parts that came."""
+    parts = call.parts
+    if parts is None:
+        return
+    if parts.qsize() >= MAX_STREAM_BEHIND:
+        call.reject(Overloaded(f"this stream's reader fell {MAX_STREAM_BEHIND} parts behind the model, so the "
+                               "stream was cancelled (parts not yet read are held in memory, and a reader that "
+                               "stopped would hold them without end); read its parts as they come"))
+        call.parts = None
+        if call.behind is not None:
+            call.behind(call.cid)
+        return
+    parts.put_nowait(item)
 
 
 class Call:

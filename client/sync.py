@@ -18,18 +18,19 @@ from typing import Any, Iterator
 from isopool.protocol import Limits, Cancelled, IsopoolError, Unavailable, ops
 
 from .connection import curve_keys, resolve_endpoint
-from .core import LOCAL_GRACE_S, Call, Session, stream_ended
+from .core import LOCAL_GRACE_S, Call, Session, stream_ended, stream_part
 from .calls import ControlCalls
 from .iothread import IOThread
 from .spread import endpoints_of, one_of
 
 
 class _FutureCall(Call):
-    __slots__ = ("future", "sink")
+    __slots__ = ("future", "parts", "behind")
 
-    def __init__(self, cid: Any, deadline: float, stream: bool, future: Future, sink=None):
+    def __init__(self, cid: Any, deadline: float, stream: bool, future: Future, parts=None, behind=None):
         super().__init__(cid, deadline, stream)
-        self.future, self.sink = future, sink
+        self.future, self.parts = future, parts  # a stream's parts: a SimpleQueue its reader takes from
+        self.behind = behind  # called with the cid when the stream's reader falls too far behind
 
     def resolve(self, value: Any) -> None:
         try:  # no done() check first: that takes the future's lock once more per call
@@ -38,16 +39,14 @@ class _FutureCall(Call):
             pass
 
     def reject(self, exc: BaseException) -> None:
-        if self.sink is not None:
-            self.sink(exc)
+        if self.parts is not None:
+            self.parts.put(exc)
         try:
             self.future.set_exception(exc)
         except InvalidStateError:
             pass
 
-    def chunk(self, item: Any) -> None:
-        if self.sink is not None:
-            self.sink(item)
+    chunk = stream_part
 
 
 class _CallFuture(Future):
@@ -122,14 +121,14 @@ class Client(ControlCalls):
 
     def submit(self, x: Any, *, timeout: float | None = None, retry: bool | None = None,
                tenant: str | None = None, model: str | None = None) -> Future:
-        return self._submit(x, timeout, retry, tenant, sink=None, model=model)
+        return self._submit(x, timeout, retry, tenant, model=model)
 
     def infer(self, x: Any, *, timeout: float | None = None, retry: bool | None = None,
               tenant: str | None = None, model: str | None = None) -> Any:
         """Run the model on x and return its output. Raises an isopool.errors type on failure."""
         direct = self._io.checkout()
         if direct is None:  # closing, or DIRECT_SOCKETS other threads are in infer(): queue it
-            future = self._submit(x, timeout, retry, tenant, sink=None, model=model)
+            future = self._submit(x, timeout, retry, tenant, model=model)
             return _wait(future, self._session.timeout_of(timeout))
         try:
             return direct.call(self._io, *self._request(x, timeout, retry, tenant, stream=False, model=model))
@@ -141,7 +140,7 @@ class Client(ControlCalls):
         """Yield the parts a generator handler produces, in order. Closing early cancels it."""
         parts: queue.SimpleQueue = queue.SimpleQueue()
         # retried only if its worker dies before the first part (the supervisor enforces that)
-        future = self._submit(x, timeout, None, tenant, sink=parts.put, stream=True, model=model)
+        future = self._submit(x, timeout, None, tenant, parts=parts, stream=True, model=model)
         return self._iterate(future, parts)
 
     def _iterate(self, future: Future, parts: queue.SimpleQueue) -> Iterator[Any]:
@@ -168,11 +167,16 @@ class Client(ControlCalls):
         return cid, frames, deadline
 
     def _submit(self, x: Any, timeout: float | None, retry: bool | None, tenant: str | None,
-                sink=None, stream: bool = False, model: str | None = None) -> Future:
+                parts=None, stream: bool = False, model: str | None = None) -> Future:
         cid, frames, deadline = self._request(x, timeout, retry, tenant, stream, model)
         future = _CallFuture(self, cid)
-        self._io.send(frames, _FutureCall(cid, deadline, stream, future, sink))
+        self._io.send(frames, _FutureCall(cid, deadline, stream, future, parts, self._fell_behind if stream else None))
         return future
+
+    def _fell_behind(self, cid: Any) -> None:
+        """On the I/O thread: a stream's reader is too far behind; its call ends here and at the supervisor."""
+        self._session.end(cid)
+        self._cancelled(cid)
 
     def _cancelled(self, cid: Any) -> None:
         if not self._io.closing:

@@ -14,6 +14,8 @@ import asyncio
 import json
 from typing import Any
 
+import orjson
+
 from isopool.errors import IsopoolError
 from isopool.protocol.codec import json_default
 
@@ -29,9 +31,9 @@ async def generate_stream(app, name: str, scope: dict, receive, send) -> None:
     from .app import HTTPError
 
     body = await app.body(receive, dict(scope["headers"]))
-    try:
-        value = json.loads(body) if body.strip() else None
-    except (ValueError, UnicodeDecodeError) as exc:
+    try:  # orjson: nesting past 1024, integers past 64 bits and lone surrogates are a ValueError
+        value = orjson.loads(body) if body.strip() else None
+    except ValueError as exc:
         raise HTTPError(400, f"the request body is not JSON: {exc}") from None
     parts = app.connect().stream(value, model=name)
     try:
@@ -51,7 +53,7 @@ async def generate_stream(app, name: str, scope: dict, receive, send) -> None:
             delivered += 1
             following = asyncio.ensure_future(parts.__anext__())
             done, _ = await asyncio.wait({following, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if following not in done:  # the client went away: stop the stream in the worker
+            if gone in done:  # the client went away (perhaps as a part came): stop the stream in the worker
                 following.cancel()
                 await asyncio.gather(following, return_exceptions=True)
                 return

@@ -37,6 +37,48 @@ def test_early_close_stops_the_generator_in_the_worker(start_pool):
     assert stats["parts"] < 1000
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_reader_that_falls_far_behind_gets_overloaded_and_the_worker_is_freed(start_pool, kind):
+    """Parts a reader has not taken wait in its client's memory: a reader that stops while the
+    model goes on (10**8 parts, as fast as they come) would hold them without end. Past
+    MAX_STREAM_BEHIND the stream is cancelled, in the worker too, and the reader gets the
+    parts that came, then Overloaded."""
+    from isopool.client.core import MAX_STREAM_BEHIND
+    from isopool.errors import Overloaded
+
+    pool = start_pool("--workers", "1", "--model", STREAMING)
+    with pool.client() as other:
+        if kind == "sync":
+            with pool.client() as c:
+                parts = c.stream({"n": 10**8})
+                assert next(parts) == {"tag": None, "i": 0}
+                # the only worker is free again only once the stream is cancelled
+                assert other.infer({"stats": True}, timeout=60)["closed_early"] == 1
+                got, err = 1, None
+                try:
+                    for _ in parts:
+                        got += 1
+                except Overloaded as e:
+                    err = e
+        else:
+            async def run():
+                async with AsyncClient(pool.endpoint) as c:
+                    parts = c.stream({"n": 10**8})
+                    assert await parts.__anext__() == {"tag": None, "i": 0}
+                    stats = await asyncio.to_thread(other.infer, {"stats": True}, timeout=60)
+                    assert stats["closed_early"] == 1
+                    got = 1
+                    try:
+                        async for _ in parts:
+                            got += 1
+                    except Overloaded as e:
+                        return got, e
+                    return got, None
+            got, err = asyncio.run(run())
+    assert isinstance(err, Overloaded) and "behind" in str(err)
+    assert got <= MAX_STREAM_BEHIND + 2
+
+
 def test_crash_mid_stream_gives_the_parts_then_worker_crashed(start_pool):
     pool = start_pool("--workers", "2", "--model", STREAMING)
     got = []

@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.client
 import json
 
+import pytest
+
 from tests.helpers import http_pool
 
 STREAMING = "isopool.examples.streaming:Countdown"
@@ -48,15 +50,40 @@ def test_a_worker_dying_mid_stream_ends_it_with_an_error_event(start_pool):
     assert len(got) == 4 and kind == "error" and error["type"] == "WorkerCrashed" and error["parts_delivered"] == 3
 
 
-def test_the_http_client_going_away_stops_the_generator_in_the_worker(start_pool):
+@pytest.mark.parametrize("n, delay", [(1000, 0.01), (10**8, 0)])
+def test_the_http_client_going_away_stops_the_generator_in_the_worker(start_pool, n, delay):
+    """Also where the next part is always there already (no delay): the gateway looked at the
+    next part before at the hang-up, so a stream whose parts were ready never saw it go."""
     pool = http_pool(start_pool, "--model", STREAMING, "--workers", "1")
-    assert len(events(pool, {"n": 1000, "delay": 0.01}, limit=3)) == 3  # then hangs up
+    assert len(events(pool, {"n": n, "delay": delay}, limit=3)) == 3  # then hangs up
     with pool.client() as c:
         for _ in range(500):  # the worker closes it at its next part: bounded polling of its own counters
-            stats = c.infer({"stats": True})
+            stats = c.infer({"stats": True}, timeout=60)
             if stats["closed_early"]:
                 break
-    assert stats["closed_early"] == 1 and stats["parts"] < 1000
+    assert stats["closed_early"] == 1 and stats["parts"] < n
+
+
+def test_an_http_client_that_stops_reading_frees_the_worker(start_pool):
+    """A client that reads nothing more (and does not hang up): the gateway's writes wait,
+    the parts pile up in its client until MAX_STREAM_BEHIND, and then the stream is
+    cancelled in the worker, which serves others again."""
+    import socket
+
+    pool = http_pool(start_pool, "--model", STREAMING, "--workers", "1")
+    host, port = pool.address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    body = json.dumps({"n": 10**8}).encode()
+    sock.sendall(b"POST /v2/models/default/generate_stream HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    try:
+        assert sock.recv(64).startswith(b"HTTP/1.1 200")  # it began, and now it is not read
+        with pool.client() as c:  # the only worker answers once the stream is cancelled
+            stats = c.infer({"stats": True}, timeout=60)
+        assert stats["closed_early"] == 1 and stats["parts"] < 10**8
+    finally:
+        sock.close()
 
 
 def test_unknown_model_or_bad_body_is_an_http_error_not_a_stream(start_pool):
