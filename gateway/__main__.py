@@ -160,7 +160,8 @@ def main() -> None:
     app = App(os.environ[ENV_ENDPOINT], max_body=int(os.environ.get(ENV_MAX_BODY, 256 << 20)), tokens=tokens,
               metrics=HttpMetrics() if os.environ.get(ENV_DIR) else None,
               access_log=os.environ.get(ENV_ACCESS_LOG) == "1", body_timeout=client_timeout)
-    config = uvicorn.Config(app, loop="uvloop", http=GuardedHttp, lifespan="on", log_level=logging.WARNING,
+    # ws="none": the API has no websocket route, and an upgrade the app does not accept was a 500
+    config = uvicorn.Config(app, loop="uvloop", http=GuardedHttp, ws="none", lifespan="on", log_level=logging.WARNING,
                             access_log=False, log_config=None, timeout_keep_alive=KEEP_ALIVE_S,
                             timeout_graceful_shutdown=5, limit_concurrency=MAX_CONNECTIONS,
                             ssl_certfile=os.environ.get(ENV_CERT) or None, ssl_keyfile=os.environ.get(ENV_KEY) or None)

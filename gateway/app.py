@@ -38,12 +38,15 @@ Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
 access = logging.getLogger("isopool.http")
+log = logging.getLogger("isopool.gateway")
 HEADER_LENGTH = b"inference-header-content-length"
 STATUS_TTL_S = 0.5  # how long one status answer serves health and metadata requests
 STATUS_TIMEOUT_S = 2.0  # a supervisor that does not answer status within this is not live
 RETRY_AFTER_S = 1
 JOIN_BELOW = 64 << 10  # tensor bytes below which a response is one joined body (a copy is cheaper than a write)
 DRAIN_MAX = 64 << 20  # bytes of a too-large body read (and dropped) before the 413
+PARSE_ASIDE = 1 << 20  # a body this large is decoded on a thread, not the event loop
+MIN_BODY_RATE = 500  # bytes/s: each byte of a body buys this much more time (as Apache's mod_reqtimeout)
 # the typed errors and their HTTP status (../shared/design.md, "HTTP")
 ERRORS: list[tuple[type, int]] = [(BadRequest, 400), (UnknownModel, 404), (Overloaded, 503), (ShuttingDown, 503),
                                   (Unavailable, 503), (RequestTimeout, 504), (IsopoolError, 500)]
@@ -91,6 +94,7 @@ class App:
         self.body_timeout = body_timeout  # a body that sends nothing this long is given up (a slow client)
         self.client: AsyncClient | None = None
         self.status_cache: tuple[float, dict] | None = None
+        self.internal_errors = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -140,7 +144,11 @@ class App:
             body, headers = error(f"{type(err).__name__}: {err}", status), []
             if status == 503:
                 headers = [(b"retry-after", str(RETRY_AFTER_S).encode())]
-        except Exception as exc:  # a bug of ours: said as a 500, the gateway serves on
+        except Exception as exc:  # a bug of ours: a 500, logged (a flood: one in 100); the gateway serves on
+            self.internal_errors += 1
+            if self.internal_errors <= 10 or self.internal_errors % 100 == 0:
+                log.exception("internal error answering %s %s (%d so far); the gateway serves on",
+                              scope["method"], scope["path"], self.internal_errors)
             status, headers = 500, []
             body = error(f"internal error in the gateway: {type(exc).__name__}: {exc}", 500)
         if not any(k == b"content-type" for k, _ in headers):
@@ -261,7 +269,11 @@ class App:
             raise HTTPError(400, "Inference-Header-Content-Length must be an integer") from None
         body = await self.body(receive, headers)
         client = self.connect()
-        request = oip.parse_request(body, header_length, client._session.limits.max_elements)
+        max_elements = client._session.limits.max_elements
+        if len(body) < PARSE_ASIDE:
+            request = oip.parse_request(body, header_length, max_elements)
+        else:  # a large body's elements may be many (BYTES are read one by one): other requests go on meanwhile
+            request = await asyncio.to_thread(oip.parse_request, body, header_length, max_elements)
         signature = (await self.model(name)).get("signature")
         if signature:
             oip.check_inputs(request, signature, name)
@@ -278,29 +290,33 @@ class App:
         return 200, body, [(b"content-type", b"application/octet-stream"), (HEADER_LENGTH, str(len(head)).encode())]
 
     async def body(self, receive: Receive, headers: dict) -> bytes | bytearray:
+        """The request's body, read within time: a pause longer than the body timeout is a 408,
+        and so is a body slower on the whole than the timeout plus a second per MIN_BODY_RATE
+        bytes (one that trickles in a byte at a time). Memory is taken as bytes come, never for
+        what Content-Length only declares."""
         declared = headers.get(b"content-length")
         too_big = declared is not None and declared.isdigit() and int(declared) > self.max_body
-        # one copy into a buffer of the declared size (tensors are then views of it), not a join
-        buf = bytearray(int(declared)) if declared is not None and declared.isdigit() and not too_big else None
-        chunks, size = [], 0
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        buf, size = bytearray(), 0  # grown in place as bytes come (tensors are then views of it)
         while True:
+            left = began + self.body_timeout + size / MIN_BODY_RATE - loop.time()
             try:
-                message = await asyncio.wait_for(receive(), self.body_timeout)
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                message = await asyncio.wait_for(receive(), min(self.body_timeout, left))
             except asyncio.TimeoutError:
-                raise HTTPError(408, f"the request body stalled: nothing arrived for {self.body_timeout:g} s; "
-                                     "send it faster, or raise --http-client-timeout") from None
+                raise HTTPError(408, f"the request body stalled: nothing arrived for {self.body_timeout:g} s, or "
+                                     f"it came slower than {MIN_BODY_RATE} bytes/s; send it faster, or raise "
+                                     "--http-client-timeout") from None
             if message["type"] == "http.disconnect":
                 raise HTTPError(400, "the client went away before sending its body")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
                 too_big = True
-            if buf is not None:
-                if size > len(buf):
-                    raise HTTPError(400, f"the body is longer than its Content-Length {len(buf)}")
-                buf[size - len(chunk):size] = chunk
-            elif not too_big:
-                chunks.append(chunk)
+            if not too_big:
+                buf += chunk
             # past the limit the rest is read and let go (up to DRAIN_MAX), so the client, still
             # sending, reads the 413 instead of a reset connection
             if not message.get("more_body") or size > DRAIN_MAX:
@@ -308,10 +324,6 @@ class App:
         if too_big:
             raise HTTPError(413, f"the body is {int(declared) if declared and declared.isdigit() else size} bytes, "
                                  f"over max_message_bytes={self.max_body}; send less, or raise --max-message-bytes")
-        if buf is None:
-            return b"".join(chunks)
-        if size != len(buf):
-            raise HTTPError(400, f"the body ended after {size} of its Content-Length {len(buf)} bytes")
         return buf
 
     def connect(self) -> AsyncClient:

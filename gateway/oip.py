@@ -47,11 +47,15 @@ def parse_request(body: bytes | bytearray, header_length: int | None, max_elemen
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise BadInput("\"inputs\" must be a non-empty list of {name, shape, datatype, data}")
-    at = 0
+    at, names = 0, set()
     for i, item in enumerate(inputs):
         if not isinstance(item, dict):
             raise BadInput(f"inputs[{i}] must be an object")
         at = _decode_input(item, i, blobs, at, max_elements)
+        if item["name"] in names:  # the model is called with {name: array}: a second would hide the first
+            raise BadInput(f"inputs[{i}]: the name {item['name']!r} is taken by an earlier input; each input's "
+                           "name must be its own")
+        names.add(item["name"])
     if at != len(blobs):
         raise BadInput(f"{len(blobs) - at} bytes of binary data follow the JSON but no input's binary_data_size "
                        "accounts for them")
@@ -60,8 +64,10 @@ def parse_request(body: bytes | bytearray, header_length: int | None, max_elemen
             raise BadInput(f"\"{key}\" must be an object")
     outputs = request.get("outputs")
     if outputs is not None and (not isinstance(outputs, list)
-                                or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs)):
-        raise BadInput("\"outputs\" must be a list of {\"name\": ...} objects")
+                                or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                           and isinstance(o.get("parameters", {}), dict) for o in outputs)):
+        raise BadInput("\"outputs\" must be a list of {\"name\": ..., \"parameters\": {...}} objects "
+                       "(parameters optional)")
     return request
 
 
@@ -74,8 +80,9 @@ def _decode_input(item: dict, i: int, blobs: memoryview, at: int, max_elements: 
             or not all(type(d) is int and 0 <= d for d in shape)):
         raise BadInput(f"{where}: \"shape\" must be a list of at most {MAX_DIMS} non-negative ints, got {shape!r}")
     count = math.prod(shape)
-    if count > max_elements:
-        raise BadInput(f"{where}: {count} elements, over max_elements={max_elements}")
+    if count > max_elements or math.prod(d for d in shape if d) > max_elements:  # [0, 2**62] holds 0, but
+        # no array can have that shape
+        raise BadInput(f"{where}: shape {shape} is over max_elements={max_elements}")
     if datatype != "BYTES" and datatype not in DATATYPES:
         raise BadInput(f"{where}: datatype {datatype!r} is not one of {', '.join([*DATATYPES, 'BYTES'])}")
     params = item.get("parameters") or {}
@@ -140,16 +147,20 @@ def _from_binary(raw: memoryview, datatype: str, shape: list, where: str) -> np.
     """The tensor in `raw`: numbers as a view of the body (copied only to change byte order)."""
     count = math.prod(shape)
     if datatype == "BYTES":  # each element: a 4-byte little-endian length, then its bytes
+        if len(raw) < 4 * count:  # each needs its length at least: say so before reading any
+            raise BadInput(f"{where}: shape {shape} holds {count} BYTES elements, which need at least "
+                           f"{4 * count} bytes; the binary data has {len(raw)}")
         raw = bytes(raw)
         items, at = [], 0
-        while at < len(raw):
+        for _ in range(count):  # as many as the shape says, and no more
             if at + 4 > len(raw):
                 raise BadInput(f"{where}: BYTES binary data is cut short")
             n = int.from_bytes(raw[at:at + 4], "little")
             items.append(raw[at + 4:at + 4 + n])
             at += 4 + n
-        if len(items) != count or at != len(raw):
-            raise BadInput(f"{where}: shape {shape} holds {count} elements, the binary data {len(items)}")
+        if at != len(raw):
+            raise BadInput(f"{where}: shape {shape} holds {count} elements; the binary data has "
+                           f"{'more' if at < len(raw) else 'fewer'}")
         return np.array(items, dtype=object).reshape(shape)
     dtype = np.dtype(DATATYPES[datatype]).newbyteorder("<")
     if len(raw) != count * dtype.itemsize:

@@ -12,8 +12,9 @@ reloads a served model (a rolling replace of its workers), as Triton's load does
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+import orjson
 
 
 def _object(body: bytes) -> dict:
@@ -22,9 +23,9 @@ def _object(body: bytes) -> dict:
 
     if not body.strip():
         return {}
-    try:
-        request = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    try:  # orjson: nesting past 1024 is a ValueError, not a RecursionError
+        request = orjson.loads(body)
+    except ValueError as exc:
         raise HTTPError(400, f"the request body is not JSON: {exc}") from None
     if not isinstance(request, dict) or not isinstance(request.get("parameters", {}), dict):
         raise HTTPError(400, 'the request must be a JSON object, with "parameters" a map if given')

@@ -153,3 +153,89 @@ def test_a_body_over_the_message_limit_is_413_and_a_public_address_needs_insecur
     out = subprocess.run([sys.executable, "-m", "isopool.cli", "serve", "--http", "0.0.0.0:0", "--endpoint",
                           f"ipc://{short_tmp}/public.sock"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 2 and "--insecure" in out.stderr and "Traceback" not in out.stderr
+
+
+def raw_http(address: str, data: bytes, timeout: float = 60.0) -> tuple[int, bytes]:
+    """(status, body) of one request written as raw bytes; the connection is closed after."""
+    import socket
+
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(data)
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        return answer.status, answer.read()
+
+
+def post(path: str, body: bytes, *headers: bytes) -> bytes:
+    return (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            + b"".join(h + b"\r\n" for h in headers) + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def test_client_mistakes_a_hostile_pass_found_are_4xx_and_the_gateway_serves_on(start_pool):
+    """Each of these was a 500 (or a 200 that dropped an input): an error of the gateway's own
+    for what was the client's mistake."""
+    pool = http_pool(start_pool, "--model", FAULTY, workers=1)
+    infer = "/v2/models/default/infer"
+
+    def tensor(shape, **extra):
+        return {"name": "x", "shape": shape, "datatype": "BYTES", **extra}
+
+    binary_head = json.dumps({"inputs": [tensor([0, 2**62], parameters={"binary_data_size": 0})]}).encode()
+    zeros_head = json.dumps({"inputs": [tensor([2], parameters={"binary_data_size": 12})]}).encode()
+    cases = {  # what -> (request, words the 400 says)
+        "output parameters not a map": (post(infer, json.dumps({
+            "inputs": [tensor([1], data=["a"])], "outputs": [{"name": "echo", "parameters": 7}]}).encode()), "outputs"),
+        "no array has shape [0, 2**62] (JSON)": (post(infer, json.dumps({
+            "inputs": [tensor([0, 2**62], data=[])]}).encode()), "max_elements"),
+        "no array has shape [0, 2**62] (binary)": (post(infer, binary_head, b"Inference-Header-Content-Length: "
+                                                        + str(len(binary_head)).encode()), "max_elements"),
+        "more BYTES elements than the shape": (post(infer, zeros_head + b"\0" * 12, b"Inference-Header-Content-Length: "
+                                                    + str(len(zeros_head)).encode()), "more"),
+        "two inputs of one name": (post(infer, json.dumps({"inputs": [tensor([1], data=["a"]),
+                                                                      tensor([1], data=["b"])]}).encode()), "taken"),
+        "repository index nested past any depth": (post("/v2/repository/index", b"[" * 100_000), "not JSON"),
+        "a stream's input nested past any depth": (post("/v2/models/default/generate_stream", b"[" * 100_000),
+                                                   "not JSON"),
+        "a stream's input a lone surrogate": (post("/v2/models/default/generate_stream", b'{"x": "\\ud800"}'),
+                                              "not JSON"),
+    }
+    for what, (request, words) in cases.items():
+        status, body = raw_http(pool.address, request)
+        assert status == 400 and words in body.decode(), (what, status, body[:300])
+    status, _ = raw_http(pool.address, b"GET /v2 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                                       b"Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                                       b"Sec-WebSocket-Version: 13\r\n\r\n")
+    assert status == 200  # no websocket here: the request is read as plain HTTP (it was a 500)
+    # an integer past 64 bits (msgpack cannot carry it: was a 500) is read as JSON's number, a float
+    status, body = raw_http(pool.address, post("/v2/models/default/generate_stream", b'{"x": 18446744073709551616}'))
+    assert status == 200 and b'"x":1.8446744073709552e+19' in body
+    status, body = raw_http(pool.address, post(infer, json.dumps({"inputs": [tensor([1], data=["ok"])]}).encode()))
+    assert status == 200 and json.loads(body)["outputs"]
+
+
+def test_a_body_that_trickles_in_is_408_however_often_a_byte_comes(start_pool):
+    """A pause longer than --http-client-timeout was a 408, but a byte every so often, just
+    inside it, held the connection (and its buffer) for as long as the client liked. Each byte
+    now buys 2 ms past the timeout (500 bytes/s, as Apache's mod_reqtimeout)."""
+    import socket
+
+    pool = http_pool(start_pool, "--model", FAULTY, "--http-client-timeout", "1", workers=1)
+    host, port = pool.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"POST /v2/models/default/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        sock.setblocking(False)
+        answered = b""
+        for _ in range(200):  # a byte each 0.3 s, for at most 60 s; the 408 comes after about 1 s
+            try:
+                sock.send(b"{")
+            except OSError:  # closed after its answer
+                pass
+            time.sleep(0.3)
+            try:
+                answered += sock.recv(4096)
+            except BlockingIOError:
+                continue
+            if answered:
+                break
+    assert answered.startswith(b"HTTP/1.1 408"), answered[:200]
