@@ -95,15 +95,35 @@ class OneWrite:
 
 
 class GuardedHttp(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline on each request's headers (uvicorn has none)
-    and each response sent in one write (OneWrite)."""
+    """uvicorn's httptools protocol with a deadline and a size limit on each request's headers
+    (uvicorn has neither) and each response sent in one write (OneWrite)."""
 
     header_timer = None
     timeout_s = 10.0  # set from --http-client-timeout at start
+    MAX_HEAD = 64 << 10  # bytes of a request line and headers (httptools joins them at a cost that grows faster)
+    head_bytes = 0  # of the request whose headers are coming; -1 while a body is
 
     def connection_made(self, transport) -> None:
         super().connection_made(OneWrite(transport, self.loop))
         self.header_timer = self.loop.call_later(self.timeout_s, self.headers_late, False)
+
+    def data_received(self, data: bytes) -> None:
+        if self.head_bytes >= 0:
+            room = self.MAX_HEAD - self.head_bytes
+            self.head_bytes += len(data)
+            # past the limit, unless the headers end within it (a body may come in the same read)
+            if self.head_bytes > self.MAX_HEAD and data.find(b"\r\n\r\n", 0, max(0, room) + 4) < 0:
+                body = b'{"error":"the request line and headers are over %d bytes"}' % self.MAX_HEAD
+                self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: "
+                                     b"application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+                                     % (len(body), body))
+                self.transport.close()
+                return
+        super().data_received(data)
+
+    def on_message_complete(self) -> None:
+        self.head_bytes = 0  # the next request's headers may follow (pipelined: in this same read)
+        super().on_message_complete()
 
     def eof_received(self):
         """The peer ended its stream: uvloop closes the connection when this returns, so a held
@@ -118,6 +138,7 @@ class GuardedHttp(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self.stop_header_timer()
+        self.head_bytes = -1
         super().on_headers_complete()
 
     def connection_lost(self, exc) -> None:
@@ -131,8 +152,14 @@ class GuardedHttp(HttpToolsProtocol):
 
     def headers_late(self, begun: bool) -> None:
         self.header_timer = None
-        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
-            return  # a request is being answered: the keep-alive and body deadlines apply
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # an earlier request is still being answered (pipelined behind it): the headers get
+            # their time again after it, not none (uvicorn's keep-alive timer, which a byte of
+            # them stopped, is not started again)
+            self.header_timer = self.loop.call_later(self.timeout_s, self.headers_late, begun)
+            return
         if begun:  # a request started and its headers did not follow: say so before closing
             body = b'{"error":"the request headers did not arrive within %g s"}' % self.timeout_s
             self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"

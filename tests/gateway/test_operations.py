@@ -84,6 +84,32 @@ def test_slow_clients_get_408_and_never_hold_the_gateway(start_pool):
     assert pool.status()["pool"]["gateways"][0]["restarts"] == 0
 
 
+def test_headers_over_64_kib_are_431_and_pipelined_headers_still_have_a_deadline(start_pool):
+    """Two ways a client held a gateway, found by a hostile pass: headers of any size (64 MiB
+    took 4 s of the gateway's loop, httptools joining them piece by piece); and the first
+    bytes of a request's headers pipelined behind a slow answer, which stopped the header
+    deadline there and uvicorn's keep-alive timer, so the connection stayed open for good."""
+    pool = http_pool(start_pool, "--model", "isopool.examples.streaming:Countdown", "--http-client-timeout", "1",
+                     workers=1)
+    host, port = pool.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as big:
+        big.sendall(b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (128 << 10) + b"\r\n\r\n")
+        assert big.recv(4096).split(b"\r\n")[0] == b"HTTP/1.1 431 Request Header Fields Too Large"
+    body = json.dumps({"n": 3, "delay": 1.5}).encode()  # an answer that takes 3 s, longer than the timeout
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v2/models/default/generate_stream HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body + b"GET /v2 HTTP/1.1\r\n")  # and no more
+        got = b""
+        for _ in range(100):  # bounded: each read waits at most the socket's 30 s
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 200") and got.count(b"data: ") == 3  # the stream, whole
+    assert b" 408 " in got  # then the pipelined headers' deadline, and the connection closed
+    assert pool.status()["pool"]["gateways"][0]["restarts"] == 0
+
+
 def test_each_answer_arrives_whole_in_one_read_on_a_kept_alive_connection(start_pool):
     """Each head held for its body (gateway/__main__.py: OneWrite; its calls are checked in
     test_onewrite.py) leaves nothing behind on a kept-alive connection: every answer comes
