@@ -102,6 +102,7 @@ class GuardedHttp(HttpToolsProtocol):
     timeout_s = 10.0  # set from --http-client-timeout at start
     MAX_HEAD = 64 << 10  # bytes of a request line and headers (httptools joins them at a cost that grows faster)
     head_bytes = 0  # of the request whose headers are coming; -1 while a body is
+    peer_done = False  # the peer ended its side of the connection, with an answer owed
 
     def connection_made(self, transport) -> None:
         super().connection_made(OneWrite(transport, self.loop))
@@ -126,10 +127,20 @@ class GuardedHttp(HttpToolsProtocol):
         super().on_message_complete()
 
     def eof_received(self):
-        """The peer ended its stream: uvloop closes the connection when this returns, so a held
-        head leaves first."""
+        """The peer ended its stream. A peer that half-closes after its request (`nc -N`,
+        `shutdown(SHUT_WR)`) still reads: while an answer is owed, the connection stays open
+        for it (True), and closes once it and any pipelined behind it are sent. Otherwise
+        uvloop closes the connection when this returns, so a held head leaves first."""
         self.transport.release()
+        if self.cycle is not None and not self.cycle.response_complete and not self.transport.is_closing():
+            self.peer_done = True
+            return True
         return super().eof_received()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.peer_done and not self.pipeline and not self.transport.is_closing():
+            self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -110,6 +110,28 @@ def test_headers_over_64_kib_are_431_and_pipelined_headers_still_have_a_deadline
     assert pool.status()["pool"]["gateways"][0]["restarts"] == 0
 
 
+def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(start_pool):
+    """`printf ... | nc -N` and shutdown(SHUT_WR) end the client's side once the request is
+    sent: uvloop closed the connection at that end of stream, and the answer (the request ran)
+    was dropped. The connection now stays open for what is owed, then closes."""
+    pool = http_pool(start_pool, "--model", "isopool.examples.faulty:Faulty", workers=1)
+    host, port = pool.address.rsplit(":", 1)
+    body = json.dumps({"inputs": [{"name": "do", "shape": [1], "datatype": "BYTES", "data": ["sleep"]},
+                                  {"name": "s", "shape": [1], "datatype": "FP32", "data": [0.3]}]}).encode()
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /v2/models/default/infer HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body)
+            sock.shutdown(socket.SHUT_WR)  # the answer takes 0.3 s: the end of stream comes first
+            got = b""
+            for _ in range(100):  # bounded: until the gateway closes (each read waits at most 30 s)
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+        assert got.startswith(b"HTTP/1.1 200") and b'"outputs"' in got, got[:300]
+
+
 def test_each_answer_arrives_whole_in_one_read_on_a_kept_alive_connection(start_pool):
     """Each head held for its body (gateway/__main__.py: OneWrite; its calls are checked in
     test_onewrite.py) leaves nothing behind on a kept-alive connection: every answer comes
