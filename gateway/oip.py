@@ -219,13 +219,27 @@ def outputs_of(result: Any) -> dict[str, np.ndarray]:
 def _tensor(value: Any, name: str) -> np.ndarray:
     if hasattr(value, "numpy") and not isinstance(value, np.ndarray):  # a torch tensor
         value = value.detach().cpu().numpy()
-    if isinstance(value, (bytes, str)) or (isinstance(value, list) and value and isinstance(value[0], (bytes, str))):
-        items = value if isinstance(value, list) else [value]
-        return np.array([v.encode() if isinstance(v, str) else v for v in items], dtype=object)
+    if isinstance(value, (bytes, str)) or (isinstance(value, list) and isinstance(_leaf(value), (bytes, str))):
+        nested = np.array(value if isinstance(value, list) else [value], dtype=object)  # any rank (as BYTES came in)
+        items = [v.encode() if isinstance(v, str) else v for v in nested.reshape(-1)]
+        if not all(isinstance(v, bytes) for v in items):
+            raise ValueError(f"output {name!r} mixes strings or bytes with other values")
+        flat = np.empty(len(items), dtype=object)
+        flat[:] = items
+        return flat.reshape(nested.shape)
     array = np.asarray(value)
     if array.dtype.name not in OF_DTYPE and array.dtype != object:
         raise ValueError(f"output {name!r} has dtype {array.dtype}, which the protocol cannot carry")
     return array
+
+
+def _leaf(value: list) -> Any:
+    """The first element of a nested list, however deep."""
+    for _ in range(MAX_DIMS + 1):
+        if not isinstance(value, list) or not value:
+            break
+        value = value[0]
+    return value
 
 
 def response(model: str, request: dict, outputs: dict[str, np.ndarray]) -> tuple[bytes, list]:

@@ -239,3 +239,16 @@ def test_a_body_that_trickles_in_is_408_however_often_a_byte_comes(start_pool):
             if answered:
                 break
     assert answered.startswith(b"HTTP/1.1 408"), answered[:200]
+
+
+def test_a_bytes_tensor_of_any_rank_comes_back_through_an_echo(start_pool):
+    """The gateway hands a model a BYTES tensor of rank 2 as nested lists of bytes, and refused
+    the same nested lists as an answer (a 500: "dtype |S1, which the protocol cannot carry")."""
+    pool = http_pool(start_pool, "--model", "isopool.examples.faulty:make_echo", workers=1)
+    data = ["a", "bb", "ccc", "dddd", "", "f"]
+    for shape in ([6], [2, 3], [3, 1, 2]):
+        status, body = raw_http(pool.address, post("/v2/models/default/infer", json.dumps(
+            {"inputs": [{"name": "x", "shape": shape, "datatype": "BYTES", "data": data}]}).encode()))
+        assert status == 200, (shape, body[:300])
+        [out] = json.loads(body)["outputs"]
+        assert out["datatype"] == "BYTES" and out["shape"] == shape and out["data"] == data
