@@ -26,6 +26,7 @@ import orjson
 
 from isopool import __version__
 from isopool.client import AsyncClient
+from isopool.logs import worth_a_line
 from isopool.errors import (BadRequest, IsopoolError, Overloaded, RequestTimeout, ShuttingDown, Unavailable,
                             UnknownModel)
 
@@ -146,7 +147,7 @@ class App:
                 headers = [(b"retry-after", str(RETRY_AFTER_S).encode())]
         except Exception as exc:  # a bug of ours: a 500, logged (a flood: one in 100); the gateway serves on
             self.internal_errors += 1
-            if self.internal_errors <= 10 or self.internal_errors % 100 == 0:
+            if worth_a_line(self.internal_errors):
                 log.exception("internal error answering %s %s (%d so far); the gateway serves on",
                               scope["method"], scope["path"], self.internal_errors)
             status, headers = 500, []

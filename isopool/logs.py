@@ -10,6 +10,12 @@ FIELDS = ("worker", "pid", "request", "gateway", "method", "path", "route", "mod
           "client", "bytes")  # a record's extra fields that JSON lines carry
 
 
+def worth_a_line(count: int, every: int = 100) -> bool:
+    """Whether the count-th of a repeated event is logged: the first 10, then one in `every`,
+    so that a flood (a client repeating what it can repeat) is a few lines, not a full disk."""
+    return count <= 10 or count % every == 0
+
+
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from isopool.logs import worth_a_line
 from isopool.protocol import decode_error, ops, pack_header
 from isopool.protocol.contract import parse_ident
 from isopool.protocol.exits import EXIT_LOAD_FAILED
@@ -70,7 +71,7 @@ def refused(core: "Core", e) -> None:
     if w is None:
         return
     core.sandbox_refused += 1
-    if core.sandbox_refused <= 10 or core.sandbox_refused % 100 == 0:
+    if worth_a_line(core.sandbox_refused):
         aim = f" aimed at process {e.target}" if e.target is not None else ""
         core.log(logging.WARNING, "worker %d (thread %d) called %s%s; its sandbox refused it (EPERM). %d such "
                  "call(s) so far; a model that needs it cannot run sandboxed, and one that did not ask for it may be "

@@ -29,6 +29,7 @@ from typing import Callable
 import zmq
 import zmq.auth
 
+from isopool.logs import worth_a_line
 from isopool.protocol import BadRequest, ops
 
 log = logging.getLogger("isopool.supervisor")
@@ -127,7 +128,7 @@ class Zap:
         self.sock.send_multipart([version, request_id, *reply, b""])
 
     def report(self, events, fields: dict) -> None:
-        if self.refused <= 10 or self.refused % 100 == 0:  # a flood of them is one line in a hundred
+        if worth_a_line(self.refused):
             events.emit("intruder", fields)
             log.warning("refused a backend connection from process %s (uid %s): %s (%d refused so far). A "
                         "compromised model may be trying to pass for a worker", fields["pid"], fields["uid"],
@@ -157,12 +158,13 @@ def peer_pid(frame: zmq.Frame) -> int | None:
 
 
 def mark_peer(header: dict, frame: zmq.Frame) -> None:
-    """A hello learns the pid we see its client as (header "peer"); a request naming shared
-    memory is refused unless that memory's pid is its connection's own process."""
-    pid = peer_pid(frame)
-    if header["op"] == ops.HELLO:
-        header["peer"] = pid
-    elif header.get("shm") is not None and header["shm"][0] != pid:
+    """Whose memory, in the kernel's word, not the client's: a hello learns the pid we see its
+    client as (header "peer"); an infer naming shared memory is refused unless that memory's
+    pid is its connection's own process (only an infer's shm is checked by its schema, and used)."""
+    op = header["op"]
+    if op == ops.HELLO:
+        header["peer"] = peer_pid(frame)
+    elif op == ops.INFER and header.get("shm") is not None and header["shm"][0] != (pid := peer_pid(frame)):
         raise BadRequest(f"this request names the shared memory of process {header['shm'][0]}, but its connection "
                          f"is from {'process ' + str(pid) if pid else 'an unknown process (tcp://, or CURVE)'}: only "
                          "a client's own memory, over ipc:// on this host; else send arrays as frames "

@@ -26,6 +26,7 @@ from typing import Any
 
 import zmq
 
+from isopool.logs import worth_a_line
 from isopool.protocol import IsopoolError, encode, encode_error, ops, schemas
 from isopool.protocol.pacing import Pacing
 from isopool.protocol.headers import peek_id
@@ -66,8 +67,8 @@ class Supervisor:
                 raise StartupError(str(exc), exit_code=2) from None
         self.pending_signals: list[int] = []
         self.started_at = time.monotonic()
-        self.strangers = 0  # backend messages under identities the supervisor never gave
-        self.internal_errors = 0  # exceptions that escaped the handling of an event (logged, counted by the core)
+        # backend messages under identities the supervisor never gave; exceptions that escaped an event's handling
+        self.strangers = self.internal_errors = 0
         self.started_wall = time.time()
         self.worked = False  # the last pass read a client's or a worker's message
         self.models: Models | None = None
@@ -223,9 +224,7 @@ class Supervisor:
                         models.first.core.handle(act.ClientGarbage(ident, header, err), now)
                         continue
                     op = header["op"]
-                    # whose memory: the kernel's word, not the client's (only infer's shm is checked, and used)
-                    if op == ops.HELLO or (op == ops.INFER and "shm" in header):
-                        mark_peer(header, who)
+                    mark_peer(header, who)  # a hello's pid, and an infer's shared memory: the kernel's word
                     if op == ops.INFER:
                         served = models.route(header.get("model"))
                         served.core.client_message(ident, header, body, admin, now)
@@ -356,7 +355,7 @@ class Supervisor:
                 if measured is not None:
                     core.handle(act.Sampled(slot, *measured), now)
         elif kind is act.AnswerStatus:
-            status = self.status(now)
+            status = daemon_status(self.models, self.facts(), self.procs.dropped_of, now)
             self.to_clients.post([a.ident, *encode(ops.RESULT, a.rid, status)], False)
         elif kind is act.StartTemplate:
             procs.start_template(served.config)
@@ -372,15 +371,10 @@ class Supervisor:
         if not state.startswith("READY=1") or self.models.all_ready(served):
             sd_notify(state)
 
-    def status(self, now: float) -> dict:
-        return daemon_status(self.models, self.facts(), self.procs.dropped_of, now)
-
     def internal_error(self, what: str, served: Served | None, ident: bytes | None, rid: Any) -> None:
-        """The last line: an exception escaped the handling of one event. Log its traceback;
-        the core counts it and fails the request it concerned; the loop goes on. A flood of
-        them (a client repeating what found a bug) is logged one in a hundred."""
+        """The last line: an event's handling raised. Logged (worth_a_line); the core fails its request."""
         self.internal_errors += 1
-        if self.internal_errors <= 10 or self.internal_errors % 100 == 0:
+        if worth_a_line(self.internal_errors):
             log.exception("internal error handling %s (%d so far); the pool goes on", what, self.internal_errors)
         try:
             (served or self.models.first).core.internal_error(what, ident, rid)

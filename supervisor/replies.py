@@ -23,6 +23,7 @@ from typing import Callable
 
 import zmq
 
+from isopool.logs import worth_a_line
 from isopool.protocol.transport import NOBLOCK, Outbox, send_frames, wire
 
 from .actions import ClientGone, ClientStalled
@@ -85,7 +86,7 @@ class ClientOutbox(Outbox):
         while len(queue) > BACKLOG or self.backlog_bytes[peer] > BACKLOG_BYTES:
             self.backlog_bytes[peer] -= _size(queue.popleft())
             self.dropped += 1
-            if self.dropped <= 10 or self.dropped % 1000 == 0:  # a flood of them is a line in a thousand
+            if worth_a_line(self.dropped, 1000):
                 log.warning("a reply for client %r was dropped: it has not read %d waiting replies (%d replies "
                             "dropped so far; status: replies_dropped)", peer, len(queue), self.dropped)
 
