@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from isopool.protocol import decode_payload, encode_payload, ops, pack_header, shm
+from isopool.protocol import decode_payload, encode_payload, ops, pack_header
 from isopool.protocol.codec import encode_error
 from isopool.protocol.errors import BadRequest, RemoteError, RequestTimeout
 from isopool.protocol.exits import EXIT_LOAD_FAILED, EXIT_ORPHANED
@@ -40,6 +40,7 @@ from isopool.protocol.transport import EVENTS, POLLIN, Outbox, drain, messages
 from . import batching
 from .handler import NotAStream, WorkerContext, build_model
 from .integrity import fingerprint
+from .segments import Mappings, Place, encode_answer
 
 log = logging.getLogger("isopool.worker")
 
@@ -117,7 +118,7 @@ class Worker:
         self.waiting = 0  # requests already here behind the current one (capacity: more on the socket)
         # how long the previous request (or batch) ran decides how we wait and pace (protocol/pacing.py)
         self.pacing = Pacing(self.io_threads, config.spin_us)
-        self.maps = shm.Mappings()  # of clients' shared memory: requests', and out segments for answers
+        self.maps = Mappings()  # of clients' shared memory: requests', and out segments for answers
         self.next_sweep = 0.0
         import torch
 
@@ -206,7 +207,7 @@ class Worker:
         if self.config.integrity_interval and now >= self.next_check:
             self.check_weights("scheduled")
             self.next_check = time.monotonic() + self.config.integrity_interval
-        if self.maps.kept and now >= self.next_sweep:
+        if (self.maps.kept or self.maps.inputs) and now >= self.next_sweep:
             self.maps.sweep()
             self.next_sweep = now + self.config.heartbeat_interval
 
@@ -230,7 +231,7 @@ class Worker:
                 self.run(header, body)
 
     def accept(self, header: dict, body: list) -> tuple[Any, int, Any, int, Any] | None:
-        """(id, attempt, inputs, seq, its shm.Place or None) of a RUN, or None after answering it
+        """(id, attempt, inputs, seq, its Place or None) of a RUN, or None after answering it
         (expired, undecodable)."""
         rid, attempt = header["id"], header.get("attempt", 0)
         deadline = header.get("deadline")
@@ -240,7 +241,7 @@ class Worker:
                 setting="timeout"), attempt=attempt))
             return None
         try:
-            place = shm.Place(header, self.maps) if "shm" in header else None
+            place = Place(header, self.maps) if "shm" in header else None
             inputs = decode_payload(body, arrays=self.config.arrays, limits=self.limits,
                                     segment=place.take() if place is not None else None)
             return rid, attempt, inputs, header.get("seq", 0), place
@@ -290,12 +291,12 @@ class Worker:
         if self.config.integrity_every_request:
             self.check_weights("after request", rid)
 
-    def encode(self, output: Any, place: shm.Place | None) -> list:
-        return shm.encode_answer(output, place.out if place is not None else None, self.config.shm_threshold,
+    def encode(self, output: Any, place: Place | None) -> list:
+        return encode_answer(output, place.out if place is not None else None, self.config.shm_threshold,
                                  self.maps)
 
     @staticmethod
-    def result_header(rid: Any, attempt: int, place: shm.Place | None) -> bytes:
+    def result_header(rid: Any, attempt: int, place: Place | None) -> bytes:
         """A RESULT's header; "reuse" when the request's shared memory is referred to no more."""
         if place is not None and place.released():
             return pack_header(ops.RESULT, rid, attempt=attempt, reuse=True)

@@ -13,7 +13,8 @@ import torch
 from isopool.protocol import BadRequest, Limits, decode_payload, encode_payload, validate_payload
 from isopool.protocol import shm
 from isopool.client.segments import IDLE, Pool, Segments
-from isopool.protocol.shm import Place, Spill, map_request, segments_in
+from isopool.protocol.shm import Spill, segments_in
+from isopool.worker.segments import Mappings, Place
 
 BIG = 1 << 20
 
@@ -35,12 +36,12 @@ def test_large_arrays_go_to_the_segment_and_come_back_equal_and_aligned():
         assert sum(len(f) for f in frames) < 4096
         assert segs.used % shm.ALIGN == 0 and segs.used >= big.nbytes + tensor.numel() * 8
         validate_payload(frames, segment=segs.used)
-        view = map_request(os.getpid(), segs.seg_in.fd, segs.used, segs.seg_in.ino)
+        view = Mappings().request(os.getpid(), segs.seg_in.fd, segs.used, segs.seg_in.ino)
         out = decode_payload(frames, segment=view)
         assert np.array_equal(out["big"], big) and not out["big"].flags.writeable
         assert isinstance(out["t"], torch.Tensor) and torch.equal(out["t"], tensor)
         out["t"][0] = 99.0  # the worker's own copy-on-write page: the client's segment keeps its bytes
-        assert torch.equal(decode_payload(frames, segment=map_request(os.getpid(), segs.seg_in.fd, segs.used,
+        assert torch.equal(decode_payload(frames, segment=Mappings().request(os.getpid(), segs.seg_in.fd, segs.used,
                                                                            segs.seg_in.ino))["t"],
                            tensor)
         assert np.array_equal(out["small"], small) and out["more"][1] == "text"
@@ -70,17 +71,17 @@ def test_the_worker_maps_only_a_sealed_isopool_segment_of_the_size_named(tmp_pat
     try:
         ino = lambda fd: os.fstat(fd).st_ino
         with pytest.raises(BadRequest, match="not sealed"):
-            map_request(os.getpid(), unsealed, 4096, ino(unsealed))
+            Mappings().request(os.getpid(), unsealed, 4096, ino(unsealed))
         for fd in (other, plain):
             with pytest.raises(BadRequest, match="not an isopool shared-memory segment"):
-                map_request(os.getpid(), fd, 6, ino(fd))
+                Mappings().request(os.getpid(), fd, 6, ino(fd))
         with pytest.raises(BadRequest, match="fewer than"):
-            map_request(os.getpid(), segs.seg_in.fd, segs.seg_in.size + 4096, segs.seg_in.ino)
+            Mappings().request(os.getpid(), segs.seg_in.fd, segs.seg_in.size + 4096, segs.seg_in.ino)
         with pytest.raises(BadRequest, match="cannot open"):
-            map_request(os.getpid(), 10_000, 16, 1)
+            Mappings().request(os.getpid(), 10_000, 16, 1)
         # the fd of the segment named, but another segment behind it now (a call cancelled, its fd reused)
         with pytest.raises(BadRequest, match="no longer the segment the request named"):
-            map_request(os.getpid(), segs.seg_in.fd, segs.used, ino(unsealed))
+            Mappings().request(os.getpid(), segs.seg_in.fd, segs.used, ino(unsealed))
         with pytest.raises(PermissionError):  # a client cannot shrink what a worker may have mapped
             os.ftruncate(segs.seg_in.fd, 0)
     finally:
@@ -97,7 +98,7 @@ def test_an_answer_written_into_the_out_segment_is_mapped_and_its_segment_reused
     out_fd = segs.seg_out.fd
     spill = Spill(BIG)
     frames = encode_payload({"y": big}, spill)
-    maps = shm.Mappings()
+    maps = Mappings()
     maps.write(os.getpid(), out_fd, segs.seg_out.ino, spill)
     out = decode_payload(frames, segment=segs.answer(reuse=False))
     assert np.array_equal(out["y"], big) and pool.idle_out == []
@@ -112,21 +113,21 @@ def test_an_answer_written_into_the_out_segment_is_mapped_and_its_segment_reused
 
 
 def test_a_worker_keeps_out_segments_mapped_only_while_their_client_holds_them_and_within_its_bounds(monkeypatch):
-    pool, maps, spill = Pool(), shm.Mappings(), Spill(BIG)
+    pool, maps, spill = Pool(), Mappings(), Spill(BIG)
     encode_payload(np.ones(BIG, dtype=np.uint8), spill)
-    segs = [Segments(Spill(BIG), pool) for _ in range(shm.Mappings.KEEP + 2)]
+    segs = [Segments(Spill(BIG), pool) for _ in range(Mappings.KEEP + 2)]
     key = lambda s: (os.getpid(), s.seg_out.ino)
     mapped = lambda: sum(1 for line in shm.segments_in(os.getpid()) if line.startswith("map:"))
     try:
         for s in segs:
             maps.write(os.getpid(), s.seg_out.fd, s.seg_out.ino, spill)
         assert list(maps.kept) == [key(s) for s in segs[2:]]  # the least recently used went first
-        assert mapped() == shm.Mappings.KEEP
+        assert mapped() == Mappings.KEEP
         gone = segs.pop(2)
         gone.close()  # the client lets one go: its mapping goes at the next sweep
         maps.sweep()
-        assert list(maps.kept) == [key(s) for s in segs[2:]] and mapped() == shm.Mappings.KEEP - 1
-        monkeypatch.setattr(shm.Mappings, "KEEP_BYTES", shm.HUGE)  # room for one: the last one written
+        assert list(maps.kept) == [key(s) for s in segs[2:]] and mapped() == Mappings.KEEP - 1
+        monkeypatch.setattr(Mappings, "KEEP_BYTES", shm.HUGE)  # room for one: the last one written
         maps.write(os.getpid(), segs[0].seg_out.fd, segs[0].seg_out.ino, spill)
         assert list(maps.kept) == [key(segs[0])] and mapped() == 1
     finally:
@@ -144,7 +145,8 @@ def test_an_in_segment_is_reused_only_when_the_worker_says_so_and_the_pool_is_bo
     segs.answer(reuse=True)
     _, again = spilled(value * 2, pool=pool)
     assert again.seg_in.fd == fd  # the same pages, written over
-    assert np.array_equal(np.frombuffer(map_request(os.getpid(), fd, BIG, again.seg_in.ino), dtype=np.uint8), value * 2)
+    maps = Mappings()
+    assert np.array_equal(np.frombuffer(maps.request(os.getpid(), fd, BIG, again.seg_in.ino), dtype=np.uint8), value * 2)
     again.answer(reuse=False)  # the worker may still see it: closed, never reused
     assert pool.idle_in == []
     many = [spilled(value, pool=pool)[1] for _ in range(IDLE + 3)]
@@ -156,13 +158,14 @@ def test_an_in_segment_is_reused_only_when_the_worker_says_so_and_the_pool_is_bo
     assert len(pool.idle_in) == IDLE and pool.idle_in[-1].size >= 4 * BIG  # kept; the oldest went
     pool.close()
     del many, segs, again, larger
+    maps.sweep()  # the worker's mapping of the first segment, kept until its client let it go
     assert segments_in(os.getpid()) == []
 
 
 def test_a_worker_says_reuse_only_when_no_view_of_the_request_is_left():
     frames, segs = spilled({"a": np.ones(BIG, dtype=np.uint8)})
     header = {"shm": segs.header()}
-    maps = shm.Mappings()
+    maps = Mappings()
     place = Place(header, maps)
     inputs = decode_payload(frames, segment=place.take())
     assert not place.released()
@@ -170,10 +173,44 @@ def test_a_worker_says_reuse_only_when_no_view_of_the_request_is_left():
     del inputs
     assert not place.released()  # a model that kept a slice of its input: the client must not reuse it
     del kept
-    assert place.released() and len(maps.later) == 1  # unmapped once the answer has left
+    assert place.released() and len(maps.back) == 1  # given back: kept or unmapped once the answer has left
     maps.tidy()
-    assert maps.later == [] and not [s for s in segments_in(os.getpid()) if " rw-p " in s]  # the worker's, private
+    assert list(maps.inputs) == [(os.getpid(), segs.seg_in.ino)] and maps.back == []
     segs.close()
+    maps.sweep()  # its client let it go: so does the worker
+    assert maps.inputs == {} and segments_in(os.getpid()) == []
+
+
+def test_a_request_mapping_is_kept_for_the_next_request_only_while_no_page_of_it_was_written():
+    pool, maps = Pool(), Mappings()
+    first = np.full(BIG, 1, dtype=np.uint8)
+
+    def request(value):
+        frames, segs = spilled({"a": value}, pool=pool)
+        place = Place({"shm": segs.header()}, maps)
+        return segs, place, decode_payload(frames, segment=place.take(), arrays="torch")["a"]
+
+    segs, place, a = request(first)
+    addr = a.data_ptr()
+    assert torch.equal(a, torch.from_numpy(first))
+    del a
+    segs.answer(reuse=place.released())
+    maps.tidy()
+    assert len(maps.inputs) == 1
+    segs, place, a = request(first * 2)  # the client's next request, written over the same segment
+    assert a.data_ptr() == addr and torch.equal(a, torch.from_numpy(first * 2))  # the same mapping, new bytes
+    a[BIG // 2] = 9  # the model writes its input: that page is now the worker's own copy
+    del a
+    segs.answer(reuse=place.released())
+    maps.tidy()
+    assert maps.inputs == {} and maps.later == []  # so the mapping is not kept, but unmapped
+    segs, place, a = request(first * 3)
+    assert torch.equal(a, torch.from_numpy(first * 3))  # mapped anew: no page of the old write shows
+    del a
+    segs.answer(reuse=place.released())
+    pool.close()
+    maps.sweep()
+    assert maps.inputs == {} and segments_in(os.getpid()) == []
 
 
 def test_a_segment_dropped_without_close_lets_go_of_its_fds():

@@ -25,6 +25,7 @@ from isopool.protocol import shm
 from isopool.protocol.codec import decode_error
 from isopool.client.segments import IDLE, Pool, Segments
 from isopool.protocol.shm import Spill, segments_in
+from isopool.worker.segments import Mappings
 
 from ..helpers import ROOT, assert_replaced, wait_gone
 
@@ -65,9 +66,11 @@ def everywhere() -> dict[int, list[str]]:
 
 
 def kept_by_a_worker(held: list[str]) -> bool:
-    """What a worker may hold between calls: shared mappings of its clients' out segments
-    (shm.Mappings), as many as it keeps."""
-    return len(held) <= shm.Mappings.KEEP and all(" rw-s " in s and shm.NAME_OUT in s for s in held)
+    """What a worker may hold between calls (worker/segments.py: Mappings), as many of each
+    as it keeps: shared mappings of its clients' out segments, private ones of their in segments."""
+    outs = [s for s in held if " rw-s " in s and shm.NAME_OUT in s]
+    ins = [s for s in held if " rw-p " in s and shm.NAME_IN in s]
+    return len(outs) <= Mappings.KEEP and len(ins) <= Mappings.KEEP and len(outs) + len(ins) == len(held)
 
 
 def test_large_arrays_skip_the_supervisor_and_come_back_mapped(faulty):
@@ -95,6 +98,23 @@ def test_large_arrays_skip_the_supervisor_and_come_back_mapped(faulty):
             assert grew >= big.nbytes
     assert segments_in(os.getpid()) == []  # the client closed: its idle segments went with it
     assert settle_segments({}, settled=lambda left: not set(left) & set(workers)) == {}  # and the workers' maps
+
+
+def test_a_model_that_writes_its_input_never_sees_its_write_in_the_next_request(start_pool):
+    """A worker keeps a request's mapping for the client's next request on the segment; a
+    model that wrote into its input (torch tensors are writable) made some pages its own, so
+    that mapping must not be kept: the next request would read the old write, not the client's."""
+    pool = start_pool("--workers", "1", "--model", "isopool.examples.faulty:Faulty", "--arrays", "torch")
+    first, second = (np.full(4 * MiB, v, dtype=np.float32) for v in (1.0, 2.0))
+    with pool.client() as c:
+        for _ in range(3):  # the mapping kept from the last call: each answer is the client's bytes
+            assert np.array_equal(c.infer({"a": first})["echo"]["a"], first)
+        scribbled = c.infer({"do": "scribble", "a": first})["echo"]["a"]
+        assert not scribbled.any() and first.all()  # the model saw its write; the client's array kept its bytes
+        for _ in range(3):
+            assert np.array_equal(c.infer({"a": second})["echo"]["a"], second)
+        worker = pool.worker_pids()[0]
+        assert kept_by_a_worker(segments_in(worker)) and any(shm.NAME_IN in s for s in segments_in(worker))
 
 
 def test_the_asyncio_client_sends_and_receives_by_shared_memory_too(faulty):
