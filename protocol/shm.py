@@ -76,6 +76,7 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 MADV_HUGEPAGE = 14  # 2 MiB pages for this mapping's memory, where the kernel gives shmem huge pages
 MADV_POPULATE_READ, MADV_POPULATE_WRITE = 22, 23  # Linux 5.14: map every page in one call, not a fault each
 HUGE = 2 << 20
+PAGE = os.sysconf("SC_PAGE_SIZE")
 THP_SHMEM = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
 
 
@@ -94,36 +95,32 @@ def huge_pages() -> bool:
     return mode in ("always", "within_size", "advise", "force")
 
 
-def map_fd(fd: int, size: int, shared: bool = False, then: Callable[[], Any] | None = None,
-           populate: bool = False, later: list | None = None) -> memoryview:
+def map_fd(fd: int, size: int, shared: bool = False, then: Callable[[], Any] | None = None) -> memoryview:
     """`size` bytes of `fd`, mapped copy-on-write (this process's writes stay its own) or shared.
     Unlike mmap.mmap it keeps no fd: the mapping lives exactly as long as a view of it (an
-    array made from it) does, then `then()` runs; thousands of answers held cost no fds.
-    With `later`, the unmapping is put there for the caller to do when it has time."""
-    addr = mmap_fd(fd, size, shared, populate)
+    array made from it) does, then `then()` runs; thousands of answers held cost no fds."""
+    addr = mmap_fd(fd, size, shared)
     region = (ctypes.c_char * size).from_address(addr)
-    weakref.finalize(region, _unmap, addr, size, then, later)
+    weakref.finalize(region, _unmap, addr, size, then)
     return memoryview(region).cast("B")
 
 
-def mmap_fd(fd: int, size: int, shared: bool = False, populate: bool = False) -> int:
-    """The address of a new mapping of `size` bytes of `fd`; munmap is the caller's to do."""
+def mmap_fd(fd: int, size: int, shared: bool = False, populate: int = 0) -> int:
+    """The address of a new mapping of `size` bytes of `fd`, its first `populate` bytes' pages
+    mapped now; munmap is the caller's to do."""
     flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
     addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
     if addr is None or addr == MAP_FAILED:
         err = ctypes.get_errno()
         raise OSError(err, f"mmap of {size} bytes: {os.strerror(err)}")
     _libc.madvise(addr, size, MADV_HUGEPAGE)  # no effect where the host gives shmem no huge pages
-    if populate:
-        _libc.madvise(addr, size, MADV_POPULATE_READ)  # an older kernel says EINVAL: the faults do it
+    if populate:  # never more than is written: a hole would be allocated, and charged to us
+        _libc.madvise(addr, -(-populate // PAGE) * PAGE, MADV_POPULATE_READ)  # EINVAL before 5.14: faults do it
     return addr
 
 
-def _unmap(addr: int, size: int, then: Callable[[], Any] | None, later: list | None = None) -> None:
-    if later is not None:
-        later.append((addr, size))  # nothing refers to it: only the page tables are left to undo
-    else:
-        _libc.munmap(addr, size)
+def _unmap(addr: int, size: int, then: Callable[[], Any] | None) -> None:
+    _libc.munmap(addr, size)
     if then is not None:
         then()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import weakref
 
@@ -25,10 +26,8 @@ import numpy as np
 
 from isopool.protocol.codec import encode_payload
 from isopool.protocol.errors import BadRequest
-from isopool.protocol.shm import (F_GET_SEALS, HUGE, MADV_POPULATE_WRITE, NAME_IN, NAME_OUT, SEAL_SHRINK, Spill,
-                                  _flat, _libc, map_fd, mmap_fd, write_parts)
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from isopool.protocol.shm import (F_GET_SEALS, HUGE, MADV_POPULATE_WRITE, NAME_IN, NAME_OUT, PAGE, SEAL_SHRINK,
+                                  Spill, _flat, _libc, map_fd, mmap_fd, write_parts)
 
 
 def _open(pid: int, fd: int, ino: int, name: str, flags: int) -> int:
@@ -53,7 +52,8 @@ def _open(pid: int, fd: int, ino: int, name: str, flags: int) -> int:
         if not target.startswith(f"/memfd:{name} "):
             raise BadRequest(f"process {pid}'s fd {fd} is not an isopool shared-memory segment ({name}); "
                              "shared memory names only the segments the client made for the call")
-        if os.fstat(mine).st_ino != ino:
+        opened = os.fstat(mine)
+        if opened.st_ino != ino or opened.st_dev != _memfd_device():
             raise BadRequest(f"process {pid}'s fd {fd} is no longer the segment the request named (inode "
                              f"{ino}): the client let it go (a cancelled call?), so its answer has nowhere to go")
     except BaseException:
@@ -62,12 +62,27 @@ def _open(pid: int, fd: int, ino: int, name: str, flags: int) -> int:
     return mine
 
 
-def _holds(pid: int, fd: int, ino: int) -> bool:
-    """Does process `pid` hold segment `ino` at `fd` now?"""
+def _holds(pid: int, fd: int, ino: int, name: str) -> bool:
+    """Does process `pid` hold our segment `ino` (an isopool memfd called `name`) at `fd` now?
+    The name first, as `_open` does: a stat of whatever else the fd is could wait forever (a
+    file of a FUSE mount whose daemon never answers), and only a memfd is on the memfds' device."""
+    path = f"/proc/{pid}/fd/{fd}"
     try:
-        return os.stat(f"/proc/{pid}/fd/{fd}").st_ino == ino
+        if not os.readlink(path).startswith(f"/memfd:{name} "):
+            return False
+        held = os.stat(path)
     except OSError:
         return False
+    return held.st_ino == ino and held.st_dev == _memfd_device()
+
+
+@functools.cache
+def _memfd_device() -> int:
+    probe = os.memfd_create("isopool-probe", os.MFD_CLOEXEC)
+    try:
+        return os.fstat(probe).st_dev
+    finally:
+        os.close(probe)
 
 
 def untouched(addr: int, size: int) -> bool:
@@ -160,17 +175,18 @@ class Mappings:
     def request(self, pid: int, fd: int, size: int, ino: int) -> memoryview:
         """The first `size` bytes of the request's segment (the client's `fd`, inode `ino`),
         mapped copy-on-write, for this request alone until its views are gone."""
-        self.tidy()  # what the last request gave back, kept in time for this one
+        self._settle()  # what the last request gave back, kept in time for this one
         key = (pid, ino)
         kept = self.inputs.pop(key, None)
-        if kept is not None and (kept[2] < size or not _holds(pid, fd, ino)):
+        if kept is not None and (kept[2] < size or not _holds(pid, fd, ino, NAME_IN)):
             self.later.append(kept[1:])
             kept = None
         if kept is None:
             kept = fd, *self._map_request(pid, fd, size, ino)
         _, addr, mapped = kept
         region = (ctypes.c_char * mapped).from_address(addr)
-        weakref.finalize(region, _given_back, weakref.ref(self), (key, fd, addr, mapped))
+        # not at exit: a model's thread may still read it then, and the process's end unmaps it
+        weakref.finalize(region, _given_back, weakref.ref(self), (key, fd, addr, mapped)).atexit = False
         return memoryview(region).cast("B")[:size]
 
     def _map_request(self, pid: int, fd: int, size: int, ino: int) -> tuple[int, int]:
@@ -187,23 +203,27 @@ class Mappings:
                                  "header names")
             mapped = min(held, -(-size // HUGE) * HUGE)  # room for a slightly larger next request
             try:
-                return mmap_fd(mine, mapped, populate=True), mapped
+                return mmap_fd(mine, mapped, populate=size), mapped
             except OSError as exc:
                 raise BadRequest(f"cannot map the request's shared memory: {exc.strerror}") from None
         finally:
             os.close(mine)
 
     def tidy(self) -> None:
-        """Keep the request mappings given back that no one wrote to; unmap the rest."""
+        """Between requests: keep the request mappings given back that no one wrote to, and
+        unmap the rest (4,096 page-table entries for 16 MiB: no work for an answer to wait on)."""
+        self._settle()
+        while self.later:
+            _libc.munmap(*self.later.pop())
+
+    def _settle(self) -> None:
         while self.back:
-            key, fd, addr, size = self.back.pop()
+            key, fd, addr, size = self.back.pop(0)  # in the order they came back: the last, the most recent
             if key in self.inputs or size > self.KEEP_BYTES or not untouched(addr, size):
                 self.later.append((addr, size))
                 continue
             self._bound(self.inputs, size)
             self.inputs[key] = (fd, addr, size)  # the most recently used last
-        while self.later:
-            _libc.munmap(*self.later.pop())
 
     def write(self, pid: int, fd: int, ino: int, spill: Spill) -> None:
         """Copy `spill`'s arrays into the client's out segment (fd `fd`, inode `ino`), grown to
@@ -277,9 +297,9 @@ class Mappings:
     def sweep(self) -> None:
         """Drop the mappings of segments their clients no longer hold."""
         self.tidy()
-        for kind in (self.kept, self.inputs):
+        for kind, name in ((self.kept, NAME_OUT), (self.inputs, NAME_IN)):
             for (pid, ino), entry in list(kind.items()):
-                if not _holds(pid, entry[0], ino):
+                if not _holds(pid, entry[0], ino, name):
                     self._drop(kind, (pid, ino))
         while self.later:
             _libc.munmap(*self.later.pop())

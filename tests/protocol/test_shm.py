@@ -213,6 +213,34 @@ def test_a_request_mapping_is_kept_for_the_next_request_only_while_no_page_of_it
     assert maps.inputs == {} and segments_in(os.getpid()) == []
 
 
+def test_a_kept_mapping_is_lent_only_while_the_fd_named_is_still_that_segment(tmp_path):
+    """A client that puts something else on its segment's fd after the worker kept a mapping of
+    it gets BadRequest, never the old bytes; and the worker looks at the fd's name before any
+    stat (a file of a dead FUSE mount would hold a stat forever)."""
+    pool, maps = Pool(), Mappings()
+    frames, segs = spilled({"a": np.ones(BIG, dtype=np.uint8)}, pool=pool)
+    place = Place({"shm": segs.header()}, maps)
+    del place.view, place
+    maps.tidy()
+    assert len(maps.inputs) == 1
+    os.mkfifo(tmp_path / "fifo")
+    fifo = os.open(tmp_path / "fifo", os.O_RDONLY | os.O_NONBLOCK)
+    saved = os.dup(segs.seg_in.fd)
+    try:
+        os.dup2(fifo, segs.seg_in.fd)  # the same fd number, now a FIFO
+        with pytest.raises(BadRequest, match="not an isopool shared-memory segment"):
+            maps.request(os.getpid(), segs.seg_in.fd, segs.used, segs.seg_in.ino)
+        assert maps.inputs == {}  # and the kept mapping is gone with it
+    finally:
+        os.dup2(saved, segs.seg_in.fd)
+        for fd in (saved, fifo):
+            os.close(fd)
+    segs.close()
+    pool.close()
+    maps.sweep()
+    assert segments_in(os.getpid()) == []
+
+
 def test_a_segment_dropped_without_close_lets_go_of_its_fds():
     _, segs = spilled(np.zeros(BIG, dtype=np.uint8))
     assert len([s for s in segments_in(os.getpid()) if s.startswith("fd")]) == 2
