@@ -39,6 +39,8 @@ import os
 import weakref
 from typing import Any, Callable, Iterable
 
+import numpy as np
+
 
 NAME_IN, NAME_OUT = "isopool-shm-in", "isopool-shm-out"
 ALIGN = 64  # each array's offset in a segment: a cache line, so numpy and torch views are aligned
@@ -123,6 +125,23 @@ def _unmap(addr: int, size: int, then: Callable[[], Any] | None) -> None:
     _libc.munmap(addr, size)
     if then is not None:
         then()
+
+
+def untouched(addr: int, size: int) -> bool:
+    """Is every page of this private (copy-on-write) mapping still the segment's own, none
+    written by this process? Then what is written into the segment next (by the client, or
+    by the worker for an answer) is what the mapping shows. /proc/self/pagemap says, a 64-bit word per page: bit 63 present, 62
+    swapped, 61 a page of a file (here, the segment) rather than this process's own copy."""
+    first, pages = addr // PAGE, -(-size // PAGE)
+    try:
+        with open("/proc/self/pagemap", "rb", buffering=0) as f:  # self now: a worker is a fork
+            words = np.frombuffer(os.pread(f.fileno(), pages * 8, first * 8), dtype=np.uint64)
+    except OSError:
+        return False  # no pagemap here: map the segment anew each time
+    if len(words) != pages:
+        return False
+    ours = ((words >> np.uint64(62)) != 0) & ((words >> np.uint64(61)) & np.uint64(1) == 0)
+    return not ours.any()
 
 
 def _flat(data: memoryview) -> memoryview:

@@ -22,12 +22,10 @@ import functools
 import os
 import weakref
 
-import numpy as np
-
 from isopool.protocol.codec import encode_payload
 from isopool.protocol.errors import BadRequest
-from isopool.protocol.shm import (F_GET_SEALS, HUGE, MADV_POPULATE_WRITE, NAME_IN, NAME_OUT, PAGE, SEAL_SHRINK,
-                                  Spill, _flat, _libc, map_fd, mmap_fd, write_parts)
+from isopool.protocol.shm import (F_GET_SEALS, HUGE, MADV_POPULATE_WRITE, NAME_IN, NAME_OUT, SEAL_SHRINK, Spill,
+                                  _flat, _libc, map_fd, mmap_fd, untouched, write_parts)
 
 
 def _open(pid: int, fd: int, ino: int, name: str, flags: int) -> int:
@@ -83,23 +81,6 @@ def _memfd_device() -> int:
         return os.fstat(probe).st_dev
     finally:
         os.close(probe)
-
-
-def untouched(addr: int, size: int) -> bool:
-    """Is every page of this private (copy-on-write) mapping still the segment's own, none
-    written by this process? Then what the client writes into the segment next is what the
-    mapping shows. /proc/self/pagemap says, a 64-bit word per page: bit 63 present, 62
-    swapped, 61 a page of a file (here, the segment) rather than this process's own copy."""
-    first, pages = addr // PAGE, -(-size // PAGE)
-    try:
-        with open("/proc/self/pagemap", "rb", buffering=0) as f:  # self now: a worker is a fork
-            words = np.frombuffer(os.pread(f.fileno(), pages * 8, first * 8), dtype=np.uint64)
-    except OSError:
-        return False  # no pagemap here: map each request anew
-    if len(words) != pages:
-        return False
-    ours = ((words >> np.uint64(62)) != 0) & ((words >> np.uint64(61)) & np.uint64(1) == 0)
-    return not ours.any()
 
 
 class Place:

@@ -112,6 +112,37 @@ def test_an_answer_written_into_the_out_segment_is_mapped_and_its_segment_reused
     assert np.array_equal(decode_payload(frames, segment=segs.answer(reuse=False))["y"], big[::-1])
 
 
+def test_a_client_keeps_its_mapping_of_an_out_segment_for_the_next_answer_unless_it_wrote_to_it():
+    pool, maps = Pool(), Mappings()
+    big = np.arange(BIG // 4, dtype=np.int32)
+
+    def answer(value, arrays="numpy"):
+        segs = Segments(Spill(BIG), pool)
+        frames = encode_payload({"y": value}, spill := Spill(BIG))
+        maps.write(os.getpid(), segs.seg_out.fd, segs.seg_out.ino, spill)
+        return segs.seg_out, decode_payload(frames, segment=segs.answer(reuse=False), arrays=arrays)["y"]
+
+    seg, y = answer(big)
+    addr = y.ctypes.data
+    assert np.array_equal(y, big) and seg.kept is None
+    del y  # gone: the segment back to the pool, with our mapping of it
+    assert pool.idle_out == [seg] and seg.kept is not None
+    again, y = answer(big * 2)
+    assert again is seg and y.ctypes.data == addr and np.array_equal(y, big * 2)  # the same pages, new bytes
+    del y
+    again, t = answer(big * 3, arrays="torch")  # torch answers are writable
+    assert torch.equal(t, torch.from_numpy(big * 3))
+    t[0] = -1  # that page is now this process's own copy: the mapping must not show it next time
+    del t
+    assert seg.kept is None  # so it was unmapped
+    again, y = answer(big * 4)
+    assert np.array_equal(y, big * 4)
+    del y
+    pool.close()
+    maps.sweep()
+    assert seg.kept is None and segments_in(os.getpid()) == []
+
+
 def test_a_worker_keeps_out_segments_mapped_only_while_their_client_holds_them_and_within_its_bounds(monkeypatch):
     pool, maps, spill = Pool(), Mappings(), Spill(BIG)
     encode_payload(np.ones(BIG, dtype=np.uint8), spill)

@@ -87,8 +87,8 @@ def test_large_arrays_skip_the_supervisor_and_come_back_mapped(faulty):
         # the answer is a mapping of the out segment; the in segment waits in the pool
         held = segments_in(os.getpid())
         assert any(s.startswith("map:") and "rw-p" in s and shm.NAME_OUT in s for s in held), held
-        del answer
-        assert not any("rw-p" in s for s in segments_in(os.getpid()))
+        del answer  # its segment back to the pool, our mapping of it kept for its next answer
+        assert [shm.NAME_OUT in s for s in segments_in(os.getpid()) if "rw-p" in s] == [True]
         workers = [w["pid"] for w in faulty.workers()]
         assert segments_in(faulty.pid) == []  # the supervisor never opens one
         assert all(kept_by_a_worker(segments_in(pid)) for pid in workers)  # for this client's next answers
@@ -326,10 +326,11 @@ def test_no_segment_outlives_a_sigkilled_client_worker_or_supervisor(start_pool)
                     pass
             peak = max(peak, sum(len(s) for s in everywhere().values()))
             del futures, f
-            # this client's idle segments, kept for its next calls, and the workers' maps of them
+            # this client's idle segments, kept for its next calls (an fd each, a shared map of
+            # each in segment, a private one of each out segment), and the workers' maps of them
             def within(left: dict) -> bool:
                 others = {p: held for p, held in left.items() if p != os.getpid()}
-                return len(left.get(os.getpid(), [])) <= 3 * IDLE and set(others) <= set(pool.worker_pids()) \
+                return len(left.get(os.getpid(), [])) <= 4 * IDLE and set(others) <= set(pool.worker_pids()) \
                     and all(map(kept_by_a_worker, others.values()))
             left = settle_segments(before, settled=within)
             assert within(left), left
