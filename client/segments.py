@@ -4,8 +4,9 @@
                               and an out segment (empty, or one used before)
     answer ──answer(reuse)──► the out segment mapped: the answer's arrays are views of it;
                               the in segment back to the pool if the worker says "reuse"
-    the answer's arrays gone ──► the out segment back to the pool, with our mapping of it
-                              for its next answer unless a page of it was written
+    the answer's arrays gone ──► the out segment queued (a finalizer may run anywhere, inside
+                              the pool's lock too), back in the pool at its next call, with our
+                              mapping of it for its next answer unless a page of it was written
     error, timeout, cancel ──close()──► both closed: a worker may still read the request
 
 A fresh segment costs the kernel a page allocation per 4 KiB, written or not (about as much
@@ -20,6 +21,7 @@ mapping between answers (`Segment.kept`), as a worker keeps its own (worker/segm
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import fcntl
 import os
@@ -73,7 +75,11 @@ class Segment:
     def keep(self, addr: int, size: int) -> None:
         """An answer's mapping, its views all gone: kept for the next answer if no page of it
         was written (a written page is ours, and would show the old answer), else unmapped."""
-        if self.fd >= 0 and self.kept is None and untouched(addr, size):
+        try:
+            clean = self.fd >= 0 and self.kept is None and untouched(addr, size)
+        except BaseException:  # noqa: BLE001 - whatever stopped the look: the mapping is not kept
+            clean = False
+        if clean:
             self.kept = addr, size
         else:
             _libc.munmap(addr, size)
@@ -99,9 +105,33 @@ class Pool:
         self.idle_in: list[Segment] = []
         self.idle_out: list[Segment] = []
         self.lent = 0  # out segments under answers still held, each to come back (at most IDLE)
+        # out segments whose answers are gone, with our mappings: (segment, address, bytes)
+        self.back: collections.deque[tuple[Segment, int, int]] = collections.deque()
         self.closed = False
 
+    def answered(self, seg: Segment, addr: int, size: int) -> None:
+        """An answer's last view is gone. Run by a finalizer, on whatever thread the collector
+        ran, maybe inside this pool's lock on this very thread: so it only queues the segment,
+        and `settle()`, outside the lock, takes it back."""
+        if self.closed:
+            _libc.munmap(addr, size)
+            seg.close()
+        else:
+            self.back.append((seg, addr, size))
+
+    def settle(self) -> None:
+        while True:
+            try:
+                seg, addr, size = self.back.popleft()
+            except IndexError:
+                return
+            try:
+                seg.keep(addr, size)
+            finally:
+                self.give(seg, lent=True)
+
     def take_in(self, size: int) -> Segment:
+        self.settle()
         with self.lock:
             fits = [s for s in self.idle_in if s.size >= size]
             if fits:
@@ -111,6 +141,7 @@ class Pool:
         return Segment(NAME_IN, -(-size // GRAIN) * GRAIN)
 
     def take_out(self) -> Segment:
+        self.settle()
         with self.lock:
             if self.idle_out:
                 return self.idle_out.pop()
@@ -118,6 +149,7 @@ class Pool:
 
     def lend(self) -> bool:
         """May one more out segment stay open under an answer, to come back when it is gone?"""
+        self.settle()
         with self.lock:
             if self.lent >= IDLE:
                 return False
@@ -162,6 +194,10 @@ class Pool:
             idle, self.idle_in, self.idle_out = [*self.idle_in, *self.idle_out], [], []
         for seg in idle:
             seg.close()
+        self.settle()  # closed: each is closed as it comes
+
+    def __del__(self) -> None:  # answers that went after close() and before it saw them
+        self.settle()
 
 
 class Segments:
@@ -195,7 +231,7 @@ class Segments:
             self.pool.give(seg_in) if reuse else seg_in.close()
         if seg_out is None:
             return None
-        pool = self.pool
+        pool, lent = self.pool, False
         try:
             size = os.fstat(seg_out.fd).st_size
             if not size:
@@ -205,12 +241,19 @@ class Segments:
                 view = map_fd(seg_out.fd, size)
                 seg_out.close()
                 return view
+            lent = True
             addr, mapped = seg_out.mapping(size)
-            region = (ctypes.c_char * mapped).from_address(addr)
-            weakref.finalize(region, _answered, pool, seg_out, addr, mapped).atexit = False
+            try:
+                region = (ctypes.c_char * mapped).from_address(addr)
+                weakref.finalize(region, pool.answered, seg_out, addr, mapped).atexit = False
+            except BaseException:
+                _libc.munmap(addr, mapped)  # no finalizer owns it yet
+                raise
             return memoryview(region).cast("B")[:size]
         except BaseException:
             seg_out.close()
+            if lent:
+                pool.give(seg_out, lent=True)  # closed: it only gives the slot back
             raise
 
     def close(self) -> None:
@@ -222,8 +265,3 @@ class Segments:
     def __del__(self) -> None:  # a call dropped on a path that did not close it still lets go
         self.close()
 
-
-def _answered(pool: Pool, seg: Segment, addr: int, size: int) -> None:
-    """The last view of an answer is gone: its mapping kept on the segment, the segment back."""
-    seg.keep(addr, size)
-    pool.give(seg, lent=True)

@@ -4,6 +4,7 @@ never opens them) and the worker's mapping, each refusing what could fault or cr
 from __future__ import annotations
 
 import fcntl
+import gc
 import os
 
 import numpy as np
@@ -103,6 +104,7 @@ def test_an_answer_written_into_the_out_segment_is_mapped_and_its_segment_reused
     out = decode_payload(frames, segment=segs.answer(reuse=False))
     assert np.array_equal(out["y"], big) and pool.idle_out == []
     del out  # the answer's arrays gone: its segment comes back, and the next call writes into it
+    pool.settle()
     assert [s.fd for s in pool.idle_out] == [out_fd]
     segs = Segments(Spill(BIG), pool)
     assert segs.seg_out.fd == out_fd
@@ -126,6 +128,7 @@ def test_a_client_keeps_its_mapping_of_an_out_segment_for_the_next_answer_unless
     addr = y.ctypes.data
     assert np.array_equal(y, big) and seg.kept is None
     del y  # gone: the segment back to the pool, with our mapping of it
+    pool.settle()
     assert pool.idle_out == [seg] and seg.kept is not None
     again, y = answer(big * 2)
     assert again is seg and y.ctypes.data == addr and np.array_equal(y, big * 2)  # the same pages, new bytes
@@ -134,6 +137,7 @@ def test_a_client_keeps_its_mapping_of_an_out_segment_for_the_next_answer_unless
     assert torch.equal(t, torch.from_numpy(big * 3))
     t[0] = -1  # that page is now this process's own copy: the mapping must not show it next time
     del t
+    pool.settle()
     assert seg.kept is None  # so it was unmapped
     again, y = answer(big * 4)
     assert np.array_equal(y, big * 4)
@@ -141,6 +145,27 @@ def test_a_client_keeps_its_mapping_of_an_out_segment_for_the_next_answer_unless
     pool.close()
     maps.sweep()
     assert seg.kept is None and segments_in(os.getpid()) == []
+
+
+def test_an_answer_collected_while_its_pool_is_locked_comes_back_without_a_deadlock():
+    """The collector may run an answer's finalizer anywhere, on this thread inside the pool's
+    own lock too: the finalizer only queues its segment, and the pool takes it back later."""
+    pool, maps = Pool(), Mappings()
+    segs = Segments(Spill(BIG), pool)
+    seg = segs.seg_out
+    frames = encode_payload({"y": np.ones(BIG, dtype=np.uint8)}, spill := Spill(BIG))
+    maps.write(os.getpid(), seg.fd, seg.ino, spill)
+    held = [decode_payload(frames, segment=segs.answer(reuse=False))]
+    held.append(held)  # a cycle: only the collector frees it
+    del held
+    with pool.lock:
+        gc.collect()  # the finalizer runs here
+    assert pool.idle_out == [] and len(pool.back) == 1
+    pool.settle()
+    assert pool.idle_out == [seg] and seg.kept is not None and pool.lent == 0
+    pool.close()
+    maps.sweep()
+    assert segments_in(os.getpid()) == []
 
 
 def test_a_worker_keeps_out_segments_mapped_only_while_their_client_holds_them_and_within_its_bounds(monkeypatch):
