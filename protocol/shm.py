@@ -37,7 +37,7 @@ import functools
 import mmap
 import os
 import weakref
-from typing import Any, Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 
@@ -97,13 +97,13 @@ def huge_pages() -> bool:
     return mode in ("always", "within_size", "advise", "force")
 
 
-def map_fd(fd: int, size: int, shared: bool = False, then: Callable[[], Any] | None = None) -> memoryview:
+def map_fd(fd: int, size: int, shared: bool = False) -> memoryview:
     """`size` bytes of `fd`, mapped copy-on-write (this process's writes stay its own) or shared.
     Unlike mmap.mmap it keeps no fd: the mapping lives exactly as long as a view of it (an
-    array made from it) does, then `then()` runs; thousands of answers held cost no fds."""
+    array made from it) does; thousands of answers held cost no fds."""
     addr = mmap_fd(fd, size, shared)
     region = (ctypes.c_char * size).from_address(addr)
-    weakref.finalize(region, _unmap, addr, size, then)
+    weakref.finalize(region, _libc.munmap, addr, size)
     return memoryview(region).cast("B")
 
 
@@ -121,17 +121,12 @@ def mmap_fd(fd: int, size: int, shared: bool = False, populate: int = 0) -> int:
     return addr
 
 
-def _unmap(addr: int, size: int, then: Callable[[], Any] | None) -> None:
-    _libc.munmap(addr, size)
-    if then is not None:
-        then()
-
-
 def untouched(addr: int, size: int) -> bool:
     """Is every page of this private (copy-on-write) mapping still the segment's own, none
     written by this process? Then what is written into the segment next (by the client, or
-    by the worker for an answer) is what the mapping shows. /proc/self/pagemap says, a 64-bit word per page: bit 63 present, 62
-    swapped, 61 a page of a file (here, the segment) rather than this process's own copy."""
+    by the worker for an answer) is what the mapping shows. /proc/self/pagemap says, a
+    64-bit word per page: bit 63 present, 62 swapped, 61 a page of a file (here, the
+    segment) rather than this process's own copy."""
     first, pages = addr // PAGE, -(-size // PAGE)
     try:
         with open("/proc/self/pagemap", "rb", buffering=0) as f:  # self now: a worker is a fork
