@@ -37,6 +37,7 @@ log = logging.getLogger("isopool.supervisor")
 
 
 HANDSHAKE_S = 5  # a connection that has not finished its ZeroMQ (and CURVE) handshake by then is dropped
+FINAL_LINGER_MS = 1000  # at close: how long the last answers may take to leave (a client that reads none: no longer)
 
 
 class StartupError(RuntimeError):
@@ -216,7 +217,9 @@ class Sockets:
         signal.set_wakeup_fd(-1)
         self.events.close()
         self.connections.close()
-        self.frontend.close(linger=0)
+        # the last answers (a drain's, a SHUTDOWN's own reply) may still be in libzmq's queue, not
+        # yet on the wire (CURVE encrypts them there first): a moment to send them, bounded
+        self.frontend.close(linger=FINAL_LINGER_MS)
         self.zap.close()
         self.backend.close(linger=0)
         self.wake_r.close()
