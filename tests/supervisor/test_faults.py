@@ -84,7 +84,9 @@ def test_crash_case(start_pool, fault):
 def test_memory_growth_past_max_rss_recycles_without_losing_capacity(start_pool):
     pool = start_pool("--workers", "2", "--model", FAULTY, "--max-rss", "600MiB", "--stats-interval", "0.1")
     with pool.client() as c, pool.client() as bg_client, Background(bg_client) as bg:
-        grown = c.infer({"do": "grow", "mib": 400})["pid"]
+        # past the limit for good (a worker starts at ~160 MiB), not only at the moment the model
+        # builds its hoard (twice its size): a sample every 0.1 s may miss that
+        grown = c.infer({"do": "grow", "mib": 550})["pid"]
         event = pool.wait_event("recycling", reason="max_rss", pid=grown)
         pool.wait_event("recycled", pid=grown, stopped_for="max_rss")
     status = back_to_full_strength(pool)
