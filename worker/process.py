@@ -292,8 +292,7 @@ class Worker:
             self.check_weights("after request", rid)
 
     def encode(self, output: Any, place: Place | None) -> list:
-        return encode_answer(output, place.out if place is not None else None, self.config.shm_threshold,
-                                 self.maps)
+        return encode_answer(output, place.out if place is not None else None, self.config.shm_threshold, self.maps)
 
     @staticmethod
     def result_header(rid: Any, attempt: int, place: Place | None) -> bytes:

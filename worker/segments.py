@@ -194,6 +194,9 @@ class Mappings:
         """Between requests: keep the request mappings given back that no one wrote to, and
         unmap the rest (4,096 page-table entries for 16 MiB: no work for an answer to wait on)."""
         self._settle()
+        self._unmap_later()
+
+    def _unmap_later(self) -> None:
         while self.later:
             _libc.munmap(*self.later.pop())
 
@@ -272,18 +275,16 @@ class Mappings:
     def __del__(self) -> None:  # mappings of no use to anyone now (a worker's die with it)
         self.later += [entry[1:] for entry in self.inputs.values()] + [entry[2:] for entry in self.back]
         self.inputs, self.back = {}, []
-        while self.later:
-            _libc.munmap(*self.later.pop())
+        self._unmap_later()
 
     def sweep(self) -> None:
         """Drop the mappings of segments their clients no longer hold."""
-        self.tidy()
+        self._settle()  # those given back since the last request among them
         for kind, name in ((self.kept, NAME_OUT), (self.inputs, NAME_IN)):
             for (pid, ino), entry in list(kind.items()):
                 if not _holds(pid, entry[0], ino, name):
                     self._drop(kind, (pid, ino))
-        while self.later:
-            _libc.munmap(*self.later.pop())
+        self._unmap_later()
 
 
 def _given_back(maps: "weakref.ref[Mappings]", entry: tuple[tuple[int, int], int, int, int]) -> None:
