@@ -214,6 +214,13 @@ class Session:
                     fields["shm"] = segments.header()
         return [pack_header(ops.INFER, cid, **fields), *payload]
 
+    def sent(self, cid: Any) -> None:
+        """A call is on its way: while its answer is being made, look at what its out segment
+        kept from an earlier answer (client/segments.py), work that no answer waits on."""
+        segments = self.segments.get(cid) if self.segments else None
+        if segments is not None:
+            segments.settle()
+
     def drop(self, cid: Any) -> None:
         """Let go of a call's shared memory (its answer came, or it was given up)."""
         segments = self.segments.pop(cid, None) if self.segments else None
@@ -343,6 +350,9 @@ def send_bundled(session: Session, endpoint: str, outgoing, send, add: bool) -> 
             exc = send(bundle(messages[start:end], sizes=sizes))
             if exc is not None:
                 session.unsent(calls, endpoint, exc)
+            elif session.segments:
+                for call in calls:
+                    session.sent(call.cid)
 
 
 def no_reply() -> RequestTimeout:

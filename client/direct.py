@@ -78,6 +78,7 @@ class Direct:
             except zmq.ZMQError as exc:
                 unsent = True
                 raise session.send_failed(endpoint, exc) from None
+            session.sent(cid)
             while True:
                 wait = deadline - time.monotonic()
                 if wait <= 0:

@@ -5,8 +5,9 @@
     answer ──answer(reuse)──► the out segment mapped: the answer's arrays are views of it;
                               the in segment back to the pool if the worker says "reuse"
     the answer's arrays gone ──► the out segment queued (a finalizer may run anywhere, inside
-                              the pool's lock too), back in the pool at its next call, with our
-                              mapping of it for its next answer unless a page of it was written
+                              the pool's lock too), taken by the next call; once that call is
+                              sent (Segments.settle), our mapping of it is kept for its answer
+                              unless a page of it was written
     error, timeout, cancel ──close()──► both closed: a worker may still read the request
 
 A fresh segment costs the kernel a page allocation per 4 KiB, written or not (about as much
@@ -38,9 +39,11 @@ GRAIN = HUGE  # in segments are made in whole huge pages (2 MiB), so a slightly 
 
 class Segment:
     """One memfd. An in segment has our own shared mapping of it (`view`), to copy arrays in;
-    an out segment may have our copy-on-write mapping of it from its last answer (`kept`)."""
+    an out segment may have our copy-on-write mapping of it from its last answer (`kept`), or
+    that mapping still to be looked at (`waiting`: taken for a call, looked at once the call
+    is sent, while its answer is being made)."""
 
-    __slots__ = ("fd", "ino", "size", "view", "kept")
+    __slots__ = ("fd", "ino", "size", "view", "kept", "waiting")
 
     def __init__(self, name: str, size: int = 0):
         self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -48,6 +51,7 @@ class Segment:
         # a cancelled call finds the fd reused by another segment and touches nothing of it
         self.ino = os.fstat(self.fd).st_ino
         self.size, self.view, self.kept = size, None, None
+        self.waiting: list[tuple[int, int]] = []  # at most one (address, bytes); list.pop() takes it once
         try:
             if size:  # an in segment: its size for good, so a worker's mapping of it can never fault
                 os.ftruncate(self.fd, size)
@@ -65,12 +69,21 @@ class Segment:
     def mapping(self, size: int) -> tuple[int, int]:
         """(address, bytes) of a copy-on-write mapping of at least `size` bytes: the one kept from
         the last answer if it is large enough (its pages already mapped), else a new one."""
+        self.settle()
         kept, self.kept = self.kept, None
         if kept is not None:
             if kept[1] >= size:
                 return kept
             _libc.munmap(*kept)
         return mmap_fd(self.fd, size), size
+
+    def settle(self) -> None:
+        """Look at the mapping an earlier answer left (`waiting`): kept, or unmapped."""
+        try:
+            addr, size = self.waiting.pop()
+        except IndexError:
+            return
+        self.keep(addr, size)
 
     def keep(self, addr: int, size: int) -> None:
         """An answer's mapping, its views all gone: kept for the next answer if no page of it
@@ -86,6 +99,11 @@ class Segment:
 
     def close(self) -> None:
         self.view = None  # our mapping goes with its last view
+        while self.waiting:
+            try:
+                _libc.munmap(*self.waiting.pop())
+            except IndexError:  # taken meanwhile by settle()
+                break
         if self.kept is not None:
             kept, self.kept = self.kept, None
             _libc.munmap(*kept)
@@ -131,7 +149,6 @@ class Pool:
                 self.give(seg, lent=True)
 
     def take_in(self, size: int) -> Segment:
-        self.settle()
         with self.lock:
             fits = [s for s in self.idle_in if s.size >= size]
             if fits:
@@ -141,7 +158,21 @@ class Pool:
         return Segment(NAME_IN, -(-size // GRAIN) * GRAIN)
 
     def take_out(self) -> Segment:
-        self.settle()
+        """An out segment: the one whose answer went last, its mapping to be looked at once the
+        call is sent (Segments.settle: the look is work no answer waits on), else an idle one."""
+        while True:
+            try:
+                seg, addr, size = self.back.pop()  # the most recent: its pages likeliest cached
+            except IndexError:
+                break
+            with self.lock:
+                self.lent -= 1
+                closed = self.closed
+            if seg.fd >= 0 and not closed:
+                seg.waiting.append((addr, size))
+                return seg
+            _libc.munmap(addr, size)
+            seg.close()
         with self.lock:
             if self.idle_out:
                 return self.idle_out.pop()
@@ -216,6 +247,12 @@ class Segments:
         except BaseException:
             self.close()
             raise
+
+    def settle(self) -> None:
+        """The call is sent: look at the mapping its out segment kept from an earlier answer."""
+        seg = self.seg_out
+        if seg is not None:
+            seg.settle()
 
     def header(self) -> list:
         seg_in, seg_out = self.seg_in, self.seg_out
