@@ -26,6 +26,7 @@ from .connection import (CONNECT_S, close_watched, closed_early, configure_socke
                          on_monitor_event, resolve_endpoint, watch_disconnects)
 from .calls import AsyncControlCalls
 from .core import Call, Session, send_bundled, stream_ended, stream_part
+from .segments import Lease
 from .spread import endpoints_of, one_of
 
 
@@ -163,15 +164,22 @@ class AsyncClient(AsyncControlCalls):
                 call.reject(self._session.refused or not_running(self.endpoint))
 
     def _request(self, x: Any, timeout: float | None, retry: bool | None, tenant: str | None,
-                 stream: bool, model: str | None = None) -> tuple[Any, list, float]:
+                 stream: bool, model: str | None = None, lease: Lease | None = None) -> tuple[Any, list, float]:
         cid, frames, _, deadline = self._session.request(
             x, timeout, self.retry if retry is None else retry, tenant if tenant is not None else self.tenant, stream,
-            wait=False, model=model if model is not None else self.model)
+            wait=False, model=model if model is not None else self.model, lease=lease)
         return cid, frames, deadline
 
     async def infer(self, x: Any, *, timeout: float | None = None, retry: bool | None = None,
                     tenant: str | None = None, model: str | None = None) -> Any:
-        cid, frames, deadline = self._request(x, timeout, retry, tenant, stream=False, model=model)
+        return await self._answer(*self._request(x, timeout, retry, tenant, stream=False, model=model))
+
+    async def _infer_in(self, lease: Lease, x: Any, *, model: str | None = None) -> Any:
+        """infer(x), where x's large arrays may lie in `lease` already (Session.lease: shared
+        memory the caller filled; the HTTP gateway reads a body into one): those are not copied."""
+        return await self._answer(*self._request(x, None, None, None, stream=False, model=model, lease=lease))
+
+    async def _answer(self, cid: Any, frames: list, deadline: float) -> Any:
         future = self._start(frames, cid, deadline)
         try:
             return await future

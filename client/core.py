@@ -37,7 +37,7 @@ from isopool.protocol import (
 )
 from isopool.protocol.shm import Spill
 
-from .segments import Pool, Segments
+from .segments import Lease, Pool, Segments
 from isopool.protocol.transport import MAX_BUNDLE, bundle, cuts, messages
 
 from .connection import CONNECT_S, not_running
@@ -156,12 +156,14 @@ class Session:
                 call.reject(err)
 
     def request(self, x: Any, timeout: float | None, retry: bool, tenant: str | None,
-                stream: bool, wait: bool = True, model: str | None = None) -> tuple[Any, list, float, float]:
+                stream: bool, wait: bool = True, model: str | None = None,
+                lease: Lease | None = None) -> tuple[Any, list, float, float]:
         """(id, frames, timeout, local deadline) of one infer request, encoded on the caller's
-        thread; both clients build every request here."""
+        thread; both clients build every request here. `lease`: shared memory the caller
+        filled, where x's large arrays may lie already (lease())."""
         t = self.timeout_of(timeout)
         cid = next(self.ids)
-        frames = self.infer_frames(x, cid, t, retry, stream, tenant, model, t if wait else 0.0)
+        frames = self.infer_frames(x, cid, t, retry, stream, tenant, model, t if wait else 0.0, lease)
         try:
             self.check_size(frames, t if wait else 0.0)
         except BaseException:
@@ -192,7 +194,8 @@ class Session:
         return self.op_frames(ops.HELLO, self.greeting.cid)
 
     def infer_frames(self, value: Any, cid: Any, timeout: float, retry: bool, stream: bool,
-                     tenant: str | None, model: str | None = None, wait_s: float = 0.0) -> list:
+                     tenant: str | None, model: str | None = None, wait_s: float = 0.0,
+                     lease: Lease | None = None) -> list:
         fields: dict[str, Any] = {"timeout": timeout, "bundles": True}  # we read bundled replies
         if not retry:
             fields["retry"] = False
@@ -207,12 +210,26 @@ class Session:
             if wait_s and not self.limits_known.is_set():  # does the server offer shared memory?
                 self.limits_known.wait(wait_s)
             if self.shm_threshold:
-                spill = Spill(self.shm_threshold)
+                home = lease
+                spill = Spill(self.shm_threshold, home.view if home is not None else None)
                 payload = encode_payload(value, spill)
-                if spill.parts:
-                    self.segments[cid] = segments = Segments(spill, self.pool)
+                if spill.away:  # an array outside the lease: all of them go by copy, as any call's
+                    home, spill = None, Spill(self.shm_threshold)
+                    payload = encode_payload(value, spill)
+                if spill.parts or (home is not None and spill.size):
+                    self.segments[cid] = segments = Segments(spill, self.pool, home)
                     fields["shm"] = segments.header()
+        # a lease the call does not name stays unreusable: frames of its smaller arrays may refer
+        # to it until ZeroMQ has sent them, and it is closed, never written again (Lease)
         return [pack_header(ops.INFER, cid, **fields), *payload]
+
+    def lease(self, size: int) -> Lease | None:
+        """`size` bytes of shared memory for the caller to fill and name in a request (the HTTP
+        gateway reads a large body into it), or None where the server takes no shared memory
+        from us (not on this host, not offered, or not known yet)."""
+        if not (self.use_shm and self.shm_threshold and size >= self.shm_threshold):
+            return None
+        return Lease(self.pool, size)
 
     def sent(self, cid: Any) -> None:
         """A call is on its way: while its answer is being made, look at what its out segment

@@ -231,15 +231,43 @@ class Pool:
         self.settle()
 
 
+class Lease:
+    """An in segment lent to a caller that fills it itself (the HTTP gateway reads a request's
+    body straight into one: gateway/body.py), then names it as a call's `home` (Spill): the
+    call's arrays that lie in it are not copied. The call never gives it back to the pool nor
+    closes it; it records whether it may be reused: only once the worker said `reuse` of a call
+    that named it (its answer came, so the request's frames, which may refer to the lease for
+    its smaller arrays, have all left). `release()`, once the caller is done with every view
+    of `view`, gives it back or closes it; a lease dropped unreleased closes it."""
+
+    __slots__ = ("pool", "seg", "view", "reusable", "__weakref__")
+
+    def __init__(self, pool: Pool, size: int):
+        self.pool, self.seg, self.reusable = pool, pool.take_in(size), False
+        self.view = self.seg.view[:size]
+
+    def release(self) -> None:
+        seg, self.seg, self.view = self.seg, None, None
+        if seg is not None:
+            self.pool.give(seg) if self.reusable else seg.close()
+
+    def __del__(self) -> None:
+        seg, self.seg = self.seg, None
+        if seg is not None:
+            seg.close()
+
+
 class Segments:
     """A call's two segments: its request's arrays, and where its answer's go."""
 
-    __slots__ = ("pool", "seg_in", "used", "seg_out")
+    __slots__ = ("pool", "seg_in", "used", "seg_out", "lease")
 
-    def __init__(self, spill: Spill, pool: Pool):
-        self.pool, self.seg_in, self.used, self.seg_out = pool, None, spill.size, None
+    def __init__(self, spill: Spill, pool: Pool, lease: Lease | None = None):
+        self.pool, self.seg_in, self.used, self.seg_out, self.lease = pool, None, spill.size, None, None
         try:
-            if spill.parts:
+            if lease is not None:  # the arrays lie in it already (spill.home): nothing to copy
+                self.seg_in, self.lease, self.used = lease.seg, lease, len(lease.view)
+            elif spill.parts:
                 self.seg_in = seg = pool.take_in(spill.size)
                 for offset, data in spill.parts:
                     seg.view[offset:offset + len(data)] = data  # one copy, into pages already ours
@@ -264,7 +292,9 @@ class Segments:
         """The out segment as the worker left it, mapped copy-on-write (None if it is empty). The
         in segment goes back to the pool if the worker is done with it (`reuse`)."""
         seg_in, seg_out, self.seg_in, self.seg_out = self.seg_in, self.seg_out, None, None
-        if seg_in is not None:
+        if self.lease is not None:
+            self.lease.reusable, self.lease = reuse, None  # the lease's holder gives it back
+        elif seg_in is not None:
             self.pool.give(seg_in) if reuse else seg_in.close()
         if seg_out is None:
             return None
@@ -294,6 +324,8 @@ class Segments:
             raise
 
     def close(self) -> None:
+        if self.lease is not None:  # a worker may still read it: never reused, closed on release
+            self.lease.reusable, self.lease, self.seg_in = False, None, None
         for seg in (self.seg_in, self.seg_out):
             if seg is not None:
                 seg.close()

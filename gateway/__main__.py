@@ -13,6 +13,7 @@ MAX_CONNECTIONS open at once, a new one gets 503.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -20,7 +21,11 @@ import resource
 import signal
 import socket
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .app import HEADER_LENGTH, resolve
+from .body import ALIGN, BODY_KEY, DIRECT_BYTES, BodyReader, DirectBody
 
 ENV_FD = "ISOPOOL_GATEWAY_FD"
 ENV_ENDPOINT = "ISOPOOL_GATEWAY_ENDPOINT"
@@ -96,8 +101,11 @@ class OneWrite:
 
 class GuardedHttp(HttpToolsProtocol):
     """uvicorn's httptools protocol with a deadline and a size limit on each request's headers
-    (uvicorn has neither) and each response sent in one write (OneWrite)."""
+    (uvicorn has neither), each response sent in one write (OneWrite), and a large binary infer
+    body read by the kernel straight into shared memory (body.py)."""
 
+    direct_app = None  # the App, set at start: its client lends the shared memory (body.py)
+    direct: DirectBody | None = None  # the body being read into shared memory, if any
     header_timer = None
     timeout_s = 10.0  # set from --http-client-timeout at start
     MAX_HEAD = 64 << 10  # bytes of a request line and headers (httptools joins them at a cost that grows faster)
@@ -121,10 +129,19 @@ class GuardedHttp(HttpToolsProtocol):
                 self.transport.close()
                 return
         super().data_received(data)
+        if self.direct is not None and not self.direct.complete and not self.transport.is_closing():
+            self.read_body_directly()
 
     def on_message_complete(self) -> None:
         self.head_bytes = 0  # the next request's headers may follow (pipelined: in this same read)
+        self.direct = None  # all of it came through the parser
         super().on_message_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self.direct is not None:
+            self.direct.write(body)
+        else:
+            super().on_body(body)
 
     def eof_received(self):
         """The peer ended its stream. A peer that half-closes after its request (`nc -N`,
@@ -151,6 +168,52 @@ class GuardedHttp(HttpToolsProtocol):
         self.stop_header_timer()
         self.head_bytes = -1
         super().on_headers_complete()
+        if self.cycle is not None and not self.pipeline and self.scheme == "http" and self.direct_app is not None:
+            self.direct = self.direct_body()
+            if self.direct is not None:
+                self.scope.setdefault("extensions", {})[BODY_KEY] = self.direct
+                if self.cycle.waiting_for_100_continue:  # the app never asks for this body: it comes anyway
+                    self.cycle.waiting_for_100_continue = False
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def direct_body(self) -> DirectBody | None:
+        """A DirectBody for this request if it is a large binary infer (body.py), else None."""
+        app, headers = self.direct_app, dict(self.headers)
+        length, header_length = headers.get(b"content-length", b""), headers.get(HEADER_LENGTH, b"")
+        if self.scope["method"] != "POST" or not length.isdigit() or not header_length.isdigit() \
+                or b"transfer-encoding" in headers:
+            return None
+        length, header_length = int(length), int(header_length)
+        if not DIRECT_BYTES <= length <= app.max_body or header_length > length \
+                or resolve(self.scope["path"])[0] != "/v2/models/{name}/infer":
+            return None
+        if app.tokens is not None and app.tokens.role(headers.get(b"authorization")) is None:
+            return None  # a client without a token reads its 401 as uvicorn reads the body: into nothing
+        lease = app.lease(-header_length % ALIGN + length)
+        return DirectBody(lease, header_length, length) if lease is not None else None
+
+    def read_body_directly(self) -> None:
+        """The rest of the body goes to the lease by the kernel's reads (BodyReader)."""
+        raw = self.transport._transport  # OneWrite's: the connection's own
+        raw.pause_reading()  # read again with the new protocol's buffer
+        raw.set_protocol(BodyReader(self, self.direct))
+        raw.resume_reading()
+
+    def body_progress(self) -> None:
+        """BodyReader read more; once the body is whole the connection is ours again, read by
+        a new parser (the old one still waits for the bytes that went past it)."""
+        self._unset_keepalive_if_required()  # as data_received does: the peer is sending
+        if self.direct is None or not self.direct.complete:
+            return
+        raw = self.transport._transport
+        raw.pause_reading()
+        raw.set_protocol(self)
+        self.parser = httptools.HttpRequestParser(self)
+        with contextlib.suppress(AttributeError):  # httptools < 0.6.3 has none; uvicorn sets its own so
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self.on_message_complete()
+        if not self.flow.read_paused:
+            raw.resume_reading()
 
     def connection_lost(self, exc) -> None:
         self.stop_header_timer()
@@ -198,6 +261,7 @@ def main() -> None:
     app = App(os.environ[ENV_ENDPOINT], max_body=int(os.environ.get(ENV_MAX_BODY, 256 << 20)), tokens=tokens,
               metrics=HttpMetrics() if os.environ.get(ENV_DIR) else None,
               access_log=os.environ.get(ENV_ACCESS_LOG) == "1", body_timeout=client_timeout)
+    GuardedHttp.direct_app = app
     # ws="none": the API has no websocket route, and an upgrade the app does not accept was a 500
     config = uvicorn.Config(app, loop="uvloop", http=GuardedHttp, ws="none", lifespan="on", log_level=logging.WARNING,
                             access_log=False, log_config=None, timeout_keep_alive=KEEP_ALIVE_S,

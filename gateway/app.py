@@ -32,6 +32,7 @@ from isopool.errors import (BadRequest, IsopoolError, Overloaded, RequestTimeout
 
 from . import auth, oip, openai_compat, openapi, repository, sse
 from .auth import Tokens
+from .body import BODY_KEY, DirectBody
 from .metrics import HttpMetrics
 
 Scope = dict
@@ -131,6 +132,7 @@ class App:
 
     async def answer(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = _openai_error if scope["path"].startswith("/v1/") else _error  # each API's own error shape
+        direct = scope.get("extensions", {}).get(BODY_KEY)  # a body read into shared memory (body.py)
         try:
             answer = await self.route(scope, receive, send)
             if answer is None:
@@ -152,6 +154,9 @@ class App:
                               scope["method"], scope["path"], self.internal_errors)
             status, headers = 500, []
             body = error(f"internal error in the gateway: {type(exc).__name__}: {exc}", 500)
+        finally:
+            if direct is not None:  # whatever the route did: no view of the body is used past here
+                direct.release()
         if not any(k == b"content-type" for k, _ in headers):
             headers = [(b"content-type", b"application/json"), *headers]
         parts = body if isinstance(body, list) else [body]  # the JSON, then each tensor's bytes as they are
@@ -164,6 +169,7 @@ class App:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                self.connect()._ensure_tasks()  # its hello now: the first large body finds shared memory offered
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self.client is not None:
@@ -268,7 +274,8 @@ class App:
             header_length = int(length) if length is not None else None
         except ValueError:
             raise HTTPError(400, "Inference-Header-Content-Length must be an integer") from None
-        body = await self.body(receive, headers)
+        direct = scope.get("extensions", {}).get(BODY_KEY)
+        body = await (self.direct_body(direct) if direct is not None else self.body(receive, headers))
         client = self.connect()
         max_elements = client._session.limits.max_elements
         if len(body) < PARSE_ASIDE:
@@ -278,7 +285,10 @@ class App:
         signature = (await self.model(name)).get("signature")
         if signature:
             oip.check_inputs(request, signature, name)
-        result = await client.infer(oip.model_input(request), model=name)
+        if direct is not None:  # its tensors are views of the lease: the call names it, nothing is copied
+            result = await client._infer_in(direct.lease, oip.model_input(request), model=name)
+        else:
+            result = await client.infer(oip.model_input(request), model=name)
         try:
             outputs = oip.outputs_of(result)
         except ValueError as exc:
@@ -289,6 +299,19 @@ class App:
         # small tensors: one write of a joined body; large ones: written from the answer's memory
         body = head + b"".join(blobs) if sum(map(len, blobs)) < JOIN_BELOW else [head, *blobs]
         return 200, body, [(b"content-type", b"application/octet-stream"), (HEADER_LENGTH, str(len(head)).encode())]
+
+    async def direct_body(self, direct: DirectBody) -> memoryview:
+        """A body the connection reads into shared memory (body.py), with body()'s deadlines."""
+        try:
+            return await direct.wait(self.body_timeout, MIN_BODY_RATE)
+        except TimeoutError:  # the rest of its bytes would be taken for the next request: close
+            raise HTTPError(408, stalled(self.body_timeout), [(b"connection", b"close")]) from None
+        except ConnectionError:
+            raise HTTPError(400, "the client went away before sending its body") from None
+
+    def lease(self, size: int) -> Any:
+        """Shared memory of `size` bytes for a body to be read into (body.py), or None."""
+        return self.connect()._session.lease(size)
 
     async def body(self, receive: Receive, headers: dict) -> bytes | bytearray:
         """The request's body, read within time: a pause longer than the body timeout is a 408,
@@ -307,9 +330,7 @@ class App:
                     raise asyncio.TimeoutError
                 message = await asyncio.wait_for(receive(), min(self.body_timeout, left))
             except asyncio.TimeoutError:
-                raise HTTPError(408, f"the request body stalled: nothing arrived for {self.body_timeout:g} s, or "
-                                     f"it came slower than {MIN_BODY_RATE} bytes/s; send it faster, or raise "
-                                     "--http-client-timeout") from None
+                raise HTTPError(408, stalled(self.body_timeout)) from None
             if message["type"] == "http.disconnect":
                 raise HTTPError(400, "the client went away before sending its body")
             chunk = message.get("body", b"")
@@ -331,6 +352,11 @@ class App:
         if self.client is None:
             self.client = AsyncClient(self.endpoint, timeout=300.0)
         return self.client
+
+
+def stalled(timeout: float) -> str:
+    return (f"the request body stalled: nothing arrived for {timeout:g} s, or it came slower than {MIN_BODY_RATE} "
+            "bytes/s; send it faster, or raise --http-client-timeout")
 
 
 def _json(value: Any) -> bytes:

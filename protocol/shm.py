@@ -49,20 +49,41 @@ SEAL_SEAL, SEAL_SHRINK, SEAL_GROW, SEAL_WRITE = 1, 2, 4, 8
 
 
 class Spill:
-    """Where an encoder puts arrays of `threshold` bytes or more: offsets in one segment."""
+    """Where an encoder puts arrays of `threshold` bytes or more: offsets in one segment.
 
-    __slots__ = ("threshold", "parts", "size")
+    With `home` (a segment's memory that the caller filled, as the HTTP gateway reads a body
+    into one: gateway/body.py), an array that lies in it is named where it is, and nothing
+    is copied; one that does not makes the spill `away`, for the caller to encode again
+    without a home (arrays of one message share one segment)."""
 
-    def __init__(self, threshold: int):
+    __slots__ = ("threshold", "parts", "size", "home", "away")
+
+    def __init__(self, threshold: int, home: memoryview | None = None):
         self.threshold = threshold
         self.parts: list[tuple[int, memoryview]] = []
         self.size = 0
+        self.home = home
+        self.away = False
 
     def place(self, data: memoryview) -> int:
+        if self.home is not None:
+            offset = offset_in(self.home, data)
+            if offset is None:
+                self.away = True
+                return 0
+            self.size = max(self.size, offset + len(data))
+            return offset
         offset = self.size
         self.parts.append((offset, data))
         self.size = -(-(offset + len(data)) // ALIGN) * ALIGN
         return offset
+
+
+def offset_in(home: memoryview, data: memoryview) -> int | None:
+    """Where `data` starts in `home` if all of it lies there, else None."""
+    base = np.frombuffer(home, np.uint8).ctypes.data
+    at = np.frombuffer(data, np.uint8).ctypes.data - base if len(data) else -1
+    return at if 0 <= at and at + len(data) <= len(home) else None
 
 
 # ---------------------------------------------------------------- mappings
