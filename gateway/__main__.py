@@ -2,7 +2,8 @@
 
 It serves the listening socket it inherited (ISOPOOL_GATEWAY_FD; every gateway accepts on
 the same one, the kernel spreads connections) with uvicorn on uvloop and httptools, and
-calls the supervisor at ISOPOOL_GATEWAY_ENDPOINT. It dies with the supervisor.
+calls the supervisor at ISOPOOL_GATEWAY_ENDPOINT. It dies with the supervisor. A large
+binary infer body is read straight into shared memory (body.py), not through ASGI messages.
 
 Slow clients are bounded here: a request's headers must arrive within the client timeout
 (--http-client-timeout) of its first byte (or of the connection, for the first request),
