@@ -217,8 +217,13 @@ class Session:
                     home, spill = None, Spill(self.shm_threshold)
                     payload = encode_payload(value, spill)
                 if spill.parts or (home is not None and spill.size):
-                    self.segments[cid] = segments = Segments(spill, self.pool, home)
-                    fields["shm"] = segments.header()
+                    try:
+                        segments = Segments(spill, self.pool, home)
+                    except OSError:  # no fd or memory for a segment now: this call's arrays go as frames
+                        payload = encode_payload(value)
+                    else:
+                        self.segments[cid] = segments
+                        fields["shm"] = segments.header()
         # a lease the call does not name stays unreusable: frames of its smaller arrays may refer
         # to it until ZeroMQ has sent them, and it is closed, never written again (Lease)
         return [pack_header(ops.INFER, cid, **fields), *payload]

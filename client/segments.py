@@ -46,13 +46,13 @@ class Segment:
     __slots__ = ("fd", "ino", "size", "view", "kept", "waiting")
 
     def __init__(self, name: str, size: int = 0):
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        # which segment this is: a call names it by fd and inode, so a worker that comes late to
-        # a cancelled call finds the fd reused by another segment and touches nothing of it
-        self.ino = os.fstat(self.fd).st_ino
-        self.size, self.view, self.kept = size, None, None
+        self.fd, self.ino, self.size, self.view, self.kept = -1, 0, size, None, None
         self.waiting: list[tuple[int, int]] = []  # at most one (address, bytes); list.pop() takes it once
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)  # EMFILE: nothing to close
         try:
+            # which segment this is: a call names it by fd and inode, so a worker that comes late
+            # to a cancelled call finds the fd reused by another segment and touches nothing of it
+            self.ino = os.fstat(self.fd).st_ino
             if size:  # an in segment: its size for good, so a worker's mapping of it can never fault
                 os.ftruncate(self.fd, size)
                 fcntl.fcntl(self.fd, F_ADD_SEALS, SEAL_SHRINK | SEAL_GROW | SEAL_SEAL)
@@ -243,7 +243,8 @@ class Lease:
     __slots__ = ("pool", "seg", "view", "reusable", "__weakref__")
 
     def __init__(self, pool: Pool, size: int):
-        self.pool, self.seg, self.reusable = pool, pool.take_in(size), False
+        self.pool, self.seg, self.view, self.reusable = pool, None, None, False
+        self.seg = pool.take_in(size)  # OSError (no fd, no memory left): the caller goes without
         self.view = self.seg.view[:size]
 
     def release(self) -> None:

@@ -25,6 +25,8 @@ import socket
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from isopool.logs import worth_a_line
+
 from .app import HEADER_LENGTH, resolve
 from .body import ALIGN, BODY_KEY, DIRECT_BYTES, BodyReader, DirectBody
 
@@ -36,6 +38,7 @@ ENV_CERT, ENV_KEY = "ISOPOOL_GATEWAY_CERT", "ISOPOOL_GATEWAY_KEY"
 ENV_ACCESS_LOG = "ISOPOOL_GATEWAY_ACCESS_LOG"
 ENV_LOG = "ISOPOOL_GATEWAY_LOG"  # LEVEL:FORMAT, as the daemon logs
 ENV_CLIENT_TIMEOUT = "ISOPOOL_GATEWAY_CLIENT_TIMEOUT"
+log = logging.getLogger("isopool.gateway")
 PR_SET_PDEATHSIG = 1
 KEEP_ALIVE_S = 5
 MAX_CONNECTIONS = 4096
@@ -107,6 +110,7 @@ class GuardedHttp(HttpToolsProtocol):
 
     direct_app = None  # the App, set at start: its client lends the shared memory (body.py)
     direct: DirectBody | None = None  # the body being read into shared memory, if any
+    no_lease = 0  # bodies that found no shared memory (a flood of them logs one line in many)
     header_timer = None
     timeout_s = 10.0  # set from --http-client-timeout at start
     MAX_HEAD = 64 << 10  # bytes of a request line and headers (httptools joins them at a cost that grows faster)
@@ -135,8 +139,13 @@ class GuardedHttp(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self.head_bytes = 0  # the next request's headers may follow (pipelined: in this same read)
-        self.direct = None  # all of it came through the parser
+        self.end_direct("the request ended before its body")  # all of it came through the parser, or none will
         super().on_message_complete()
+
+    def end_direct(self, why: str) -> None:
+        direct, self.direct = self.direct, None
+        if direct is not None and not direct.complete:
+            direct.fail(why)  # the app's wait ends (400), and the lease goes
 
     def on_body(self, body: bytes) -> None:
         if self.direct is not None:
@@ -168,8 +177,11 @@ class GuardedHttp(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self.stop_header_timer()
         self.head_bytes = -1
+        limit = self.limit_concurrency  # past it uvicorn answers 503 itself: no app reads the body
+        served = limit is None or (len(self.connections) < limit and len(self.tasks) < limit)
         super().on_headers_complete()
-        if self.cycle is not None and not self.pipeline and self.scheme == "http" and self.direct_app is not None:
+        if served and self.cycle is not None and not self.pipeline and self.scheme == "http" \
+                and self.direct_app is not None and not self.parser.should_upgrade():
             self.direct = self.direct_body()
             if self.direct is not None:
                 self.scope.setdefault("extensions", {})[BODY_KEY] = self.direct
@@ -190,7 +202,14 @@ class GuardedHttp(HttpToolsProtocol):
             return None
         if app.tokens is not None and app.tokens.role(headers.get(b"authorization")) is None:
             return None  # a client without a token reads its 401 as uvicorn reads the body: into nothing
-        lease = app.lease(-header_length % ALIGN + length)
+        try:
+            lease = app.lease(-header_length % ALIGN + length)
+        except OSError as exc:  # no fd or memory for a segment now: the ASGI path reads it instead
+            GuardedHttp.no_lease += 1
+            if worth_a_line(GuardedHttp.no_lease):
+                log.warning("no shared memory for a %d-byte body (%s; %d so far): read through ASGI instead",
+                            length, exc, GuardedHttp.no_lease)
+            return None
         return DirectBody(lease, header_length, length) if lease is not None else None
 
     def read_body_directly(self) -> None:
@@ -218,6 +237,7 @@ class GuardedHttp(HttpToolsProtocol):
 
     def connection_lost(self, exc) -> None:
         self.stop_header_timer()
+        self.end_direct("the client went away before sending its body")
         super().connection_lost(exc)
 
     def stop_header_timer(self) -> None:

@@ -3,13 +3,14 @@
     headers of POST /v2/models/{name}/infer with Inference-Header-Content-Length and a
     Content-Length of DIRECT_BYTES or more (plain HTTP, no pipelined request before it)
         ──GuardedHttp──► a DirectBody: a Lease of the gateway's client (client/segments.py),
-                         the body to lie in it from `pad` on (the tensors 64-byte aligned)
+                         the body to lie in it from `pad` on (its first tensor 64-byte aligned)
     the body's bytes that came with the headers ──on_body──► copied in (one read's worth)
     the rest ──BodyReader, the connection's protocol meanwhile (asyncio.BufferedProtocol)──►
                          the kernel reads into the lease itself
     Content-Length read ──► the HTTP protocol back, with a new parser for the next request
     the app ──DirectBody.wait()──► the body, a view of the lease; its tensors are views too,
-                         and the call names the lease (AsyncClient._infer_in): not copied
+                         and the call names the lease (AsyncClient._infer_in): not copied (a
+                         tensor at an offset its item size does not divide: all of them are)
 
 Through uvicorn's ASGI messages a 16 MiB body was copied six times (a bytes per read by
 uvloop, a bytes per piece by httptools, uvicorn's request buffer and each message's bytes,
@@ -20,9 +21,12 @@ back another (the kernel's, from that mapping).
 
 The rules of the ASGI path hold: a pause longer than the body timeout, or a body slower
 than MIN_BODY_RATE, is a 408 (and the connection closes: its stream cannot be resynced); a
-client that goes away mid-body, a 400. Memory is taken as bytes come: a segment's pages
-exist once written, never for what Content-Length only declares. The lease goes back once
-both the body is read and the app is done with it (`release`), whichever is last.
+client that goes away mid-body, a 400. No lease is taken for a request that no app reads
+(past uvicorn's concurrency limit) or whose body the parser will not read (an upgrade), nor
+where no fd or memory is left for one (the ASGI path reads that body, and the client sends
+frames). Memory is taken as bytes come: a segment's pages exist once written, never for what
+Content-Length only declares. The lease goes back once both the body is read (or cut short)
+and the app is done with it (`release`), whichever is last.
 """
 
 from __future__ import annotations

@@ -162,7 +162,8 @@ def _tensor_ext(t: Any, torch: Any, buffers: list[memoryview], spill: Any = None
 def _ext(name: str, shape: Sequence[int], origin: int, data: memoryview, buffers: list,
          spill: Any = None) -> msgpack.ExtType:
     if spill is not None and len(data) >= spill.threshold:  # [offset] in the call's shared memory
-        return msgpack.ExtType(EXT_ARRAY, msgpack.packb([name, list(shape), [spill.place(data)], origin]))
+        return msgpack.ExtType(EXT_ARRAY, msgpack.packb([name, list(shape), [spill.place(data, ITEMSIZE[name])],
+                                                         origin]))
     meta = msgpack.packb([name, list(shape), len(buffers), origin])
     buffers.append(data)
     return msgpack.ExtType(EXT_ARRAY, meta)

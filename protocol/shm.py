@@ -52,9 +52,10 @@ class Spill:
     """Where an encoder puts arrays of `threshold` bytes or more: offsets in one segment.
 
     With `home` (a segment's memory that the caller filled, as the HTTP gateway reads a body
-    into one: gateway/body.py), an array that lies in it is named where it is, and nothing
-    is copied; one that does not makes the spill `away`, for the caller to encode again
-    without a home (arrays of one message share one segment)."""
+    into one: gateway/body.py), an array that lies in it, at an offset its item size divides,
+    is named where it is, and nothing is copied; one that does not makes the spill `away`,
+    for the caller to encode again without a home (arrays of one message share one segment,
+    and a model gets no misaligned array that a copy would have aligned)."""
 
     __slots__ = ("threshold", "parts", "size", "home", "away")
 
@@ -65,10 +66,10 @@ class Spill:
         self.home = home
         self.away = False
 
-    def place(self, data: memoryview) -> int:
-        if self.home is not None:
+    def place(self, data: memoryview, itemsize: int = 1) -> int:
+        if self.home is not None:  # where it lies, if it does, and aligned for its type
             offset = offset_in(self.home, data)
-            if offset is None:
+            if offset is None or offset % itemsize:
                 self.away = True
                 return 0
             self.size = max(self.size, offset + len(data))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import subprocess
 
@@ -20,11 +21,13 @@ WHERE = "isopool.examples.faulty:make_where_mapped"
 INFER = "/v2/models/default/infer"
 
 
-def binary_request(arrays: dict[str, np.ndarray], *headers: bytes, close: bool = False) -> tuple[bytes, int]:
-    """(the raw request, its JSON's length) of an infer with every input as binary FP32."""
+def binary_request(arrays: dict[str, np.ndarray], *headers: bytes, close: bool = False,
+                   outputs: list[str] | None = None) -> tuple[bytes, int]:
+    """(the raw request, its JSON's length) of an infer with every input as binary FP32, its
+    answer as JSON (for small arrays): the inputs back, or the `outputs` named."""
     head = json.dumps({"inputs": [{"name": n, "shape": list(a.shape), "datatype": "FP32",
                                    "parameters": {"binary_data_size": a.nbytes}} for n, a in arrays.items()],
-                       "outputs": [{"name": n} for n in arrays]}).encode()  # the arrays back, as JSON: small ones
+                       "outputs": [{"name": n} for n in outputs or arrays]}).encode()
     body = head + b"".join(a.tobytes() for a in arrays.values())
     return (b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: x\r\n" + (b"Connection: close\r\n" if close else b"")
             + b"".join(h + b"\r\n" for h in headers) + b"Inference-Header-Content-Length: %d\r\n" % len(head)
@@ -134,3 +137,53 @@ def test_a_body_cut_short_or_stalled_lets_its_segment_go_and_the_gateway_serves_
             assert status == 200 and len(answer["outputs"][0]["data"]) == x.size
     held = [s for s in segments_in(gateway) if NAME_IN in s and s.startswith("fd")]
     assert len(held) <= IDLE, held  # the pool's idle ones at most: none kept for the bodies cut short
+
+
+def test_a_misaligned_tensor_an_upgrade_and_no_fds_left_each_take_the_old_path(start_pool):
+    """Three reasons not to name a body's bytes where they lie, each served correctly:
+    an FP64 tensor behind 1 MiB + 1 byte of UINT8 (named in place it would reach the model
+    misaligned; all of them are copied, aligned); an upgrade request (the parser never reads
+    its body: no lease may wait for it); and a gateway out of fds (no segment can be made:
+    the body goes through ASGI and the tensors as frames, where it was a 400 and a reset)."""
+    import resource
+
+    pool = http_pool(start_pool, "--model", WHERE, workers=1)
+    host, port = pool.address.rsplit(":", 1)
+    [gateway] = [g["pid"] for g in pool.status()["pool"]["gateways"]]
+    client = triton.InferenceServerClient(pool.address)
+    assert client.is_server_ready()
+    odd, wide = np.arange((1 << 20) + 1, dtype=np.uint8), np.arange(1 << 17, dtype=np.float64)
+    inputs = [triton.InferInput("odd", list(odd.shape), "UINT8"), triton.InferInput("wide", list(wide.shape), "FP64")]
+    inputs[0].set_data_from_numpy(odd, binary_data=True)
+    inputs[1].set_data_from_numpy(wide, binary_data=True)
+    result = client.infer("default", inputs, outputs=[triton.InferRequestedOutput(n, binary_data=True)
+                                                      for n in ("odd", "wide", "mapped:wide")])
+    assert np.array_equal(result.as_numpy("odd"), odd) and np.array_equal(result.as_numpy("wide"), wide)
+    assert int(result.as_numpy("mapped:wide")[0].decode().rsplit("@", 1)[1]) % 8 == 0
+    x = np.arange(1 << 19, dtype=np.float32)
+    request, _ = binary_request({"x": x}, b"Connection: Upgrade", b"Upgrade: foo")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(request)
+        status, _ = read_answer(sock.makefile("rb"))
+        assert 400 <= status < 500  # as before: what follows an upgrade's headers is no HTTP uvicorn reads
+    with socket.create_connection((host, int(port)), timeout=60) as sock:  # 512 KiB: frames, no segment
+        sock.sendall(binary_request({"x": np.zeros(1 << 17, np.float32)}, outputs=["mapped:x"])[0])
+        assert read_answer(sock.makefile("rb"))[0] == 200  # (and pyzmq's thread for such frames is started)
+    larger = np.arange(4 << 20, dtype=np.float32)  # than any segment the gateway keeps: it needs a new one
+    soft, hard = resource.prlimit(gateway, resource.RLIMIT_NOFILE)
+    try:
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            open_now = len(os.listdir(f"/proc/{gateway}/fd"))
+            resource.prlimit(gateway, resource.RLIMIT_NOFILE, (open_now, hard))  # this socket's was the last
+            sock.sendall(binary_request({"x": larger}, close=True, outputs=["mapped:x"])[0])
+            status, answer = read_answer(sock.makefile("rb"))
+        assert status == 200 and answer["outputs"][0]["data"] == ["@"], answer  # it came as a frame
+    finally:
+        resource.prlimit(gateway, resource.RLIMIT_NOFILE, (soft, hard))
+    held = [s for s in segments_in(gateway) if NAME_IN in s and s.startswith("fd")]
+    assert len(held) <= IDLE, held  # nothing waits for the upgrade's body
+    with socket.create_connection((host, int(port)), timeout=60) as sock:  # and the direct path serves on
+        sock.sendall(binary_request({"x": larger}, outputs=["mapped:x"])[0])
+        status, answer = read_answer(sock.makefile("rb"))
+        where = answer["outputs"][0]["data"][0]
+        assert status == 200 and where.startswith("/memfd:" + NAME_IN) and not where.endswith("@0"), answer
