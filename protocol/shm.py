@@ -144,7 +144,7 @@ def mmap_fd(fd: int, size: int, shared: bool = False, populate: int = 0) -> int:
     return addr
 
 
-def untouched(addr: int, size: int) -> bool:
+def untouched(addr: int, size: int, offer: bool = False) -> bool:
     """Is every page of this private (copy-on-write) mapping still the segment's own, none
     written by this process? Then what is written into the segment next (by the client, or
     by the worker for an answer) is what the mapping shows. /proc/self/pagemap says, a
@@ -152,15 +152,18 @@ def untouched(addr: int, size: int) -> bool:
     segment) rather than this process's own copy.
 
     The kernel reads each page's own record to say so, and after a large copy those are
-    out of the cache: 16 MiB took 0.4 ms in a worker right after an answer, 0.12 ms warm. A
-    process that just sent a message has woken a thread that may be queued behind it on its
-    core (its I/O thread; in a worker, the supervisor): so the pages are read LOOK_PAGES at a
-    time, the core offered between (sched_yield), and a written page ends the look."""
+    out of the cache: 16 MiB took 0.4 ms in a worker right after an answer, 0.12 ms warm.
+    The pages are read LOOK_PAGES at a time, and a written page ends the look. With `offer`
+    the core is offered between pieces (sched_yield): a worker looks just after sending an
+    answer, whose wake-ups may have queued the supervisor behind it on its vCPU, and has
+    nothing else to do. A client does not offer: its look lies between its request and the
+    answer it waits for, and beside a CPU-bound neighbour each offer hands that neighbour a
+    whole slice (16 MiB round trips took 14-16 ms against 8 that way)."""
     first, pages = addr // PAGE, -(-size // PAGE)
     try:
         with open("/proc/self/pagemap", "rb", buffering=0) as f:  # self now: a worker is a fork
             for at in range(0, pages, LOOK_PAGES):
-                if at:
+                if at and offer:
                     os.sched_yield()
                 n = min(LOOK_PAGES, pages - at)
                 words = np.frombuffer(os.pread(f.fileno(), n * 8, (first + at) * 8), dtype=np.uint64)

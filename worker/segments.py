@@ -203,7 +203,7 @@ class Mappings:
     def _settle(self) -> None:
         while self.back:
             key, fd, addr, size = self.back.pop(0)  # in the order they came back: the last, the most recent
-            if key in self.inputs or size > self.KEEP_BYTES or not untouched(addr, size):
+            if key in self.inputs or size > self.KEEP_BYTES or not untouched(addr, size, offer=True):
                 self.later.append((addr, size))
                 continue
             self._bound(self.inputs, size)
