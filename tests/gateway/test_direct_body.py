@@ -166,17 +166,19 @@ def test_a_misaligned_tensor_an_upgrade_and_no_fds_left_each_take_the_old_path(s
         sock.sendall(request)
         status, _ = read_answer(sock.makefile("rb"))
         assert 400 <= status < 500  # as before: what follows an upgrade's headers is no HTTP uvicorn reads
-    with socket.create_connection((host, int(port)), timeout=60) as sock:  # 512 KiB: frames, no segment
-        sock.sendall(binary_request({"x": np.zeros(1 << 17, np.float32)}, outputs=["mapped:x"])[0])
-        assert read_answer(sock.makefile("rb"))[0] == 200  # (and pyzmq's thread for such frames is started)
     larger = np.arange(4 << 20, dtype=np.float32)  # than any segment the gateway keeps: it needs a new one
     soft, hard = resource.prlimit(gateway, resource.RLIMIT_NOFILE)
     try:
         with socket.create_connection((host, int(port)), timeout=60) as sock:
+            reader = sock.makefile("rb")
+            # first 512 KiB (frames, no segment): the connection is accepted (an fd of the
+            # gateway's), and pyzmq's thread for such frames started
+            sock.sendall(binary_request({"x": np.zeros(1 << 17, np.float32)}, outputs=["mapped:x"])[0])
+            assert read_answer(reader)[0] == 200
             open_now = len(os.listdir(f"/proc/{gateway}/fd"))
-            resource.prlimit(gateway, resource.RLIMIT_NOFILE, (open_now, hard))  # this socket's was the last
+            resource.prlimit(gateway, resource.RLIMIT_NOFILE, (open_now, hard))  # no fd left for a segment
             sock.sendall(binary_request({"x": larger}, close=True, outputs=["mapped:x"])[0])
-            status, answer = read_answer(sock.makefile("rb"))
+            status, answer = read_answer(reader)
         assert status == 200 and answer["outputs"][0]["data"] == ["@"], answer  # it came as a frame
     finally:
         resource.prlimit(gateway, resource.RLIMIT_NOFILE, (soft, hard))
