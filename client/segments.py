@@ -240,7 +240,7 @@ class Lease:
     its smaller arrays, have all left). `release()`, once the caller is done with every view
     of `view`, gives it back or closes it; a lease dropped unreleased closes it."""
 
-    __slots__ = ("pool", "seg", "view", "reusable", "__weakref__")
+    __slots__ = ("pool", "seg", "view", "reusable")
 
     def __init__(self, pool: Pool, size: int):
         self.pool, self.seg, self.view, self.reusable = pool, None, None, False

@@ -60,7 +60,7 @@ class DirectBody:
         """Bytes the parser handed over (they came in the read that ended the headers)."""
         n = min(len(data), self.length - self.got)
         at = self.pad + self.got
-        self.lease.view[at:at + n] = data[:n]
+        self.lease.view[at:at + n] = memoryview(data)[:n]
         self.buffer_updated(n)
 
     def get_buffer(self) -> memoryview:
