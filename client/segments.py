@@ -168,11 +168,10 @@ class Pool:
             with self.lock:
                 self.lent -= 1
                 closed = self.closed
+            seg.waiting.append((addr, size))
             if seg.fd >= 0 and not closed:
-                seg.waiting.append((addr, size))
                 return seg
-            _libc.munmap(addr, size)
-            seg.close()
+            seg.close()  # its mapping with it
         with self.lock:
             if self.idle_out:
                 return self.idle_out.pop()
