@@ -116,6 +116,7 @@ class GuardedHttp(HttpToolsProtocol):
     MAX_HEAD = 64 << 10  # bytes of a request line and headers (httptools joins them at a cost that grows faster)
     head_bytes = 0  # of the request whose headers are coming; -1 while a body is
     peer_done = False  # the peer ended its side of the connection, with an answer owed
+    rest_timer = None  # the rest of a body after its early answer must come by this
 
     def connection_made(self, transport) -> None:
         super().connection_made(OneWrite(transport, self.loop))
@@ -136,9 +137,34 @@ class GuardedHttp(HttpToolsProtocol):
         super().data_received(data)
         if self.direct is not None and not self.direct.complete and not self.transport.is_closing():
             self.read_body_directly()
+        self.watch_idle()
+
+    def watch_idle(self) -> None:
+        """Every byte stops uvicorn's keep-alive timer, and only an answer's end starts it
+        again. So bytes that begin no request (a stray CRLF after an answer) or the rest of a
+        body whose answer went early (a 404 before it was read) left the connection open for
+        good, without a timer. Once the connection waits for nothing but the next request, the
+        keep-alive timer runs again; the rest of an answered body has one client timeout, in
+        all, to arrive."""
+        if self.transport.is_closing() or self.header_timer is not None or self.timeout_keep_alive_task is not None:
+            return
+        cycle = self.cycle
+        if cycle is None or not cycle.response_complete or self.pipeline:  # an answer is owed: its end starts it
+            return
+        if self.head_bytes < 0:  # within a body its answer no longer reads
+            if self.rest_timer is None:
+                self.rest_timer = self.loop.call_later(self.timeout_s, self.timeout_keep_alive_handler)
+            return
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def stop_rest_timer(self) -> None:
+        if self.rest_timer is not None:
+            self.rest_timer.cancel()
+            self.rest_timer = None
 
     def on_message_complete(self) -> None:
         self.head_bytes = 0  # the next request's headers may follow (pipelined: in this same read)
+        self.stop_rest_timer()
         self.end_direct("the request ended before its body")  # all of it came through the parser, or none will
         super().on_message_complete()
 
@@ -224,6 +250,7 @@ class GuardedHttp(HttpToolsProtocol):
         a new parser (the old one still waits for the bytes that went past it)."""
         self._unset_keepalive_if_required()  # as data_received does: the peer is sending
         if self.direct is None or not self.direct.complete:
+            self.watch_idle()
             return
         raw = self.transport._transport
         raw.pause_reading()
@@ -234,9 +261,11 @@ class GuardedHttp(HttpToolsProtocol):
         self.on_message_complete()
         if not self.flow.read_paused:
             raw.resume_reading()
+        self.watch_idle()
 
     def connection_lost(self, exc) -> None:
         self.stop_header_timer()
+        self.stop_rest_timer()
         self.end_direct("the client went away before sending its body")
         super().connection_lost(exc)
 

@@ -84,6 +84,41 @@ def test_slow_clients_get_408_and_never_hold_the_gateway(start_pool):
     assert pool.status()["pool"]["gateways"][0]["restarts"] == 0
 
 
+def test_bytes_after_an_answer_never_keep_a_connection_open_for_good(start_pool):
+    """Found by a hostile pass: every byte stopped uvicorn's keep-alive timer and only an
+    answer's end started it again, so a stray CRLF after an answer, or the rest of a body sent
+    after its early 404, left the connection open with no timer at all, and a byte now and
+    then of such a body held it too. Each now closes: idle, after the keep-alive time; the
+    rest of an answered body, after one client timeout in all."""
+    pool = http_pool(start_pool, "--http-client-timeout", "1", workers=1)
+    host, port = pool.address.rsplit(":", 1)
+    ready = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+    early = b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=30) as stray, \
+            socket.create_connection((host, int(port)), timeout=30) as rest, \
+            socket.create_connection((host, int(port)), timeout=30) as trickle:
+        for sock, request in ((stray, ready), (rest, early), (trickle, early)):
+            sock.sendall(request)
+            assert sock.recv(4096).split(b"\r\n")[0] in (b"HTTP/1.1 200 OK", b"HTTP/1.1 404 Not Found")
+        stray.sendall(b"\r\n")
+        rest.sendall(b"x" * 1000)  # the whole body: the connection is idle again after it
+        assert stray.recv(4096) == b"" and rest.recv(4096) == b""  # closed by the keep-alive timer (5 s)
+        trickle.setblocking(False)
+        for sent in range(100):  # a byte each 0.1 s, bounded: the cut comes after about 1 s
+            try:
+                trickle.send(b"x")
+                if trickle.recv(4096) == b"":
+                    break
+            except BlockingIOError:
+                pass
+            except OSError:  # reset: the gateway closed it
+                break
+            time.sleep(0.1)
+        assert sent < 50, f"a body trickling in after its answer kept the connection for {sent} bytes"
+    assert post(pool.address, INFER.format("default"), GOOD) == 200
+    assert pool.status()["pool"]["gateways"][0]["restarts"] == 0
+
+
 def test_headers_over_64_kib_are_431_and_pipelined_headers_still_have_a_deadline(start_pool):
     """Two ways a client held a gateway, found by a hostile pass: headers of any size (64 MiB
     took 4 s of the gateway's loop, httptools joining them piece by piece); and the first
