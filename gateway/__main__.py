@@ -8,8 +8,9 @@ binary infer body is read straight into shared memory (body.py), not through ASG
 Slow clients are bounded here: a request's headers must arrive within the client timeout
 (--http-client-timeout) of its first byte (or of the connection, for the first request),
 else 408 and the connection is closed; a body that pauses longer than it is a 408 too
-(app.App.body); an idle keep-alive connection is closed after KEEP_ALIVE_S; past
-MAX_CONNECTIONS open at once, a new one gets 503.
+(app.App.body); a client behind on reading its answer must take MIN_BODY_RATE bytes a
+second over each client timeout; an idle keep-alive connection is closed after
+KEEP_ALIVE_S; past MAX_CONNECTIONS open at once, a new one gets 503.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from isopool.logs import worth_a_line
 
-from .app import HEADER_LENGTH, resolve
+from .app import HEADER_LENGTH, MIN_BODY_RATE, resolve
 from .body import ALIGN, BODY_KEY, DIRECT_BYTES, BodyReader, DirectBody
 
 ENV_FD = "ISOPOOL_GATEWAY_FD"
@@ -62,12 +63,14 @@ class OneWrite:
     """
 
     ALONE = 1 << 16
-    __slots__ = ("_transport", "_loop", "_held")
+    __slots__ = ("_transport", "_loop", "_held", "written")
 
     def __init__(self, transport, loop) -> None:
         self._transport, self._loop, self._held = transport, loop, None
+        self.written = 0  # bytes handed to the transport (GuardedHttp.writes_late)
 
     def write(self, data) -> None:
+        self.written += data.nbytes if type(data) is memoryview else len(data)
         held = self._held
         if held is not None:
             self._held = None
@@ -88,6 +91,8 @@ class OneWrite:
             self._transport.write(held)
 
     def writelines(self, chunks) -> None:
+        chunks = list(chunks)
+        self.written += sum(c.nbytes if type(c) is memoryview else len(c) for c in chunks)
         self.release()
         self._transport.writelines(chunks)
 
@@ -98,6 +103,10 @@ class OneWrite:
     def close(self) -> None:
         self.release()
         self._transport.close()
+
+    def pending(self) -> int:
+        """Bytes written and not yet taken by the kernel (a held head included)."""
+        return self._transport.get_write_buffer_size() + (len(self._held) if self._held is not None else 0)
 
     def __getattr__(self, name: str):
         return getattr(self._transport, name)
@@ -111,12 +120,15 @@ class GuardedHttp(HttpToolsProtocol):
     direct_app = None  # the App, set at start: its client lends the shared memory (body.py)
     direct: DirectBody | None = None  # the body being read into shared memory, if any
     no_lease = 0  # bodies that found no shared memory (a flood of them logs one line in many)
+    slow_readers = 0  # connections cut for not reading their answers (as no_lease, for the log)
     header_timer = None
     timeout_s = 10.0  # set from --http-client-timeout at start
     MAX_HEAD = 64 << 10  # bytes of a request line and headers (httptools joins them at a cost that grows faster)
     head_bytes = 0  # of the request whose headers are coming; -1 while a body is
     peer_done = False  # the peer ended its side of the connection, with an answer owed
     rest_timer = None  # the rest of a body after its early answer must come by this
+    write_timer = None  # while answer bytes wait for a peer that reads too slowly (pause_writing)
+    write_mark = (0, 0)  # (bytes written, bytes waiting) when write_timer was set
 
     def connection_made(self, transport) -> None:
         super().connection_made(OneWrite(transport, self.loop))
@@ -263,9 +275,42 @@ class GuardedHttp(HttpToolsProtocol):
             raw.resume_reading()
         self.watch_idle()
 
+    def pause_writing(self) -> None:
+        """The peer reads our answer more slowly than we write it: from here, until what we
+        wrote has gone, it must read at least MIN_BODY_RATE bytes a second over each client
+        timeout. A peer that never read held its connection, the answer's buffer (a 16 MiB
+        tensor) and the app's task waiting to send, for good, the keep-alive timer's close()
+        included (it waits for the buffer to drain)."""
+        super().pause_writing()
+        if self.write_timer is None:
+            self.watch_writes()
+
+    def watch_writes(self) -> None:
+        self.write_mark = (self.transport.written, self.transport.pending())
+        self.write_timer = self.loop.call_later(self.timeout_s, self.writes_late)
+
+    def writes_late(self) -> None:
+        self.write_timer = None
+        waiting = self.transport.pending()
+        if not waiting:
+            return
+        written, was_waiting = self.write_mark
+        taken = (self.transport.written - written) - (waiting - was_waiting)  # by the kernel, for the peer
+        if taken < MIN_BODY_RATE * self.timeout_s:
+            GuardedHttp.slow_readers += 1
+            if worth_a_line(GuardedHttp.slow_readers):
+                log.warning("a client took %d bytes of its answer in %g s, under %d bytes/s: connection closed "
+                            "(%d so far)", max(0, taken), self.timeout_s, MIN_BODY_RATE, GuardedHttp.slow_readers)
+            self.transport.abort()  # close() would wait for the buffer to drain
+            return
+        self.watch_writes()
+
     def connection_lost(self, exc) -> None:
         self.stop_header_timer()
         self.stop_rest_timer()
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+            self.write_timer = None
         self.end_direct("the client went away before sending its body")
         super().connection_lost(exc)
 

@@ -103,7 +103,9 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
                   "--http-tokens (or --insecure)."),
     ("http-workers", int, "HTTP gateway processes (0: half the cores, at least 1)."),
     ("http-client-timeout", float, "Seconds an HTTP client may take to send a request's headers, and may "
-                                   "pause while sending its body; then 408 and the connection is closed."),
+                                   "pause while sending its body (then 408 and the connection is closed); "
+                                   "over each such time it must read 500 bytes a second of an answer it is "
+                                   "behind on, or the connection is closed."),
     ("http-cert", str, "TLS certificate (PEM) for --http: serve https."),
     ("http-key", str, "The private key (PEM) of --http-cert."),
     ("http-tokens", str, "File of bearer tokens for --http, one 'client TOKEN' or 'admin TOKEN' per line "

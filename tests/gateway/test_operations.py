@@ -119,6 +119,62 @@ def test_bytes_after_an_answer_never_keep_a_connection_open_for_good(start_pool)
     assert pool.status()["pool"]["gateways"][0]["restarts"] == 0
 
 
+def test_a_client_that_stops_reading_its_answer_is_cut_and_a_slow_reader_is_not(start_pool):
+    """Found by a hostile pass: a client that never read its answer held the connection, the
+    answer's 16 MiB in the gateway and the app's task for good, the keep-alive timer's close()
+    included (it waits for the buffer to drain). Once an answer is written faster than read,
+    the peer must take 500 bytes a second over each client timeout: a stalled reader is cut,
+    a slow one that keeps reading gets its whole answer."""
+    import numpy as np
+
+    pool = http_pool(start_pool, "--model", "isopool.examples.faulty:make_echo", "--http-client-timeout", "1",
+                     workers=1)
+    host, port = pool.address.rsplit(":", 1)
+    x = np.arange(4 << 20, dtype=np.float32)  # 16 MiB, past what the kernel's socket buffers hold
+    head = json.dumps({"inputs": [{"name": "x", "shape": [x.size], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    request = (b"POST /v2/models/default/infer HTTP/1.1\r\nHost: x\r\nInference-Header-Content-Length: %d\r\n"
+               b"Content-Length: %d\r\n\r\n" % (len(head), len(head) + x.nbytes)) + head + x.tobytes()
+    socks = []
+    for window in (4096, 0):
+        sock = socket.socket()
+        if window:  # before connecting: the stalled client's window is small, so the gateway holds the rest
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)
+        sock.settimeout(30)
+        sock.connect((host, int(port)))
+        sock.sendall(request)
+        socks.append(sock)
+    stalled, slow = socks
+    with stalled, slow:
+        got = b""
+        for _ in range(2000):  # 128 KiB at most each 10 ms, slower than written: bounded, 20 s at most
+            chunk = slow.recv(128 << 10)
+            if not chunk:
+                break
+            got += chunk
+            head_end = got.find(b"\r\n\r\n")
+            if head_end > 0 and len(got) - head_end - 4 >= int(got.split(b"\r\ncontent-length: ")[1].split(b"\r\n")[0]):
+                break
+            time.sleep(0.01)
+        assert got.startswith(b"HTTP/1.1 200") and got.endswith(x.tobytes()[-(1 << 16):]), (len(got), got[:300])
+        taken, ended = 0, False
+        stalled.settimeout(10)
+        for _ in range(8000):  # what the kernel holds for it (4 KiB a read), then the cut: bounded
+            try:
+                chunk = stalled.recv(1 << 20)
+            except ConnectionResetError:
+                ended = True
+                break
+            if not chunk:
+                ended = True
+                break
+            taken += len(chunk)
+        assert ended and taken < x.nbytes, f"a client that read nothing for seconds was sent {taken} bytes"
+    assert post(pool.address, INFER.format("default"), GOOD) == 200
+    assert pool.status()["pool"]["gateways"][0]["restarts"] == 0
+
+
 def test_headers_over_64_kib_are_431_and_pipelined_headers_still_have_a_deadline(start_pool):
     """Two ways a client held a gateway, found by a hostile pass: headers of any size (64 MiB
     took 4 s of the gateway's loop, httptools joining them piece by piece); and the first
