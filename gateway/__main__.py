@@ -9,19 +9,23 @@ Slow clients are bounded here: a request's headers must arrive within the client
 (--http-client-timeout) of its first byte (or of the connection, for the first request),
 else 408 and the connection is closed; a body that pauses longer than it is a 408 too
 (app.App.body); a client behind on reading its answer must take MIN_BODY_RATE bytes a
-second over each client timeout; an idle keep-alive connection is closed after
-KEEP_ALIVE_S; past MAX_CONNECTIONS open at once, a new one gets 503.
+second over each client timeout; an idle keep-alive connection is closed KEEP_ALIVE_S after
+its last answer; at most MAX_PIPELINE requests are read ahead of their answers; past
+MAX_CONNECTIONS open at once, a new one gets 503.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import resource
 import signal
 import socket
+import struct
+import termios
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -43,6 +47,12 @@ log = logging.getLogger("isopool.gateway")
 PR_SET_PDEATHSIG = 1
 KEEP_ALIVE_S = 5
 MAX_CONNECTIONS = 4096
+MAX_PIPELINE = 64  # requests read ahead of their answers on one connection; past it the connection
+# stops reading and closes once they are answered (a client resends the rest on a new one)
+
+
+class Refused(Exception):
+    """Raised from a parser callback to stop reading a connection (GuardedHttp.refuse)."""
 
 
 class OneWrite:
@@ -70,6 +80,8 @@ class OneWrite:
         self.written = 0  # bytes handed to the transport (GuardedHttp.writes_late)
 
     def write(self, data) -> None:
+        if self._transport.is_closing():  # aborted under a task that was about to write: nothing to say
+            return
         self.written += data.nbytes if type(data) is memoryview else len(data)
         held = self._held
         if held is not None:
@@ -91,6 +103,8 @@ class OneWrite:
             self._transport.write(held)
 
     def writelines(self, chunks) -> None:
+        if self._transport.is_closing():
+            return
         chunks = list(chunks)
         self.written += sum(c.nbytes if type(c) is memoryview else len(c) for c in chunks)
         self.release()
@@ -108,8 +122,27 @@ class OneWrite:
         """Bytes written and not yet taken by the kernel (a held head included)."""
         return self._transport.get_write_buffer_size() + (len(self._held) if self._held is not None else 0)
 
+    def unsent(self, fd: int) -> int:
+        """pending(), plus what the kernel holds of it that the peer has not taken (SIOCOUTQ)."""
+        try:
+            queued = struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        except OSError:
+            queued = 0
+        return self.pending() + queued
+
     def __getattr__(self, name: str):
         return getattr(self._transport, name)
+
+
+async def upgrade_with_body(scope, receive, send) -> None:
+    """The answer to a request with a body that asks to upgrade the connection: httptools reads
+    no body after such headers, so the app would see none; it is refused, saying why."""
+    body = (b'{"error":"the request asks to upgrade the connection (Connection: Upgrade), which this server '
+            b'does not do, and its body cannot be read then: send it without the Upgrade header"}')
+    await send({"type": "http.response.start", "status": 400,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class GuardedHttp(HttpToolsProtocol):
@@ -127,14 +160,23 @@ class GuardedHttp(HttpToolsProtocol):
     head_bytes = 0  # of the request whose headers are coming; -1 while a body is
     peer_done = False  # the peer ended its side of the connection, with an answer owed
     rest_timer = None  # the rest of a body after its early answer must come by this
-    write_timer = None  # while answer bytes wait for a peer that reads too slowly (pause_writing)
-    write_mark = (0, 0)  # (bytes written, bytes waiting) when write_timer was set
+    write_timer = None  # while answer bytes wait for a peer that reads them too slowly
+    write_mark = (0, 0)  # (bytes written, bytes the peer has not taken) when write_timer was set
+    fd = -1  # the connection's socket
+    idle_since = None  # loop time since when nothing is owed either way: the keep-alive time runs from here
+    deaf = False  # reading stopped for good (stop_reading): answer what was read, then close
+    refused: str | None = None  # why a parser callback stopped reading (refuse)
+    trailer_bytes = 0  # of the trailers of the chunked body being read
 
     def connection_made(self, transport) -> None:
         super().connection_made(OneWrite(transport, self.loop))
+        sock = transport.get_extra_info("socket")
+        self.fd = sock.fileno() if sock is not None else -1
         self.header_timer = self.loop.call_later(self.timeout_s, self.headers_late, False)
 
     def data_received(self, data: bytes) -> None:
+        if self.deaf:  # its parser stopped: nothing more is read (stop_reading)
+            return
         if self.head_bytes >= 0:
             room = self.MAX_HEAD - self.head_bytes
             self.head_bytes += len(data)
@@ -146,10 +188,50 @@ class GuardedHttp(HttpToolsProtocol):
                                      % (len(body), body))
                 self.transport.close()
                 return
-        super().data_received(data)
+        if not self.feed(data):
+            return
         if self.direct is not None and not self.direct.complete and not self.transport.is_closing():
             self.read_body_directly()
         self.watch_idle()
+
+    def feed(self, data: bytes) -> bool:
+        """uvicorn's data_received, except where the parser cannot go on: after a callback
+        refused the connection (refuse) or an upgrade (which this server never makes), reading
+        stops; a parse error is a 400, as in uvicorn. False where the parser stopped."""
+        self._unset_keepalive_if_required()
+        self.refused = None
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.stop_reading("it asked to upgrade the connection, which this server does not do")
+            return False
+        except httptools.HttpParserError:  # a callback's exception comes wrapped as one
+            if self.refused is not None:
+                self.stop_reading(self.refused)
+            else:
+                log.debug("connection from %s: invalid HTTP, answered 400", self.client)
+                self.send_400_response("Invalid HTTP request received.")
+            return False
+        return True
+
+    def refuse(self, why: str) -> None:
+        """From a parser callback: stop reading this connection (feed)."""
+        self.refused = why
+        raise Refused(why)
+
+    def stop_reading(self, why: str) -> None:
+        """Read no more: what was read is answered, then the connection closes (at once if
+        nothing is owed)."""
+        log.debug("connection from %s: %s; reading no more of it", self.client, why)
+        self.deaf = self.peer_done = True
+        self.flow.pause_reading()
+        cycle = self.cycle
+        # mid-request (a body's trailers), the rest can never come: its app hears the disconnect
+        if cycle is None or self.head_bytes < 0 or cycle.response_complete and not self.pipeline:
+            self.transport.close()
+            return
+        last = self.pipeline[0][0] if self.pipeline else cycle  # the last answer says "connection: close"
+        last.keep_alive = False
 
     def watch_idle(self) -> None:
         """Every byte stops uvicorn's keep-alive timer, and only an answer's end starts it
@@ -167,7 +249,9 @@ class GuardedHttp(HttpToolsProtocol):
             if self.rest_timer is None:
                 self.rest_timer = self.loop.call_later(self.timeout_s, self.timeout_keep_alive_handler)
             return
-        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+        since = self.idle_since if self.idle_since is not None else self.loop.time()
+        self.timeout_keep_alive_task = self.loop.call_later(max(0.0, since + self.timeout_keep_alive - self.loop.time()),
+                                                            self.timeout_keep_alive_handler)
 
     def stop_rest_timer(self) -> None:
         if self.rest_timer is not None:
@@ -175,8 +259,10 @@ class GuardedHttp(HttpToolsProtocol):
             self.rest_timer = None
 
     def on_message_complete(self) -> None:
-        self.head_bytes = 0  # the next request's headers may follow (pipelined: in this same read)
+        self.head_bytes = self.trailer_bytes = 0  # the next request's headers may follow (pipelined: in this same read)
         self.stop_rest_timer()
+        if self.cycle is not None and self.cycle.response_complete:  # answered early: idle from now
+            self.idle_since = self.loop.time()
         self.end_direct("the request ended before its body")  # all of it came through the parser, or none will
         super().on_message_complete()
 
@@ -204,11 +290,28 @@ class GuardedHttp(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self.peer_done and not self.pipeline and not self.transport.is_closing():
-            self.transport.close()
+        self.idle_since = self.loop.time()
+        if self.pipeline or self.deaf:  # uvicorn reads on after each answer: requests read ahead stay bounded
+            self.flow.pause_reading()
+        if self.write_timer is None and self.transport.pending():  # the peer has not taken what we wrote
+            self.watch_writes()
+        if self.peer_done and not self.pipeline and self.cycle.response_complete and not self.transport.is_closing():
+            self.transport.close()  # (the answer just sent may have started the last one read)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_bytes >= 0:
+            super().on_header(name, value)
+            return
+        # a trailer of a chunked body: the app takes none, and uvicorn kept each, unbounded
+        self.trailer_bytes += len(name) + len(value) + 4
+        if self.trailer_bytes > self.MAX_HEAD:
+            self.refuse(f"the trailers of a chunked body are over {self.MAX_HEAD} bytes")
 
     def on_message_begin(self) -> None:
+        if len(self.pipeline) >= MAX_PIPELINE:
+            self.refuse(f"over {MAX_PIPELINE} requests read ahead of their answers")
         super().on_message_begin()
+        self.idle_since = None
         self.stop_header_timer()
         self.header_timer = self.loop.call_later(self.timeout_s, self.headers_late, True)
 
@@ -217,7 +320,15 @@ class GuardedHttp(HttpToolsProtocol):
         self.head_bytes = -1
         limit = self.limit_concurrency  # past it uvicorn answers 503 itself: no app reads the body
         served = limit is None or (len(self.connections) < limit and len(self.tasks) < limit)
-        super().on_headers_complete()
+        if self.parser.should_upgrade() and any(name in (b"content-length", b"transfer-encoding")
+                                                and value not in (b"0", b"") for name, value in self.headers):
+            app, self.app = self.app, upgrade_with_body  # the parser skips the body of an upgrade
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+        else:
+            super().on_headers_complete()
         if served and self.cycle is not None and not self.pipeline and self.scheme == "http" \
                 and self.direct_app is not None and not self.parser.should_upgrade():
             self.direct = self.direct_body()
@@ -277,25 +388,25 @@ class GuardedHttp(HttpToolsProtocol):
 
     def pause_writing(self) -> None:
         """The peer reads our answer more slowly than we write it: from here, until what we
-        wrote has gone, it must read at least MIN_BODY_RATE bytes a second over each client
-        timeout. A peer that never read held its connection, the answer's buffer (a 16 MiB
-        tensor) and the app's task waiting to send, for good, the keep-alive timer's close()
-        included (it waits for the buffer to drain)."""
+        wrote has left this process, it must take at least MIN_BODY_RATE bytes a second over
+        each client timeout (counted where the kernel holds them too: it wakes a writer only
+        once a third of a full socket buffer has gone). A peer that never read held its
+        connection, the answer's buffer (a 16 MiB tensor) and the app's task waiting to send,
+        for good, the keep-alive timer's close() included (it waits for the buffer to drain)."""
         super().pause_writing()
         if self.write_timer is None:
             self.watch_writes()
 
     def watch_writes(self) -> None:
-        self.write_mark = (self.transport.written, self.transport.pending())
+        self.write_mark = (self.transport.written, self.transport.unsent(self.fd))
         self.write_timer = self.loop.call_later(self.timeout_s, self.writes_late)
 
     def writes_late(self) -> None:
         self.write_timer = None
-        waiting = self.transport.pending()
-        if not waiting:
+        if not self.transport.pending():
             return
-        written, was_waiting = self.write_mark
-        taken = (self.transport.written - written) - (waiting - was_waiting)  # by the kernel, for the peer
+        written, was_unsent = self.write_mark
+        taken = (self.transport.written - written) - (self.transport.unsent(self.fd) - was_unsent)
         if taken < MIN_BODY_RATE * self.timeout_s:
             GuardedHttp.slow_readers += 1
             if worth_a_line(GuardedHttp.slow_readers):

@@ -62,6 +62,9 @@ def parse_request(body: bytes | bytearray, header_length: int | None, max_elemen
     for key in ("parameters",):
         if key in request and not isinstance(request[key], dict):
             raise BadInput(f"\"{key}\" must be an object")
+    if "id" in request and not isinstance(request["id"], str):  # the answer echoes it: a nesting too deep
+        # for orjson to write back was a 500 after the model had run
+        raise BadInput(f"\"id\" must be a string, got {type(request['id']).__name__}")
     outputs = request.get("outputs")
     if outputs is not None and (not isinstance(outputs, list)
                                 or not all(isinstance(o, dict) and isinstance(o.get("name"), str)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -85,11 +86,12 @@ def test_slow_clients_get_408_and_never_hold_the_gateway(start_pool):
 
 
 def test_bytes_after_an_answer_never_keep_a_connection_open_for_good(start_pool):
-    """Found by a hostile pass: every byte stopped uvicorn's keep-alive timer and only an
+    """Found by hostile passes: every byte stopped uvicorn's keep-alive timer and only an
     answer's end started it again, so a stray CRLF after an answer, or the rest of a body sent
-    after its early 404, left the connection open with no timer at all, and a byte now and
-    then of such a body held it too. Each now closes: idle, after the keep-alive time; the
-    rest of an answered body, after one client timeout in all."""
+    after its early 404, left the connection open with no timer at all; then a CRLF every few
+    seconds, each starting the keep-alive time anew; and a byte now and then of such a body.
+    Each now closes: idle, the keep-alive time (5 s) after the answer, whatever bytes that begin
+    no request come; the rest of an answered body, after one client timeout in all."""
     pool = http_pool(start_pool, "--http-client-timeout", "1", workers=1)
     host, port = pool.address.rsplit(":", 1)
     ready = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -100,9 +102,19 @@ def test_bytes_after_an_answer_never_keep_a_connection_open_for_good(start_pool)
         for sock, request in ((stray, ready), (rest, early), (trickle, early)):
             sock.sendall(request)
             assert sock.recv(4096).split(b"\r\n")[0] in (b"HTTP/1.1 200 OK", b"HTTP/1.1 404 Not Found")
-        stray.sendall(b"\r\n")
         rest.sendall(b"x" * 1000)  # the whole body: the connection is idle again after it
-        assert stray.recv(4096) == b"" and rest.recv(4096) == b""  # closed by the keep-alive timer (5 s)
+        stray.settimeout(0.5)
+        for crlfs in range(1, 40):  # a CRLF each 0.5 s, bounded: the close comes 5 s after the answer
+            try:
+                stray.sendall(b"\r\n")
+                if stray.recv(4096) == b"":
+                    break
+            except socket.timeout:
+                continue
+            except OSError:  # reset: the gateway closed it
+                break
+        assert crlfs < 20, f"{crlfs} CRLFs, one each 0.5 s, kept an idle connection open"
+        assert rest.recv(4096) == b""  # closed by the keep-alive timer (5 s)
         trickle.setblocking(False)
         for sent in range(100):  # a byte each 0.1 s, bounded: the cut comes after about 1 s
             try:
@@ -117,6 +129,67 @@ def test_bytes_after_an_answer_never_keep_a_connection_open_for_good(start_pool)
         assert sent < 50, f"a body trickling in after its answer kept the connection for {sent} bytes"
     assert post(pool.address, INFER.format("default"), GOOD) == 200
     assert pool.status()["pool"]["gateways"][0]["restarts"] == 0
+
+
+def read_to_end(sock: socket.socket, limit: int = 10_000) -> bytes:
+    """All a connection sends until the gateway closes it (EOF or reset); bounded in reads."""
+    got = b""
+    for _ in range(limit):
+        try:
+            chunk = sock.recv(1 << 16)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_pipelined_requests_trailers_upgrades_and_deep_ids_are_bounded(start_pool):
+    """Found by a hostile pass: 8 MiB of pipelined `GET /` grew a gateway to 1 GB (uvicorn
+    read on after each answer, and every read became more queued requests); the trailers of
+    a chunked body were all kept (105 MiB of them: 2.5 GB); a POST that asked to upgrade the
+    connection lost its body (httptools reads none after such headers) and the connection
+    answered nothing more after it; an "id" nested 300 deep was a 500 after the model ran.
+    Now at most MAX_PIPELINE requests wait read ahead of their answers (then those are
+    answered and the connection closes), trailers are dropped and bounded like headers, an
+    upgrade is answered and closes the connection (with a body, a 400 that says why), and
+    an id must be a string."""
+    from isopool.gateway.__main__ import MAX_PIPELINE
+
+    pool = http_pool(start_pool, "--http-client-timeout", "2", workers=1)
+    host, port = pool.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as flood:
+        flood.sendall(b"GET /v2 HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
+        answers = read_to_end(flood)
+    count = answers.count(b"HTTP/1.1 200 OK")
+    assert MAX_PIPELINE // 2 <= count < 2000 and answers.rstrip().endswith(b"}"), count  # whole answers, then the close
+    assert answers.lower().count(b"connection: close") == 1
+    with socket.create_connection((host, int(port)), timeout=30) as trailers:
+        trailers.sendall(b"POST /v2/models/default/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"2\r\n{}\r\n0\r\n")
+        with contextlib.suppress(OSError):  # the gateway may close while these are on their way
+            for _ in range(40):  # 80 KiB of trailers, past the 64 KiB a request's headers may take
+                trailers.sendall(b"a: b\r\n" * 350)
+        assert b" 200 " not in read_to_end(trailers)
+    body = json.dumps(GOOD).encode()
+    for extra, status, words in ((b"Connection: Upgrade\r\nUpgrade: websocket\r\n", 400, b"upgrade the connection"),
+                                 (b"", 400, b'\\"id\\" must be a string')):
+        request = body if not words.startswith(b"\\") else json.dumps(
+            {**GOOD, "id": json.loads("[" * 300 + "]" * 300)}).encode()
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /v2/models/default/infer HTTP/1.1\r\nHost: x\r\n" + extra
+                         + b"Content-Length: %d\r\n\r\n" % len(request) + request)
+            answer = sock.recv(1 << 16)
+        assert answer.startswith(b"HTTP/1.1 %d" % status) and words in answer, answer[:400]
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"GET /v2 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                     b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\nGET /v2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        answers = read_to_end(sock)
+    assert answers.count(b"HTTP/1.1 200 OK") == 1 and b"connection: close" in answers.lower()
+    assert post(pool.address, INFER.format("default"), GOOD) == 200
+    assert pool.status()["pool"]["gateways"][0]["restarts"] == 0
+    assert "Exception in ASGI application" not in pool.output()
 
 
 def test_a_client_that_stops_reading_its_answer_is_cut_and_a_slow_reader_is_not(start_pool):
@@ -173,6 +246,7 @@ def test_a_client_that_stops_reading_its_answer_is_cut_and_a_slow_reader_is_not(
         assert ended and taken < x.nbytes, f"a client that read nothing for seconds was sent {taken} bytes"
     assert post(pool.address, INFER.format("default"), GOOD) == 200
     assert pool.status()["pool"]["gateways"][0]["restarts"] == 0
+    assert "Exception in ASGI application" not in pool.output()  # no task wrote to the cut connection
 
 
 def test_headers_over_64_kib_are_431_and_pipelined_headers_still_have_a_deadline(start_pool):
@@ -221,6 +295,13 @@ def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(start
                     break
                 got += chunk
         assert got.startswith(b"HTTP/1.1 200") and b'"outputs"' in got, got[:300]
+    with socket.create_connection((host, int(port)), timeout=30) as sock:  # three pipelined, then the end
+        request = (b"POST /v2/models/default/infer HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                   + str(len(body)).encode() + b"\r\n\r\n" + body)
+        sock.sendall(request * 3)
+        sock.shutdown(socket.SHUT_WR)
+        got = read_to_end(sock)
+    assert got.count(b"HTTP/1.1 200") == 3, got[:600]  # the last was dropped: the close came as it started
 
 
 def test_each_answer_arrives_whole_in_one_read_on_a_kept_alive_connection(start_pool):
