@@ -116,6 +116,10 @@ def _from_json(data: Any, datatype: str, shape: list, count: int, where: str) ->
     if datatype == "BOOL":
         if not all(type(v) is bool for v in flat):
             raise BadInput(f"{where}: BOOL data must be true or false")
+    elif datatype[0] in "IU":  # a float there was truncated silently (1.5 became 1)
+        if not all(type(v) is int for v in flat):
+            raise BadInput(f"{where}: {datatype} data must be integers, got "
+                           f"{next(v for v in flat if type(v) is not int)!r}")
     elif not all(type(v) in (int, float) for v in flat):
         raise BadInput(f"{where}: {datatype} data must be numbers")
     try:

@@ -192,6 +192,11 @@ def test_client_mistakes_a_hostile_pass_found_are_4xx_and_the_gateway_serves_on(
                                                         + str(len(binary_head)).encode()), "max_elements"),
         "more BYTES elements than the shape": (post(infer, zeros_head + b"\0" * 12, b"Inference-Header-Content-Length: "
                                                     + str(len(zeros_head)).encode()), "more"),
+        "a float for an INT32 (it was truncated: 1.5 became 1)": (post(infer, json.dumps({"inputs": [
+            {"name": "x", "shape": [2], "datatype": "INT32", "data": [1, 1.5]}]}).encode()), "must be integers, got 1.5"),
+        "an id that is not a string (nested 300 deep, it was a 500 after the model ran)": (post(infer, json.dumps({
+            "id": json.loads("[" * 300 + "]" * 300), "inputs": [tensor([1], data=["a"])]}).encode()),
+            '\\"id\\" must be a string'),
         "two inputs of one name": (post(infer, json.dumps({"inputs": [tensor([1], data=["a"]),
                                                                       tensor([1], data=["b"])]}).encode()), "taken"),
         "repository index nested past any depth": (post("/v2/repository/index", b"[" * 100_000), "not JSON"),
