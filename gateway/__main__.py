@@ -206,8 +206,13 @@ class GuardedHttp(HttpToolsProtocol):
             self.stop_reading("it asked to upgrade the connection, which this server does not do")
             return False
         except httptools.HttpParserError:  # a callback's exception comes wrapped as one
+            cycle = self.cycle
             if self.refused is not None:
                 self.stop_reading(self.refused)
+            elif self.head_bytes >= 0 and cycle is not None and (not cycle.response_complete or self.pipeline):
+                # garbage after whole requests: they are answered (a 400 written now would go
+                # before their answers, and the close after it lost them), then the connection closes
+                self.stop_reading("invalid HTTP after the requests before it")
             else:
                 log.debug("connection from %s: invalid HTTP, answered 400", self.client)
                 self.send_400_response("Invalid HTTP request received.")

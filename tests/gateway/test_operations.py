@@ -150,7 +150,7 @@ def test_pipelined_requests_trailers_and_upgrades_are_bounded(start_pool):
     read on after each answer, and every read became more queued requests); the trailers of
     a chunked body were all kept (105 MiB of them: 2.5 GB); a POST that asked to upgrade the
     connection lost its body (httptools reads none after such headers) and the connection
-    answered nothing more after it. Now at most MAX_PIPELINE requests wait read ahead of their
+    answered nothing more after it; garbage after a request lost that request's 200. Now at most MAX_PIPELINE requests wait read ahead of their
     answers (then those are answered and the connection closes), trailers are dropped and
     bounded like headers, and an upgrade is answered and closes the connection (with a body,
     a 400 that says why)."""
@@ -172,6 +172,11 @@ def test_pipelined_requests_trailers_and_upgrades_are_bounded(start_pool):
                 trailers.sendall(b"a: b\r\n" * 350)
         assert b" 200 " not in read_to_end(trailers)
     body = json.dumps(GOOD).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:  # a request, then garbage
+        sock.sendall(b"POST /v2/models/default/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+                     + body + b"\x00\x01garbage\r\n\r\n")
+        answers = read_to_end(sock)
+    assert answers.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in answers.lower()  # the 200 was lost
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(b"POST /v2/models/default/infer HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
