@@ -169,6 +169,7 @@ class GuardedHttp(HttpToolsProtocol):
     trailer_bytes = 0  # of the trailers of the chunked body being read
 
     def connection_made(self, transport) -> None:
+        self.running: list = []  # the requests read on this connection and not yet answered, in order
         super().connection_made(OneWrite(transport, self.loop))
         sock = transport.get_extra_info("socket")
         self.fd = sock.fileno() if sock is not None else -1
@@ -182,6 +183,9 @@ class GuardedHttp(HttpToolsProtocol):
             self.head_bytes += len(data)
             # past the limit, unless the headers end within it (a body may come in the same read)
             if self.head_bytes > self.MAX_HEAD and data.find(b"\r\n\r\n", 0, max(0, room) + 4) < 0:
+                if self.owed():  # a 431 now would land inside an answer still being written
+                    self.stop_reading(f"the request line and headers are over {self.MAX_HEAD} bytes")
+                    return
                 body = b'{"error":"the request line and headers are over %d bytes"}' % self.MAX_HEAD
                 self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: "
                                      b"application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
@@ -206,10 +210,9 @@ class GuardedHttp(HttpToolsProtocol):
             self.stop_reading("it asked to upgrade the connection, which this server does not do")
             return False
         except httptools.HttpParserError:  # a callback's exception comes wrapped as one
-            cycle = self.cycle
             if self.refused is not None:
                 self.stop_reading(self.refused)
-            elif self.head_bytes >= 0 and cycle is not None and (not cycle.response_complete or self.pipeline):
+            elif self.head_bytes >= 0 and self.owed():
                 # garbage after whole requests: they are answered (a 400 written now would go
                 # before their answers, and the close after it lost them), then the connection closes
                 self.stop_reading("invalid HTTP after the requests before it")
@@ -218,6 +221,10 @@ class GuardedHttp(HttpToolsProtocol):
                 self.send_400_response("Invalid HTTP request received.")
             return False
         return True
+
+    def owed(self) -> bool:
+        """An answer is still owed on this connection (being made, or pipelined)."""
+        return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
 
     def refuse(self, why: str) -> None:
         """From a parser callback: stop reading this connection (feed)."""
@@ -334,6 +341,10 @@ class GuardedHttp(HttpToolsProtocol):
                 self.app = app
         else:
             super().on_headers_complete()
+        running = self.running
+        if running and running[0].response_complete:  # the answered ones go (each connection keeps a few)
+            self.running = running = [c for c in running if not c.response_complete]
+        running.append(self.cycle)
         if served and self.cycle is not None and not self.pipeline and self.scheme == "http" \
                 and self.direct_app is not None and not self.parser.should_upgrade():
             self.direct = self.direct_body()
@@ -403,6 +414,8 @@ class GuardedHttp(HttpToolsProtocol):
             self.watch_writes()
 
     def watch_writes(self) -> None:
+        if self.scheme != "http":  # under TLS neither count holds (uvloop's TLS transport reports no buffer,
+            return  # and the kernel's bytes are ciphertext); its own shutdown timeout (30 s) bounds the close
         self.write_mark = (self.transport.written, self.transport.unsent(self.fd))
         self.write_timer = self.loop.call_later(self.timeout_s, self.writes_late)
 
@@ -422,6 +435,13 @@ class GuardedHttp(HttpToolsProtocol):
         self.watch_writes()
 
     def connection_lost(self, exc) -> None:
+        # uvicorn tells only the newest request (self.cycle); a stream still running behind a
+        # request read after it never heard the hang-up and ran on to its end on a worker
+        for cycle in self.running:
+            if cycle is not self.cycle and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self.running.clear()
         self.stop_header_timer()
         self.stop_rest_timer()
         if self.write_timer is not None:
@@ -465,7 +485,8 @@ def main() -> None:
     level, _, fmt = os.environ.get(ENV_LOG, "info:text").partition(":")
     setup_logging(level, fmt)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, MAX_CONNECTIONS + 256)), hard))
+    # each connection may hold its socket and a body's segment (body.py), and 503s need an fd to accept
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 2 * MAX_CONNECTIONS + 256)), hard))
     sock = socket.socket(fileno=int(os.environ[ENV_FD]))
     GuardedHttp.timeout_s = client_timeout = float(os.environ.get(ENV_CLIENT_TIMEOUT, GuardedHttp.timeout_s))
     tokens = Tokens(os.environ[ENV_TOKENS]) if os.environ.get(ENV_TOKENS) else None

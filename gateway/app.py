@@ -329,8 +329,8 @@ class App:
                 if left <= 0:
                     raise asyncio.TimeoutError
                 message = await asyncio.wait_for(receive(), min(self.body_timeout, left))
-            except asyncio.TimeoutError:
-                raise HTTPError(408, stalled(self.body_timeout)) from None
+            except asyncio.TimeoutError:  # the rest would be read as the next request: close after the 408
+                raise HTTPError(408, stalled(self.body_timeout), [(b"connection", b"close")]) from None
             if message["type"] == "http.disconnect":
                 raise HTTPError(400, "the client went away before sending its body")
             chunk = message.get("body", b"")

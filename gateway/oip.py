@@ -86,7 +86,7 @@ def _decode_input(item: dict, i: int, blobs: memoryview, at: int, max_elements: 
     if count > max_elements or math.prod(d for d in shape if d) > max_elements:  # [0, 2**62] holds 0, but
         # no array can have that shape
         raise BadInput(f"{where}: shape {shape} is over max_elements={max_elements}")
-    if datatype != "BYTES" and datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype != "BYTES" and datatype not in DATATYPES:  # (a list: unhashable)
         raise BadInput(f"{where}: datatype {datatype!r} is not one of {', '.join([*DATATYPES, 'BYTES'])}")
     params = item.get("parameters") or {}
     if not isinstance(params, dict):
@@ -123,9 +123,13 @@ def _from_json(data: Any, datatype: str, shape: list, count: int, where: str) ->
     elif not all(type(v) in (int, float) for v in flat):
         raise BadInput(f"{where}: {datatype} data must be numbers")
     try:
-        return np.array(flat, dtype=dtype).reshape(shape)
+        array = np.array(flat, dtype=dtype).reshape(shape)
     except (OverflowError, ValueError) as exc:
         raise BadInput(f"{where}: data does not fit {datatype}: {exc}") from None
+    if datatype[0] == "F" and not np.isfinite(array).all():  # JSON has no inf: a number past the type's range
+        raise BadInput(f"{where}: data does not fit {datatype}: a number is beyond its range "
+                       f"(±{np.finfo(dtype).max:.4g})")
+    return array
 
 
 def _flatten(data: Any, where: str, depth: int = 0) -> list:

@@ -1,4 +1,4 @@
-"""Prometheus metrics, served by prometheus-client's HTTP server on its own thread.
+"""Prometheus metrics, served by prometheus-client's WSGI app on a bounded server thread.
 
 The supervisor's state belongs to its loop alone, so the exporter never reads it: on each
 maintenance tick the loop publishes an immutable Snapshot (swapping one reference is
@@ -7,9 +7,13 @@ atomic), and the collector renders whichever snapshot is current. No locks.
 
 from __future__ import annotations
 
+import socket
+import threading
 from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
@@ -80,13 +84,55 @@ class PoolCollector:
                                   "descriptors free for restarts.", value=first.connections_shed)
 
 
+SCRAPE_TIMEOUT_S = 5.0  # a scraper's request must arrive, and its answer be taken, within this
+MAX_SCRAPES = 8  # connections served at once; more are closed as they come
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = SCRAPE_TIMEOUT_S  # the socket's: a half-sent request held a thread and an fd for good
+
+    def log_message(self, format: str, *args) -> None:  # a scrape is no event of the pool's
+        pass
+
+
+class _BoundedServer(ThreadingWSGIServer):
+    """prometheus-client's server (a thread per connection), with each connection's time and
+    the number served at once bounded: the supervisor's threads and file descriptors are the
+    pool's, and 1,000 idle connections to /metrics took all of them (its doors to clients and
+    workers closed, and no worker could be restarted)."""
+
+    def __init__(self, *args, **kw) -> None:
+        self.slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        super().__init__(*args, **kw)
+
+    def process_request(self, request: socket.socket, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)  # its fd goes back at once
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 def serve_metrics(host: str, port: int, http_dir: str | None = None) -> tuple[PoolCollector, int]:
-    """Start the exporter; returns the collector to publish to and the bound port. With
-    `http_dir`, it also sums the HTTP gateways' figures written there (gateway/metrics.py)."""
+    """Start the exporter on a thread of its own; returns the collector to publish to and the
+    bound port. With `http_dir`, it also sums the HTTP gateways' figures written there
+    (gateway/metrics.py)."""
     collector = PoolCollector()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     if http_dir is not None:
         MultiProcessCollector(registry, path=http_dir)
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_class = type("MetricsServer", (_BoundedServer,), {"address_family": family})
+    server = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="isopool-metrics", daemon=True).start()
     return collector, server.server_address[1]

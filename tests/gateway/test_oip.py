@@ -194,6 +194,10 @@ def test_client_mistakes_a_hostile_pass_found_are_4xx_and_the_gateway_serves_on(
                                                     + str(len(zeros_head)).encode()), "more"),
         "a float for an INT32 (it was truncated: 1.5 became 1)": (post(infer, json.dumps({"inputs": [
             {"name": "x", "shape": [2], "datatype": "INT32", "data": [1, 1.5]}]}).encode()), "must be integers, got 1.5"),
+        "a datatype that is a list (unhashable: a 500)": (post(infer, json.dumps({"inputs": [
+            {"name": "x", "shape": [1], "datatype": ["FP32"], "data": [1]}]}).encode()), "datatype"),
+        "a number past FP16's range (it became inf)": (post(infer, json.dumps({"inputs": [
+            {"name": "x", "shape": [1], "datatype": "FP16", "data": [1e300]}]}).encode()), "beyond its range"),
         "an id that is not a string (nested 300 deep, it was a 500 after the model ran)": (post(infer, json.dumps({
             "id": json.loads("[" * 300 + "]" * 300), "inputs": [tensor([1], data=["a"])]}).encode()),
             '\\"id\\" must be a string'),

@@ -64,6 +64,44 @@ def test_the_http_client_going_away_stops_the_generator_in_the_worker(start_pool
     assert stats["closed_early"] == 1 and stats["parts"] < n
 
 
+def test_a_hang_up_behind_a_pipelined_request_still_stops_the_generator_and_a_431_waits(start_pool):
+    """Found by a hostile pass: uvicorn tells only the newest request on a connection that the
+    client hung up, so a stream with a request read after it ran on to its end on the worker
+    (n parts: as long as the model liked); and headers over 64 KiB read behind a stream got
+    their 431 written into the stream's body, cutting it short. Now every request still being
+    answered hears the hang-up, and the stream is answered whole before the connection closes."""
+    import socket
+
+    pool = http_pool(start_pool, "--model", STREAMING, "--workers", "1")
+    host, port = pool.address.rsplit(":", 1)
+    body = json.dumps({"n": 10**6, "delay": 0.01}).encode()
+    stream = (b"POST /v2/models/default/generate_stream HTTP/1.1\r\nHost: x\r\nContent-Length: "
+              + str(len(body)).encode() + b"\r\n\r\n" + body)
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(stream)
+        assert b"data: " in sock.recv(4096)
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")  # read behind the stream, then gone
+    with pool.client() as c:
+        for _ in range(500):  # the worker closes it at its next part: bounded polling of its own counters
+            stats = c.infer({"stats": True}, timeout=60)
+            if stats["closed_early"]:
+                break
+    assert stats["closed_early"] == 1 and stats["parts"] < 10**6
+    body = json.dumps({"n": 4, "delay": 0.3}).encode()
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"POST /v2/models/default/generate_stream HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        got = sock.recv(4096)
+        assert b"data: " in got
+        sock.sendall(b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (70 << 10))  # past 64 KiB of headers
+        for _ in range(1000):  # bounded: until the gateway closes, each read at most 60 s
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    assert got.count(b"data: ") == 4 and b" 431 " not in got  # the stream whole, then the close
+
+
 def test_an_http_client_that_stops_reading_frees_the_worker(start_pool):
     """A client that reads nothing more (and does not hang up): the gateway's writes wait,
     the parts pile up in its client until MAX_STREAM_BEHIND, and then the stream is

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
+import time
 import urllib.request
 
 import psutil
@@ -46,6 +48,44 @@ def test_metrics_count_requests_and_the_crash_exactly(start_pool):
     assert m[("isopool_workers", of(state="idle"))] == 2
     assert m[("isopool_queue_depth", of())] == 0 and m[("isopool_in_flight", of())] == 0
     assert all(m[("isopool_worker_rss_bytes", of(worker=str(w)))] > 0 for w in (0, 1))
+
+
+def test_idle_connections_to_metrics_hold_no_thread_or_descriptor_of_the_supervisor(start_pool):
+    """Found by a hostile pass: prometheus-client's server kept a thread and an fd for each
+    connection, for as long as the connection stayed (a half-sent request had no deadline):
+    1,000 of them took every fd the supervisor had, its doors to clients and workers closed,
+    and no worker could be restarted. Now at most MAX_SCRAPES are served at once, each within
+    SCRAPE_TIMEOUT_S; the rest are closed as they come."""
+    import socket
+
+    from isopool.supervisor.metrics import MAX_SCRAPES
+
+    pool = start_pool("--metrics-port", str(free_port()))
+    url = pool.status()["pool"]["metrics_url"]
+    host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
+    supervisor = psutil.Process(pool.proc.pid)
+    threads, fds = supervisor.num_threads(), supervisor.num_fds()
+    held = []
+    try:
+        for _ in range(200):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the rest
+            held.append(sock)
+        assert pool.status()["pool"]["workers_ready"] >= 1  # the supervisor answers meanwhile
+        assert supervisor.num_threads() <= threads + MAX_SCRAPES
+        assert supervisor.num_fds() <= fds + MAX_SCRAPES + 2
+        assert sum(s.recv(1) == b"" for s in held[:MAX_SCRAPES]) == MAX_SCRAPES  # timed out and closed
+    finally:
+        for sock in held:
+            sock.close()
+    for _ in range(50):  # and it serves on, once the threads that served those have seen them go (bounded)
+        try:
+            assert scrape(url)[("isopool_queue_depth", (("model", "default"),))] == 0
+            break
+        except (ConnectionError, http.client.RemoteDisconnected):
+            time.sleep(0.1)
+    else:
+        raise AssertionError("no scrape was served after the idle connections closed")
 
 
 def test_events_crash_restart_ready_in_order_with_pids(faulty):
