@@ -8,7 +8,7 @@ import socket
 
 import uvloop
 
-from isopool.gateway.__main__ import OneWrite
+from isopool.gateway.connection import OneWrite
 
 
 class Recorded:
@@ -113,7 +113,7 @@ def test_a_head_held_when_the_client_ends_its_stream_still_reaches_it():
 
     import uvicorn
 
-    from isopool.gateway.__main__ import GuardedHttp
+    from isopool.gateway.connection import GuardedHttp
 
     head_sent, half_closed = threading.Event(), threading.Event()
 

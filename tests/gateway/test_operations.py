@@ -154,7 +154,7 @@ def test_pipelined_requests_trailers_and_upgrades_are_bounded(start_pool):
     answers (then those are answered and the connection closes), trailers are dropped and
     bounded like headers, and an upgrade is answered and closes the connection (with a body,
     a 400 that says why)."""
-    from isopool.gateway.__main__ import MAX_PIPELINE
+    from isopool.gateway.connection import MAX_PIPELINE
 
     pool = http_pool(start_pool, "--http-client-timeout", "2", workers=1)
     host, port = pool.address.rsplit(":", 1)
@@ -305,7 +305,7 @@ def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(start
 
 
 def test_each_answer_arrives_whole_in_one_read_on_a_kept_alive_connection(start_pool):
-    """Each head held for its body (gateway/__main__.py: OneWrite; its calls are checked in
+    """Each head held for its body (gateway/connection.py: OneWrite; its calls are checked in
     test_onewrite.py) leaves nothing behind on a kept-alive connection: every answer comes
     whole in one read, in order, and apart from the next."""
     pool = http_pool(start_pool, workers=1)
