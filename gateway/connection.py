@@ -129,9 +129,9 @@ async def upgrade_with_body(scope, receive, send) -> None:
 
 
 class GuardedHttp(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline and a size limit on each request's headers
-    (uvicorn has neither), each response sent in one write (OneWrite), and a large binary infer
-    body read by the kernel straight into shared memory (body.py)."""
+    """uvicorn's httptools protocol with the bounds this module's docstring lists (uvicorn has
+    none of them), each response sent in one write (OneWrite), and a large binary infer body
+    read by the kernel straight into shared memory (body.py)."""
 
     direct_app = None  # the App, set at start: its client lends the shared memory (body.py)
     direct: DirectBody | None = None  # the body being read into shared memory, if any
@@ -233,8 +233,9 @@ class GuardedHttp(HttpToolsProtocol):
         again. So bytes that begin no request (a stray CRLF after an answer) or the rest of a
         body whose answer went early (a 404 before it was read) left the connection open for
         good, without a timer. Once the connection waits for nothing but the next request, the
-        keep-alive timer runs again; the rest of an answered body has one client timeout, in
-        all, to arrive."""
+        keep-alive timer runs again, for what is left of the keep-alive time since the last
+        answer (bytes that begin no request buy none); the rest of an answered body has one
+        client timeout, in all, to arrive."""
         if self.transport.is_closing() or self.header_timer is not None or self.timeout_keep_alive_task is not None:
             return
         cycle = self.cycle
