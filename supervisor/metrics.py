@@ -84,7 +84,7 @@ class PoolCollector:
                                   "descriptors free for restarts.", value=first.connections_shed)
 
 
-SCRAPE_TIMEOUT_S = 5.0  # a scraper's request must arrive, and its answer be taken, within this
+SCRAPE_TIMEOUT_S = 5.0  # a connection whose scraper is silent (or does not read) this long is dropped
 MAX_SCRAPES = 8  # connections served at once; more are closed as they come
 
 

@@ -296,6 +296,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def read_to_end(sock, limit: int = 10_000) -> bytes:
+    """All a connection sends until the server closes it (EOF or reset): bounded in reads,
+    each read by the socket's own timeout."""
+    got = b""
+    for _ in range(limit):
+        try:
+            chunk = sock.recv(1 << 16)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
 def http_pool(start_pool, *args: str, workers: int = 2, **kw) -> PoolProc:
     """A pool serving HTTP on a loopback port, its gateways running; pool.address is HOST:PORT."""
     pool = start_pool("--http", "127.0.0.1:0", "--http-workers", str(workers), *args, **kw)

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import ROOT, free_port, http_pool
+from tests.helpers import ROOT, free_port, http_pool, read_to_end
 
 INFER = "/v2/models/{}/infer"
 GOOD = {"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": [0.25] * 16}]}
@@ -129,20 +129,6 @@ def test_bytes_after_an_answer_never_keep_a_connection_open_for_good(start_pool)
         assert sent < 50, f"a body trickling in after its answer kept the connection for {sent} bytes"
     assert post(pool.address, INFER.format("default"), GOOD) == 200
     assert pool.status()["pool"]["gateways"][0]["restarts"] == 0
-
-
-def read_to_end(sock: socket.socket, limit: int = 10_000) -> bytes:
-    """All a connection sends until the gateway closes it (EOF or reset); bounded in reads."""
-    got = b""
-    for _ in range(limit):
-        try:
-            chunk = sock.recv(1 << 16)
-        except ConnectionResetError:
-            break
-        if not chunk:
-            break
-        got += chunk
-    return got
 
 
 def test_pipelined_requests_trailers_and_upgrades_are_bounded(start_pool):
@@ -264,12 +250,7 @@ def test_headers_over_64_kib_are_431_and_pipelined_headers_still_have_a_deadline
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(b"POST /v2/models/default/generate_stream HTTP/1.1\r\nHost: x\r\nContent-Length: "
                      + str(len(body)).encode() + b"\r\n\r\n" + body + b"GET /v2 HTTP/1.1\r\n")  # and no more
-        got = b""
-        for _ in range(100):  # bounded: each read waits at most the socket's 30 s
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            got += chunk
+        got = read_to_end(sock)
     assert got.startswith(b"HTTP/1.1 200") and got.count(b"data: ") == 3  # the stream, whole
     assert b" 408 " in got  # then the pipelined headers' deadline, and the connection closed
     assert pool.status()["pool"]["gateways"][0]["restarts"] == 0
@@ -288,12 +269,7 @@ def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(start
             sock.sendall(b"POST /v2/models/default/infer HTTP/1.1\r\nHost: x\r\nContent-Length: "
                          + str(len(body)).encode() + b"\r\n\r\n" + body)
             sock.shutdown(socket.SHUT_WR)  # the answer takes 0.3 s: the end of stream comes first
-            got = b""
-            for _ in range(100):  # bounded: until the gateway closes (each read waits at most 30 s)
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                got += chunk
+            got = read_to_end(sock)
         assert got.startswith(b"HTTP/1.1 200") and b'"outputs"' in got, got[:300]
     with socket.create_connection((host, int(port)), timeout=30) as sock:  # three pipelined, then the end
         request = (b"POST /v2/models/default/infer HTTP/1.1\r\nHost: x\r\nContent-Length: "
