@@ -202,6 +202,10 @@ class App:
         if not allowed:
             raise HTTPError(404, f"no route {scope['path']}; this server speaks the Open Inference Protocol under "
                                  "/v2 (GET /openapi.json lists its routes)")
+        if "GET" in allowed:
+            allowed.append("HEAD")  # RFC 9110: a GET route answers HEAD (uvicorn sends no body for it)
+            if method == "HEAD":
+                method = "GET"
         if method not in allowed:
             raise HTTPError(405, f"{template} takes {', '.join(allowed)}, not {method}",
                             [(b"allow", ", ".join(allowed).encode())])

@@ -178,6 +178,22 @@ def test_pipelined_requests_trailers_and_upgrades_are_bounded(start_pool):
     assert "Exception in ASGI application" not in pool.output()
 
 
+def test_head_is_answered_wherever_get_is(start_pool):
+    """RFC 9110 asks that a server answer HEAD wherever it answers GET; it was a 405. The head
+    comes with no body, so a GET behind it on the same connection is read whole."""
+    pool = http_pool(start_pool, workers=1)
+    host, port = pool.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"HEAD /v2 HTTP/1.1\r\nHost: x\r\n\r\nGET /v2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answers = read_to_end(sock)
+    head, _, rest = answers.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and rest.startswith(b"HTTP/1.1 200") and rest.endswith(b"}"), answers
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"HEAD /v2/models/default/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = read_to_end(sock)
+    assert answer.startswith(b"HTTP/1.1 405") and b"allow: post\r\n" in answer.lower()
+
+
 def test_a_client_that_stops_reading_its_answer_is_cut_and_a_slow_reader_is_not(start_pool):
     """Found by a hostile pass: a client that never read its answer held the connection, the
     answer's 16 MiB in the gateway and the app's task for good, the keep-alive timer's close()
