@@ -65,11 +65,12 @@ class OneWrite:
     def write(self, data) -> None:
         if self._transport.is_closing():  # aborted under a task that was about to write: nothing to say
             return
-        self.written += data.nbytes if type(data) is memoryview else len(data)
+        size = data.nbytes if type(data) is memoryview else len(data)
+        self.written += size
         held = self._held
         if held is not None:
             self._held = None
-            if (data.nbytes if type(data) is memoryview else len(data)) >= self.ALONE:
+            if size >= self.ALONE:
                 self._transport.write(held)
                 self._transport.write(data)
             else:
