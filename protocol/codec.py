@@ -192,7 +192,13 @@ def frame_view(frame: Frame) -> memoryview:
 
 
 _CONTAINERS = (list, dict)
+# A payload larger than this has its lists and maps counted as they are built, and at most
+# MAX_ITEMS items in all (a smaller one cannot hold enough objects to matter: 64 KiB of empty
+# lists is ~4 MiB of them). Data that large belongs in arrays, which are never unpacked.
+COUNTED_ABOVE = 64 << 10
+MAX_ITEMS = 1 << 20
 _LEAVES = (bool, int, float, str, bytes)
+_KEYS = (str, int)  # what a payload's map keys may be (docs/protocol.md)
 
 
 def _is_array(obj: Any) -> bool:
@@ -217,6 +223,7 @@ class _Decoder:
         self.buffers = [frame_view(f) for f in frames[1:]]
         self.used = [False] * len(self.buffers)
         self.elements = 0
+        self.items = 0  # list and map items of a large payload, counted as msgpack builds them
         self.segment = segment
         self.room = 0  # bytes shared-memory arrays may still take under max_message_bytes
         self.single: tuple | None = None  # the last array descriptor read: (name, shape, origin, count, bytes)
@@ -233,10 +240,14 @@ class _Decoder:
                 f"(raise {lim.flag('max_message_bytes')})", setting="max_message_bytes")
         self.room = lim.max_message_bytes - total
         cap = min(len(self.payload), 2**31 - 1)
+        hooks: dict = {}
+        if len(self.payload) > COUNTED_ABOVE:  # containers counted as they are built, not after
+            hooks = {"list_hook": self._items, "object_hook": self._items}
+            cap = min(cap, MAX_ITEMS)
         try:
             value = msgpack.unpackb(
                 self.payload, raw=False, ext_hook=self._ext_hook, strict_map_key=False,
-                max_str_len=cap, max_bin_len=cap, max_array_len=cap, max_map_len=cap, max_ext_len=cap,
+                max_str_len=cap, max_bin_len=cap, max_array_len=cap, max_map_len=cap, max_ext_len=cap, **hooks,
             )
         except BadRequest:
             raise
@@ -263,9 +274,26 @@ class _Decoder:
             if depth > lim.max_depth:
                 raise BadRequest(f"payload nests deeper than max_depth={lim.max_depth} "
                                  f"(raise {lim.flag('max_depth')})", setting="max_depth")
-            items = obj.values() if isinstance(obj, dict) else obj
+            if isinstance(obj, dict):
+                if not self.build and not all(type(k) in _KEYS for k in obj):  # a request, at the supervisor
+                    bad = next(k for k in obj if type(k) not in _KEYS)
+                    raise BadRequest(f"payload has a map key of type {type(bad).__name__}: map keys must be "
+                                     "strings or integers")
+                items = obj.values()
+            else:
+                items = obj
             self._count(len(obj))
             stack.extend((item, depth + 1) for item in items)
+
+    def _items(self, container: Any) -> Any:
+        """msgpack's hook for each list and map of a large payload, as it is built: each byte of
+        msgpack can be an object of 50-70 bytes (16 MiB of empty lists was 2.4 GB, built
+        before any count was looked at), so past MAX_ITEMS items in all the decode stops."""
+        self.items += len(container) + 1  # an empty one is an object too
+        if self.items > MAX_ITEMS:
+            raise BadRequest(f"payload holds more than {MAX_ITEMS} list and map items; send large data as arrays "
+                             "(numpy or torch), which travel as raw frames and are never unpacked item by item")
+        return container
 
     def _count(self, n: int) -> None:
         self.elements += n
@@ -286,7 +314,7 @@ class _Decoder:
         if (not isinstance(shape, list) or len(shape) > 32
                 or not all(type(d) is int and 0 <= d < 2**62 for d in shape)):
             raise BadRequest(f"array shape {shape!r} is invalid: a list of at most 32 non-negative ints")
-        if origin not in (ORIGIN_NUMPY, ORIGIN_TORCH):
+        if type(origin) is not int or origin not in (ORIGIN_NUMPY, ORIGIN_TORCH):
             raise BadRequest(f"array origin {origin!r} is unknown")
         if type(index) is list:
             count = math.prod(shape)

@@ -32,7 +32,7 @@ def unpack_header(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any
     if not isinstance(header, dict):
         raise BadRequest("header must be a msgpack map with keys v, op, id")
     version = header.get("v")
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:  # true and 1.0 equal 1 in Python, not on the wire
         raise BadRequest(
             f"protocol version {version!r} is not supported (this supervisor speaks v{VERSION}); "
             "upgrade the client and the server to the same isopool release",

@@ -153,7 +153,10 @@ def unbundle(frames: list, at: int = 0) -> list[list]:
         return [frames]
     try:
         index = msgpack.unpackb(first[1:], max_array_len=MAX_PACKED_FRAMES, max_bin_len=len(first),
-                                max_map_len=0, max_str_len=0, max_ext_len=0)
+                                max_map_len=0, max_str_len=0, max_ext_len=0,
+                                **({"list_hook": _IndexBudget()} if len(first) > INDEX_COUNTED_ABOVE else {}))
+    except _Overbuilt:
+        raise ValueError(f"its bundle index holds more than {INDEX_ITEMS} items in its lists") from None
     except Exception:
         raise ValueError("its first frame starts with 0xc1, which marks a bundle, but the bundle index after "
                          "it is not valid msgpack") from None
@@ -173,6 +176,28 @@ def unbundle(frames: list, at: int = 0) -> list[list]:
     if i - at - 1 != carried:
         raise ValueError(f"its bundle index accounts for {i - at - 1} of its {carried} frames")
     return out
+
+
+# An honest index is at most MAX_BUNDLE lists of at most MAX_PACKED_FRAMES frames, all under
+# PACK_BELOW bytes each. One larger than INDEX_COUNTED_ABOVE bytes has its lists counted as
+# msgpack builds them (nested empty lists: 50-70 bytes of Python each per byte sent).
+INDEX_COUNTED_ABOVE = 256 << 10
+INDEX_ITEMS = MAX_BUNDLE * (MAX_PACKED_FRAMES + 1)
+
+
+class _Overbuilt(Exception):
+    pass
+
+
+class _IndexBudget:
+    def __init__(self) -> None:
+        self.items = 0
+
+    def __call__(self, items: list) -> list:
+        self.items += len(items) + 1
+        if self.items > INDEX_ITEMS:
+            raise _Overbuilt
+        return items
 
 
 def bundle(messages: list[list], at: int = 0, pack_below: int = PACK_BELOW,

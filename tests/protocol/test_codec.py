@@ -222,3 +222,50 @@ def test_single_arrays_round_trip_the_same_through_either_path(value):
             assert out.dtype == value.dtype.newbyteorder("=")
             np.testing.assert_array_equal(out, value)
             assert not out.flags.writeable
+
+
+def test_a_payload_of_many_small_containers_is_refused_as_it_is_built():
+    """Each byte of msgpack can become a Python object of 50-70 bytes: 16 MiB of empty lists
+    made the supervisor build 2.4 GB of them (and spend 34 s) before any count was looked at.
+    A large payload's lists and maps are counted as msgpack builds them, and past MAX_ITEMS
+    the decode stops."""
+    import tracemalloc
+
+    from isopool.protocol.codec import MAX_ITEMS, validate_payload
+    from isopool.protocol.transport import INDEX_ITEMS, unbundle
+
+    inner = b"\xdd" + (1 << 20).to_bytes(4, "big") + b"\x90" * (1 << 20)  # 2**20 empty lists
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadRequest, match=f"more than {MAX_ITEMS} list and map items"):
+            validate_payload([b"\xdc" + (2).to_bytes(2, "big") + inner * 2])
+        peak = tracemalloc.get_traced_memory()[1]
+        # and a bundle index of nested lists, as large as an honest one may be
+        index = b"\xc1\xdc" + (64).to_bytes(2, "big") + (b"\xdc" + (4098).to_bytes(2, "big") + b"\x90" * 4098) * 64
+        with pytest.raises(ValueError, match=f"more than {INDEX_ITEMS} items"):
+            unbundle([index])
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 << 20, peak >> 20  # was ~2.4 GB for 16 MiB of them
+    assert validate_payload([msgpack.packb({"a": list(range(100_000)), "b": ["s"] * 100_000})]) is None  # fine
+
+
+def test_decoding_is_strict_about_types_python_calls_equal():
+    """true and 1.0 equal 1 in Python, so `v: true`, `v: 1.0` and an array's origin `true`
+    or `0.0` passed as version 1 and origin numpy or torch, and a request's map could have
+    float or nil keys, which docs/protocol.md does not allow (a hostile pass found them)."""
+    from isopool.protocol import unpack_header
+    from isopool.protocol.codec import validate_payload
+
+    for v in (True, 1.0):
+        with pytest.raises(BadRequest, match="protocol version"):
+            unpack_header(msgpack.packb({"v": v, "op": "infer", "id": 1}))
+    assert unpack_header(msgpack.packb({"v": 1, "op": "infer", "id": 1}))["op"] == "infer"
+    for origin in (True, 0.0):
+        ext = msgpack.ExtType(EXT_ARRAY, msgpack.packb(["float32", [2], 0, origin]))
+        with pytest.raises(BadRequest, match="origin"):
+            validate_payload([msgpack.packb(ext), b"\0" * 8])
+    for key in (1.5, None, True):
+        with pytest.raises(BadRequest, match="map key"):
+            validate_payload([msgpack.packb({key: 1}, strict_types=False)])
+    assert validate_payload([msgpack.packb({"a": {1: [2.5, None]}})]) is None
