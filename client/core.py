@@ -84,7 +84,8 @@ class Call:
         raise NotImplementedError
 
     def chunk(self, item: Any) -> None:
-        raise NotImplementedError
+        """A stream's part (calls that stream take it); for one that is no stream, an honest
+        pool sends none (the supervisor replaces a worker that tries), so it is ignored."""
 
 
 SMALL_BYTES = 1 << 20  # requests this small are under any server's limits: no need to know them

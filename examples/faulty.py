@@ -12,6 +12,7 @@ A request is a map {"do": ACTION, ...}; the reply echoes the input with the work
     wait   path=P s=SECONDS  until the file P exists (looked for every 10 ms), at most SECONDS
                             (default 30): a call that runs exactly as long as a test wants
     grow   mib=N            keep N more MiB alive in this worker, touched so RSS grows
+    big    n=N              answer N bytes (bytes, not an array: it never travels in shared memory)
     scribble a=ARRAY        write into the input array (it arrives read-only, so this raises)
     flood  mib=N lines=B    write N MiB to stdout (in lines of 80 bytes, or none at all if lines
                             is false), then answer
@@ -72,6 +73,8 @@ class Faulty:
             import torch
 
             return torch.arange(int(x.get("n", 3)), dtype=torch.float32)
+        if action == "big":  # an answer of n bytes
+            return b"z" * int(x["n"])
         if action == "grow":
             _HOARD.append(bytearray(b"\x01" * (int(x.get("mib", 64)) << 20)))
         return {"pid": os.getpid(), "echo": x}

@@ -67,10 +67,10 @@ def run(w: "Worker", live: list) -> None:
     for (rid, attempt, _, _, place), output in zip(live, outputs):
         try:
             answers.append((rid, attempt, w.encode(output, place), place))
-        except TypeError as exc:
-            answers.append((rid, attempt, None, encode_error(rid, w.remote_error(exc), attempt=attempt)))
-        except BadRequest as exc:  # the client's shared memory would not take it
+        except BadRequest as exc:  # the client's shared memory, or the backend, would not take it
             answers.append((rid, attempt, None, encode_error(rid, exc, attempt=attempt)))
+        except Exception as exc:  # noqa: BLE001 - what will not encode is this request's error alone
+            answers.append((rid, attempt, None, encode_error(rid, w.remote_error(exc), attempt=attempt)))
     last_seq = live[-1][3]
     live.clear()
     outputs = output = None  # noqa: F841 - the inputs' last references, before the headers say "reuse"

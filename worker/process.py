@@ -35,7 +35,7 @@ from isopool.protocol.contract import WorkerConfig
 from isopool.protocol.iothread import io_context
 from isopool.protocol.limits import Limits
 from isopool.protocol.pacing import Pacing
-from isopool.protocol.transport import EVENTS, POLLIN, Outbox, drain, messages
+from isopool.protocol.transport import EVENTS, POLLIN, Outbox, body_bytes, drain, messages
 
 from . import batching
 from .handler import NotAStream, WorkerContext, build_model
@@ -269,7 +269,7 @@ class Worker:
                     raise NotAStream(output)
                 frames = self.stream(rid, attempt, output)
             elif header.get("stream"):  # a stream of a plain model: its answer is the one part
-                self.send([pack_header(ops.CHUNK, rid, attempt=attempt), *encode_payload(output)])
+                self.send([pack_header(ops.CHUNK, rid, attempt=attempt), *self.fits(encode_payload(output))])
                 frames = encode_payload(None)
             else:
                 frames = self.encode(output, place)
@@ -279,7 +279,7 @@ class Worker:
                 f"model {self.config.model} streams its answers (it returns a generator); call "
                 "Client.stream() (AsyncClient.stream(), `isopool infer --stream`) instead of infer()",
                 setting="stream"), attempt=attempt))
-        except BadRequest as err:  # the client's shared memory would not take the answer
+        except BadRequest as err:  # the client's shared memory, or the backend, would not take the answer
             self.send(encode_error(rid, err, attempt=attempt))
         except Exception as exc:
             self.send(encode_error(rid, self.remote_error(exc), attempt=attempt))
@@ -292,7 +292,21 @@ class Worker:
             self.check_weights("after request", rid)
 
     def encode(self, output: Any, place: Place | None) -> list:
-        return encode_answer(output, place.out if place is not None else None, self.config.shm_threshold, self.maps)
+        return self.fits(encode_answer(output, place.out if place is not None else None, self.config.shm_threshold,
+                                       self.maps))
+
+    def fits(self, frames: list) -> list:
+        """`frames`, if a message of them may pass the backend; else BadRequest naming the limit.
+        Sent anyway, ZeroMQ would drop our connection (MAXMSGSIZE) without a word to anyone,
+        and every request we hold would wait out its deadline."""
+        size = body_bytes(frames)
+        limit = self.limits.max_message_bytes
+        if size > limit:
+            raise BadRequest(f"the model's answer is {size} bytes, over max_message_bytes={limit}. Return less, or "
+                             f"raise {self.limits.flag('max_message_bytes')}; a client on this host can take large "
+                             "arrays through shared memory (--shm-threshold)", setting="max_message_bytes",
+                             limit=limit)
+        return frames
 
     @staticmethod
     def result_header(rid: Any, attempt: int, place: Place | None) -> bytes:
@@ -307,7 +321,7 @@ class Worker:
             raise TypeError("async generators are not supported; make the model a plain generator")
         try:
             for part in parts:
-                self.send([pack_header(ops.CHUNK, rid, attempt=attempt), *encode_payload(part)])
+                self.send([pack_header(ops.CHUNK, rid, attempt=attempt), *self.fits(encode_payload(part))])
                 self.out.flush()  # a part goes out as soon as it exists
                 if self.cancelled(rid):
                     log.info("stream %r cancelled by its client; generator closed", rid)
