@@ -7,6 +7,14 @@ Hostile answers like faulty.Echo ({"echo": x, "pid": ...}) until a request asks 
         directory, leave a process behind;
         answers {"refused": the error that stopped it, or None, "done": what it did}
 
+    {"attack": "flood", "n": N}
+        send the supervisor N legal-looking results for a request it never gave, on this
+        worker's own socket, as fast as it can; answers N
+
+    {"attack": "dodge"}
+        mark this worker's board as if its request were finished, then die: a death nobody is to
+        blame for, again and again
+
     {"attack": "impersonate", "backend": "ipc://...", "slot": S, "generation": G, "victim": PID, "seconds": 2}
         kill the worker PID, then connect to the backend as slot S's next process (the identity
         an older isopool would have given it: "S.G", and "S.G.<a guessed token>"), say READY every
@@ -34,6 +42,10 @@ class Hostile:
     def __call__(self, x: Any) -> Any:
         if isinstance(x, dict) and x.get("attack") == "impersonate":
             return impersonate(x)
+        if isinstance(x, dict) and x.get("attack") == "dodge":
+            dodge()
+        if isinstance(x, dict) and x.get("attack") == "flood":
+            return flood(int(x["n"]))
         if isinstance(x, dict) and x.get("attack") in ATTACKS:
             return attempt(x)
         return {"echo": x, "pid": os.getpid()}
@@ -109,6 +121,33 @@ ATTACKS = {
     "leave_a_process": _leave_behind,
     "connect_tcp": lambda x: socket.create_connection(("127.0.0.1", int(x["port"])), timeout=5).close() or "connected",
 }
+
+
+def flood(n: int) -> int:
+    """Send the supervisor n results for a request it never gave, on this worker's own socket,
+    as fast as it can; returns n."""
+    import gc
+
+    from isopool.worker.process import Worker
+
+    sock = next(o for o in gc.get_objects() if isinstance(o, Worker)).sock
+    forged = [pack_header(ops.RESULT, [b"nobody", 1], attempt=0), msgpack.packb(None)]
+    for _ in range(n):
+        sock.send_multipart(forged)
+    return n
+
+
+def dodge() -> None:
+    """Write "finished" over "started" on this worker's board, then die: no request is to blame."""
+    import gc
+    import struct
+
+    from isopool.worker.process import Worker
+
+    board = next(o for o in gc.get_objects() if isinstance(o, Worker)).board
+    started = struct.unpack_from("<Q", board.map, 0)[0]
+    struct.pack_into("<Q", board.map, 8, started)
+    os._exit(3)
 
 
 def impersonate(x: dict) -> dict:

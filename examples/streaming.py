@@ -3,8 +3,9 @@
     isopool serve --model isopool.examples.streaming:Countdown
     isopool infer --stream '{"n": 5, "delay": 0.2}'
 
-Input {"n": N, "tag": T, "delay": S, "crash_after": K}: yields {"tag": T, "i": i} for
-i < N, sleeping S between parts, and os._exit(3) after K parts if K is given. The input
+Input {"n": N, "tag": T, "delay": S, "crash_after": K, "pad": B}: yields {"tag": T, "i": i}
+for i < N (with "pad": B bytes if B is given), sleeping S between parts, and os._exit(3)
+after K parts if K is given. The input
 {"stats": true} returns what this worker's generators did: parts produced, streams
 closed before their end (a client that stopped early, or cancelled).
 """
@@ -26,6 +27,7 @@ class Countdown:
 
     def parts(self, x: dict) -> Iterator[dict]:
         done = False
+        pad = {"pad": b"z" * int(x["pad"])} if x.get("pad") else {}
         try:
             for i in range(int(x.get("n", 3))):
                 if i and x.get("delay"):
@@ -33,7 +35,7 @@ class Countdown:
                 if x.get("crash_after") is not None and i >= x["crash_after"]:
                     os._exit(3)
                 STATS["parts"] += 1
-                yield {"tag": x.get("tag"), "i": i}
+                yield {"tag": x.get("tag"), "i": i, **pad}
             done = True
         finally:
             STATS["finished" if done else "closed_early"] += 1

@@ -96,6 +96,9 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
      "worker maps: the supervisor routes them by reference and copies nothing (off under --sandbox, where "
      "workers cannot open the client's memory); off: every array travels in message frames."),
     ("shm-threshold", str, "Arrays of this size or more go by shared memory (e.g. 1MiB)."),
+    ("max-queue-bytes", str, "Bytes of requests (their payloads and array frames) that one model may hold, "
+                             "queued or running, e.g. 2GiB; a request past it is refused with Overloaded (one "
+                             "alone is always taken). Shared memory is capped apart: --max-shm-bytes."),
     ("max-shm-bytes", str, "Shared memory that the requests in flight of one model may name (e.g. 4GiB); "
                            "a request past it is refused with Overloaded, retry it or send it as frames."),
     ("http", str, "Serve the Open Inference Protocol (v2 REST) on HOST:PORT, e.g. 127.0.0.1:8000, from gateway "
@@ -129,7 +132,7 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
      "the default: model on CPU without --sandbox for a model that takes no context or declares "
      "fork_safe = True, else imports."),
 ]
-SIZE_FIELDS = {"max_rss", "max_message_bytes", "log_rate", "shm_threshold", "max_shm_bytes"}
+SIZE_FIELDS = {"max_rss", "max_message_bytes", "log_rate", "shm_threshold", "max_shm_bytes", "max_queue_bytes"}
 SERVE_OPTIONS += [
     ("curve-secret-key", str, "The server's .key_secret file (from `isopool keygen`): require CURVE."),
     ("curve-clients", str, "Directory of client public keys (*.key) allowed to infer and read status."),
@@ -199,7 +202,7 @@ def serve_options(func):
 
 
 # settings a [models.NAME] table may give its model (the rest are the daemon's)
-PER_MODEL = {"workers", "devices", "threads", "max_queue", "prefetch", "max_batch_size", "max_batch_wait_ms",
+PER_MODEL = {"workers", "devices", "threads", "max_queue", "max_queue_bytes", "prefetch", "max_batch_size", "max_batch_wait_ms",
              "request_timeout", "max_attempts", "max_requests", "max_requests_jitter", "max_rss", "arrays",
              "isolation", "preload", "start_timeout", "integrity_interval", "integrity_every_request"}
 HIDDEN = {"model", "model_name", "user_config"}  # written in the [models.NAME] table, not as top-level keys

@@ -44,6 +44,15 @@ class ClientStalled:
 
 
 @dataclass(slots=True)
+class StreamCut:
+    """A stream's parts came faster than its client read them, past the bound of what may wait
+    for it (replies.py): its part was dropped; the stream is to be cancelled and ended with an
+    error."""
+    ident: bytes
+    rid: Any
+
+
+@dataclass(slots=True)
 class ClientGone:
     """A reply could not be routed: the client has disconnected."""
     ident: bytes

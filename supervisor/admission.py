@@ -25,6 +25,8 @@ from isopool.protocol import (
     validate_payload,
 )
 
+from isopool.protocol.transport import body_bytes
+
 from .actions import AnswerStatus
 from .control import control
 from .phase import ACCEPTING
@@ -97,12 +99,19 @@ def accept(core: "Core", ident: bytes, header: dict, body: list, now: float) -> 
             raise Overloaded(f"the queue is full ({ledger.queued} waiting, --max-queue {max_queue}); "
                              "retry later, add workers or raise --max-queue",
                              queue_depth=ledger.queued, max_queue=max_queue)
+    size = body_bytes(body)
+    cap = core.config.max_queue_bytes
+    if ledger.held_bytes + size > cap and ledger.open:  # one alone is always taken: it is under max_message_bytes
+        raise Overloaded(f"the requests held for this model already take {ledger.held_bytes} bytes; this one's "
+                         f"{size} would pass --max-queue-bytes {cap}. Retry later, add workers or raise "
+                         "--max-queue-bytes (a client on this host sends large arrays in shared memory instead)",
+                         held_bytes=ledger.held_bytes, max_queue_bytes=cap)
     if core.poison.kills and core.poison.is_poison(body):
         raise PoisonRequest(f"this input has killed {core.config.poison_threshold} workers and is refused; "
                             "fix the input or the handler", threshold=core.config.poison_threshold)
     tenant = isolation_key(core, key, header) if core.config.isolation != "none" else None
     ledger.admit(Request(key, body, now + timeout, timeout, setting, now, bool(header.get("retry", True)),
-                         bool(header.get("stream")), header.get("bundles") is True, tenant, shm))
+                         bool(header.get("stream")), header.get("bundles") is True, tenant, shm, size=size))
 
 
 def hello(core: "Core", header: dict) -> dict:
@@ -170,6 +179,22 @@ def client_gone(core: "Core", ident: bytes) -> None:
         core.ledger.abandon(req, grace=core.config.kill_grace)
         core.stats.count("client_gone")
     core.stalled.discard(ident)
+
+
+def cut_stream(core: "Core", key: tuple) -> None:
+    """A stream's parts came faster than its client read them: cancel it in its worker and
+    end it with Overloaded. Its client has every part before the cut, in order, then this
+    error (replies.py drops the parts after it), never a stream with a gap."""
+    req = core.ledger.get(key) if usable_id(key[1]) else None
+    if req is None or not req.stream:
+        return
+    if req.worker is not None:
+        w = core.workers[req.worker]
+        core.to_workers.append((w.ident, [pack_header(ops.CANCEL, list(key))]))
+    core.fail(req, Overloaded(
+        f"the stream was cut after {req.chunks_sent} parts: they came faster than this client read them, and "
+        "the replies waiting for it reached their bound. Read a stream's parts as they come (or make them "
+        "fewer or smaller)", parts=req.chunks_sent))
 
 
 def cancel(core: "Core", key: tuple) -> None:

@@ -18,6 +18,7 @@ from isopool.protocol.contract import parse_ident
 from isopool.protocol.exits import EXIT_LOAD_FAILED
 from isopool.protocol.signature import valid_signature
 
+from . import admission
 from .actions import Sample
 from .control import serving
 from .slots import SERVING, State, Worker, kill, retire, stop
@@ -90,17 +91,22 @@ def on_worker(core: "Core", ident: bytes, header: dict, body: list, now: float) 
     elif op == ops.READY:
         on_ready(core, w, header, now)
     elif op == ops.LOAD_FAILED:
-        on_load_failure(core, w, body)
+        if w.state is State.STARTING:
+            on_load_failure(core, w, body)
+        else:  # a model loads once: said later, it is a model at play with the worker's socket
+            broken(core, ident, "it said its model failed to load, after it was ready", now)
     elif op == ops.INTEGRITY_FAILED:
-        on_integrity_failure(core, w, header, now)
+        if w.leaving != "integrity":  # once is enough: the rest would be log and events, unbounded
+            on_integrity_failure(core, w, header, now)
 
 
 def broken(core: "Core", ident: bytes, why: str, now: float) -> None:
-    """The worker sent something undecodable: it is not to be trusted with more work."""
+    """The worker broke the protocol (sent something undecodable, or out of place), or lost
+    its connection: it is not to be trusted with more work."""
     w = worker_of(core, ident)
     if w is None:
         return
-    core.log(logging.WARNING, "worker %d sent an undecodable message (%s); replacing it", w.id, why)
+    core.log(logging.WARNING, "worker %d broke the protocol (%s); replacing it", w.id, why[:500])
     if w.state is not State.STOPPING:
         kill(core, w, "protocol", now)
 
@@ -122,20 +128,25 @@ def on_ready(core: "Core", w: Worker, header: dict, now: float) -> None:
     serving(core)
 
 
+# the most of a worker's own words kept in a log line, status or an event: it may say anything
+SAID = 16 << 10
+
+
 def on_load_failure(core: "Core", w: Worker, body: list) -> None:
     err = decode_error(body)
-    tb = getattr(err, "details", {}).get("traceback", "")
-    w.last_error = str(err)
-    core.log(logging.ERROR, "worker %d: %s\n%s", w.id, err, tb)
+    tb = str(getattr(err, "details", {}).get("traceback", ""))[-SAID:]  # its end says most
+    w.last_error = str(err)[:SAID]
+    core.log(logging.ERROR, "worker %d: %s\n%s", w.id, w.last_error, tb)
     if core.phase is Phase.STARTING:
-        core.fail_startup(f"{err}\n\n{tb}".rstrip(), EXIT_LOAD_FAILED)
+        core.fail_startup(f"{w.last_error}\n\n{tb}".rstrip(), EXIT_LOAD_FAILED)
 
 
 def on_integrity_failure(core: "Core", w: Worker, header: dict, now: float) -> None:
     """Its weights changed: no more work for it; what it holds finishes elsewhere."""
+    said = {k: str(header.get(k))[:128] for k in ("when", "expected", "actual")}  # fingerprints are short
     core.log(logging.ERROR, "worker %d (pid %s): model weights changed (%s); recycling it", w.id, w.pid,
-             header.get("when"))
-    core.emit("integrity", w, when=header.get("when"), expected=header.get("expected"), actual=header.get("actual"))
+             said["when"])
+    core.emit("integrity", w, **said)
     retire(core, w, "integrity")
     if w.state in SERVING:
         stop(core, w, now)  # it runs nothing more; what it holds is requeued
@@ -148,7 +159,12 @@ def on_reply(core: "Core", w: Worker, op: str, header: dict, body: list, now: fl
     req = ledger.get(key) if key is not None else None
     current = req is not None and req.worker == w.slot and req.attempt == header.get("attempt")
     if op == ops.CHUNK:
-        if current:
+        if current and not req.stream:  # a part of an answer that is no stream: never from an honest worker
+            broken(core, w.ident, "it sent a stream's part for a request that is no stream", now)
+            return
+        if current and req.client in core.stalled:  # its client reads no faster than this: cut
+            admission.cut_stream(core, key)
+        elif current:
             req.chunks_sent += 1
             core.to_clients.append((req.client, [pack_header(op, req.client_id), *body], req.bundles))
         return

@@ -77,6 +77,15 @@ def exited(core: "Core", w: Worker, info: dict, now: float) -> None:
     w.last_exit = info
     culprit = None if expected else progress(core, w)[0]
     held = core.ledger.forget_worker(w.slot)
+    if not expected and culprit is None:  # it died holding these, and its board blames none of them:
+        # between requests, or a board its model wrote over. A request in that many such deaths
+        # is blamed from then on, so a model that forges its board cannot requeue for ever
+        # (a crash loop to the deadline); an innocent one rarely sees even one
+        for req in held:
+            req.unblamed += 1
+            if req.unblamed > core.config.max_attempts + core.config.poison_threshold:
+                culprit = req.key  # the oldest past the bound
+                break
     for req in held:
         if req.key == culprit:
             on_crash(core, req, info)
@@ -136,11 +145,13 @@ def after_exit(core: "Core", w: Worker, reason: str, now: float) -> None:
                               EXIT_LOAD_FAILED)
             return
     delay = core.restarts.delay(w.crashes_in_row) if reason in BACKS_OFF else 0.0
+    troubled = not w.for_client  # a client's own short deadline says nothing of the pool's health
     w.reset_process()
     w.move(State.BACKOFF, f"restart in {delay:.2f}s")
     w.spawn_at = now + delay
     w.restarts += 1
-    core.restarts.record(now)
+    if troubled:
+        core.restarts.record(now)
     if delay:
         core.emit("backoff", w, delay_s=round(delay, 3))
 

@@ -28,6 +28,7 @@ class PoolConfig:
     devices: str = "cpu"
     threads: int = 0  # threads per worker (torch, Rayon pools); 0 = cores / workers
     max_queue: int = 4096  # queued requests beyond which new ones get Overloaded (one client: 7/8 of it)
+    max_queue_bytes: int = 2 << 30  # bytes of the requests held (queued or running) beyond which: Overloaded
     prefetch: int = 16  # requests a worker may hold at once; chosen by measurement (README, Performance)
     max_batch_size: int = 8  # models with batch(list) -> list get up to this many requests at once
     max_batch_wait_ms: float = 2.0  # a partial batch waits at most this long for more
@@ -81,7 +82,7 @@ class PoolConfig:
 
     def validate(self) -> None:
         problems = []
-        positive = ("workers", "max_queue", "prefetch", "max_batch_size", "max_attempts", "poison_threshold", "max_restarts",
+        positive = ("workers", "max_queue", "max_queue_bytes", "prefetch", "max_batch_size", "max_attempts", "poison_threshold", "max_restarts",
                     "max_message_bytes", "max_depth", "max_elements")
         for name in positive:
             if getattr(self, name) < 1:

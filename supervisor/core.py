@@ -30,7 +30,8 @@ import secrets
 from collections import Counter
 from typing import Any, Callable, Iterator
 
-from isopool.protocol import InternalError, IsopoolError, encode_error, ops, pack_header
+from isopool.logs import client_alias, worth_a_line
+from isopool.protocol import Cancelled, InternalError, IsopoolError, encode_error, ops, pack_header
 
 from . import actions as ev
 from . import admission, answers, blame, control, dispatch, health, slots, templates
@@ -92,6 +93,7 @@ class Core:
         self.answer_s = float("inf")  # how soon after its dispatch that answer came
         self.stop_header = pack_header(ops.STOP, None)
         self.stalled: set[bytes] = set()  # clients whose replies wait at their bound: new requests refused
+        self.failed = 0  # requests failed (but not cancelled): logged as worth_a_line says
         self.to_clients: list[tuple[bytes, list, bool]] = []
         self.to_workers: list[tuple[bytes, list]] = []
         self.actions: list = []
@@ -165,8 +167,12 @@ class Core:
         self.ledger.abandon(req, grace=self.config.kill_grace)
         self.to_clients.append((req.client, encode_error(req.client_id, err), req.bundles))
         self.stats.count(admission.outcome_of(err))
-        self.log(logging.INFO, "request %r: %s: %s", req.client_id, type(err).__name__, err,
-                 extra={"request": req.client_id})
+        if type(err) is Cancelled:  # the client's own doing: it knows
+            return
+        self.failed += 1
+        if worth_a_line(self.failed):  # a client can fail requests as fast as it sends them
+            self.log(logging.INFO, "request %.80r: %s: %s (%d failed so far)", req.client_id, type(err).__name__,
+                     err, self.failed, extra={"request": req.client_id})
 
     def fail_startup(self, message: str, exit_code: int) -> None:
         self.startup_error = message
@@ -212,11 +218,15 @@ def _on_garbage(core: Core, e: ev.ClientGarbage, now: float) -> None:
 def _on_stalled(core: Core, e: ev.ClientStalled, now: float) -> None:
     if e.stalled:
         core.stalled.add(e.ident)
-        core.log(logging.WARNING, "client %r does not read its replies; its new requests are refused until it does",
-                 e.ident)
+        core.log(logging.WARNING, "client %s does not read its replies; its new requests are refused until it does",
+                 client_alias(e.ident))
     else:
         core.stalled.discard(e.ident)
-    core.emit("client_stalled" if e.stalled else "client_reading", None, client=e.ident.hex())
+    core.emit("client_stalled" if e.stalled else "client_reading", None, client=client_alias(e.ident))
+
+
+def _on_stream_cut(core: Core, e: ev.StreamCut, now: float) -> None:
+    admission.cut_stream(core, (e.ident, e.rid))
 
 
 def _on_gone(core: Core, e: ev.ClientGone, now: float) -> None:
@@ -288,7 +298,7 @@ def _on_tick(core: Core, e: ev.Tick, now: float) -> None:
 
 _HANDLERS: dict[type, Callable] = {
     ev.ClientMessage: _on_client, ev.ClientGarbage: _on_garbage, ev.ClientStalled: _on_stalled,
-    ev.ClientGone: _on_gone, ev.WorkerMessage: _on_worker,
+    ev.ClientGone: _on_gone, ev.StreamCut: _on_stream_cut, ev.WorkerMessage: _on_worker,
     ev.WorkerGarbage: _on_worker_garbage, ev.Spawned: _on_spawned, ev.SpawnFailed: _on_spawn_failed,
     ev.WorkerExited: _on_exited, ev.Sampled: _on_sampled, ev.TemplateReady: _on_template_ready,
     ev.TemplateFailed: _on_template_failed, ev.TemplateExited: _on_template_exited, ev.SignalReceived: _on_signal,

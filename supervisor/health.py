@@ -45,6 +45,9 @@ def expire(core: "Core", now: float) -> None:
             core.fail(req, RequestTimeout(
                 f"the handler was still running after {req.timeout:g}s; its worker {w.id} (pid {w.pid}) was "
                 f"killed and replaced. {hint} if it needs longer", setting=req.timeout_setting, started=True))
+            # a deadline the client chose, shorter than --request-timeout: a replacement all the
+            # same, but no sign of a pool in trouble (restart intensity, `degraded`, health)
+            w.for_client = w.leaving is None and req.timeout_setting == "timeout"
             kill(core, w, "timeout", now)
     for slot, seq in core.ledger.orphans_due(now):
         w = core.workers.get(slot)

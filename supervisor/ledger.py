@@ -50,6 +50,8 @@ class Request:
     started_at: float = 0.0
     chunks_sent: int = 0
     crashes: list = field(default_factory=list)  # one dict per worker death it was running in
+    size: int = 0  # bytes of its payload and array frames, held here (for retries) until it is answered
+    unblamed: int = 0  # deaths of its worker while it was held there, with nobody to blame (blame.exited)
     # its entry's number on the deadline heap: an entry left by an earlier request of the same
     # key is stale even where the two deadlines are equal (the same timeout, the same instant)
     entry: int = 0
@@ -75,6 +77,7 @@ class Ledger:
         self._orphan_deadlines: list[tuple[float, int, int, Key]] = []
         self._seq = itertools.count()
         self.shm_bytes = 0  # the shared memory the open requests name (a cap: --max-shm-bytes)
+        self.held_bytes = 0  # the bytes of the open requests' bodies, held here (a cap: --max-queue-bytes)
         self._dispatches = itertools.count(1)
 
     # ------------------------------------------------------------ figures
@@ -127,6 +130,7 @@ class Ledger:
         mine.add(key)
         if req.shm is not None:
             self.shm_bytes += req.shm[2]
+        self.held_bytes += req.size
         req.entry = next(self._seq)
         heapq.heappush(self._deadlines, (req.deadline, req.entry, key))
         if len(self._deadlines) > 2 * len(self.open) + COMPACT_ABOVE:
@@ -181,6 +185,7 @@ class Ledger:
         del self.open[key]
         if req.shm is not None:
             self.shm_bytes -= req.shm[2]
+        self.held_bytes -= req.size
         if self.queue.pop(key, None) is not None:
             self._unqueued(key[0])
         mine = self.by_client.get(key[0])

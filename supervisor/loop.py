@@ -27,7 +27,7 @@ from typing import Any
 import zmq
 
 from isopool.logs import worth_a_line
-from isopool.protocol import IsopoolError, encode, encode_error, ops, schemas
+from isopool.protocol import IsopoolError, encode, encode_error, encode_payload, ops, pack_header, schemas
 from isopool.protocol.pacing import Pacing
 from isopool.protocol.headers import peek_id
 from isopool.protocol.contract import parse_ident
@@ -74,6 +74,8 @@ class Supervisor:
         self.models: Models | None = None
         self.startup_error: tuple[str, int] | None = None
         self.gateways: Gateways | None = None
+        self.status_made_at = -1.0  # the pass (its `now`) whose status answer status_payload is
+        self.status_payload: list = []
 
     # ------------------------------------------------------------ setup
 
@@ -282,6 +284,13 @@ class Supervisor:
             io.events.read_subscriptions()
         if io.zap.sock in ready:  # someone connects: a client with CURVE, or a worker
             io.zap.handle(io.events)
+            while self.procs.cut_off:  # a worker connecting again lost its connection: it is replaced
+                slot = self.procs.cut_off.pop()
+                served = models.by_slot.get(slot)
+                w = served.core.workers.get(slot) if served is not None else None
+                if w is not None:
+                    served.core.handle(act.WorkerGarbage(w.ident, "it lost its connection to the supervisor, "
+                                                         "which hears it no more"), now)
         if self.gateways is not None:
             self.emit_all(self.gateways.ready(ready, now))
         for name, event in self.procs.template_events():
@@ -355,8 +364,11 @@ class Supervisor:
                 if measured is not None:
                     core.handle(act.Sampled(slot, *measured), now)
         elif kind is act.AnswerStatus:
-            status = daemon_status(self.models, self.facts(), self.procs.dropped_of, now)
-            self.to_clients.post([a.ident, *encode(ops.RESULT, a.rid, status)], False)
+            if self.status_made_at != now:  # once a pass: a flood of status asks costs one
+                self.status_payload = encode_payload(daemon_status(self.models, self.facts(), self.procs.dropped_of,
+                                                                   now))
+                self.status_made_at = now
+            self.to_clients.post([a.ident, pack_header(ops.RESULT, a.rid), *self.status_payload], False)
         elif kind is act.StartTemplate:
             procs.start_template(served.config)
         elif kind is act.StopTemplate:

@@ -48,6 +48,8 @@ class Processes:
         self.templates: dict[str, spawner.Template] = {}  # model name -> its template, while running
         self.also_known = lambda: ()  # pids of our other children (the HTTP gateways): never strays
         self.connected: set[int] = set()  # pids of the workers connected to the backend (admit)
+        self.cut_off: list[int] = []  # slots of workers that lost their connection (admit): to replace
+        self.spares_left: set[int] = set()  # the spares of stopped templates: strays, but ours
         self.listeners = Listeners(poller)  # sandboxed workers' seccomp filters ask these
         self.strays: dict[int, float] = {}  # pid of an orphan we are ending -> when to KILL it
         # the template's forked workers become our children, and so does every process a worker
@@ -108,7 +110,8 @@ class Processes:
         slot = next((s for s, p in self.procs.items() if p.pid == pid and p.returncode is None), None)
         if slot is None:
             return "it is no worker of ours"
-        if pid in self.connected:
+        if pid in self.connected:  # its first is gone (ZeroMQ reconnects): it can be heard no more
+            self.cut_off.append(slot)
             return f"worker {self.worker_ids.get(slot, slot)} (pid {pid}) is connected already: a second connection"
         self.connected.add(pid)
         return None
@@ -198,14 +201,18 @@ class Processes:
             alive.add(child.pid)
             due = self.strays.get(child.pid)
             if due is None:
-                log.warning("process %d was left behind by a worker; ending it (SIGTERM, then SIGKILL after "
-                            "--kill-grace)", child.pid)
+                if child.pid in self.spares_left:
+                    log.debug("ending process %d, the spare of a template that stopped", child.pid)
+                else:
+                    log.warning("process %d was left behind by a worker; ending it (SIGTERM, then SIGKILL after "
+                                "--kill-grace)", child.pid)
                 self.strays[child.pid] = now + self.config.kill_grace
                 _signal_tree(child, signal.SIGTERM)
             elif now >= due:
                 _signal_tree(child, signal.SIGKILL)
         for pid in set(self.strays) - alive:
             del self.strays[pid]
+            self.spares_left.discard(pid)
         spawner.reap_strays(known)
         return len(self.strays)
 
@@ -234,6 +241,8 @@ class Processes:
         t = self.templates.pop(name, None)
         if t is None:
             return
+        if t.spare is not None:  # ours, not a worker's leftover: ended as a stray, but not reported as one
+            self.spares_left.add(t.spare)
         self.poller.unregister(t.fileno())
         if t.proc.returncode is None:
             self.poller.unregister(t.proc.pidfd)

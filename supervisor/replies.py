@@ -1,12 +1,24 @@
-"""Replies to clients, bounded per client: one that does not read cannot grow the supervisor.
+"""Replies to clients, bounded per client: one that does not read cannot grow the supervisor,
+and no reply is dropped in silence while the client can still read it.
 
     core.to_clients ──► ClientOutbox ──send──► frontend ROUTER ──pipe (SNDHWM messages)──► client
                             │ the pipe is full (the client does not read)
                             ▼
-                        backlog (at most BACKLOG messages, BACKLOG_BYTES) ──► ClientStalled (STALLED_AT
-                            │ over the bound: the oldest dropped, counted       waiting): its new requests
-                            ▼                                                   get Overloaded
-                        tried again every pass (at least every RETRY_S); empty again ──► ClientStalled(False)
+                        backlog, tried again every pass (at least every RETRY_S) ──► ClientStalled
+                            │                                     (STALLED_AT waiting): its new requests
+                            │                                     get Overloaded, its streams are cut
+                            │ past BACKLOG_BYTES, a large reply is not held:
+                            │   an answer ──► a small Overloaded error for its request, in its place
+                            │   a stream's part ──► dropped, and the stream cut (StreamCut): the core
+                            │       cancels it and ends it with Overloaded; its later parts are dropped
+                            ▼
+                        past HARD_COUNT or HARD_BYTES (a client that keeps asking and never reads):
+                        the oldest dropped, counted (replies_dropped)
+                        empty again ──► ClientStalled(False)
+
+So a client that reads slowly gets every answer it is owed, or a typed error in its place,
+and a stream in order with no gap, ended early by an error if it came too fast. Only a
+client that sends past HARD_COUNT replies without reading any loses the oldest.
 
 The frontend is ROUTER_MANDATORY, so a send to a full pipe fails at once (EAGAIN) instead of
 queueing without bound, and a send to a client that has gone fails too (EHOSTUNREACH):
@@ -23,16 +35,21 @@ from typing import Callable
 
 import zmq
 
-from isopool.logs import worth_a_line
-from isopool.protocol.transport import NOBLOCK, Outbox, send_frames, wire
+import msgpack
 
-from .actions import ClientGone, ClientStalled
+from isopool.logs import client_alias, worth_a_line
+from isopool.protocol import Overloaded, encode_error, ops
+from isopool.protocol.transport import NOBLOCK, Outbox, data, send_frames, unbundle, wire
+
+from .actions import ClientGone, ClientStalled, StreamCut
 
 log = logging.getLogger("isopool.supervisor")
 
 SNDHWM = 256  # ZeroMQ messages (a bundle, up to 64 replies, is one) in the frontend's pipe to one client
-BACKLOG = 1024  # and then at most this many more waiting here...
-BACKLOG_BYTES = 64 << 20  # ...holding at most this much
+BACKLOG_BYTES = 64 << 20  # then replies wait here up to this many bytes; past it only small ones are held
+SMALL = 4096  # a reply's bytes (past its routing id) up to which it is small: held past BACKLOG_BYTES
+HARD_COUNT = 8192  # the last resort: past this many waiting here (a client that asks and never reads)...
+HARD_BYTES = 2 * BACKLOG_BYTES  # ...or this many bytes, the oldest is dropped
 STALLED_AT = 256  # waiting here this many (or half the bytes): the client is not reading; fewer is a burst
 RETRY_S = 0.002  # while replies wait here, the loop looks again this often
 
@@ -45,6 +62,7 @@ class ClientOutbox(Outbox):
         self.backlog_bytes: dict[bytes, int] = {}
         self.dropped = 0  # replies dropped: over a stalled client's bound
         self.stalled: set[bytes] = set()  # clients reported stalled
+        self.cut: dict[bytes, set] = {}  # each client's streams cut here, whose later parts are dropped
 
     def flush(self) -> None:
         if self.backlog:
@@ -78,17 +96,63 @@ class ClientOutbox(Outbox):
         if queue is None:
             self.backlog[peer] = queue = deque()
             self.backlog_bytes[peer] = 0
-        queue.append(frames)
-        self.backlog_bytes[peer] += _size(frames)
+        size = _size(frames)
+        cut = self.cut.get(peer)
+        if cut or (size > SMALL and self.backlog_bytes[peer] + size > BACKLOG_BYTES):
+            for one in self._shrunk(peer, frames):
+                queue.append(one)
+                self.backlog_bytes[peer] += _size(one)
+        else:
+            queue.append(frames)
+            self.backlog_bytes[peer] += size
         if peer not in self.stalled and (len(queue) >= STALLED_AT or self.backlog_bytes[peer] >= BACKLOG_BYTES // 2):
             self.stalled.add(peer)
             self.report(ClientStalled(peer, True))
-        while len(queue) > BACKLOG or self.backlog_bytes[peer] > BACKLOG_BYTES:
+        while len(queue) > HARD_COUNT or self.backlog_bytes[peer] > HARD_BYTES:
             self.backlog_bytes[peer] -= _size(queue.popleft())
             self.dropped += 1
             if worth_a_line(self.dropped, 1000):
-                log.warning("a reply for client %r was dropped: it has not read %d waiting replies (%d replies "
-                            "dropped so far; status: replies_dropped)", peer, len(queue), self.dropped)
+                log.warning("a reply for client %s was dropped: it has not read %d waiting replies and asks for "
+                            "more (%d replies dropped so far; status: replies_dropped)", client_alias(peer),
+                            len(queue), self.dropped)
+
+    def _shrunk(self, peer: bytes, frames: list) -> list[list]:
+        """What is held of `frames` (a reply, or a bundle of them) for a client past its bound:
+        small replies as they are; in place of a large answer, a small error for its request;
+        of a stream, nothing: its part is dropped and the stream cut, as are the later parts
+        of a stream cut before (until its closing error passes)."""
+        kept: list[list] = []
+        cut = self.cut.setdefault(peer, set())
+        try:
+            replies = unbundle(frames, 1)
+        except ValueError:  # our own bundle: not expected; held whole rather than lost
+            return [frames]
+        for reply in replies:
+            body = reply[1:]
+            try:
+                header = msgpack.unpackb(data(body[0]))
+                op, rid = header["op"], header.get("id")
+            except Exception:  # noqa: BLE001 - our own header; held as it is rather than lost
+                kept.append(reply)
+                continue
+            key = _key(rid)
+            if op == ops.CHUNK and (key in cut or _size(body) > SMALL):
+                if key not in cut:
+                    cut.add(key)
+                    self.report(StreamCut(peer, rid))
+                continue  # the rest of a cut stream never reaches its client: no gap, the error ends it
+            if op != ops.CHUNK and key in cut:
+                cut.discard(key)  # its final word: the stream's error (or an answer that raced the cut)
+            if _size(body) > SMALL and self.backlog_bytes[peer] + _size(body) > BACKLOG_BYTES:
+                kept.append([peer, *encode_error(rid, Overloaded(
+                    f"this request's answer ({_size(body)} bytes) could not be held for its client, which had "
+                    f"{self.backlog_bytes[peer]} bytes of replies unread (the bound is {BACKLOG_BYTES}); read "
+                    "replies as they come, or keep fewer large requests in flight"))])
+                continue
+            kept.append(reply)
+        if not cut:
+            del self.cut[peer]
+        return kept
 
     def _retry(self) -> None:
         for peer, queue in list(self.backlog.items()):
@@ -103,6 +167,7 @@ class ClientOutbox(Outbox):
                 self.backlog_bytes[peer] -= _size(queue.popleft())
             if not queue and peer in self.backlog:
                 del self.backlog[peer], self.backlog_bytes[peer]
+                self.cut.pop(peer, None)
                 if peer in self.stalled:
                     self.stalled.discard(peer)
                     self.report(ClientStalled(peer, False))
@@ -110,9 +175,10 @@ class ClientOutbox(Outbox):
     def _error(self, peer: bytes | None, exc: zmq.ZMQError) -> None:
         if peer is None:
             return
-        log.debug("replies to a departed client %r dropped: %s", peer, exc)
+        log.debug("replies to a departed client %s dropped: %s", client_alias(peer), exc)
         if self.backlog.pop(peer, None) is not None:
             del self.backlog_bytes[peer]
+        self.cut.pop(peer, None)
         self.stalled.discard(peer)
         self.report(ClientGone(peer))
 
@@ -125,3 +191,8 @@ def _size(frames: list) -> int:
     for f in frames:
         total += f.nbytes if type(f) is memoryview else len(f)
     return total
+
+
+def _key(rid: object) -> str:
+    """A request id as a set member (an id may be a list, as msgpack gives it)."""
+    return repr(rid)

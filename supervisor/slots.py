@@ -96,6 +96,7 @@ class Worker:
     leaving: str | None = None  # why this process is on its way out (None: it is kept)
     kill_at: float | None = None  # STOPPING: escalate TERM -> KILL at this time
     signalled: str | None = None  # the last signal we sent it ("TERM", "KILL"): its death is ours
+    for_client: bool = False  # killed for a deadline its client chose (timeout=): not the pool's ill health
     last_exit: dict | None = None
     last_error: str | None = None  # the model's load error, or why its last start failed
     rss: int = 0
@@ -123,6 +124,7 @@ class Worker:
         self.leaving = None
         self.kill_at = None
         self.signalled = None
+        self.for_client = False
         self.rss = self.uss = 0
         self.cpu_percent = 0.0
 

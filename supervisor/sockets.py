@@ -37,6 +37,7 @@ log = logging.getLogger("isopool.supervisor")
 
 
 HANDSHAKE_S = 5  # a connection that has not finished its ZeroMQ (and CURVE) handshake by then is dropped
+BACKEND_RCVHWM = 256  # ZeroMQ messages (a bundle is one) read ahead from one worker
 FINAL_LINGER_MS = 1000  # at close: how long the last answers may take to leave (a client that reads none: no longer)
 
 
@@ -102,7 +103,9 @@ class Sockets:
         self.backend_endpoint = f"ipc://{self.private_dir}/backend.sock"
         self.backend = self.ctx.socket(zmq.ROUTER)
         largest = bounds(config.limits)[0]  # one frame over it: ZeroMQ drops the connection
-        for opt, val in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 0), (zmq.MAXMSGSIZE, largest),
+        # a worker's messages wait in its own pipe (its SNDHWM is 0), not here, past BACKEND_RCVHWM:
+        # a model flooding its socket grows its own worker (--max-rss), never the supervisor
+        for opt, val in ((zmq.SNDHWM, 0), (zmq.RCVHWM, BACKEND_RCVHWM), (zmq.LINGER, 0), (zmq.MAXMSGSIZE, largest),
                          (zmq.BACKLOG, LISTEN_BACKLOG)):
             self.backend.setsockopt(opt, val)
         self.zap.guard_backend(self.backend)

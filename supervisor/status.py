@@ -33,6 +33,7 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
         "in_flight": core.ledger.busy,  # held by workers, those already answered but still running included
         "in_flight_answered": len(core.ledger.orphans),  # cancelled or timed out, their worker not yet free
         "requests_total": core.stats.total,
+        "held_bytes": core.ledger.held_bytes,  # the open requests' bodies, held for retries (--max-queue-bytes)
         "shm_bytes": core.ledger.shm_bytes,  # clients' shared memory the open requests name (--max-shm-bytes)
         "restarts_total": core.restarts_total,
         "sandbox_refused": core.sandbox_refused,  # sandboxed workers' calls their filter held back, refused
@@ -76,7 +77,7 @@ def build_status(core: "Core", facts: dict, now: float) -> dict[str, Any]:
 
 
 SUMMED = ("workers_target", "workers_ready", "queue_depth", "in_flight", "in_flight_answered", "requests_total",
-          "restarts_total", "max_queue", "restarts_in_window", "intruders", "sandbox_refused")
+          "restarts_total", "max_queue", "restarts_in_window", "intruders", "sandbox_refused", "held_bytes")
 MODEL_KEYS = ("kind", "signature", "workers_target", "workers_ready", "queue_depth", "in_flight",
               "in_flight_answered", "requests_total", "restarts_total", "healthy", "health_reason", "phase", "template", "template_preload", "max_queue", "outcomes",
               "throughput_rps", "latency_p50_ms", "latency_p99_ms", "restarts_by_reason")

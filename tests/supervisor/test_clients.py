@@ -11,6 +11,7 @@ import zmq
 
 from isopool.errors import Overloaded
 from isopool.protocol import ops, pack_header
+from isopool.protocol.transport import data, unbundle
 
 FAULTY = "isopool.examples.faulty:Faulty"
 ECHO = "isopool.examples.faulty:make_echo"
@@ -43,6 +44,10 @@ def test_a_client_that_never_reads_cannot_grow_the_supervisor(start_pool):
         greedy.close()
     pool_status = status["pool"]
     assert pool_status["outcomes"].get("overloaded", 0) > 0  # its new requests were refused
+    # events name it by an alias, never by its routing id: libzmq's own names are 0x00 and a
+    # counter (5 bytes), and the next one, once known, could be taken first: libzmq then aborts
+    stalled = pool.saw("client_stalled") or [pool.wait_event("client_stalled", timeout=5)]
+    assert len(stalled[0]["client"]) == 16 and not stalled[0]["client"].startswith("00"), stalled
     assert rss_growth < 400 << 20, rss_growth >> 20  # was ~600 MiB for these 10,000 replies
     # and its log: a line for each of the first 10 replies dropped, then one in a thousand
     # (it was a line per reply: a client could fill a disk at its sending rate)
@@ -171,3 +176,101 @@ def test_the_supervisors_names_for_plain_clients_differ_from_run_to_run(tmp_path
     seeded = {first_name("seeded", n) for n in range(3)}
     assert len(plain) == 1  # the precondition: unseeded, every process names its first client alike
     assert len(seeded) == 3 and not seeded & plain
+
+
+def test_a_client_that_pauses_reading_is_sent_every_answer(start_pool):
+    """A burst the client's queue share takes (3,000 of 3,584), and a reader that pauses
+    until all of it is done: more replies wait than the 1,024 the supervisor once held before
+    dropping the oldest in silence (56 of 3,000 lost, and 696 with a smaller receive buffer,
+    by a hostile pass). Small replies are held now, so every request gets its answer, once."""
+    pool = start_pool("--workers", "2", "--model", ECHO)
+    n = 3000
+    slow = raw_client(pool.endpoint, rcvhwm=4)
+    try:
+        for i in range(n):
+            slow.send_multipart([pack_header(ops.INFER, i), msgpack.packb({"i": i, "pad": b"x" * 1024})])
+        most, end = 0, time.monotonic() + 120
+        for _ in range(50_000):  # bounded: status round trips until all of it is done
+            status = pool.status()["pool"]
+            most = max(most, status["replies_waiting"])
+            if status["outcomes"].get("ok", 0) >= n or time.monotonic() > end:
+                break
+        assert status["outcomes"].get("ok", 0) == n, status["outcomes"]
+        answers: dict = {}
+        for _ in range(n):
+            assert slow.poll(30_000), f"only {len(answers)} of {n} answers came"
+            frames = slow.recv_multipart()
+            header = msgpack.unpackb(frames[0])
+            assert header["op"] == ops.RESULT, frames
+            answers[header["id"]] = answers.get(header["id"], 0) + 1
+    finally:
+        slow.close()
+    assert answers == dict.fromkeys(range(n), 1)
+    assert most > 1024, most  # more waited than the old bound, and none was dropped
+    assert pool.status()["pool"]["replies_dropped"] == 0
+    print({"most_replies_waiting": most})
+
+
+def test_a_stream_faster_than_its_reader_is_cut_with_an_error_and_no_gap(start_pool):
+    """A generator of 3,000 parts of 1 MiB, as fast as it can, for a client that reads
+    nothing until it is over: the parts past what may wait for the client were dropped from
+    the middle of the stream, which then ended as if whole. Now the stream is cut: the client
+    gets parts 0..k in order, then Overloaded, and the generator is closed in its worker."""
+    from isopool.protocol import decode_payload
+
+    pool = start_pool("--workers", "1", "--model", "isopool.examples.streaming:Countdown")
+    reader = raw_client(pool.endpoint, rcvhwm=4)
+    try:
+        reader.send_multipart([pack_header(ops.INFER, "s", stream=True), msgpack.packb({"n": 3000, "pad": 1 << 20})])
+        end = time.monotonic() + 120
+        for _ in range(50_000):  # bounded: status round trips until the stream has ended
+            outcomes = pool.status()["pool"]["outcomes"]
+            if outcomes or time.monotonic() > end:
+                break
+        assert outcomes == {"overloaded": 1}, outcomes
+        parts, last = [], None
+        for _ in range(3001):
+            assert reader.poll(30_000), f"the stream stopped after {len(parts)} parts with no end"
+            frames = reader.recv_multipart()
+            header = msgpack.unpackb(frames[0])
+            if header["op"] != ops.CHUNK:
+                last = (header["op"], msgpack.unpackb(frames[1]))
+                break
+            parts.append(decode_payload(frames[1:])["i"])
+    finally:
+        reader.close()
+    assert last is not None and last[0] == ops.ERROR and last[1]["type"] == "Overloaded", last
+    assert 0 < len(parts) < 3000 and parts == list(range(len(parts)))  # a prefix: no gap
+    assert f"after {len(parts)} parts" in last[1]["message"]
+    with pool.client() as c:
+        assert c.infer({"stats": True})["closed_early"] == 1  # cancelled in its worker, not run to the end
+    assert pool.status()["pool"]["replies_dropped"] == 0
+    print({"parts_before_the_cut": len(parts)})
+
+
+def test_a_burst_of_status_asks_is_answered_from_one_status_a_pass(start_pool):
+    """A bundle carries 64 asks, and 512 bundles are read in a pass: a status flood made the
+    supervisor build a status for each (128,000 in 2,000 bundles kept every other client
+    waiting 6 s). One status is built a pass now and sent to each ask, under its own id."""
+    pool = start_pool("--workers", "1", "--model", ECHO)
+    asker = raw_client(pool.endpoint)
+    asks = [[pack_header(ops.STATUS, f"s{i}", bundles=True), msgpack.packb(None)] for i in range(64)]
+    try:
+        for _ in range(20):
+            asker.send_multipart([b"\xc1" + msgpack.packb(asks, use_bin_type=True)])
+        seen: dict = {}
+        bodies = set()
+        while sum(seen.values()) < 20 * 64:
+            assert asker.poll(30_000), f"{sum(seen.values())} of {20 * 64} status answers came"
+            frames = asker.recv_multipart()
+            for reply in unbundle(frames):
+                header = msgpack.unpackb(data(reply[0]))
+                assert header["op"] == ops.RESULT
+                seen[header["id"]] = seen.get(header["id"], 0) + 1
+                bodies.add(len(data(reply[1])))
+    finally:
+        asker.close()
+    assert seen == {f"s{i}": 20 for i in range(64)}
+    with pool.client() as c:
+        assert c.infer({"after": 1}) == {"after": 1}
+    print({"distinct_status_sizes": len(bodies)})

@@ -15,6 +15,8 @@ import time
 import pytest
 
 from isopool.errors import (
+    BadRequest,
+    Overloaded,
     PoisonRequest,
     RemoteError,
     RequestTimeout,
@@ -186,6 +188,72 @@ def test_a_finished_answer_held_behind_a_slow_request_times_out_without_a_kill(s
         assert info.value.started is True and "its answer had not left worker" in str(info.value)
         assert slow.result(timeout=30)["echo"]["do"] == "sleep"
     assert [w["restarts"] for w in pool.workers()] == [0]
+
+
+def test_an_answer_over_the_message_limit_is_a_typed_error_and_its_worker_serves_on(start_pool):
+    """A model's answer past --max-message-bytes: sent, ZeroMQ in the supervisor dropped the
+    worker's connection (MAXMSGSIZE) without a word, its reconnection was refused (one per
+    worker), and every request it held waited out its deadline (300 s by default), another
+    client's among them. The worker now refuses to send it and answers BadRequest naming the
+    limit; what it holds besides is answered."""
+    pool = start_pool("--workers", "1", "--model", FAULTY, "--max-message-bytes", "8MiB", "--prefetch", "4")
+    with pool.client() as c, pool.client() as other:
+        big = c.submit({"do": "big", "n": 40 << 20})
+        small = other.submit({"do": "ok", "tag": "innocent"})  # held by the same worker meanwhile
+        with pytest.raises(BadRequest) as info:
+            big.result(timeout=60)
+        assert info.value.setting == "max_message_bytes" and "over max_message_bytes=8388608" in str(info.value)
+        assert small.result(timeout=60)["echo"]["tag"] == "innocent"
+        assert len(c.infer({"do": "big", "n": 1 << 20})) == 1 << 20  # under the limit: served as ever
+    assert_replaced(pool.status(), {})
+
+
+def test_a_clients_own_short_deadlines_do_not_make_the_pool_unhealthy(start_pool):
+    """A client whose timeout= is shorter than its requests take: each such request's worker
+    is killed and replaced, as documented. Each kill used to count toward --max-restarts, so
+    12 of them in a minute marked a healthy pool degraded and `isopool health` failed (a
+    probe would restart it). They are replacements still (status counts them), but not the
+    pool's trouble; --request-timeout's kills, crashes and the like still are."""
+    pool = start_pool("--workers", "2", "--model", FAULTY, "--max-restarts", "3")
+    with pool.client() as c:
+        for _ in range(6):
+            with pytest.raises(RequestTimeout) as info:
+                c.infer({"do": "sleep", "s": 30}, timeout=0.3)
+            assert info.value.started is True
+        status = pool.all_ready()
+    assert status["pool"]["healthy"] is True, status["pool"]["health_reason"]
+    assert sum(w["restarts"] for w in status["workers"]) == 6
+    with pool.client() as c:  # and a crash still counts: past --max-restarts 3 in a row of them
+        for i in range(4):
+            with pytest.raises(WorkerCrashed):
+                c.infer({"do": "exit", "i": i}, retry=False)  # each its own input: no poison
+        assert c.status()["pool"]["healthy"] is False
+
+
+def test_the_bytes_of_the_requests_held_are_bounded(start_pool, tmp_path):
+    """Only the count of requests was bounded: one client's 200 requests of 16 MiB (as frames:
+    a tcp client, or shm off) grew the supervisor by 2 GiB, and a 256 MiB request times its
+    share of the queue would be 900 GiB. The bytes held for a model, queued or running, are
+    bounded by --max-queue-bytes; past it a request is refused with Overloaded at once."""
+    import numpy as np
+
+    pool = start_pool("--workers", "1", "--model", FAULTY, "--prefetch", "1", "--max-queue-bytes", "64MiB")
+    gate = tmp_path / "gate"
+    big = np.ones(1 << 22, np.float32)  # 16 MiB, and a few bytes of payload around it
+    with pool.client(shm=False) as c:
+        first = c.submit({"do": "wait", "path": str(gate), "s": 30, "a": big})
+        rest = [c.submit({"do": "ok", "i": i, "a": big}) for i in range(8)]
+        # a refusal is answered at once, before the status asked after it on the same connection
+        held = c.status()["pool"]["held_bytes"]
+        refused = [f.exception(timeout=0) for f in rest if f.done()]
+        assert all(isinstance(e, Overloaded) for e in refused), refused
+        gate.touch()
+        assert first.result(timeout=60)["echo"]["do"] == "wait"
+        answered = [f.result(timeout=60)["echo"]["i"] for f in rest if f.exception(timeout=60) is None]
+        assert c.status()["pool"]["held_bytes"] == 0
+    assert len(answered) == 2 and len(refused) == 6  # 3 of 16 MiB fit in 64 MiB, a fourth does not
+    assert 3 * big.nbytes < held <= 64 << 20
+    assert "--max-queue-bytes" in str(refused[0]) and refused[0].max_queue_bytes == 64 << 20
 
 
 def test_expired_request_is_never_started(start_pool):

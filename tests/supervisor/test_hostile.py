@@ -21,30 +21,74 @@ HOSTILE = "isopool.examples.hostile:Hostile"
 def test_a_model_that_impersonates_another_worker_is_refused_and_forges_nothing(start_pool):
     """Without the sandbox: a worker kills another and connects to the backend as its next
     process (the identity an older isopool gave it, and with a guessed token). Those are
-    second connections from a worker's process: refused at the handshake and reported. The
-    real replacement takes the slot, and no request is answered by the impostor."""
+    second connections from a worker's process: refused at the handshake and reported, and
+    the worker that made them is replaced at once (a worker connects once; one that connects
+    again has lost its first connection, or is up to no good). The real replacement takes the
+    slot, and no request is answered by the impostor; the attack's own request ends in
+    WorkerCrashed, after it did the same on its second worker."""
     pool = start_pool("--workers", "2", "--model", HOSTILE)
     backend = "ipc://" + glob.glob(f"{pool.tmp}/isopool-*/backend.sock")[0]
     workers = pool.all_ready()["workers"]
     with pool.client() as attacker, pool.client() as victim_client, Background(victim_client) as bg:
         by = attacker.infer({"n": -1})["pid"]  # which worker the attack request lands on, most likely
         target = next(w for w in workers if w["pid"] != by)
-        result = attacker.infer({"attack": "impersonate", "backend": backend, "slot": target["slot"],
-                                 "generation": target["generation"] + 1, "victim": target["pid"], "seconds": 2},
-                                timeout=60)
+        with pytest.raises(WorkerCrashed) as info:
+            attacker.infer({"attack": "impersonate", "backend": backend, "slot": target["slot"],
+                            "generation": target["generation"] + 1, "victim": target["pid"], "seconds": 2},
+                           timeout=60)
         pool.wait_event("ready", worker=target["id"], timeout=60)
         answers = [victim_client.infer({"n": i}) for i in range(200)]
-    assert result["received"] == 0  # the supervisor sent the impostor nothing to answer
+    assert "broke the protocol" in str(info.value)
     assert all(a["echo"] == {"n": i} and "forged" not in a for i, a in enumerate(answers))
     assert bg.failed == [] and bg.ok > 0
     status = pool.status()
     pids = {w["pid"] for w in status["workers"]}
     assert all(a["pid"] in pids for a in answers)  # every answer came from a worker the supervisor started
-    assert status["pool"]["backend_refused"] >= 2  # both of the impostor's connections
+    assert status["pool"]["backend_refused"] >= 2  # a connection of each attempt's, at least
     assert f"refused a backend connection from process {by}" in pool.output()
     assert "a second connection" in pool.output()
     refused = pool.saw("intruder") or [pool.wait_event("intruder", timeout=10)]
     assert refused[0]["pid"] == by and "second connection" in refused[0]["why"]
+    killed = [e for e in pool.saw("killed") if e["pid"] == by] or [pool.wait_event("killed", pid=by, timeout=10)]
+    assert killed[0]["reason"] == "protocol"
+
+
+def test_a_model_that_forges_its_board_to_dodge_blame_is_stopped_at_a_bound(start_pool):
+    """A model that writes "finished" over "started" on its worker's board before it dies:
+    nobody was to blame, so its request was requeued for free, again and again: 25-34 workers
+    died for one request until its deadline, which then said it had never started. A request
+    held in more deaths than --max-attempts + --poison-threshold with nobody to blame is
+    blamed from then on, so it ends in WorkerCrashed after a bounded number of deaths."""
+    pool = start_pool("--workers", "1", "--model", HOSTILE, "--backoff-max", "0.2")
+    with pool.client() as c:
+        with pytest.raises(WorkerCrashed) as info:
+            c.infer({"attack": "dodge"}, timeout=60)
+        assert "--max-attempts 2 reached" in str(info.value)
+        assert c.infer({"n": 1})["echo"] == {"n": 1}  # and the pool serves on
+        restarts = c.status()["workers"][0]["restarts"]
+    assert restarts == 2 + 3 + 2  # the unblamed bound, then --max-attempts blamed ones
+
+
+def peak_rss_mib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) >> 10
+
+
+def test_a_model_that_floods_its_socket_grows_its_own_worker_not_the_supervisor(start_pool):
+    """A model sending a million results for a request it never got, on its worker's own
+    socket: the supervisor's backend read ahead without bound (RCVHWM 0), and grew by 1.6 GiB
+    for 8.9 million of them. It reads ahead 256 messages a worker now; the rest wait in the
+    worker that sent them."""
+    pool = start_pool("--workers", "2", "--model", HOSTILE)
+    before = peak_rss_mib(pool.pid)
+    with pool.client() as attacker, pool.client() as other:
+        flood = attacker.submit({"attack": "flood", "n": 1_000_000}, timeout=120)
+        assert other.infer({"n": 1}, timeout=60)["echo"] == {"n": 1}  # served meanwhile
+        assert flood.result(timeout=120) == 1_000_000
+        assert other.infer({"n": 2}, timeout=60)["echo"] == {"n": 2}
+    grew = peak_rss_mib(pool.pid) - before
+    assert grew < 64, grew  # ~190 bytes a message: ~180 MiB for this flood, before
+    print({"supervisor_peak_rss_growth_mib": grew})
 
 
 def test_a_process_that_is_no_worker_cannot_connect_to_the_backend(start_pool):

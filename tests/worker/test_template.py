@@ -12,7 +12,7 @@ import sys
 import psutil
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, wait_gone
 
 BUILT_WHERE = "isopool.examples.faulty:BuiltWhere"
 TEMPLATE_MODULE = "isopool.worker.template"
@@ -93,6 +93,9 @@ def test_a_replacement_is_the_spare_forked_ahead_and_a_new_spare_follows(start_p
     assert following.pid not in (spare.pid, old)
     assert answers(pool, 1)[0]["pid"] == spare.pid
     assert "left behind" not in pool.output()
+    assert pool.terminate() == 0  # and at the stop, the stopped template's spare is ended, as ours
+    assert "left behind" not in pool.output()
+    assert wait_gone([following.pid], 15) == []
 
 
 def test_preload_model_builds_the_model_once_in_the_template(start_pool):
