@@ -28,7 +28,7 @@ class PoolConfig:
     devices: str = "cpu"
     threads: int = 0  # threads per worker (torch, Rayon pools); 0 = cores / workers
     max_queue: int = 4096  # queued requests beyond which new ones get Overloaded (one client: 7/8 of it)
-    max_queue_bytes: int = 2 << 30  # bytes of the requests held (queued or running) beyond which: Overloaded
+    max_queue_bytes: int = 1 << 30  # bytes of the requests held (queued or running) beyond which: Overloaded
     prefetch: int = 16  # requests a worker may hold at once; chosen by measurement (README, Performance)
     max_batch_size: int = 8  # models with batch(list) -> list get up to this many requests at once
     max_batch_wait_ms: float = 2.0  # a partial batch waits at most this long for more
