@@ -11,7 +11,7 @@ def init(kind: str = "tiny") -> None:
     """Worker initializer: one thread per worker for torch and the tokenizer (the same share
     isopool's workers give a model), one model."""
     global _MODEL
-    from isopool.worker.process import share_threads
+    from isopool.worker.environment import share_threads
 
     share_threads(1)
     from .models import build

@@ -27,7 +27,7 @@ from typing import Any
 import zmq
 
 from isopool.logs import worth_a_line
-from isopool.protocol import IsopoolError, encode, encode_error, encode_payload, ops, pack_header, schemas
+from isopool.protocol import IsopoolError, encode, encode_error, ops, schemas
 from isopool.protocol.pacing import Pacing
 from isopool.protocol.headers import peek_id
 from isopool.protocol.contract import parse_ident
@@ -46,7 +46,7 @@ from .notify import sd_notify
 from .processes import Processes
 from .replies import RETRY_S, ClientOutbox
 from .sockets import Sockets, StartupError
-from .status import daemon_status, snapshot
+from .status import StatusAnswer, daemon_status, shell_facts, snapshot
 
 log = logging.getLogger("isopool.supervisor")
 
@@ -74,8 +74,7 @@ class Supervisor:
         self.models: Models | None = None
         self.startup_error: tuple[str, int] | None = None
         self.gateways: Gateways | None = None
-        self.status_made_at = -1.0  # the pass (its `now`) whose status answer status_payload is
-        self.status_payload: list = []
+        self.status_answer = StatusAnswer()
 
     # ------------------------------------------------------------ setup
 
@@ -364,11 +363,9 @@ class Supervisor:
                 if measured is not None:
                     core.handle(act.Sampled(slot, *measured), now)
         elif kind is act.AnswerStatus:
-            if self.status_made_at != now:  # once a pass: a flood of status asks costs one
-                self.status_payload = encode_payload(daemon_status(self.models, self.facts(), self.procs.dropped_of,
-                                                                   now))
-                self.status_made_at = now
-            self.to_clients.post([a.ident, pack_header(ops.RESULT, a.rid), *self.status_payload], False)
+            status = self.status_answer.frames(a.rid, now, lambda: daemon_status(
+                self.models, shell_facts(self), self.procs.dropped_of, now))
+            self.to_clients.post([a.ident, *status], False)
         elif kind is act.StartTemplate:
             procs.start_template(served.config)
         elif kind is act.StopTemplate:
@@ -392,18 +389,6 @@ class Supervisor:
             (served or self.models.first).core.internal_error(what, ident, rid)
         except Exception:  # noqa: BLE001 - the last line has no line behind it
             log.exception("could not fail the request either")
-
-    def facts(self) -> dict:
-        """What only the shell knows, for status."""
-        io = self.io
-        return {"pid": os.getpid(), "time": time.time(), "started_at": self.started_at,
-                "started_wall": self.started_wall, "endpoint": self.endpoint, "events_endpoint": io.events.endpoint,
-                "event_subscribers": io.events.subscribers, "metrics_url": io.metrics_url,
-                "auth_denied": io.auth.denied if io.auth is not None else None, "backend_strangers": self.strangers,
-                "backend_refused": io.zap.refused, "output_dropped": self.procs.dropped,
-                "replies_waiting": self.to_clients.waiting(),
-                "replies_dropped": self.to_clients.dropped, **io.connections.facts(time.monotonic()),
-                **(self.gateways.facts() if self.gateways is not None else {"http": None, "http_url": None, "gateways": []})}
 
 
 def _reply_dropped(peer: bytes | None, exc: zmq.ZMQError) -> None:  # a departed peer: nothing to tell it

@@ -241,8 +241,9 @@ class Processes:
         t = self.templates.pop(name, None)
         if t is None:
             return
-        if t.spare is not None:  # ours, not a worker's leftover: ended as a stray, but not reported as one
-            self.spares_left.add(t.spare)
+        spare = t.learn_spare()  # what it said last: its newest spare is already our child
+        if spare is not None:  # ours, not a worker's leftover: ended as a stray, but not reported as one
+            self.spares_left.add(spare)
         self.poller.unregister(t.fileno())
         if t.proc.returncode is None:
             self.poller.unregister(t.proc.pidfd)

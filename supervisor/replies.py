@@ -127,29 +127,30 @@ class ClientOutbox(Outbox):
             replies = unbundle(frames, 1)
         except ValueError:  # our own bundle: not expected; held whole rather than lost
             return [frames]
+        held = self.backlog_bytes[peer]
         for reply in replies:
             body = reply[1:]
+            size = _size(body)
             try:
                 header = msgpack.unpackb(data(body[0]))
                 op, rid = header["op"], header.get("id")
             except Exception:  # noqa: BLE001 - our own header; held as it is rather than lost
-                kept.append(reply)
-                continue
+                op, rid = None, None
             key = _key(rid)
-            if op == ops.CHUNK and (key in cut or _size(body) > SMALL):
+            if op == ops.CHUNK and (key in cut or size > SMALL):
                 if key not in cut:
                     cut.add(key)
                     self.report(StreamCut(peer, rid))
                 continue  # the rest of a cut stream never reaches its client: no gap, the error ends it
-            if op != ops.CHUNK and key in cut:
+            if op is not None and key in cut:
                 cut.discard(key)  # its final word: the stream's error (or an answer that raced the cut)
-            if _size(body) > SMALL and self.backlog_bytes[peer] + _size(body) > BACKLOG_BYTES:
-                kept.append([peer, *encode_error(rid, Overloaded(
-                    f"this request's answer ({_size(body)} bytes) could not be held for its client, which had "
-                    f"{self.backlog_bytes[peer]} bytes of replies unread (the bound is {BACKLOG_BYTES}); read "
-                    "replies as they come, or keep fewer large requests in flight"))])
-                continue
+            if op is not None and size > SMALL and held + size > BACKLOG_BYTES:
+                reply = [peer, *encode_error(rid, Overloaded(
+                    f"this request's answer ({size} bytes) could not be held for its client, which had {held} "
+                    f"bytes of replies unread (the bound is {BACKLOG_BYTES}); read replies as they come, or keep "
+                    "fewer large requests in flight"))]
             kept.append(reply)
+            held += _size(reply[1:])
         if not cut:
             del self.cut[peer]
         return kept

@@ -5,7 +5,11 @@ and both count restarts from the one counter (core.replacements), so they agree.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import os
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from isopool.protocol import encode_payload, ops, pack_header
 
 from .blame import progress
 from .metrics import Snapshot
@@ -177,3 +181,33 @@ def snapshot(core: "Core", output_dropped: dict | None = None, connections: int 
         output_dropped=dict(output_dropped or {}), connections=connections, connections_shed=shed,
     )
 
+
+
+class StatusAnswer:
+    """The status answer's payload, built once a loop pass however many ask in it (a bundle
+    carries 64 asks and a pass reads 512 bundles: a flood built one for each, 128,000 of them
+    kept every other client waiting 6 s). Each ask gets it under its own id."""
+
+    def __init__(self) -> None:
+        self.made_at = -1.0  # the pass (its `now`) the payload is of
+        self.payload: list = []
+
+    def frames(self, rid: Any, now: float, build: Callable[[], dict]) -> list:
+        if self.made_at != now:
+            self.payload = encode_payload(build())
+            self.made_at = now
+        return [pack_header(ops.RESULT, rid), *self.payload]
+
+
+def shell_facts(shell: Any) -> dict:
+    """What only the supervisor's shell (loop.Supervisor) knows, for status."""
+    io = shell.io
+    return {"pid": os.getpid(), "time": time.time(), "started_at": shell.started_at,
+            "started_wall": shell.started_wall, "endpoint": shell.endpoint, "events_endpoint": io.events.endpoint,
+            "event_subscribers": io.events.subscribers, "metrics_url": io.metrics_url,
+            "auth_denied": io.auth.denied if io.auth is not None else None, "backend_strangers": shell.strangers,
+            "backend_refused": io.zap.refused, "output_dropped": shell.procs.dropped,
+            "replies_waiting": shell.to_clients.waiting(),
+            "replies_dropped": shell.to_clients.dropped, **io.connections.facts(time.monotonic()),
+            **(shell.gateways.facts() if shell.gateways is not None else {"http": None, "http_url": None,
+                                                                           "gateways": []})}

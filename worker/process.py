@@ -10,7 +10,6 @@ Anything that kills the process is the supervisor's business: it sees the exit a
 
 from __future__ import annotations
 
-import ctypes
 import faulthandler
 import logging
 import os
@@ -28,7 +27,7 @@ import zmq
 from isopool.protocol import decode_payload, encode_payload, ops, pack_header
 from isopool.protocol.codec import encode_error
 from isopool.protocol.errors import BadRequest, RemoteError, RequestTimeout
-from isopool.protocol.exits import EXIT_LOAD_FAILED, EXIT_ORPHANED
+from isopool.protocol.exits import EXIT_LOAD_FAILED
 from isopool.protocol.signature import valid_signature
 from isopool.protocol.board import Board
 from isopool.protocol.contract import WorkerConfig
@@ -38,13 +37,13 @@ from isopool.protocol.pacing import Pacing
 from isopool.protocol.transport import EVENTS, POLLIN, Outbox, body_bytes, drain, messages
 
 from . import batching
+from .environment import die_with_parent, share_threads
 from .handler import NotAStream, WorkerContext, build_model
 from .integrity import fingerprint
 from .segments import Mappings, Place, encode_answer
 
 log = logging.getLogger("isopool.worker")
 
-PR_SET_PDEATHSIG = 1
 # The longest a finished result waits to leave with others. Under load on a small machine
 # every process is preempted often, so wall-clock holds run long: at 0.5 ms results left in
 # groups of ~4, at 2 ms in groups of ~8 (the half-capacity cap), which cut CPU per request
@@ -52,37 +51,6 @@ PR_SET_PDEATHSIG = 1
 HOLD_S = 0.002
 # results that are certainly not a stream, told without the (slower) iterator ABC check
 PLAIN = frozenset((np.ndarray, dict, list, tuple, str, bytes, int, float, bool, type(None)))
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Ask the kernel to SIGKILL us when the supervisor dies; no orphans, ever."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:  # it died before prctl took effect
-        os._exit(EXIT_ORPHANED)
-
-
-def set_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, threads))
-
-
-def share_threads(threads: int) -> None:
-    """Hold every thread pool of the model to the worker's share of the cores: torch's
-    (set_threads), and Rust libraries' Rayon pools (Hugging Face tokenizers'), which start one
-    thread per core. On 2 cores and 2 workers, those threads preempted the workers' torch
-    threads 1.1 times per MiniLM request each; with one thread, a tokenizer encodes inline
-    (docs/performance.md).
-    Set in the worker, before the model's first call starts them; never in the template, whose
-    environment every worker inherits (it calls set_threads(1) only). A variable the user set
-    (not empty) is kept."""
-    threads = max(1, threads)
-    set_threads(threads)
-    wanted = {"RAYON_NUM_THREADS": str(threads), **({"TOKENIZERS_PARALLELISM": "false"} if threads == 1 else {})}
-    for name, value in wanted.items():
-        if not os.environ.get(name):
-            os.environ[name] = value
 
 
 class Worker:

@@ -36,7 +36,8 @@ from .handler import WorkerContext, build_model, resolve, wants_context
 from isopool.protocol.contract import ENV_TEMPLATE, ENV_TEMPLATE_FD, WorkerConfig, read_spawn_request, template_line
 from isopool.protocol.exits import EXIT_LOAD_FAILED, EXIT_ORPHANED
 
-from .process import die_with_parent, run, set_threads
+from .environment import die_with_parent, set_threads
+from .process import run
 REPARENT_TIMEOUT_S = 5.0
 
 
