@@ -83,9 +83,8 @@ def exited(core: "Core", w: Worker, info: dict, now: float) -> None:
         # (a crash loop to the deadline); an innocent one rarely sees even one
         for req in held:
             req.unblamed += 1
-            if req.unblamed > core.config.max_attempts + core.config.poison_threshold:
+            if culprit is None and req.unblamed > core.config.max_attempts + core.config.poison_threshold:
                 culprit = req.key  # the oldest past the bound
-                break
     for req in held:
         if req.key == culprit:
             on_crash(core, req, info)

@@ -46,7 +46,8 @@ from .notify import sd_notify
 from .processes import Processes
 from .replies import RETRY_S, ClientOutbox
 from .sockets import Sockets, StartupError
-from .status import StatusAnswer, daemon_status, shell_facts, snapshot
+from .facts import shell_facts
+from .status import StatusAnswer, daemon_status, snapshot
 
 log = logging.getLogger("isopool.supervisor")
 

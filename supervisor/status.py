@@ -5,8 +5,6 @@ and both count restarts from the one counter (core.replacements), so they agree.
 
 from __future__ import annotations
 
-import os
-import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from isopool.protocol import encode_payload, ops, pack_header
@@ -197,17 +195,3 @@ class StatusAnswer:
             self.payload = encode_payload(build())
             self.made_at = now
         return [pack_header(ops.RESULT, rid), *self.payload]
-
-
-def shell_facts(shell: Any) -> dict:
-    """What only the supervisor's shell (loop.Supervisor) knows, for status."""
-    io = shell.io
-    return {"pid": os.getpid(), "time": time.time(), "started_at": shell.started_at,
-            "started_wall": shell.started_wall, "endpoint": shell.endpoint, "events_endpoint": io.events.endpoint,
-            "event_subscribers": io.events.subscribers, "metrics_url": io.metrics_url,
-            "auth_denied": io.auth.denied if io.auth is not None else None, "backend_strangers": shell.strangers,
-            "backend_refused": io.zap.refused, "output_dropped": shell.procs.dropped,
-            "replies_waiting": shell.to_clients.waiting(),
-            "replies_dropped": shell.to_clients.dropped, **io.connections.facts(time.monotonic()),
-            **(shell.gateways.facts() if shell.gateways is not None else {"http": None, "http_url": None,
-                                                                           "gateways": []})}
