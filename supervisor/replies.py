@@ -45,7 +45,7 @@ from .actions import ClientGone, ClientStalled, StreamCut
 
 log = logging.getLogger("isopool.supervisor")
 
-SNDHWM = 256  # ZeroMQ messages (a bundle, up to 64 replies, is one) in the frontend's pipe to one client
+SNDHWM = 64  # ZeroMQ messages (a bundle, up to 64 replies, is one) in the frontend's pipe to one client: counted, not sized
 BACKLOG_BYTES = 64 << 20  # then replies wait here up to this many bytes; past it only small ones are held
 SMALL = 4096  # a reply's bytes (past its routing id) up to which it is small: held past BACKLOG_BYTES
 HARD_COUNT = 8192  # the last resort: past this many waiting here (a client that asks and never reads)...
