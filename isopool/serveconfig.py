@@ -98,7 +98,8 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
     ("shm-threshold", str, "Arrays of this size or more go by shared memory (e.g. 1MiB)."),
     ("max-queue-bytes", str, "Bytes of requests (their payloads and array frames) that one model may hold, "
                              "queued or running, e.g. 2GiB; a request past it is refused with Overloaded (one "
-                             "alone is always taken). Shared memory is capped apart: --max-shm-bytes."),
+                             "alone is always taken; one client may hold 7/8 of it). Shared memory is capped "
+                             "apart: --max-shm-bytes."),
     ("max-shm-bytes", str, "Shared memory that the requests in flight of one model may name (e.g. 4GiB); "
                            "a request past it is refused with Overloaded, retry it or send it as frames."),
     ("http", str, "Serve the Open Inference Protocol (v2 REST) on HOST:PORT, e.g. 127.0.0.1:8000, from gateway "

@@ -224,15 +224,15 @@ class _Decoder:
                 f"message is {total} bytes, over max_message_bytes={lim.max_message_bytes} "
                 f"(raise {lim.flag('max_message_bytes')})", setting="max_message_bytes")
         self.room = lim.max_message_bytes - total
-        cap = min(len(self.payload), 2**31 - 1)
+        cap = items = min(len(self.payload), 2**31 - 1)
         hooks: dict = {}
         if len(self.payload) > COUNTED_ABOVE:  # containers counted as they are built, not after
             hooks = {"list_hook": self._items, "object_hook": self._items}
-            cap = min(cap, MAX_ITEMS)
+            items = min(cap, MAX_ITEMS)  # a str or bin may still be as long as the payload
         try:
             value = msgpack.unpackb(
                 self.payload, raw=False, ext_hook=self._ext_hook, strict_map_key=False,
-                max_str_len=cap, max_bin_len=cap, max_array_len=cap, max_map_len=cap, max_ext_len=cap, **hooks,
+                max_str_len=cap, max_bin_len=cap, max_array_len=items, max_map_len=items, max_ext_len=cap, **hooks,
             )
         except BadRequest:
             raise

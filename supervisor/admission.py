@@ -101,6 +101,12 @@ def accept(core: "Core", ident: bytes, header: dict, body: list, now: float) -> 
                              queue_depth=ledger.queued, max_queue=max_queue)
     size = body_bytes(body)
     cap = core.config.max_queue_bytes
+    mine = ledger.held_by.get(ident, 0)
+    if mine and mine + size > cap - cap // 8:  # as by count: an eighth is kept for other clients
+        raise Overloaded(f"this client's requests held for this model already take {mine} bytes; this one's "
+                         f"{size} would pass its share of --max-queue-bytes {cap} (the last eighth is kept for "
+                         "other clients); retry later or send less at once", held_bytes=mine,
+                         max_queue_bytes=cap, client_share=cap - cap // 8)
     if ledger.held_bytes + size > cap and ledger.open:  # one alone is always taken: it is under max_message_bytes
         raise Overloaded(f"the requests held for this model already take {ledger.held_bytes} bytes; this one's "
                          f"{size} would pass --max-queue-bytes {cap}. Retry later, add workers or raise "

@@ -91,12 +91,12 @@ def on_worker(core: "Core", ident: bytes, header: dict, body: list, now: float) 
     elif op == ops.READY:
         on_ready(core, w, header, now)
     elif op == ops.LOAD_FAILED:
-        if w.state is State.STARTING:
+        if not w.ready_at:  # starting (or killed while starting: its reason still says most)
             on_load_failure(core, w, body)
         else:  # a model loads once: said later, it is a model at play with the worker's socket
             broken(core, ident, "it said its model failed to load, after it was ready", now)
     elif op == ops.INTEGRITY_FAILED:
-        if w.leaving != "integrity":  # once is enough: the rest would be log and events, unbounded
+        if w.leaving is None:  # once is enough (it is leaving after that): more would be log and events
             on_integrity_failure(core, w, header, now)
 
 
@@ -104,11 +104,10 @@ def broken(core: "Core", ident: bytes, why: str, now: float) -> None:
     """The worker broke the protocol (sent something undecodable, or out of place), or lost
     its connection: it is not to be trusted with more work."""
     w = worker_of(core, ident)
-    if w is None:
+    if w is None or w.state is State.STOPPING:  # on its way out already: one line, not one a message
         return
     core.log(logging.WARNING, "worker %d broke the protocol (%s); replacing it", w.id, why[:500])
-    if w.state is not State.STOPPING:
-        kill(core, w, "protocol", now)
+    kill(core, w, "protocol", now)
 
 
 def on_ready(core: "Core", w: Worker, header: dict, now: float) -> None:

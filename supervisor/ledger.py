@@ -78,6 +78,7 @@ class Ledger:
         self._seq = itertools.count()
         self.shm_bytes = 0  # the shared memory the open requests name (a cap: --max-shm-bytes)
         self.held_bytes = 0  # the bytes of the open requests' bodies, held here (a cap: --max-queue-bytes)
+        self.held_by: dict[bytes, int] = {}  # the same, by client (one may hold 7/8 of the cap)
         self._dispatches = itertools.count(1)
 
     # ------------------------------------------------------------ figures
@@ -131,6 +132,7 @@ class Ledger:
         if req.shm is not None:
             self.shm_bytes += req.shm[2]
         self.held_bytes += req.size
+        self.held_by[key[0]] = self.held_by.get(key[0], 0) + req.size
         req.entry = next(self._seq)
         heapq.heappush(self._deadlines, (req.deadline, req.entry, key))
         if len(self._deadlines) > 2 * len(self.open) + COMPACT_ABOVE:
@@ -186,6 +188,11 @@ class Ledger:
         if req.shm is not None:
             self.shm_bytes -= req.shm[2]
         self.held_bytes -= req.size
+        left = self.held_by.get(key[0], 0) - req.size
+        if left > 0:
+            self.held_by[key[0]] = left
+        else:
+            self.held_by.pop(key[0], None)
         if self.queue.pop(key, None) is not None:
             self._unqueued(key[0])
         mine = self.by_client.get(key[0])

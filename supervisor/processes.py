@@ -212,7 +212,8 @@ class Processes:
                 _signal_tree(child, signal.SIGKILL)
         for pid in set(self.strays) - alive:
             del self.strays[pid]
-            self.spares_left.discard(pid)
+        if self.spares_left:  # a spare gone before it was seen here must not excuse a later process of its pid
+            self.spares_left = {pid for pid in self.spares_left if psutil.pid_exists(pid)}
         spawner.reap_strays(known)
         return len(self.strays)
 

@@ -71,7 +71,7 @@ class ClientOutbox(Outbox):
             return
         pending, self.pending, self.count = self.pending, {}, 0
         for peer, messages in pending.items():
-            if peer in self.backlog:  # behind what already waits for it, in order
+            if peer in self.backlog or peer in self.cut:  # behind what waits for it; or a cut stream's
                 for frames in wire(messages, self.at):
                     self._hold(peer, frames)
                 continue
@@ -109,8 +109,9 @@ class ClientOutbox(Outbox):
             self.stalled.add(peer)
             self.report(ClientStalled(peer, True))
         while len(queue) > HARD_COUNT or self.backlog_bytes[peer] > HARD_BYTES:
-            self.backlog_bytes[peer] -= _size(queue.popleft())
-            self.dropped += 1
+            oldest = queue.popleft()
+            self.backlog_bytes[peer] -= _size(oldest)
+            self.dropped += _replies_in(oldest)
             if worth_a_line(self.dropped, 1000):
                 log.warning("a reply for client %s was dropped: it has not read %d waiting replies and asks for "
                             "more (%d replies dropped so far; status: replies_dropped)", client_alias(peer),
@@ -137,14 +138,19 @@ class ClientOutbox(Outbox):
             except Exception:  # noqa: BLE001 - our own header; held as it is rather than lost
                 op, rid = None, None
             key = _key(rid)
-            if op == ops.CHUNK and (key in cut or size > SMALL):
+            if op == ops.CHUNK and (key in cut or (size > SMALL and held + size > BACKLOG_BYTES)):
                 if key not in cut:
                     cut.add(key)
                     self.report(StreamCut(peer, rid))
                 continue  # the rest of a cut stream never reaches its client: no gap, the error ends it
-            if op is not None and key in cut:
-                cut.discard(key)  # its final word: the stream's error (or an answer that raced the cut)
-            if op is not None and size > SMALL and held + size > BACKLOG_BYTES:
+            if op is not None and key in cut:  # its final word: the core's error for the cut, or else the
+                cut.discard(key)  # worker's, relayed before the core heard of the cut; never a success
+                if op == ops.RESULT:  # after a dropped part: the stream did not come whole
+                    reply = [peer, *encode_error(rid, Overloaded(
+                        "the stream was cut: its parts came faster than this client read them, and the replies "
+                        "waiting for it reached their bound. Read a stream's parts as they come (or make them "
+                        "fewer or smaller)"))]
+            elif op is not None and size > SMALL and held + size > BACKLOG_BYTES:
                 reply = [peer, *encode_error(rid, Overloaded(
                     f"this request's answer ({size} bytes) could not be held for its client, which had {held} "
                     f"bytes of replies unread (the bound is {BACKLOG_BYTES}); read replies as they come, or keep "
@@ -166,9 +172,8 @@ class ClientOutbox(Outbox):
                     self._error(peer, exc)
                     break
                 self.backlog_bytes[peer] -= _size(queue.popleft())
-            if not queue and peer in self.backlog:
+            if not queue and peer in self.backlog:  # (a cut stream's key stays until its final word passes)
                 del self.backlog[peer], self.backlog_bytes[peer]
-                self.cut.pop(peer, None)
                 if peer in self.stalled:
                     self.stalled.discard(peer)
                     self.report(ClientStalled(peer, False))
@@ -197,3 +202,11 @@ def _size(frames: list) -> int:
 def _key(rid: object) -> str:
     """A request id as a set member (an id may be a list, as msgpack gives it)."""
     return repr(rid)
+
+
+def _replies_in(frames: list) -> int:
+    """How many replies a held message carries (a bundle: one an entry)."""
+    try:
+        return len(unbundle(frames, 1))
+    except ValueError:
+        return 1

@@ -248,6 +248,8 @@ def test_a_payload_of_many_small_containers_is_refused_as_it_is_built():
         tracemalloc.stop()
     assert peak < 256 << 20, peak >> 20  # was ~2.4 GB for 16 MiB of them
     assert validate_payload([msgpack.packb({"a": list(range(100_000)), "b": ["s"] * 100_000})]) is None  # fine
+    blob = {"image": b"\xff" * (3 << 20), "text": "t" * (2 << 20)}  # a long str or bin is one item: fine too
+    assert decode_payload([msgpack.packb(blob)]) == blob
 
 
 def test_decoding_is_strict_about_types_python_calls_equal():

@@ -274,3 +274,37 @@ def test_a_burst_of_status_asks_is_answered_from_one_status_a_pass(start_pool):
     with pool.client() as c:
         assert c.infer({"after": 1}) == {"after": 1}
     print({"distinct_status_sizes": len(bodies)})
+
+
+def test_a_stalled_clients_stream_ends_in_an_error_never_in_a_success_without_its_part(start_pool):
+    """A plain model asked to stream sends its one part and its end back to back. For a client
+    whose replies wait at their bound the part is not sent but the stream cut: the client
+    gets Overloaded, never an empty stream that succeeds. (Where the part and the end are
+    read in the very pass that takes the backlog past its bound, before the client is known
+    to be stalled, replies.py turns the end into the same error: a review found that race.)"""
+    pool = start_pool("--workers", "1", "--model", ECHO)
+    slow = raw_client(pool.endpoint, rcvhwm=4)
+    fill = b"x" * (4 << 20)
+    try:
+        for i in range(90):  # 64 in the pipe, then the 64 MiB backlog: nothing read
+            slow.send_multipart([pack_header(ops.INFER, i), msgpack.packb({"pad": fill})])
+        slow.send_multipart([pack_header(ops.INFER, "s", stream=True), msgpack.packb({"pad": b"y" * (5 << 20)})])
+        end = time.monotonic() + 120
+        for _ in range(50_000):  # bounded: status round trips until all of it has been answered
+            done = sum(pool.status()["pool"]["outcomes"].values())
+            if done >= 91 or time.monotonic() > end:
+                break
+        assert done >= 91
+        stream = []
+        for _ in range(92):
+            assert slow.poll(30_000), "a reply is missing"
+            frames = slow.recv_multipart()
+            header = msgpack.unpackb(frames[0])
+            if header["id"] == "s":
+                stream.append((header["op"], msgpack.unpackb(frames[1]) if header["op"] == ops.ERROR else None))
+                if header["op"] != ops.CHUNK:
+                    break
+    finally:
+        slow.close()
+    assert [op for op, _ in stream] == [ops.ERROR], stream  # no part came, and no success either
+    assert stream[0][1]["type"] == "Overloaded" and "stream was cut" in stream[0][1]["message"]

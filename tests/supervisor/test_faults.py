@@ -241,20 +241,23 @@ def test_the_bytes_of_the_requests_held_are_bounded(start_pool, tmp_path):
     pool = start_pool("--workers", "1", "--model", FAULTY, "--prefetch", "1", "--max-queue-bytes", "64MiB")
     gate = tmp_path / "gate"
     big = np.ones(1 << 22, np.float32)  # 16 MiB, and a few bytes of payload around it
-    with pool.client(shm=False) as c:
+    with pool.client(shm=False) as c, pool.client(shm=False) as other:
         first = c.submit({"do": "wait", "path": str(gate), "s": 30, "a": big})
         rest = [c.submit({"do": "ok", "i": i, "a": big}) for i in range(8)]
         # a refusal is answered at once, before the status asked after it on the same connection
         held = c.status()["pool"]["held_bytes"]
         refused = [f.exception(timeout=0) for f in rest if f.done()]
         assert all(isinstance(e, Overloaded) for e in refused), refused
+        kept = other.submit({"do": "ok", "other": 1, "a": big[:1 << 20]})  # the eighth kept for others
         gate.touch()
+        assert kept.result(timeout=60)["echo"]["other"] == 1
         assert first.result(timeout=60)["echo"]["do"] == "wait"
         answered = [f.result(timeout=60)["echo"]["i"] for f in rest if f.exception(timeout=60) is None]
         assert c.status()["pool"]["held_bytes"] == 0
     assert len(answered) == 2 and len(refused) == 6  # 3 of 16 MiB fit in 64 MiB, a fourth does not
     assert 3 * big.nbytes < held <= 64 << 20
     assert "--max-queue-bytes" in str(refused[0]) and refused[0].max_queue_bytes == 64 << 20
+    assert "its share" in str(refused[0])  # one client may hold 7/8 of it (56 MiB: 3 of 16 MiB)
 
 
 def test_expired_request_is_never_started(start_pool):
