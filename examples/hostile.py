@@ -123,14 +123,19 @@ ATTACKS = {
 }
 
 
-def flood(n: int) -> int:
-    """Send the supervisor n results for a request it never gave, on this worker's own socket,
-    as fast as it can; returns n."""
+def _own_worker() -> Any:
+    """The isopool Worker this model runs in, found as a compromised model would find it."""
     import gc
 
     from isopool.worker.process import Worker
 
-    sock = next(o for o in gc.get_objects() if isinstance(o, Worker)).sock
+    return next(o for o in gc.get_objects() if isinstance(o, Worker))
+
+
+def flood(n: int) -> int:
+    """Send the supervisor n results for a request it never gave, on this worker's own socket,
+    as fast as it can; returns n."""
+    sock = _own_worker().sock
     forged = [pack_header(ops.RESULT, [b"nobody", 1], attempt=0), msgpack.packb(None)]
     for _ in range(n):
         sock.send_multipart(forged)
@@ -139,12 +144,9 @@ def flood(n: int) -> int:
 
 def dodge() -> None:
     """Write "finished" over "started" on this worker's board, then die: no request is to blame."""
-    import gc
     import struct
 
-    from isopool.worker.process import Worker
-
-    board = next(o for o in gc.get_objects() if isinstance(o, Worker)).board
+    board = _own_worker().board
     started = struct.unpack_from("<Q", board.map, 0)[0]
     struct.pack_into("<Q", board.map, 8, started)
     os._exit(3)

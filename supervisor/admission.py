@@ -179,9 +179,7 @@ def client_gone(core: "Core", ident: bytes) -> None:
     """The client went away: nobody waits for its answers. Its queued requests are dropped,
     its running ones cancelled in their workers (a stream stops at its next part)."""
     for req in core.ledger.of_client(ident):
-        if req.worker is not None:
-            w = core.workers[req.worker]
-            core.to_workers.append((w.ident, [pack_header(ops.CANCEL, list(req.key))]))
+        stop_in_worker(core, req)
         core.ledger.abandon(req, grace=core.config.kill_grace)
         core.stats.count("client_gone")
     core.stalled.discard(ident)
@@ -194,22 +192,29 @@ def cut_stream(core: "Core", key: tuple) -> None:
     req = core.ledger.get(key) if usable_id(key[1]) else None
     if req is None or not req.stream:
         return
+    stop_in_worker(core, req)
+    core.fail(req, stream_cut(req.chunks_sent))
+
+
+def stream_cut(parts: int | None) -> Overloaded:
+    """The error that ends a stream whose parts came faster than its client read them."""
+    after = f" after {parts} parts" if parts is not None else ""
+    return Overloaded(f"the stream was cut{after}: its parts came faster than this client read them, and the "
+                      "replies waiting for it reached their bound. Read a stream's parts as they come (or make "
+                      "them fewer or smaller)", **({"parts": parts} if parts is not None else {}))
+
+
+def stop_in_worker(core: "Core", req: Request) -> None:
+    """Tell the worker running `req` to drop it (a stream stops at its next part)."""
     if req.worker is not None:
-        w = core.workers[req.worker]
-        core.to_workers.append((w.ident, [pack_header(ops.CANCEL, list(key))]))
-    core.fail(req, Overloaded(
-        f"the stream was cut after {req.chunks_sent} parts: they came faster than this client read them, and "
-        "the replies waiting for it reached their bound. Read a stream's parts as they come (or make them "
-        "fewer or smaller)", parts=req.chunks_sent))
+        core.to_workers.append((core.workers[req.worker].ident, [pack_header(ops.CANCEL, list(req.key))]))
 
 
 def cancel(core: "Core", key: tuple) -> None:
     req = core.ledger.get(key) if usable_id(key[1]) else None
     if req is None:
         return
-    if req.worker is not None:  # tell its worker: a stream stops at its next part
-        w = core.workers[req.worker]
-        core.to_workers.append((w.ident, [pack_header(ops.CANCEL, list(key))]))
+    stop_in_worker(core, req)
     # a dispatched request stays held by its worker until the worker answers
     core.fail(req, Cancelled("cancelled by the client"))
 

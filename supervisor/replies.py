@@ -42,6 +42,7 @@ from isopool.protocol import Overloaded, encode_error, ops
 from isopool.protocol.transport import NOBLOCK, Outbox, data, send_frames, unbundle, wire
 
 from .actions import ClientGone, ClientStalled, StreamCut
+from .admission import stream_cut
 
 log = logging.getLogger("isopool.supervisor")
 
@@ -146,10 +147,7 @@ class ClientOutbox(Outbox):
             if op is not None and key in cut:  # its final word: the core's error for the cut, or else the
                 cut.discard(key)  # worker's, relayed before the core heard of the cut; never a success
                 if op == ops.RESULT:  # after a dropped part: the stream did not come whole
-                    reply = [peer, *encode_error(rid, Overloaded(
-                        "the stream was cut: its parts came faster than this client read them, and the replies "
-                        "waiting for it reached their bound. Read a stream's parts as they come (or make them "
-                        "fewer or smaller)"))]
+                    reply = [peer, *encode_error(rid, stream_cut(None))]
             elif op is not None and size > SMALL and held + size > BACKLOG_BYTES:
                 reply = [peer, *encode_error(rid, Overloaded(
                     f"this request's answer ({size} bytes) could not be held for its client, which had {held} "
