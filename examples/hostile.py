@@ -20,6 +20,11 @@ Hostile answers like faulty.Echo ({"echo": x, "pid": ...}) until a request asks 
         an older isopool would have given it: "S.G", and "S.G.<a guessed token>"), say READY every
         50 ms and answer whatever arrives with forged results; answers how many messages it got
         and sent
+
+GarblesTemplate and FloodsTemplate attack as they are built: preloaded (--preload model),
+that is in the template, on every socket the process holds (the template's command socket
+to the supervisor among them): a line that is not the template protocol, or a megabyte
+with no end of line.
 """
 
 from __future__ import annotations
@@ -189,3 +194,36 @@ def impersonate(x: dict) -> dict:
         s.close()
     ctx.term()
     return {"received": received, "sent": sent}
+
+
+def _sockets() -> list[int]:
+    """This process's socket descriptors."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                found.append(int(name))
+        except OSError:  # the directory's own descriptor, closed by now
+            pass
+    return found
+
+
+class GarblesTemplate:
+    def __init__(self) -> None:
+        for fd in _sockets():
+            try:
+                os.write(fd, b'{"pid": "not a pid"}\n')
+            except OSError:
+                pass
+
+    def __call__(self, x: Any) -> Any:
+        return x
+
+
+class FloodsTemplate(GarblesTemplate):
+    def __init__(self) -> None:
+        for fd in _sockets():
+            try:
+                os.write(fd, b"x" * (1 << 20))  # blocks until read, or until the supervisor kills us
+            except OSError:
+                pass

@@ -16,6 +16,7 @@ import time
 import psutil
 import zmq
 
+from isopool.logs import worth_a_line
 from isopool.protocol import board
 from isopool.protocol.contract import WorkerConfig
 from isopool.protocol.exits import exit_fields
@@ -41,6 +42,7 @@ class Processes:
         self.procs: dict[int, spawner.Process] = {}  # slot -> its current process
         self.outputs: dict[int, Output] = {}  # slot -> its current process's stdout and stderr
         self.dropped: dict[int, int] = {}  # slot -> bytes of output dropped (over --log-rate), all processes
+        self.spawn_bugs = 0  # spawns that raised what no spawn should (logged, then tried again)
         self.told_at = 0.0  # when dropped output was last reported
         self.boards: dict[int, str] = {}  # slot -> its current process's board file
         self.worker_ids: dict[int, int] = {}  # slot -> the worker id it serves as (what logs and status say)
@@ -85,10 +87,16 @@ class Processes:
                 raise spawner.TemplateError("the template is not running")
             else:
                 proc = self.templates[cfg.model_name].spawn(wc, keep)
-        except (spawner.TemplateError, OSError) as exc:
+        except Exception as exc:  # the core hears of every failure, or it waits for this worker for ever
             _unlink(path)
             if ours is not None:
                 ours.close()
+            if not isinstance(exc, (spawner.TemplateError, OSError)):  # a bug of ours
+                self.spawn_bugs += 1
+                if worth_a_line(self.spawn_bugs):
+                    log.exception("internal error starting worker slot %d (%d so far); it is started again after "
+                                  "backoff", slot, self.spawn_bugs)
+                return SpawnFailed(slot, f"internal error: {type(exc).__name__}: {exc}", template=False)
             return SpawnFailed(slot, str(exc), template=isinstance(exc, spawner.TemplateError))
         finally:
             if theirs is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import select
 import signal
@@ -24,8 +25,16 @@ import psutil
 from isopool.protocol.contract import (ENV_CONFIG_FD, ENV_TEMPLATE, ENV_TEMPLATE_FD, TEMPLATE_MAIN, WORKER_MAIN, WorkerConfig,
                                        spawn_request)
 
+log = logging.getLogger("isopool.supervisor")
 PR_SET_CHILD_SUBREAPER = 36
 SPAWN_TIMEOUT_S = 5.0
+# A template's line: a pid, its spare's, "ready", or a load error with its traceback (cut to
+# fit by the template). A template runs the model's code with --preload model: what it says
+# is read as strictly as a worker's messages, and a longer line or another shape breaks it.
+MAX_TEMPLATE_LINE = 256 << 10
+READ_CHUNKS = 16  # of 64 KiB, read from a template in one pass of the loop
+TEMPLATE_FIELDS = {"pid": int, "slot": int, "spare": int, "ready": bool, "preload": str, "error": str,
+                   "traceback": str}
 
 
 FULL_EVERY = 10  # samples between looks at a process's children and its USS (Process.resources)
@@ -198,12 +207,27 @@ class TemplateError(RuntimeError):
     pass
 
 
+class TemplateBroke(TemplateError):
+    """It said what no template says: a malformed or overlong line."""
+
+
+def template_message(line: bytes) -> dict:
+    """One line from a template: a JSON object of TEMPLATE_FIELDS, each of its type; else TemplateBroke."""
+    try:
+        msg = json.loads(line)
+    except ValueError:  # also a line that is not UTF-8
+        msg = None
+    if type(msg) is not dict or any(type(v) is not TEMPLATE_FIELDS.get(k) for k, v in msg.items()):
+        raise TemplateBroke(f"a malformed line: {line[:80]!r}")
+    return msg
+
+
 class Template:
     """The zygote: a fresh interpreter that has imported torch and the handler, forking workers."""
 
     def __init__(self, model: str, preload: str, user_config: dict, sandbox: bool = False, cpu: bool = True):
         self.ready = False
-        self.error: dict | None = None
+        self.dead = False  # it broke its protocol: killed, its exit to come
         self.spare: int | None = None  # the pid of its worker forked ahead of need (our child, not a stray)
         self._buf = b""
         self._pending: list[dict] = []  # messages read by learn_spare(), for the next read()
@@ -223,24 +247,50 @@ class Template:
         return self.sock.fileno()
 
     def read(self) -> list[dict]:
-        """Messages that have arrived (non-blocking): {"ready"} or {"error", "traceback"}."""
+        """Messages that have arrived (non-blocking): {"ready"} or {"error", "traceback"}. A
+        template that says something malformed is killed (its exit is then handled as any)."""
         self.sock.setblocking(False)
+        messages, self._pending = self._pending, []
         try:
-            while chunk := self.sock.recv(65536):
+            for _ in range(READ_CHUNKS):  # the rest, if it says more, on the next pass
+                if not (chunk := self.sock.recv(65536)):
+                    break
                 self._buf += chunk
+                messages += self._lines()
         except BlockingIOError:
             pass
-        messages, self._pending = self._pending, []
+        except TemplateBroke as exc:
+            self.broken(str(exc))
+            messages += self._pending
+            self._pending = []
+        return messages
+
+    def _lines(self) -> list[dict]:
+        """The whole lines in the buffer, checked; what they say of the template is noted."""
+        out = []
         while b"\n" in self._buf:
             line, self._buf = self._buf.split(b"\n", 1)
-            msg = json.loads(line)
+            msg = template_message(line)
             self.spare = msg.get("spare", self.spare)
             if msg.get("ready"):
                 self.ready = True
-            if "error" in msg:
-                self.error = msg
-            messages.append(msg)
-        return messages
+            out.append(msg)
+        if len(self._buf) > MAX_TEMPLATE_LINE:
+            raise TemplateBroke(f"a line longer than {MAX_TEMPLATE_LINE} bytes")
+        return out
+
+    def broken(self, why: str) -> None:
+        """It said something no template says: it is killed, and the next read() says so as
+        its load error (the model is failed at start, or the template restarted after backoff)."""
+        if not self.dead:
+            self.dead = True
+            log.error("the template (pid %d) broke its protocol and is killed: %s", self.proc.pid, why)
+            self._pending = [{"error": f"the template of this model broke its protocol ({why}); the model's code "
+                                       "runs in it when preloaded (--preload): check what it writes to file "
+                                       "descriptors it inherited", "traceback": ""}]
+        self.ready = False
+        self._buf = b""
+        self.proc.signal(signal.SIGKILL)
 
     def read_ahead(self) -> bool:
         return bool(self._pending)
@@ -274,17 +324,20 @@ class Template:
     def _reply(self) -> dict:
         """The answer to a spawn: the next line with a pid or an error (a line that only tells
         of a new spare, left from before, is taken in on the way)."""
-        while True:
-            while b"\n" not in self._buf:
+        try:
+            while True:
+                lines = self._lines()
+                for i, msg in enumerate(lines):
+                    if "pid" in msg or "error" in msg:
+                        self._pending += lines[i + 1:]  # for read(): it came with the reply
+                        return msg
                 chunk = self.sock.recv(65536)
                 if not chunk:
                     raise TemplateError("the template closed its socket")
                 self._buf += chunk
-            line, self._buf = self._buf.split(b"\n", 1)
-            msg = json.loads(line)
-            if "pid" in msg or "error" in msg:
-                return msg
-            self.spare = msg.get("spare", self.spare)
+        except TemplateBroke as exc:
+            self.broken(str(exc))
+            raise
 
     def close(self) -> None:
         self.proc.signal(signal.SIGKILL)

@@ -39,6 +39,9 @@ from isopool.protocol.exits import EXIT_LOAD_FAILED, EXIT_ORPHANED
 from .environment import die_with_parent, set_threads
 from .process import run
 REPARENT_TIMEOUT_S = 5.0
+# a load error's words, cut so that its line fits the supervisor's bound (MAX_TEMPLATE_LINE,
+# 256 KiB) even where JSON writes every character as a 6-byte escape
+ERROR_CHARS, TRACEBACK_CHARS = 8 << 10, 32 << 10
 
 
 def fork_safe(factory: Any) -> bool:
@@ -165,7 +168,8 @@ def main() -> None:
                                                              config=spec.get("user_config") or {}))
     except BaseException as exc:  # noqa: BLE001 - the model cannot load: say so, plainly
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        send(cmd, {"error": f"model {spec['model']} failed to load: {type(exc).__name__}: {exc}", "traceback": tb})
+        send(cmd, {"error": f"model {spec['model']} failed to load: {type(exc).__name__}: {exc}"[:ERROR_CHARS],
+                   "traceback": tb[-TRACEBACK_CHARS:]})  # its end says most
         os._exit(EXIT_LOAD_FAILED)
     gc.collect()
     gc.freeze()  # keep the collector from writing to (and so copying) the shared pages

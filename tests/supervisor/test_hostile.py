@@ -91,6 +91,23 @@ def test_a_model_that_floods_its_socket_grows_its_own_worker_not_the_supervisor(
     print({"supervisor_peak_rss_growth_mib": grew})
 
 
+@pytest.mark.parametrize("model, why", [("GarblesTemplate", "a malformed line"),
+                                        ("FloodsTemplate", "a line longer than")])
+def test_a_preloaded_model_that_writes_to_its_templates_socket_fails_serve_plainly(start_pool, model, why):
+    """Built in the template (--preload model), a model writes on the template's command
+    socket. The supervisor parsed those lines with no check and no bound: a JSON line of
+    another shape raised inside a spawn, whose slot then waited for ever for a process that
+    never came (and `stop` with it); a line with no end grew the supervisor's buffer without
+    bound. Now the template is killed, and at start that is the model's load error."""
+    pool = start_pool("--workers", "2", "--preload", "model", "--model", f"isopool.examples.hostile:{model}",
+                      wait=False)
+    code = pool.proc.wait(60)
+    out = pool.output()
+    assert code == 78, out
+    assert f"broke its protocol ({why}" in out and out.count("isopool serve:") == 1
+    assert "internal error" not in out
+
+
 def test_a_process_that_is_no_worker_cannot_connect_to_the_backend(start_pool):
     """Only a live worker's process is let in (the kernel says who connected): this test's
     own process, with a well-formed identity, is refused at the handshake and reported."""
