@@ -267,7 +267,10 @@ class Template:
 
     def _lines(self) -> list[dict]:
         """The whole lines in the buffer, checked; what they say of the template is noted."""
-        out = []
+        out: list[dict] = []
+        if self.dead:  # killed for what it said: nothing more it says is believed
+            self._buf = b""
+            return out
         while b"\n" in self._buf:
             line, self._buf = self._buf.split(b"\n", 1)
             msg = template_message(line)
