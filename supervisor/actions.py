@@ -156,6 +156,13 @@ class Kill:
 
 
 @dataclass(slots=True)
+class GiveUp:
+    """`slot`'s process outlived SIGKILL and a grace: stop watching it (it is killed again as
+    a stray, and reaped when it can be); the slot is free for a new process."""
+    slot: int
+
+
+@dataclass(slots=True)
 class StartTemplate:
     pass
 

@@ -3,7 +3,7 @@
     events (actions.py)                     rooms                       actions
     ClientMessage, ClientGarbage ──► admission  accept, refuse, cancel ─┐  core.to_clients  replies
     WorkerMessage, WorkerGarbage ──► answers    ready, relay, failures  ├► core.to_workers  RUN, CANCEL, STOP
-    WorkerExited ──────────────────► blame      whose fault, retry      │  core.actions     Spawn, Kill,
+    WorkerExited ──────────────────► blame      whose fault, retry      │  core.actions     Spawn, Kill, GiveUp,
     Spawned, SpawnFailed, Sampled ─► slots, health                      │                   StartTemplate,
     Template{Ready,Failed,Exited} ─► templates                          │                   StopTemplate,
     SignalReceived ────────────────► control    phases, scale, reload   │                   Sample, ReapStrays,

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 from isopool.protocol import RequestTimeout
 
-from .actions import Kill, ReapStrays, Sample
-from .blame import progress
+from .actions import GiveUp, Kill, ReapStrays, Sample
+from .blame import exited, progress
 from .slots import SERVING, State, kill, retire
 from .templates import TemplateState
 
@@ -70,11 +70,14 @@ def check_workers(core: "Core", now: float) -> None:
     to_sample = []
     for w in list(core.workers.values()):
         if w.state is State.STOPPING and w.kill_at is not None and now >= w.kill_at:
+            if w.signalled == "KILL" and w.pid is not None:
+                give_up(core, w, now)
+                continue
             core.log(logging.WARNING, "worker %d (pid %s) did not exit within %gs; sending SIGKILL", w.id, w.pid,
                      cfg.kill_grace)
             core.actions.append(Kill(w.slot, "KILL"))
             w.signalled = "KILL"
-            w.kill_at = None
+            w.kill_at = now + cfg.kill_grace  # SIGKILL too is bounded: give_up()
         elif w.state is State.STARTING and now - w.started_at > cfg.start_timeout:
             kill(core, w, "start_timeout", now)
         elif now - w.last_seen > cfg.heartbeat_timeout and silent(core, w):
@@ -88,6 +91,18 @@ def check_workers(core: "Core", now: float) -> None:
     if sample:
         check_degraded(core, now)
         core.actions.append(ReapStrays())
+
+
+def give_up(core: "Core", w, now: float) -> None:
+    """A process alive --kill-grace after SIGKILL is stuck in the kernel (uninterruptible sleep,
+    in a driver or a file system) and may stay so. Waiting for it held the slot, the requests
+    it had, and a stopping pool for ever: its exit is taken as seen, the shell stops watching
+    it (it is ended as a stray once it can be), and the slot is free."""
+    core.log(logging.ERROR, "worker %d (pid %s) did not exit %gs after SIGKILL: it is stuck in the kernel (a "
+             "driver or a file system). Given up: its requests are taken back and its slot is freed; it is "
+             "killed again and reaped once it can be", w.id, w.pid, core.config.kill_grace)
+    core.actions.append(GiveUp(w.slot))
+    exited(core, w, {"exit_code": None, "signal": None, "reason": "given up: alive after SIGKILL"}, now)
 
 
 def silent(core: "Core", w) -> bool:

@@ -186,6 +186,15 @@ class Processes:
                 log.warning("worker %d (pid %s) writes more output than --log-rate %d bytes/s; %d bytes of "
                             "it dropped so far", wid, proc.pid, self.config.log_rate, self.dropped[slot])
 
+    def give_up(self, slot: int) -> None:
+        """The core gave up on `slot`'s process (alive after SIGKILL and a grace): watch it no
+        more. It is a stray from now on: end_strays() kills it again, and reaps it once it can."""
+        proc = self.procs.get(slot)
+        self.forget(slot)
+        if proc is not None and proc.returncode is None:
+            os.close(proc.pidfd)  # forget() took it out of the poller
+            proc.pidfd = -1
+
     def end_strays(self, now: float) -> int:
         """End the processes workers left behind: every child of ours that is neither a worker
         nor the template is an orphan (its parent, a worker or one of its children, is gone).

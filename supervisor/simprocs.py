@@ -2,8 +2,8 @@
 
 A simulated worker answers READY after a start-up time, runs what it is sent one request
 at a time (marking its board as a real one does), streams parts, holds finished answers a
-moment, heartbeats when idle, and can hang (run nothing, say nothing, ignore TERM) or die
-at any moment; what it sent before dying still arrives. The world (sim.World) mixes this
+moment, heartbeats when idle, and can hang (run nothing, say nothing, ignore TERM; now and
+then ignore KILL too, as a process stuck in the kernel does) or die at any moment; what it sent before dying still arrives. The world (sim.World) mixes this
 in: it carries out the core's actions here.
 """
 
@@ -44,6 +44,8 @@ class SimWorker:
     alive: bool = True
     ready: bool = False
     hung: bool = False  # runs nothing more, sends nothing, ignores TERM
+    unkillable: bool = False  # hung in the kernel: ignores KILL too, for good
+    given_up: bool = False  # the core gave up on it (GiveUp): no longer the pool's
     cancelled: set = field(default_factory=set)
 
 
@@ -97,8 +99,13 @@ class Processes:
             self.later(rng.choice((0.001, 0.01, 0.3)), lambda: self.ready(w))
         elif kind is ev.Kill:
             w = self.workers.get(a.slot)
-            if w is not None and w.alive and (a.sig == "KILL" or not w.hung):
+            if w is not None and w.alive and not w.unkillable and (a.sig == "KILL" or not w.hung):
                 self.later(rng.random() * 0.01, lambda: self.exit(w, -15 if a.sig == "TERM" else -9))
+        elif kind is ev.GiveUp:
+            w = self.workers.get(a.slot)
+            if w is None or not w.unkillable:
+                raise Violation(f"slot {a.slot}'s process was given up on, but it could be killed")
+            w.given_up = True
         elif kind is ev.Sample:
             for slot in a.slots:
                 core.handle(ev.Sampled(slot, rng.randint(1, 100) << 20, 0, 0.0), self.now)
