@@ -21,10 +21,10 @@ Hostile answers like faulty.Echo ({"echo": x, "pid": ...}) until a request asks 
         50 ms and answer whatever arrives with forged results; answers how many messages it got
         and sent
 
-GarblesTemplate and FloodsTemplate attack as they are built: preloaded (--preload model),
-that is in the template, on every socket the process holds (the template's command socket
-to the supervisor among them): a line that is not the template protocol, or a megabyte
-with no end of line.
+GarblesTemplate, FloodsTemplate and ChattersTemplate attack as they are built: preloaded
+(--preload model), that is in the template, on every socket the process holds (the
+template's command socket to the supervisor among them): a line that is not the template
+protocol, a megabyte with no end of line, or a megabyte of lines that are.
 """
 
 from __future__ import annotations
@@ -225,5 +225,14 @@ class FloodsTemplate(GarblesTemplate):
         for fd in _sockets():
             try:
                 os.write(fd, b"x" * (1 << 20))  # blocks until read, or until the supervisor kills us
+            except OSError:
+                pass
+
+
+class ChattersTemplate(GarblesTemplate):
+    def __init__(self) -> None:
+        for fd in _sockets():
+            try:
+                os.write(fd, b'{"spare": 1}\n' * (1 << 16))
             except OSError:
                 pass

@@ -83,6 +83,7 @@ class SpawnFailed:
     slot: int
     why: str
     template: bool  # the template failed to fork (it is restarted)
+    broken: bool = False  # the template broke its protocol: as a load failure (backoff, or no start)
 
 
 @dataclass(slots=True)
@@ -157,7 +158,7 @@ class Kill:
 
 @dataclass(slots=True)
 class GiveUp:
-    """`slot`'s process outlived SIGKILL and a grace: stop watching it (it is killed again as
+    """`slot`'s process outlived SIGKILL by long (health.KILLED_WITHIN_S): stop watching it (it is killed again as
     a stray, and reaped when it can be); the slot is free for a new process."""
     slot: int
 

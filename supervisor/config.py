@@ -39,7 +39,7 @@ class PoolConfig:
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0  # an idle worker silent this long is replaced
     start_timeout: float = 120.0  # a worker not READY by then is killed
-    kill_grace: float = 3.0  # TERM, then KILL after this many seconds, and give up on the process after as many more
+    kill_grace: float = 3.0  # TERM, then KILL after this many seconds (given up on after as many more, 30 s at least)
     drain_timeout: float = 30.0  # SIGTERM: finish work for at most this long
     max_restarts: int = 10  # restarts within restart_window before the pool is degraded
     restart_window: float = 60.0

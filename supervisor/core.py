@@ -257,7 +257,9 @@ def _on_spawn_failed(core: Core, e: ev.SpawnFailed, now: float) -> None:
         w.spawn_at = now + (0.0 if e.template else core.config.backoff_base)
     elif w is not None and w.state is slots.State.STOPPING and w.pid is None:
         del core.workers[w.slot]  # stopped before its process existed, which now never will: nothing to wait for
-    if e.template:
+    if e.broken:
+        templates.failed(core, e.why, "", now)
+    elif e.template:
         templates.stop(core, now, delay=0.0)
     core.dirty = True
 

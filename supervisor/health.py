@@ -77,7 +77,7 @@ def check_workers(core: "Core", now: float) -> None:
                      cfg.kill_grace)
             core.actions.append(Kill(w.slot, "KILL"))
             w.signalled = "KILL"
-            w.kill_at = now + cfg.kill_grace  # SIGKILL too is bounded: give_up()
+            w.kill_at = now + max(cfg.kill_grace, KILLED_WITHIN_S)  # SIGKILL too is bounded: give_up()
         elif w.state is State.STARTING and now - w.started_at > cfg.start_timeout:
             kill(core, w, "start_timeout", now)
         elif now - w.last_seen > cfg.heartbeat_timeout and silent(core, w):
@@ -93,16 +93,26 @@ def check_workers(core: "Core", now: float) -> None:
         core.actions.append(ReapStrays())
 
 
+# SIGKILL takes effect at once, but a process's teardown may not (freeing a GPU context, a
+# large address space): this long after it, at least, a process still there is stuck
+KILLED_WITHIN_S = 30.0
+
+
 def give_up(core: "Core", w, now: float) -> None:
-    """A process alive --kill-grace after SIGKILL is stuck in the kernel (uninterruptible sleep,
-    in a driver or a file system) and may stay so. Waiting for it held the slot, the requests
-    it had, and a stopping pool for ever: its exit is taken as seen, the shell stops watching
-    it (it is ended as a stray once it can be), and the slot is free."""
+    """A process alive long after SIGKILL is stuck in the kernel (uninterruptible sleep, in a
+    driver or a file system) and may stay so. Waiting for it held the slot, the requests it
+    had, and a stopping pool for ever: its exit is taken as seen, the shell stops watching it
+    (it is ended as a stray once it can be), and the slot starts again after a backoff, as
+    after a crash, so a model that always gets stuck leaves such processes at that pace."""
     core.log(logging.ERROR, "worker %d (pid %s) did not exit %gs after SIGKILL: it is stuck in the kernel (a "
-             "driver or a file system). Given up: its requests are taken back and its slot is freed; it is "
-             "killed again and reaped once it can be", w.id, w.pid, core.config.kill_grace)
+             "driver or a file system). Given up: its requests are taken back and its slot starts again after "
+             "a backoff; it is killed again and reaped once it can be", w.id, w.pid,
+             max(core.config.kill_grace, KILLED_WITHIN_S))
     core.actions.append(GiveUp(w.slot))
     exited(core, w, {"exit_code": None, "signal": None, "reason": "given up: alive after SIGKILL"}, now)
+    if w.state is State.BACKOFF:  # restarted in place: not at once
+        w.crashes_in_row += 1
+        w.spawn_at = max(w.spawn_at, now + core.restarts.delay(w.crashes_in_row + 1))
 
 
 def silent(core: "Core", w) -> bool:

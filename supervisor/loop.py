@@ -358,8 +358,10 @@ class Supervisor:
             core.handle(procs.spawn(a.slot, a.generation, a.device, a.worker_id, served.config, a.token), now)
         elif kind is act.Kill:
             procs.kill(a.slot, a.sig)
-        elif kind is act.GiveUp:
-            procs.give_up(a.slot)
+        elif kind is act.GiveUp:  # alive long after SIGKILL: watched no more, a stray from now on
+            procs.forget(a.slot)
+            if a.slot not in core.workers:
+                self.models.by_slot.pop(a.slot, None)
         elif kind is act.Sample:
             for slot in a.slots:
                 measured = procs.sample(slot)

@@ -97,7 +97,9 @@ class Processes:
                     log.exception("internal error starting worker slot %d (%d so far); it is started again after "
                                   "backoff", slot, self.spawn_bugs)
                 return SpawnFailed(slot, f"internal error: {type(exc).__name__}: {exc}", template=False)
-            return SpawnFailed(slot, str(exc), template=isinstance(exc, spawner.TemplateError))
+            return SpawnFailed(slot, spawner.broke_protocol(str(exc)) if isinstance(exc, spawner.TemplateBroke) else str(exc),
+                               template=isinstance(exc, spawner.TemplateError),
+                               broken=isinstance(exc, spawner.TemplateBroke))
         finally:
             if theirs is not None:
                 theirs.close()
@@ -159,8 +161,9 @@ class Processes:
         self.listeners.drop(slot)
         if proc is not None:
             self.connected.discard(proc.pid)
-            if proc.returncode is None:  # its exit was never seen (the loop is ending)
+            if proc.returncode is None and not proc.released:  # its exit was never seen: given up on
                 self.poller.unregister(proc.pidfd)
+                proc.release()  # still ours to reap: as a stray (end_strays), or by kill_strays at the end
             if proc.output >= 0:
                 self.poller.unregister(proc.output)
                 self.forward_output(slot, proc, time.monotonic(), final=True)
@@ -185,15 +188,6 @@ class Processes:
                 self.told_at = now
                 log.warning("worker %d (pid %s) writes more output than --log-rate %d bytes/s; %d bytes of "
                             "it dropped so far", wid, proc.pid, self.config.log_rate, self.dropped[slot])
-
-    def give_up(self, slot: int) -> None:
-        """The core gave up on `slot`'s process (alive after SIGKILL and a grace): watch it no
-        more. It is a stray from now on: end_strays() kills it again, and reaps it once it can."""
-        proc = self.procs.get(slot)
-        self.forget(slot)
-        if proc is not None and proc.returncode is None:
-            os.close(proc.pidfd)  # forget() took it out of the poller
-            proc.pidfd = -1
 
     def end_strays(self, now: float) -> int:
         """End the processes workers left behind: every child of ours that is neither a worker
@@ -292,7 +286,8 @@ class Processes:
             if proc.returncode is None:
                 self.poller.unregister(proc.pidfd)
                 spawner.kill_now(proc)
-                proc.wait(5)
+                if proc.wait(5) is None:  # still there (stuck in the kernel): kill_strays() tries again
+                    proc.release()
             self.forget(slot)
         for name in list(self.templates):
             self.stop_template(name)

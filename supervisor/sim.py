@@ -30,6 +30,7 @@ import msgpack
 from isopool.protocol import ops
 
 from . import actions as ev
+from .health import KILLED_WITHIN_S
 from .blame import FAILURES
 from .config import PoolConfig
 from .phase import ACCEPTING, Phase
@@ -102,13 +103,13 @@ class World(Processes):
         if self.rng.random() < 0.5:  # stopped in the middle of things
             self.in_one_pass(ev.SignalReceived("SIGTERM"))
         else:
-            self.settle(30.0)  # calm: no faults, no new work
+            self.settle(30.0 + KILLED_WITHIN_S)  # calm: no faults, no new work (a stuck worker given up on)
             self.check_converged()
             self.deliver(ev.SignalReceived("SIGTERM"))
-        self.settle(self.config.drain_timeout + 10.0)
+        self.settle(self.config.drain_timeout + 10.0 + KILLED_WITHIN_S)
         if self.core.phase is not Phase.STOPPED:
             self.deliver(ev.SignalReceived("SIGTERM"))
-            self.settle(10.0)
+            self.settle(10.0 + KILLED_WITHIN_S)
         self.check_stopped()
 
     def step(self, i: int) -> None:

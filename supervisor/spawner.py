@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import psutil
 
@@ -33,8 +34,12 @@ SPAWN_TIMEOUT_S = 5.0
 # is read as strictly as a worker's messages, and a longer line or another shape breaks it.
 MAX_TEMPLATE_LINE = 256 << 10
 READ_CHUNKS = 16  # of 64 KiB, read from a template in one pass of the loop
+READ_LINES = 64  # a template says a line or two a spawn: more in one pass is a flood, which breaks it
 TEMPLATE_FIELDS = {"pid": int, "slot": int, "spare": int, "ready": bool, "preload": str, "error": str,
                    "traceback": str}
+# every line a template says (worker/template.py), by its fields
+TEMPLATE_LINES = {frozenset(k) for k in (("spare",), ("ready", "pid", "preload"), ("pid", "slot"),
+                                          ("error", "slot"), ("error", "traceback"))}
 
 
 FULL_EVERY = 10  # samples between looks at a process's children and its USS (Process.resources)
@@ -100,6 +105,7 @@ class Process:
         self.popen = popen
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)
+        self.released = False  # the pidfd is closed
         self.output = output  # read end of the worker's stdout+stderr pipe, or -1 (read by output.Output)
         self.returncode: int | None = None
         self._ps: psutil.Process | None = None
@@ -120,8 +126,15 @@ class Process:
                 if pid:
                     self.returncode = os.waitstatus_to_exitcode(status)
             if self.returncode is not None:
-                os.close(self.pidfd)
+                self.release()
         return self.returncode
+
+    def release(self) -> None:
+        """Close the pidfd (reaped, or no longer watched: a stray from now on, to end_strays()).
+        Its number stays, for the poller's unregister()."""
+        if not self.released:
+            self.released = True
+            os.close(self.pidfd)
 
     def wait(self, timeout: float) -> int | None:
         if self.returncode is None:
@@ -208,7 +221,12 @@ class TemplateError(RuntimeError):
 
 
 class TemplateBroke(TemplateError):
-    """It said what no template says: a malformed or overlong line."""
+    """It said what no template says: a malformed or overlong line, or a flood of lines."""
+
+
+def broke_protocol(why: str) -> str:
+    return (f"the template of this model broke its protocol ({why}); the model's code runs in it when preloaded "
+            "(--preload): check what it writes to file descriptors it inherited")
 
 
 def template_message(line: bytes) -> dict:
@@ -217,7 +235,8 @@ def template_message(line: bytes) -> dict:
         msg = json.loads(line)
     except ValueError:  # also a line that is not UTF-8
         msg = None
-    if type(msg) is not dict or any(type(v) is not TEMPLATE_FIELDS.get(k) for k, v in msg.items()):
+    if type(msg) is not dict or frozenset(msg) not in TEMPLATE_LINES or \
+            any(type(v) is not TEMPLATE_FIELDS[k] for k, v in msg.items()):
         raise TemplateBroke(f"a malformed line: {line[:80]!r}")
     return msg
 
@@ -260,9 +279,7 @@ class Template:
         except BlockingIOError:
             pass
         except TemplateBroke as exc:
-            self.broken(str(exc))
-            messages += self._pending
-            self._pending = []
+            messages.append(self.broken(str(exc)))
         return messages
 
     def _lines(self) -> list[dict]:
@@ -271,8 +288,10 @@ class Template:
         if self.dead:  # killed for what it said: nothing more it says is believed
             self._buf = b""
             return out
-        while b"\n" in self._buf:
-            line, self._buf = self._buf.split(b"\n", 1)
+        *lines, self._buf = self._buf.split(b"\n")
+        if len(lines) > READ_LINES:
+            raise TemplateBroke(f"{len(lines)} lines at once")
+        for line in lines:
             msg = template_message(line)
             self.spare = msg.get("spare", self.spare)
             if msg.get("ready"):
@@ -282,18 +301,16 @@ class Template:
             raise TemplateBroke(f"a line longer than {MAX_TEMPLATE_LINE} bytes")
         return out
 
-    def broken(self, why: str) -> None:
-        """It said something no template says: it is killed, and the next read() says so as
-        its load error (the model is failed at start, or the template restarted after backoff)."""
+    def broken(self, why: str) -> dict:
+        """It said something no template says: it is killed. Returns its load error (the model
+        is failed at start, or the template is restarted after backoff)."""
         if not self.dead:
             self.dead = True
             log.error("the template (pid %d) broke its protocol and is killed: %s", self.proc.pid, why)
-            self._pending = [{"error": f"the template of this model broke its protocol ({why}); the model's code "
-                                       "runs in it when preloaded (--preload): check what it writes to file "
-                                       "descriptors it inherited", "traceback": ""}]
         self.ready = False
         self._buf = b""
         self.proc.signal(signal.SIGKILL)
+        return {"error": broke_protocol(why), "traceback": ""}
 
     def read_ahead(self) -> bool:
         return bool(self._pending)
@@ -313,10 +330,13 @@ class Template:
         r, w = output_pipe()
         try:
             socket.send_fds(self.sock, [spawn_request(config)], [w, *keep])
-            reply = self._reply()
+            reply = self._reply(time.monotonic() + SPAWN_TIMEOUT_S)
         except OSError as exc:
             os.close(r)
             raise TemplateError(f"the template did not answer: {exc}") from None
+        except BaseException:
+            os.close(r)
+            raise
         finally:
             os.close(w)
         if "pid" not in reply:
@@ -324,9 +344,9 @@ class Template:
             raise TemplateError(reply.get("error", "the template could not fork"))
         return Process(reply["pid"], output=r)
 
-    def _reply(self) -> dict:
-        """The answer to a spawn: the next line with a pid or an error (a line that only tells
-        of a new spare, left from before, is taken in on the way)."""
+    def _reply(self, deadline: float) -> dict:
+        """The answer to a spawn, by `deadline`: the next line with a pid or an error (a line
+        that only tells of a new spare, left from before, is taken in on the way)."""
         try:
             while True:
                 lines = self._lines()
@@ -334,6 +354,10 @@ class Template:
                     if "pid" in msg or "error" in msg:
                         self._pending += lines[i + 1:]  # for read(): it came with the reply
                         return msg
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TemplateError(f"the template did not answer within {SPAWN_TIMEOUT_S:g}s")
+                self.sock.settimeout(left)
                 chunk = self.sock.recv(65536)
                 if not chunk:
                     raise TemplateError("the template closed its socket")

@@ -40,8 +40,8 @@ from .environment import die_with_parent, set_threads
 from .process import run
 REPARENT_TIMEOUT_S = 5.0
 # a load error's words, cut so that its line fits the supervisor's bound (MAX_TEMPLATE_LINE,
-# 256 KiB) even where JSON writes every character as a 6-byte escape
-ERROR_CHARS, TRACEBACK_CHARS = 8 << 10, 32 << 10
+# 256 KiB) even where JSON writes every character as a 12-byte escape (a pair of surrogates)
+ERROR_CHARS, TRACEBACK_CHARS = 4 << 10, 16 << 10
 
 
 def fork_safe(factory: Any) -> bool:

@@ -15,6 +15,7 @@ from isopool.supervisor import actions as ev
 from isopool.supervisor.config import PoolConfig
 from isopool.supervisor.phase import Phase
 from isopool.supervisor.core import Core
+from isopool.supervisor.health import KILLED_WITHIN_S
 from isopool.supervisor.slots import IllegalTransition, State
 
 CORE_MODULES = ("core", "actions", "admission", "answers", "blame", "control", "dispatch", "health", "ledger",
@@ -314,16 +315,29 @@ def test_a_worker_alive_after_sigkill_is_given_up_its_request_served_elsewhere_a
     grace = pool.core.config.kill_grace
     pool.tick(grace)
     assert [k.sig for k in pool.kills] == ["TERM", "KILL"] and not pool.given_up
-    pool.tick(grace)  # still no exit: given up, and its slot holds a new process
-    assert pool.given_up == [0] and w.pid not in (None, stuck)
+    pool.tick(KILLED_WITHIN_S - 1)  # a slow teardown (a GPU context) is waited for
+    assert not pool.given_up
+    pool.tick(1.0)  # still no exit: given up, and its slot starts again after a backoff, as after a crash
+    assert pool.given_up == [0] and w.state is State.BACKOFF
+    pool.tick(pool.core.config.backoff_max)
+    assert w.pid not in (None, stuck)
     pool.tick()
     assert [r["id"] for r in pool.runs[0]] == [[b"c", 1]] * 2  # request 1 is back, on the new process
     pool.answer(0, 1, attempt=pool.runs[0][-1]["attempt"])
     assert [h["op"] for h in pool.final(1)] == [ops.RESULT]
     pool.handle(ev.SignalReceived("SIGTERM"))
     for _ in range(3):  # the new one ignores its STOP and KILL as well
-        pool.tick(grace)
+        pool.tick(KILLED_WITHIN_S)
     assert pool.core.phase is Phase.STOPPED and pool.given_up == [0, 0]
+
+
+def test_a_template_that_broke_its_protocol_in_a_spawn_fails_the_start_with_why():
+    """Its error went with the template (stopped at once, restarted at once, for ever)."""
+    pool = Pool(workers=1, preload="model")
+    pool.core.handle(ev.TemplateReady("model"), pool.now)
+    pool.core.handle(ev.SpawnFailed(0, "the template of this model broke its protocol (a malformed line: ...)",
+                                    template=True, broken=True), pool.now)
+    assert "broke its protocol" in (pool.core.startup_error or "")
 
 
 def test_a_reused_id_never_gets_the_answer_of_the_cancelled_request_before_it():
