@@ -75,9 +75,7 @@ SERVE_OPTIONS: list[tuple[str, type | click.ParamType, str]] = [
     ("heartbeat-interval", float, "Seconds between heartbeats of an idle worker."),
     ("heartbeat-timeout", float, "An idle worker silent this long is replaced."),
     ("start-timeout", float, "A worker not ready after this many seconds is killed."),
-    ("kill-grace", float, "Seconds between SIGTERM and SIGKILL when a worker is killed. A worker still there this "
-                          "long (30 s at least) after SIGKILL is stuck in the kernel: it is given up on, its slot "
-                          "freed."),
+    ("kill-grace", float, "SIGTERM to SIGKILL, in seconds; a worker alive as long (30 s at least) past SIGKILL is given up on."),
     ("drain-timeout", float, "On SIGTERM, seconds to finish queued and running work before stopping."),
     ("max-restarts", int, "Restarts within --restart-window beyond which the pool is reported degraded."),
     ("restart-window", float, "Window in seconds for --max-restarts."),

@@ -309,8 +309,7 @@ class Supervisor:
                 self.collect_last_words(served, event.slot, now)
             served.core.handle(event, now)
             self.procs.forget(event.slot)
-            if event.slot not in served.core.workers:
-                models.by_slot.pop(event.slot, None)
+            models.let_go(event.slot, served)
 
     def collect_last_words(self, served: Served, slot: int, now: float) -> None:
         """Read what a dead worker sent before it died, so the right request takes the blame."""
@@ -360,8 +359,7 @@ class Supervisor:
             procs.kill(a.slot, a.sig)
         elif kind is act.GiveUp:  # alive long after SIGKILL: watched no more, a stray from now on
             procs.forget(a.slot)
-            if a.slot not in core.workers:
-                self.models.by_slot.pop(a.slot, None)
+            self.models.let_go(a.slot, served)
         elif kind is act.Sample:
             for slot in a.slots:
                 measured = procs.sample(slot)

@@ -80,6 +80,11 @@ class Models:
     def cores(self) -> list[Core]:
         return [s.core for s in self.by_name.values()]
 
+    def let_go(self, slot: int, served: Served) -> None:
+        """The shell no longer watches `slot`'s process: forget the slot, unless its core keeps it."""
+        if slot not in served.core.workers:
+            self.by_slot.pop(slot, None)
+
     def route(self, name: Any) -> Served:
         """The model a request names; BadRequest or UnknownModel (listing the names) if none fits."""
         if name is None:
