@@ -34,7 +34,7 @@ SPAWN_TIMEOUT_S = 5.0
 # is read as strictly as a worker's messages, and a longer line or another shape breaks it.
 MAX_TEMPLATE_LINE = 256 << 10
 READ_CHUNKS = 16  # of 64 KiB, read from a template in one pass of the loop
-READ_LINES = 64  # a template says a line or two a spawn: more in one pass is a flood, which breaks it
+READ_LINES = 64  # a template says a line or two a spawn: more in one read is a flood, which breaks it
 TEMPLATE_FIELDS = {"pid": int, "slot": int, "spare": int, "ready": bool, "preload": str, "error": str,
                    "traceback": str}
 # every line a template says (worker/template.py), by its fields
