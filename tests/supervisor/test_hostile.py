@@ -44,7 +44,9 @@ def test_a_model_that_impersonates_another_worker_is_refused_and_forges_nothing(
     status = pool.status()
     pids = {w["pid"] for w in status["workers"]}
     assert all(a["pid"] in pids for a in answers)  # every answer came from a worker the supervisor started
-    assert status["pool"]["backend_refused"] >= 2  # a connection of each attempt's, at least
+    # each attempt's first connection, at least; its second too unless the kill its first set off
+    # came before that one's handshake (seen once in a loaded CI run: 1)
+    assert status["pool"]["backend_refused"] >= 1
     assert f"refused a backend connection from process {by}" in pool.output()
     assert "a second connection" in pool.output()
     refused = pool.saw("intruder") or [pool.wait_event("intruder", timeout=10)]
