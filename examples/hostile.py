@@ -196,25 +196,20 @@ def impersonate(x: dict) -> dict:
     return {"received": received, "sent": sent}
 
 
-def _sockets() -> list[int]:
-    """This process's socket descriptors."""
-    found = []
+def _write_everywhere(data: bytes) -> None:
+    """Write `data` on every socket this process holds (a write that blocks waits for a reader,
+    or for the supervisor to kill us)."""
     for name in os.listdir("/proc/self/fd"):
         try:
             if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
-                found.append(int(name))
-        except OSError:  # the directory's own descriptor, closed by now
+                os.write(int(name), data)
+        except OSError:  # the directory's own descriptor, closed by now; or a socket that takes nothing
             pass
-    return found
 
 
 class GarblesTemplate:
     def __init__(self) -> None:
-        for fd in _sockets():
-            try:
-                os.write(fd, b'{"pid": "not a pid"}\n')
-            except OSError:
-                pass
+        _write_everywhere(b'{"pid": "not a pid"}\n')
 
     def __call__(self, x: Any) -> Any:
         return x
@@ -222,17 +217,9 @@ class GarblesTemplate:
 
 class FloodsTemplate(GarblesTemplate):
     def __init__(self) -> None:
-        for fd in _sockets():
-            try:
-                os.write(fd, b"x" * (1 << 20))  # blocks until read, or until the supervisor kills us
-            except OSError:
-                pass
+        _write_everywhere(b"x" * (1 << 20))
 
 
 class ChattersTemplate(GarblesTemplate):
     def __init__(self) -> None:
-        for fd in _sockets():
-            try:
-                os.write(fd, b'{"spare": 1}\n' * (1 << 16))
-            except OSError:
-                pass
+        _write_everywhere(b'{"spare": 1}\n' * (1 << 16))
