@@ -276,27 +276,39 @@ def test_a_burst_of_status_asks_is_answered_from_one_status_a_pass(start_pool):
     print({"distinct_status_sizes": len(bodies)})
 
 
-def test_a_stalled_clients_stream_ends_in_an_error_never_in_a_success_without_its_part(start_pool):
+def test_a_stalled_clients_stream_ends_in_an_error_never_in_a_success_without_its_part(start_pool, tmp_path):
     """A plain model asked to stream sends its one part and its end back to back. For a client
     whose replies wait at their bound the part is not sent but the stream cut: the client
     gets Overloaded, never an empty stream that succeeds. (Where the part and the end are
     read in the very pass that takes the backlog past its bound, before the client is known
-    to be stalled, replies.py turns the end into the same error: a review found that race.)"""
-    pool = start_pool("--workers", "1", "--model", ECHO)
+    to be stalled, replies.py turns the end into the same error: a review found that race.)
+    The first request waits on a gate until every request is queued: otherwise, on a loaded
+    machine, the stream can be read after the client is known to be stalled, and is refused
+    at the door with another Overloaded (a CI run saw it)."""
+    pool = start_pool("--workers", "1", "--model", FAULTY)
     slow = raw_client(pool.endpoint, rcvhwm=4)
+    gate = tmp_path / "gate"
     fill = b"x" * (4 << 20)
     try:
+        slow.send_multipart([pack_header(ops.INFER, "gate"), msgpack.packb({"do": "wait", "path": str(gate), "s": 120})])
         for i in range(90):  # 64 in the pipe, then the 64 MiB backlog: nothing read
             slow.send_multipart([pack_header(ops.INFER, i), msgpack.packb({"pad": fill})])
         slow.send_multipart([pack_header(ops.INFER, "s", stream=True), msgpack.packb({"pad": b"y" * (5 << 20)})])
         end = time.monotonic() + 120
+        for _ in range(50_000):  # bounded: status round trips until the stream is queued behind the gate
+            held = pool.status()["pool"]  # queued, or sent ahead to the one worker (--prefetch)
+            if held["queue_depth"] + held["in_flight"] >= 92 or time.monotonic() > end:
+                break
+        assert held["queue_depth"] + held["in_flight"] == 92, held
+        gate.touch()
+        end = time.monotonic() + 120
         for _ in range(50_000):  # bounded: status round trips until all of it has been answered
             done = sum(pool.status()["pool"]["outcomes"].values())
-            if done >= 91 or time.monotonic() > end:
+            if done >= 92 or time.monotonic() > end:
                 break
-        assert done >= 91
+        assert done >= 92
         stream = []
-        for _ in range(92):
+        for _ in range(93):
             assert slow.poll(30_000), "a reply is missing"
             frames = slow.recv_multipart()
             header = msgpack.unpackb(frames[0])
