@@ -6,6 +6,8 @@ A request is a map {"do": ACTION, ...}; the reply echoes the input with the work
     ok                      {"pid", "echo"}
     raise                   ValueError from the handler
     exit   code=N           os._exit(N)
+    exit_if a=ARRAY         os._exit(3) if the array's first element is 666, else echo: an input
+                            that kills by its data alone (in shared memory, the frames are alike)
     segv                    a real SIGSEGV (ctypes null-pointer read)
     hang                    an infinite Python loop
     sleep  s=SECONDS        time.sleep
@@ -42,6 +44,8 @@ class Faulty:
             raise ValueError(f"bad input {x.get('tag')!r}")
         if action == "exit":
             os._exit(int(x.get("code", 3)))
+        if action == "exit_if" and x["a"].ravel()[0] == 666:
+            os._exit(3)
         if action == "segv":
             ctypes.string_at(0)
         if action == "hang":

@@ -27,6 +27,7 @@ import numpy as np
 from .arrays import ARRAY_MODES, DTYPES, EXT_ARRAY, ITEMSIZE, ORIGIN_NUMPY, ORIGIN_TORCH  # noqa: F401 - re-exported
 from .arrays import build_array as _build_array
 from .errors import BadRequest
+from .headers import unreadable
 from .failures import decode_error, encode_error  # noqa: F401 - error replies, re-exported
 from .headers import pack_header
 from .limits import DEFAULT_LIMITS, Limits
@@ -237,7 +238,7 @@ class _Decoder:
         except BadRequest:
             raise
         except Exception as exc:
-            raise BadRequest(f"payload is not valid msgpack: {type(exc).__name__}: {exc}") from None
+            raise BadRequest(f"payload is not valid msgpack: {unreadable(exc)}") from None
         self._check_shape(value)
         if not all(self.used):
             raise BadRequest(f"{self.used.count(False)} array frame(s) are not referenced by the payload")
@@ -299,6 +300,9 @@ class _Decoder:
         if (not isinstance(shape, list) or len(shape) > 32
                 or not all(type(d) is int and 0 <= d < 2**62 for d in shape)):
             raise BadRequest(f"array shape {shape!r} is invalid: a list of at most 32 non-negative ints")
+        if math.prod(d for d in shape if d) * ITEMSIZE.get(name, 1) >= 2**62:  # numpy refuses it, a zero dim or not
+            raise BadRequest(f"array shape {shape!r} is too large: its non-zero dimensions alone make more "
+                             "than 2**62 bytes, which no array can have, even an empty one")
         if type(origin) is not int or origin not in (ORIGIN_NUMPY, ORIGIN_TORCH):
             raise BadRequest(f"array origin {origin!r} is unknown")
         if type(index) is list:

@@ -18,6 +18,13 @@ def pack_header(op: str, rid: Any, **fields: Any) -> bytes:
     return msgpack.packb(fields, use_bin_type=True)
 
 
+def unreadable(exc: Exception) -> str:
+    """Why msgpack could not decode some bytes, in words (its StackError has none)."""
+    if isinstance(exc, msgpack.exceptions.StackError):
+        return "it nests lists or maps deeper than the decoder's stack allows"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 def unpack_header(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     """Decode and check a header: a map with the current version and a known op."""
     if len(data) > limits.max_header_bytes:
@@ -28,7 +35,7 @@ def unpack_header(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any
     try:
         header = msgpack.unpackb(data, raw=False, max_ext_len=0)
     except Exception as exc:
-        raise BadRequest(f"header is not valid msgpack ({exc}); is the sender an isopool client?") from None
+        raise BadRequest(f"header is not valid msgpack ({unreadable(exc)}); is the sender an isopool client?") from None
     if not isinstance(header, dict):
         raise BadRequest("header must be a msgpack map with keys v, op, id")
     version = header.get("v")
@@ -44,11 +51,20 @@ def unpack_header(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any
     return header
 
 
+PEEK_WHOLE = 64 << 10  # a header up to this size is decoded whole to find its id; a larger one only if flat
+
+
 def peek_id(data: bytes) -> Any:
-    """Best-effort request id from an undecodable header, so an error can still be routed."""
+    """Best-effort request id from a header that failed a check, so the error can still be routed
+    to the request it refuses. A header of at most PEEK_WHOLE bytes is decoded whole (its lists,
+    maps and strings included: a field of the wrong type must not hide the id); a larger one
+    only if it holds no list and no long string, so that peeking never builds much."""
     try:
-        header = msgpack.unpackb(data, raw=False, max_bin_len=0, max_ext_len=0, max_str_len=1024,
-                                 max_array_len=0, max_map_len=64)
+        if len(data) <= PEEK_WHOLE:
+            header = msgpack.unpackb(data, raw=False, max_ext_len=0)
+        else:
+            header = msgpack.unpackb(data, raw=False, max_bin_len=0, max_ext_len=0, max_str_len=1024,
+                                     max_array_len=0, max_map_len=64)
         rid = header.get("id") if isinstance(header, dict) else None
         return rid if type(rid) in (int, str, bytes) else None
     except Exception:

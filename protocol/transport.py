@@ -159,7 +159,8 @@ def unbundle(frames: list, at: int = 0) -> list[list]:
         raise ValueError(f"its bundle index holds more than {INDEX_ITEMS} items in its lists") from None
     except Exception:
         raise ValueError("its first frame starts with 0xc1, which marks a bundle, but the bundle index after "
-                         "it is not valid msgpack") from None
+                         "it is not valid msgpack of the index's kinds (frame counts, and lists of frames as bytes; no "
+                         "strings, maps or extension types)") from None
     carried = len(frames) - at - 1
     if not isinstance(index, list) or not 0 < len(index) <= MAX_BUNDLE:
         raise ValueError(f"its bundle index must list 1 to {MAX_BUNDLE} messages")

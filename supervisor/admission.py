@@ -112,7 +112,7 @@ def accept(core: "Core", ident: bytes, header: dict, body: list, now: float) -> 
                          f"{size} would pass --max-queue-bytes {cap}. Retry later, add workers or raise "
                          "--max-queue-bytes (a client on this host sends large arrays in shared memory instead)",
                          held_bytes=ledger.held_bytes, max_queue_bytes=cap)
-    if core.poison.kills and core.poison.is_poison(body):
+    if core.poison.kills and shm is None and core.poison.is_poison(body):
         raise PoisonRequest(f"this input has killed {core.config.poison_threshold} workers and is refused; "
                             "fix the input or the handler", threshold=core.config.poison_threshold)
     tenant = isolation_key(core, key, header) if core.config.isolation != "none" else None

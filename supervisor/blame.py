@@ -158,7 +158,9 @@ def after_exit(core: "Core", w: Worker, reason: str, now: float) -> None:
 def on_crash(core: "Core", req: "Request", info: dict) -> None:
     cfg = core.config
     req.crashes.append({k: info[k] for k in ("worker", "pid", "exit_code", "signal", "reason")})
-    kills = core.poison.add_kill(req.body)
+    # a shared-memory request's body names its segment, not its data (the same for every array of
+    # that dtype and shape): it is not remembered as poison, only its own deaths count
+    kills = core.poison.add_kill(req.body) if req.shm is None else len(req.crashes)
     if kills >= cfg.poison_threshold:
         core.fail(req, PoisonRequest(
             f"this input has killed {kills} workers (--poison-threshold {cfg.poison_threshold}); "

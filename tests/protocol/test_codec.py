@@ -22,7 +22,10 @@ from isopool.protocol import (
     unpack_header,
     validate_payload,
 )
+from isopool.protocol import schemas
 from isopool.protocol.codec import EXT_ARRAY
+from isopool.protocol.limits import DEFAULT_LIMITS
+from isopool.protocol.transport import messages
 
 NUMPY_DTYPES = [d for d in DTYPES.values() if d is not None]
 
@@ -132,12 +135,14 @@ def ext(name, shape, index, origin=0):
     ([msgpack.packb(ext("float32", [1], 3)), b"\0" * 4], "missing"),
     ([msgpack.packb([ext("uint8", [1], 0), ext("uint8", [1], 0)]), b"\0"], "already used"),
     ([msgpack.packb(ext("uint8", [-1], 0)), b""], "shape"),
-    ([msgpack.packb(ext("uint8", [2**40, 2**40], 0)), b""], "max_elements|needs"),
+    ([msgpack.packb(ext("uint8", [2**40, 2**40], 0)), b""], "max_elements|needs|too large"),
     ([msgpack.packb(msgpack.ExtType(9, b"x"))], "ext code 9"),
     ([msgpack.packb(msgpack.ExtType(EXT_ARRAY, b"\xc1"))], "malformed"),
     ([msgpack.packb(1), b"extra"], "not referenced"),
     ([b"\xc1"], "not valid msgpack"),
     ([msgpack.packb([1, 2, 3])[:-1]], "not valid msgpack"),
+    ([b"\x91" * 5000 + b"\xc0"], "nests lists or maps deeper than the decoder's stack allows"),
+    ([msgpack.packb(ext("float32", [0, 2**62 - 1, 2**62 - 1], 0)), b""], "too large: its non-zero dimensions"),
     ([], "no payload"),
 ])
 def test_bad_payloads_are_refused(frames, match):
@@ -171,6 +176,22 @@ def test_headers_are_checked():
         unpack_header(msgpack.packb([1, 2]))
     with pytest.raises(BadRequest, match="max_header_bytes"):
         unpack_header(b"\0" * 70000)
+    with pytest.raises(BadRequest, match="stack allows"):
+        unpack_header(b"\x91" * 5000 + b"\xc0")
+
+
+@pytest.mark.parametrize("fields", [
+    {"timeout": "soon", "tenant": ["a", "b"]},  # a list beside the field that fails
+    {"timeout": -1, "shm": [1, 2, 3, 4, 5, 6]},
+    {"timeout": -1, "note": "x" * 5000},  # a long string
+    {"v": 2, "extra": [1]},  # another version, with a list
+])
+def test_a_refused_message_keeps_its_id_whatever_else_its_header_holds(fields):
+    """A refusal is routed to its request by the id: a header that fails a check but decodes
+    gives its id, lists and long strings beside it or not (a hostile pass found them hiding it)."""
+    header = msgpack.packb({"v": 1, "op": ops.INFER, "id": 7, **fields})
+    [(rid, body, error)] = messages([header, msgpack.packb(1)], DEFAULT_LIMITS, side=schemas.CLIENT)
+    assert rid == 7 and body is None and isinstance(error, BadRequest), error
 
 
 def test_whole_message_layout():

@@ -20,7 +20,7 @@ import torch
 import zmq
 
 from isopool.client import Client
-from isopool.protocol import BadRequest, Overloaded, WorkerCrashed, encode_payload, ops, pack_header, unpack_header
+from isopool.protocol import BadRequest, Overloaded, PoisonRequest, WorkerCrashed, encode_payload, ops, pack_header, unpack_header
 from isopool.protocol import shm
 from isopool.protocol.codec import decode_error
 from isopool.client.segments import IDLE, Pool, Segments
@@ -31,6 +31,7 @@ from ..helpers import ROOT, assert_replaced, wait_gone
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
+FAULTY = "isopool.examples.faulty:Faulty"
 
 
 def peak_growth(pid: int, call) -> int:
@@ -100,6 +101,28 @@ def test_large_arrays_skip_the_supervisor_and_come_back_mapped(faulty):
     ours = {os.getpid(), faulty.pid, *workers}  # not another pool's on this host (a test beside this one)
     left = settle_segments({}, settled=lambda left: not set(left) & set(workers))
     assert {p: s for p, s in left.items() if p in ours} == {}  # and the workers' maps
+
+
+def test_an_input_in_shared_memory_that_kills_workers_is_failed_but_refuses_no_other_input(start_pool):
+    """The frames of a request in shared memory name its segment, not its data: alike for every
+    array of one dtype and shape. A deadly one is failed as poison after its own deaths, but
+    not remembered by those frames, or a harmless array of that shape, another client's
+    included, would be refused as the same input (a hostile pass found that)."""
+    pool = start_pool("--workers", "2", "--model", FAULTY, "--max-attempts", "3", "--poison-threshold", "2")
+    deadly = np.zeros(MiB, dtype=np.float32)  # 4 MiB: in shared memory
+    deadly[0] = 666
+    harmless = np.arange(MiB, dtype=np.float32)
+    with pool.client() as a, pool.client() as b:
+        for _ in range(2):  # not remembered: tried again, and failed again after its own deaths
+            with pytest.raises(PoisonRequest) as info:
+                a.infer({"do": "exit_if", "a": deadly})
+            assert len(info.value.attempts) == 2
+        for c in (b, a):
+            answer = c.infer({"do": "exit_if", "a": harmless})
+            assert np.array_equal(answer["echo"]["a"], harmless)
+        assert any(shm.NAME_OUT in s for s in segments_in(os.getpid()))  # it came back in shared memory
+    status = pool.wait_until(lambda s: s["pool"]["workers_ready"] == 2, "ready", timeout=60)
+    assert status["pool"]["outcomes"].get("poison") == 2
 
 
 def test_a_model_that_writes_its_input_never_sees_its_write_in_the_next_request(start_pool):
