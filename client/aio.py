@@ -181,11 +181,14 @@ class AsyncClient(AsyncControlCalls):
 
     async def _answer(self, cid: Any, frames: list, deadline: float) -> Any:
         future = self._start(frames, cid, deadline)
+        del frames
         try:
             return await future
         except asyncio.CancelledError:
             self._cancel(cid)
             raise
+        finally:  # the future holds the error raised here, whose traceback holds this frame: a cycle
+            del future  # that would keep the caller's request (a whole HTTP body) until a full collection
 
     async def stream(self, x: Any, *, timeout: float | None = None, tenant: str | None = None,
                      model: str | None = None) -> AsyncIterator[Any]:

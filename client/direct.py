@@ -107,6 +107,8 @@ class Direct:
                 except zmq.ZMQError:
                     pass
             raise
+        finally:  # the answer holds the error raised here, whose traceback holds this frame: a cycle
+            answer = frames = None  # that would keep the request until a full collection
 
     @staticmethod
     def _settles(session: Session, frames: list, answer: _Answer) -> bool:

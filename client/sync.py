@@ -74,6 +74,8 @@ def _wait(future: Future, timeout: float) -> Any:
     except KeyboardInterrupt:  # Ctrl-C: withdraw it, so its worker is told too
         future.cancel()
         raise
+    finally:  # the future holds the error raised here, whose traceback holds this frame: a cycle
+        del future  # that would keep the caller's request until a full collection
 
 
 class Client(ControlCalls):
@@ -128,8 +130,7 @@ class Client(ControlCalls):
         """Run the model on x and return its output. Raises an isopool.errors type on failure."""
         direct = self._io.checkout()
         if direct is None:  # closing, or DIRECT_SOCKETS other threads are in infer(): queue it
-            future = self._submit(x, timeout, retry, tenant, model=model)
-            return _wait(future, self._session.timeout_of(timeout))
+            return _wait(self._submit(x, timeout, retry, tenant, model=model), self._session.timeout_of(timeout))
         try:
             return direct.call(self._io, *self._request(x, timeout, retry, tenant, stream=False, model=model))
         finally:

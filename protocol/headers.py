@@ -22,6 +22,9 @@ def unreadable(exc: Exception) -> str:
     """Why msgpack could not decode some bytes, in words (its StackError has none)."""
     if isinstance(exc, msgpack.exceptions.StackError):
         return "it nests lists or maps deeper than the decoder's stack allows"
+    if isinstance(exc, ValueError) and " exceeds max_" in str(exc):  # one of the length caps of the unpacker
+        return (f"{exc}: a list, map, string or bytes longer than this message may hold; send large data "
+                "as arrays (numpy or torch)")
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
-from concurrent.futures import Future
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
 from isopool import AsyncClient, Client, Limits
+from isopool.client.iothread import DIRECT_SOCKETS
 from isopool.errors import BadRequest, RemoteError, Unavailable
 from isopool.models.default import DefaultModel
 
@@ -92,6 +95,42 @@ def test_handler_exception_is_a_remote_error_and_the_worker_keeps_serving(faulty
     assert {w["pid"] for w in workers} >= pids_after and pid in {w["pid"] for w in workers}
     assert sum(w["errors"] for w in workers) == 1
     assert all(w["restarts"] == 0 for w in workers)
+
+
+def test_a_failed_call_lets_go_of_its_request_at_once(faulty):
+    """An error's traceback holds the frames it passed through; none of them may hold the error
+    again, or the cycle keeps the request (its array, or a gateway's whole HTTP body) until a
+    full collection, which large bytes alone never set off (a hostile pass saw a gateway grow
+    by 163 MiB a refused request). With the collector off, each request is gone once its
+    error is handled: sync (one thread's own socket, and a queued call) and asyncio."""
+    def sent(call) -> weakref.ref:
+        x = np.ones(1 << 18, dtype=np.float32)  # 1 MiB: as frames, below --shm-threshold
+        with pytest.raises(RemoteError):
+            call({"do": "raise", "a": x})
+        return weakref.ref(x)
+
+    async def through_async() -> list[weakref.ref]:
+        async with AsyncClient(faulty.endpoint) as ac:
+            return [await one(ac) for _ in range(3)]
+
+    async def one(ac) -> weakref.ref:
+        x = np.ones(1 << 18, dtype=np.float32)
+        with pytest.raises(RemoteError):
+            await ac.infer({"do": "raise", "a": x})
+        return weakref.ref(x)
+
+    gc.collect()
+    gc.disable()
+    try:
+        with faulty.client() as c:
+            refs = [sent(c.infer) for _ in range(3)]
+            refs += [sent(lambda x: c.submit(x).result(timeout=30)) for _ in range(3)]
+            with ThreadPoolExecutor(DIRECT_SOCKETS + 2) as many:  # past the direct sockets: queued calls
+                refs += list(many.map(lambda _: sent(c.infer), range(2 * DIRECT_SOCKETS)))
+        refs += asyncio.run(through_async())
+        assert [r() for r in refs if r() is not None] == []
+    finally:
+        gc.enable()
 
 
 def test_no_supervisor_is_unavailable_at_once_naming_the_endpoint_and_the_causes(short_tmp):
