@@ -39,7 +39,7 @@ _HOARD: list[bytearray] = []
 
 class Faulty:
     def __call__(self, x: Any) -> Any:
-        action = x.get("do") if isinstance(x, dict) else None
+        action = _plain(x.get("do")) if isinstance(x, dict) else None
         if action == "raise":
             raise ValueError(f"bad input {x.get('tag')!r}")
         if action == "exit":
@@ -52,9 +52,9 @@ class Faulty:
             while True:
                 pass
         if action == "sleep":
-            time.sleep(float(x.get("s", 1.0)))
+            time.sleep(float(_plain(x.get("s", 1.0))))
         if action == "wait":
-            _wait_for(str(x["path"]), float(x.get("s", 30.0)))
+            _wait_for(str(_plain(x["path"])), float(_plain(x.get("s", 30.0))))
         if action == "scribble":
             x["a"][...] = 0
         if action == "flood":
@@ -82,6 +82,15 @@ class Faulty:
         if action == "grow":
             _HOARD.append(bytearray(b"\x01" * (int(x.get("mib", 64)) << 20)))
         return {"pid": os.getpid(), "echo": x}
+
+
+def _plain(value: Any) -> Any:
+    """An argument as sent over HTTP too, where it is a tensor: bytes as str, one element as itself."""
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(-1)[0].item()
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _wait_for(path: str, seconds: float) -> None:

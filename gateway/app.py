@@ -33,6 +33,7 @@ from isopool.errors import (BadRequest, IsopoolError, Overloaded, RequestTimeout
 from . import auth, oip, openai_compat, openapi, repository, sse
 from .auth import Tokens
 from .body import BODY_KEY, DirectBody
+from .hangup import ClientGone, until_hangup
 from .metrics import HttpMetrics
 
 Scope = dict
@@ -140,6 +141,8 @@ class App:
             status, body, headers = answer
         except HTTPError as err:
             status, body, headers = err.status, error(str(err), err.status), err.headers
+        except ClientGone as err:  # answered to nobody: counted by the metrics and the access log
+            status, body, headers = err.status, error(str(err), err.status), []
         except oip.BadInput as err:
             status, body, headers = 400, error(str(err), 400), []
         except IsopoolError as err:
@@ -290,11 +293,11 @@ class App:
         if signature:
             oip.check_inputs(request, signature, name)
         if direct is not None:  # its tensors are views of the lease: the call names it, nothing is copied
-            result = await client._infer_in(direct.lease, oip.model_input(request), model=name)
+            result = await until_hangup(scope, client._infer_in(direct.lease, oip.model_input(request), model=name))
         else:
-            result = await client.infer(oip.model_input(request), model=name)
+            result = await until_hangup(scope, client.infer(oip.model_input(request), model=name))
         try:
-            outputs = oip.outputs_of(result)
+            outputs = oip.outputs_of(result, request)
         except ValueError as exc:
             raise HTTPError(500, f"the model's answer cannot be sent as tensors: {exc}") from None
         head, blobs = oip.response(name, request, outputs)

@@ -26,6 +26,7 @@ from isopool.logs import worth_a_line
 
 from .app import HEADER_LENGTH, MIN_BODY_RATE, resolve
 from .body import ALIGN, BODY_KEY, DIRECT_BYTES, BodyReader, DirectBody
+from .hangup import HANGUP_KEY
 
 log = logging.getLogger("isopool.gateway")
 KEEP_ALIVE_S = 5
@@ -330,6 +331,8 @@ class GuardedHttp(HttpToolsProtocol):
         if running and running[0].response_complete:  # the answered ones go (each connection keeps a few)
             self.running = running = [c for c in running if not c.response_complete]
         running.append(self.cycle)
+        if self.cycle is not None:  # what to call if this request's client hangs up (hangup.py)
+            self.scope.setdefault("extensions", {})[HANGUP_KEY] = self.cycle.on_hangup = []
         if served and self.cycle is not None and not self.pipeline and self.scheme == "http" \
                 and self.direct_app is not None and not self.parser.should_upgrade():
             self.direct = self.direct_body()
@@ -426,6 +429,9 @@ class GuardedHttp(HttpToolsProtocol):
             if cycle is not self.cycle and not cycle.response_complete:
                 cycle.disconnected = True
                 cycle.message_event.set()
+            if not cycle.response_complete:
+                for call in list(getattr(cycle, "on_hangup", ())):
+                    call()
         self.running.clear()
         self.stop_header_timer()
         self.stop_rest_timer()

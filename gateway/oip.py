@@ -11,6 +11,7 @@ Every check raises BadInput with what was wrong; the app answers it with 400.
 from __future__ import annotations
 
 import base64
+import json
 import math
 from typing import Any
 
@@ -30,6 +31,25 @@ class BadInput(ValueError):
     """The request does not follow the protocol; the message says how."""
 
 
+NON_FINITE = (b"NaN", b"Infinity")  # not JSON, but written by Triton and tritonclient for such floats
+
+
+def _loads(head: bytes | memoryview) -> Any:
+    """The request's JSON; where orjson refuses it for NaN, Infinity or -Infinity (as
+    tritonclient sends non-finite floats), read by Python's json, which takes them."""
+    try:
+        return orjson.loads(head)
+    except (ValueError, UnicodeDecodeError) as exc:
+        error = exc
+    raw = bytes(head)
+    if any(word in raw for word in NON_FINITE):
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            pass
+    raise BadInput(f"the request body is not JSON: {error}") from None
+
+
 def parse_request(body: bytes | bytearray, header_length: int | None, max_elements: int) -> dict:
     """The request's JSON, with each input's `array` decoded (from JSON data or its binary blob)."""
     if header_length is not None:
@@ -38,10 +58,7 @@ def parse_request(body: bytes | bytearray, header_length: int | None, max_elemen
         head, blobs = memoryview(body)[:header_length], memoryview(body)[header_length:]
     else:
         head, blobs = body, memoryview(b"")
-    try:
-        request = orjson.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadInput(f"the request body is not JSON: {exc}") from None
+    request = _loads(head)
     if not isinstance(request, dict):
         raise BadInput("the request must be a JSON object with \"inputs\"")
     inputs = request.get("inputs")
@@ -126,7 +143,8 @@ def _from_json(data: Any, datatype: str, shape: list, count: int, where: str) ->
         array = np.array(flat, dtype=dtype).reshape(shape)
     except (OverflowError, ValueError) as exc:
         raise BadInput(f"{where}: data does not fit {datatype}: {exc}") from None
-    if datatype[0] == "F" and not np.isfinite(array).all():  # JSON has no inf: a number past the type's range
+    if datatype[0] == "F" and not np.isfinite(array).all() and np.isfinite(np.array(flat, dtype=np.float64)).all():
+        # a finite number that became inf: past the type's range (NaN and Infinity as sent are kept)
         raise BadInput(f"{where}: data does not fit {datatype}: a number is beyond its range "
                        f"(±{np.finfo(dtype).max:.4g})")
     return array
@@ -211,6 +229,9 @@ def model_input(request: dict) -> Any:
     params = {k: v for k, v in (params or {}).items() if k != "binary_data_output"}
     if len(arrays) == 1 and not params:
         return next(iter(arrays.values()))
+    if params and "parameters" in arrays:
+        raise BadInput("an input is named \"parameters\", the key under which the model gets the request's "
+                       "parameters: rename the input, or send the request without parameters")
     return {**arrays, **({"parameters": params} if params else {})}
 
 
@@ -220,11 +241,13 @@ def _for_model(array: np.ndarray) -> Any:
     return array
 
 
-def outputs_of(result: Any) -> dict[str, np.ndarray]:
-    """The model's answer as named output tensors."""
-    if isinstance(result, dict):
-        return {str(k): _tensor(v, str(k)) for k, v in result.items()}
-    return {DEFAULT_OUTPUT: _tensor(result, DEFAULT_OUTPUT)}
+def outputs_of(result: Any, request: dict | None = None) -> dict[str, np.ndarray]:
+    """The model's answer as named output tensors: those the request names under "outputs",
+    if it names any (the others need not be tensors), else all."""
+    if not isinstance(result, dict):
+        return {DEFAULT_OUTPUT: _tensor(result, DEFAULT_OUTPUT)}
+    wanted = {o["name"] for o in (request or {}).get("outputs") or ()}
+    return {str(k): _tensor(v, str(k)) for k, v in result.items() if not wanted or str(k) in wanted}
 
 
 def _tensor(value: Any, name: str) -> np.ndarray:
@@ -239,9 +262,17 @@ def _tensor(value: Any, name: str) -> np.ndarray:
         flat[:] = items
         return flat.reshape(nested.shape)
     array = np.asarray(value)
-    if array.dtype.name not in OF_DTYPE and array.dtype != object:
+    if array.dtype == object:  # a map, None, or a list of such: no tensor (BYTES came in above)
+        raise ValueError(f"output {name!r} is {_kind_of(value)}, which is not a tensor; a model's answer is an "
+                         "array, a list of numbers, bytes or strings, or a map of those by output name")
+    if array.dtype.name not in OF_DTYPE:
         raise ValueError(f"output {name!r} has dtype {array.dtype}, which the protocol cannot carry")
     return array
+
+
+def _kind_of(value: Any) -> str:
+    kind = type(value if not isinstance(value, list) else _leaf(value)).__name__
+    return f"a {type(value).__name__}" + (f" holding a {kind}" if isinstance(value, list) else "")
 
 
 def _leaf(value: list) -> Any:
@@ -287,11 +318,16 @@ def _datatype(array: np.ndarray) -> str:
     return "BYTES" if array.dtype == object else OF_DTYPE[array.dtype.name]
 
 
-def _to_json(array: np.ndarray) -> list | np.ndarray:
-    """The tensor's elements, flat: strings for BYTES, else the array itself (orjson writes it)."""
+def _to_json(array: np.ndarray) -> list | np.ndarray | orjson.Fragment:
+    """The tensor's elements, flat: strings for BYTES, else the array itself (orjson writes it).
+    JSON has no NaN or infinity, and orjson writes them as null, which loses them: a float
+    tensor holding any is written as NaN, Infinity and -Infinity, as Triton writes them and
+    its clients read them (a strict JSON parser refuses them: binary output carries them)."""
     flat = array.reshape(-1)
     if array.dtype == object:
         return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat]
+    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+        return orjson.Fragment(json.dumps(flat.tolist()))
     return np.ascontiguousarray(flat, dtype=flat.dtype.newbyteorder("="))  # orjson takes native order only
 
 

@@ -17,6 +17,8 @@ import base64
 import numpy as np
 import orjson
 
+from .hangup import until_hangup
+
 EMBEDDING = "embedding"
 
 
@@ -50,7 +52,7 @@ async def embeddings(app, scope: dict, receive) -> dict:
     fmt = request.get("encoding_format", "float")
     if fmt not in ("float", "base64"):
         raise HTTPError(400, f'"encoding_format" must be "float" or "base64", got {fmt!r}')
-    vectors = np.asarray(await app.connect().infer(texts, model=name), dtype=np.float32)
+    vectors = np.asarray(await until_hangup(scope, app.connect().infer(texts, model=name)), dtype=np.float32)
     if vectors.ndim != 2 or len(vectors) != len(texts):
         raise HTTPError(500, f"model {name!r} answered shape {list(vectors.shape)} for {len(texts)} input(s); an "
                              "embedding model answers one row per input")

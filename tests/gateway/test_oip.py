@@ -261,3 +261,33 @@ def test_a_bytes_tensor_of_any_rank_comes_back_through_an_echo(start_pool):
         assert status == 200, (shape, body[:300])
         [out] = json.loads(body)["outputs"]
         assert out["datatype"] == "BYTES" and out["shape"] == shape and out["data"] == data
+
+
+def test_answers_the_protocol_cannot_carry_say_so_and_non_finite_floats_survive_json(start_pool):
+    """Found by a hostile pass: NaN and ±inf came back as null in JSON (tritonclient read NaN for
+    all three); an answer holding a map came back as its Python repr in JSON and as a 500
+    "internal error in the gateway" in binary; an input named "parameters" was silently
+    replaced by the request's parameters. Now: NaN, Infinity and -Infinity as Triton writes
+    them, read back exactly by tritonclient; a 500 naming the output that is no tensor (an
+    output the request does not ask for need not be one); a 400 for the name clash."""
+    pool = http_pool(start_pool, "--model", "isopool.examples.faulty:make_echo", workers=1)
+    client = triton.InferenceServerClient(pool.address)
+    x = np.array([[np.inf, -np.inf, np.nan, 1.5]], dtype=np.float32)
+    inp = triton.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=False)
+    answer = client.infer("default", [inp], outputs=[triton.InferRequestedOutput("OUTPUT0", binary_data=False)])
+    got = answer.as_numpy("OUTPUT0")  # a lone input is passed as itself, and its echo named as any lone answer
+    assert got.dtype == np.float32 and np.array_equal(got, x, equal_nan=True), got
+    infer = "/v2/models/default/infer"
+    tensor = {"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}
+    status, body = raw_http(pool.address, post(infer, json.dumps(
+        {"inputs": [tensor], "parameters": {"note": {"k": 1}}}).encode()))  # the echo answers the map too
+    assert status == 500 and b"'parameters' is a dict, which is not a tensor" in body, body
+    for binary in (False, True):
+        status, body = raw_http(pool.address, post(infer, json.dumps(
+            {"inputs": [tensor], "parameters": {"note": {"k": 1}, "binary_data_output": binary},
+             "outputs": [{"name": "x"}]}).encode()))
+        assert status == 200 and (binary or json.loads(body)["outputs"][0]["data"] == [1.0]), body[:300]
+    status, body = raw_http(pool.address, post(infer, json.dumps(
+        {"inputs": [tensor, {**tensor, "name": "parameters"}], "parameters": {"p": 1}}).encode()))
+    assert status == 400 and b"an input is named \\\"parameters\\\"" in body, body
