@@ -57,15 +57,17 @@ def oversized(frames: Oversized, limits: Limits) -> BadRequest:
 UNBOUNDED = 1 << 62
 
 
-def drain(sock: zmq.Socket, limit: int, max_bytes: int = UNBOUNDED, max_frames: int = UNBOUNDED) -> Iterator[list]:
-    """Yield up to `limit` waiting messages (as zmq.Frame lists) without blocking. A frame says
-    whether more of its message follows, so no socket option is read per frame. For untrusted
-    peers: a message over `max_bytes` in all or `max_frames` frames is read on frame by frame
-    and its frames let go at once, so this process never holds more than the bounds of one
-    message; it comes as an Oversized."""
+def drain(sock: zmq.Socket, limit: int, max_bytes: int = UNBOUNDED, max_frames: int = UNBOUNDED,
+          until: float | None = None) -> Iterator[list]:
+    """Yield up to `limit` waiting messages (as zmq.Frame lists) without blocking, and none
+    after time.monotonic() passes `until`, if given (however few were read: the caller's work
+    on each may be slow). A frame says whether more of its message follows, so no socket option
+    is read per frame. For untrusted peers: a message over `max_bytes` in all or `max_frames`
+    frames is read on frame by frame and its frames let go at once, so this process never holds
+    more than the bounds of one message; it comes as an Oversized."""
     recv = sock.recv
     for _ in range(limit):
-        if not sock.get(EVENTS) & POLLIN:
+        if not sock.get(EVENTS) & POLLIN or until is not None and time.monotonic() > until:
             return
         frame = recv(NOBLOCK, copy=False)
         frames = [frame]

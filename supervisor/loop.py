@@ -52,6 +52,8 @@ from .status import StatusAnswer, daemon_status, snapshot
 log = logging.getLogger("isopool.supervisor")
 
 MAX_BATCH = 512  # messages read from one socket per pass, so no source starves another
+CLIENTS_PASS_S = 0.02  # nor clients' messages that are slow to check (many small containers): their
+# reading stops for this pass after this long, and the workers' answers, timers and signals go first
 LAST_WORDS_S = 0.005  # how long a crash waits for the dead worker's already-sent replies
 
 
@@ -211,7 +213,7 @@ class Supervisor:
 
     def read_frontend(self, now: float) -> None:
         auth, limits, models = self.io.auth, self.limits, self.models
-        for frames in drain(self.io.frontend, MAX_BATCH, *self.bounds):
+        for frames in drain(self.io.frontend, MAX_BATCH, *self.bounds, until=time.monotonic() + CLIENTS_PASS_S):
             ident = frames[0].bytes
             if type(frames) is Oversized:
                 rid = peek_id(data(frames[1])) if len(frames) > 1 else None

@@ -38,6 +38,8 @@ log = logging.getLogger("isopool.supervisor")
 
 HANDSHAKE_S = 5  # a connection that has not finished its ZeroMQ (and CURVE) handshake by then is dropped
 BACKEND_RCVHWM = 256  # ZeroMQ messages (a bundle is one) read ahead from one worker
+FRONTEND_RCVHWM = 64  # and from one client connection: past it libzmq stops reading that connection,
+# so a client that sends faster than the supervisor reads waits in its own pipe, not in our memory
 FINAL_LINGER_MS = 1000  # at close: how long the last answers may take to leave (a client that reads none: no longer)
 
 
@@ -184,7 +186,7 @@ class Sockets:
         sock = self.ctx.socket(zmq.ROUTER)
         # a full pipe to a client (it does not read) and a departed client both fail a send
         # at once, instead of queueing without bound or dropping in silence (replies.py)
-        for opt, val in ((zmq.SNDHWM, SNDHWM), (zmq.ROUTER_MANDATORY, 1), (zmq.RCVHWM, 0), (zmq.LINGER, 0),
+        for opt, val in ((zmq.SNDHWM, SNDHWM), (zmq.ROUTER_MANDATORY, 1), (zmq.RCVHWM, FRONTEND_RCVHWM), (zmq.LINGER, 0),
                          (zmq.MAXMSGSIZE, bounds(cfg.limits)[0]), (zmq.HANDSHAKE_IVL, HANDSHAKE_S * 1000),
                          (zmq.BACKLOG, LISTEN_BACKLOG)):
             sock.setsockopt(opt, val)
