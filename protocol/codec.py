@@ -28,9 +28,8 @@ import numpy as np
 from .arrays import ARRAY_MODES, DTYPES, EXT_ARRAY, ITEMSIZE, ORIGIN_NUMPY, ORIGIN_TORCH  # noqa: F401 - re-exported
 from .arrays import build_array as _build_array
 from .errors import BadRequest
-from .headers import unreadable
 from .failures import decode_error, encode_error  # noqa: F401 - error replies, re-exported
-from .headers import pack_header
+from .headers import pack_header, unreadable
 from .limits import DEFAULT_LIMITS, Limits
 
 Frame = Any  # bytes, memoryview or zmq.Frame
@@ -178,7 +177,6 @@ def frame_view(frame: Frame) -> memoryview:
     return buf if buf is not None else memoryview(frame)
 
 
-_CONTAINERS = (list, dict)
 # A payload larger than this has its lists and maps counted as they are built, and at most
 # MAX_ITEMS items in all (a smaller one cannot hold enough objects to matter: 64 KiB of empty
 # lists is ~4 MiB of them). Data that large belongs in arrays, which are never unpacked.
@@ -262,15 +260,15 @@ class _Decoder:
             if not kinds <= _ALLOWED and any(not _is_array_type(k) for k in kinds - _ALLOWED):
                 bad = next(k for k in kinds - _ALLOWED if not _is_array_type(k))
                 raise BadRequest(f"payload holds a {bad.__name__}, which is not an accepted type")
-            lists, maps = list in kinds, dict in kinds
-            if not lists and not maps:
+            has_lists, has_maps = list in kinds, dict in kinds
+            if not has_lists and not has_maps:
                 return
             if depth > lim.max_depth:
                 raise BadRequest(f"payload nests deeper than max_depth={lim.max_depth} "
                                  f"(raise {lim.flag('max_depth')})", setting="max_depth")
             alone = len(kinds) == 1  # a level of lists only, or of maps only: itself, unfiltered
-            lists = (level if alone else [o for o in level if type(o) is list]) if lists else ()
-            maps = (level if alone else [o for o in level if type(o) is dict]) if maps else ()
+            lists = (level if alone else [o for o in level if type(o) is list]) if has_lists else ()
+            maps = (level if alone else [o for o in level if type(o) is dict]) if has_maps else ()
             self._count(sum(map(len, lists)) + sum(map(len, maps)))
             if maps and not self.build and not set(map(type, chain.from_iterable(maps))) <= _KEY_TYPES:
                 bad = next(k for m in maps for k in m if type(k) not in _KEY_TYPES)  # a request, at the supervisor
@@ -308,7 +306,7 @@ class _Decoder:
         if (not isinstance(shape, list) or len(shape) > 32
                 or not all(type(d) is int and 0 <= d < 2**62 for d in shape)):
             raise BadRequest(f"array shape {shape!r} is invalid: a list of at most 32 non-negative ints")
-        if math.prod(d for d in shape if d) * ITEMSIZE.get(name, 1) >= 2**62:  # numpy refuses it, a zero dim or not
+        if math.prod(d for d in shape if d) * ITEMSIZE[name] >= 2**62:  # numpy refuses it, a zero dim or not
             raise BadRequest(f"array shape {shape!r} is too large: its non-zero dimensions alone make more "
                              "than 2**62 bytes, which no array can have, even an empty one")
         if type(origin) is not int or origin not in (ORIGIN_NUMPY, ORIGIN_TORCH):
