@@ -44,7 +44,8 @@ async def until_hangup(scope: dict, call: Awaitable[Any]) -> Any:
     except asyncio.CancelledError:
         if not gone:
             raise
-        task.uncancel()  # ours, and handled here: an outer cancel scope must not count it
+        if hasattr(task, "uncancel"):  # 3.11+: ours, and handled here, so an outer cancel scope must not count it
+            task.uncancel()
         raise ClientGone("the client hung up before its answer; the request was withdrawn") from None
     finally:
         hangup.remove(cancel)
