@@ -52,8 +52,7 @@ from .status import StatusAnswer, daemon_status, snapshot
 log = logging.getLogger("isopool.supervisor")
 
 MAX_BATCH = 512  # messages read from one socket per pass, so no source starves another
-CLIENTS_PASS_S = 0.02  # nor clients' messages that are slow to check (many small containers): their
-# reading stops for this pass after this long, and the workers' answers, timers and signals go first
+CLIENTS_PASS_S = 0.02  # clients' messages read a pass at most (some are slow to check): then workers, timers, signals
 LAST_WORDS_S = 0.005  # how long a crash waits for the dead worker's already-sent replies
 
 
